@@ -1,0 +1,197 @@
+"""The ``likeness`` command line. Heavy modules (torch) load inside commands,
+so ``likeness --help`` and the torch-free commands start fast."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, NoReturn
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from likeness.errors import LikenessError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Identity- and attribute-preserving face thumbnail upscaling.")
+weights_app = typer.Typer(no_args_is_help=True, help="Inspect and prepare generator weights.")
+app.add_typer(weights_app, name="weights")
+err = Console(stderr=True, soft_wrap=True)
+
+EXIT_ERROR = 2
+EXIT_NOT_ACCEPTED = 3
+
+
+def fail(message: str, code: int = EXIT_ERROR) -> NoReturn:
+    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+def progress_bar() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[status]}"), TimeRemainingColumn(),
+                    console=err, transient=False)
+
+
+@app.command()
+def upscale(
+    thumbnail: Annotated[Path, typer.Argument(help="thumbnail image (PNG/JPEG/WebP/BMP/GIF)")],
+    output: Annotated[Path | None, typer.Option("-o", "--output",
+                      help="output PNG (default: <thumbnail>_likeness.png)")] = None,
+    steps: Annotated[int, typer.Option(min=1, max=10_000, help="optimiser steps")] = 100,
+    restarts: Annotated[int, typer.Option(min=1, max=64, help="random restarts")] = 4,
+    seed: Annotated[int | None, typer.Option(help="seed (default: random, reported)")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")] = "auto",
+    weights: Annotated[str | None, typer.Option(help="generator: manifest name or file")] = None,
+    eps: Annotated[float, typer.Option(min=0.0, help="max downscale MSE to accept")] = 2e-3,
+) -> None:
+    """Upscale a face thumbnail by latent search; writes OUTPUT and OUTPUT.json."""
+    from likeness.images import prepare_thumbnail
+
+    output = output or thumbnail.with_name(thumbnail.stem + "_likeness.png")
+    if output.suffix.lower() != ".png":
+        fail(f"the output must be a .png file, got '{output.name}'")
+    try:
+        data = thumbnail.read_bytes()
+    except OSError as e:
+        fail(f"cannot read {thumbnail}: {e.strerror}")
+    try:
+        from PIL import Image
+
+        from worker.engine.search import SearchConfig
+        from worker.pipeline import load_search_model, pick_device
+        from worker.pipeline import upscale as run_upscale
+
+        dev = pick_device(device)
+        model, name = load_search_model(weights, dev)
+        res = model.generator.config.resolution
+        thumb = prepare_thumbnail(data, res)
+        config = SearchConfig(steps=steps, restarts=restarts, seed=seed, eps=eps)
+        for note in thumb.notes:
+            err.print(f"note: {note}", highlight=False)
+        started = time.perf_counter()
+        with progress_bar() as bar:
+            task = bar.add_task(f"searching {thumb.size}px → {res}px", total=steps, status="")
+
+            def on_step(s):  # type: ignore[no-untyped-def]
+                bar.update(task, completed=s.step, status=f"best MSE {float(s.best_mse[0]):.5f}")
+
+            [result] = run_upscale(model, [thumb.pixels], config, on_step=on_step)
+        seconds = time.perf_counter() - started
+    except LikenessError as e:
+        fail(e.message)
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(result.pixels).save(output)
+    report = {
+        **result.report,
+        "input": str(thumbnail),
+        "input_notes": thumb.notes,
+        "thumbnail_size": thumb.size,
+        "resolution": res,
+        "output": str(output),
+        "weights": {"name": name, "sha256": model.sha256},
+        "device": str(dev),
+        "seconds": round(seconds, 3),
+    }
+    sidecar = output.with_suffix(".json")
+    sidecar.write_text(json.dumps(report, indent=2) + "\n")
+    if not result.report["accepted"]:
+        fail(f"{result.report['reason']}; best attempt written to {output}", EXIT_NOT_ACCEPTED)
+    err.print(f"wrote {output} and {sidecar.name} (downscale MSE "
+              f"{result.report['downscale_mse']:.5f}, {seconds:.1f} s)", highlight=False)
+
+
+@weights_app.command("inspect")
+def weights_inspect(
+    file: Annotated[Path, typer.Argument(help="generator checkpoint (.pt)")],
+) -> None:
+    """Print the generator config a checkpoint holds or implies (JSON)."""
+    from worker.engine.checkpoints import infer_config, read_checkpoint, fit_sidecar
+    from worker.engine.generator import GeneratorConfig
+
+    try:
+        ckpt = read_checkpoint(file)
+        state = ckpt["g_ema"]
+        config = GeneratorConfig(**ckpt["config"]) if "config" in ckpt else infer_config(state)
+    except LikenessError as e:
+        fail(e.message)
+    info = {
+        "file": str(file),
+        "config": config.model_dump(),
+        "config_source": "stored" if "config" in ckpt else "inferred from tensor shapes",
+        "n_latent": config.n_latent,
+        "parameters": int(sum(v.numel() for k, v in state.items() if "noises." not in k
+                              and not k.endswith(".kernel"))),
+        "dtype": str(next(iter(state.values())).dtype).replace("torch.", ""),
+        "has_latent_avg": "latent_avg" in ckpt,
+        "mapping_fit": ("embedded" if "mapping_fit" in ckpt
+                        else "sidecar" if fit_sidecar(file).is_file() else "missing"),
+    }
+    typer.echo(json.dumps(info, indent=2))
+
+
+@weights_app.command("fit-mapping")
+def weights_fit_mapping(
+    file: Annotated[Path, typer.Argument(help="generator checkpoint (.pt)")],
+    samples: Annotated[int, typer.Option(min=1000, help="z samples")] = 100_000,
+    batch: Annotated[int, typer.Option(min=1, help="samples per batch")] = 10_000,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda")] = "auto",
+    seed: Annotated[int, typer.Option(help="seed of the z samples")] = 0,
+    embed: Annotated[bool, typer.Option(help="write into the checkpoint instead of a sidecar")]
+    = False,
+) -> None:
+    """Fit PULSE's Gaussian to the mapping output once, and store it with the weights."""
+    import torch
+
+    from worker.engine.checkpoints import fit_sidecar, load_generator, read_checkpoint
+    from worker.engine.mapping_fit import fit_mapping
+    from worker.pipeline import pick_device
+
+    try:
+        loaded = load_generator(file, pick_device(device))
+    except LikenessError as e:
+        fail(e.message)
+    with progress_bar() as bar:
+        task = bar.add_task("fitting the mapping", total=samples, status="")
+        fit = fit_mapping(loaded.generator, samples, batch, seed,
+                          progress=lambda n: bar.advance(task, n))
+    if embed:
+        ckpt = read_checkpoint(file)
+        ckpt["mapping_fit"] = fit.to_dict()
+        tmp = file.with_suffix(file.suffix + ".tmp")
+        torch.save(ckpt, tmp)
+        tmp.replace(file)
+        target = file
+    else:
+        target = fit_sidecar(file)
+        torch.save(fit.to_dict(), target)
+    err.print(f"wrote the mapping fit ({samples} samples) to {target}", highlight=False)
+
+
+@weights_app.command("list")
+def weights_list() -> None:
+    """List the weights in the manifest."""
+    from likeness.manifest import MANIFEST_PATH, load_manifest
+
+    manifest = load_manifest()
+    if not manifest.models:
+        typer.echo(f"no weights in {MANIFEST_PATH}")
+    for e in manifest.models:
+        flag = " (default)" if e.default else ""
+        typer.echo(f"{e.kind:10s} {e.name}{flag}  {e.file}  sha256 {e.sha256[:12]}…")
+
+
+def main() -> None:
+    try:
+        app()
+    except LikenessError as e:  # anything a command forgot to catch still reads well
+        err.print(f"[bold red]error:[/] {e.message}", highlight=False)
+        sys.exit(EXIT_ERROR)
+
+
+if __name__ == "__main__":
+    main()

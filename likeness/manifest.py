@@ -1,0 +1,87 @@
+"""The weights manifest (weights/manifest.json): what ships, what it is, where it came from.
+
+Torch-free, so the API can read label lists and model names from it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from likeness.errors import LikenessError
+
+WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
+MANIFEST_PATH = WEIGHTS_DIR / "manifest.json"
+
+
+class WeightsEntry(BaseModel):
+    name: str = Field(description="short name used with --weights")
+    kind: str = Field(description="generator | extractor | detector | judge")
+    file: str = Field(description="path relative to the manifest's folder (or absolute)")
+    sha256: str
+    default: bool = Field(False, description="the default of its kind")
+    config: dict[str, Any] = Field(default_factory=dict, description="architecture config")
+    provenance: dict[str, Any] = Field(default_factory=dict, description="data, steps, device")
+    metrics: dict[str, Any] = Field(default_factory=dict)
+
+
+class Manifest(BaseModel):
+    version: int = 1
+    models: list[WeightsEntry] = Field(default_factory=list)
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load_manifest(path: Path = MANIFEST_PATH) -> Manifest:
+    if not path.is_file():
+        return Manifest()
+    return Manifest.model_validate(json.loads(path.read_text()))
+
+
+def save_manifest(manifest: Manifest, path: Path = MANIFEST_PATH) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(manifest.model_dump(), indent=2, sort_keys=False) + "\n")
+    tmp.replace(path)
+
+
+def entry_path(entry: WeightsEntry, manifest_path: Path = MANIFEST_PATH) -> Path:
+    p = Path(entry.file)
+    return p if p.is_absolute() else manifest_path.parent / p
+
+
+def resolve_weights(spec: str | None, kind: str, manifest_path: Path = MANIFEST_PATH
+                    ) -> tuple[Path, WeightsEntry | None]:
+    """``spec`` is a manifest name, a file path, or None for the default of ``kind``."""
+    manifest = load_manifest(manifest_path)
+    of_kind = [e for e in manifest.models if e.kind == kind]
+    if spec is None:
+        defaults = [e for e in of_kind if e.default] or of_kind[:1]
+        if not defaults:
+            raise LikenessError(
+                "no_default_weights",
+                f"no {kind} weights are bundled in {manifest_path.parent}; "
+                f"pass --weights PATH to a checkpoint",
+            )
+        return entry_path(defaults[0], manifest_path), defaults[0]
+    for e in of_kind:
+        if e.name == spec:
+            return entry_path(e, manifest_path), e
+    p = Path(spec).expanduser()
+    if p.is_file():
+        return p, None
+    names = ", ".join(e.name for e in of_kind) or "none bundled"
+    raise LikenessError(
+        "weights_not_found", f"'{spec}' is neither a file nor a {kind} in the manifest ({names})",
+        status=404,
+    )

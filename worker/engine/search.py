@@ -1,0 +1,254 @@
+"""PULSE latent search, batched: B thumbnails × K restarts in one tensor batch.
+
+``latent_search`` is a generator: it yields a ``SearchStep`` after every
+optimiser step (the caller shows progress, or stops by closing it) and
+returns a ``SearchResult``. Every loss is per element; nothing is summed
+across elements except for the backward pass, where elements are independent
+(Adam is element-wise), so a batched search equals the searches run alone.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Generator as Gen, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, Field
+from torch import Tensor
+
+from worker.engine.downscale import downscale, downscale_factor
+from worker.engine.generator import Generator
+from worker.engine.mapping_fit import MappingFit
+
+# PULSE's code scales GEOCROSS by 512 / 8 whatever the style width.
+GEOCROSS_SCALE = 512 / 8
+
+Schedule = Literal["linear1cycledrop", "linear1cycle", "fixed"]
+# Extra objectives (identity, race, attributes): images (N, 3, R, R) in [0, 1]
+# → named, already weighted per-element losses (N,).
+ExtraLoss = Callable[[Tensor], dict[str, Tensor]]
+
+
+class SearchConfig(BaseModel):
+    """PULSE's defaults (PAPER.md §1)."""
+
+    steps: int = Field(100, ge=1, le=10_000, description="optimiser steps")
+    restarts: int = Field(4, ge=1, le=64, description="random restarts per thumbnail")
+    lr: float = Field(0.4, gt=0, description="Adam's peak learning rate")
+    schedule: Schedule = Field("linear1cycledrop", description="learning-rate schedule")
+    eps: float = Field(2e-3, gt=0, description="accept a face if its downscale MSE <= eps")
+    ds_weight: float = Field(100.0, ge=0, description="weight of the downscale loss")
+    geocross_weight: float = Field(0.05, ge=0, description="weight of GEOCROSS")
+    trainable_noise: int = Field(5, ge=0, description="coarsest noise maps optimised")
+    seed: int | None = Field(None, description="seed of the initial latents and noise")
+
+
+@dataclass
+class SearchStep:
+    """Progress after one step; tensors stay on the device until read."""
+
+    step: int  # 1-based, steps done
+    steps: int
+    lr: float
+    best_mse: Tensor  # (B,) best downscale MSE so far over the restarts
+
+
+@dataclass
+class SearchResult:
+    images: Tensor  # (B, 3, R, R) in [0, 1]: the chosen candidate per thumbnail
+    accepted: Tensor  # (B,) bool
+    mse: Tensor  # (B,) downscale MSE of the chosen candidate
+    loss: Tensor  # (B,) total loss of the chosen candidate
+    restart: Tensor  # (B,) index of the chosen restart
+    candidates: Tensor  # (B, K, 3, R, R)
+    candidate_mse: Tensor  # (B, K)
+    candidate_loss: Tensor  # (B, K)
+    candidate_accepted: Tensor  # (B, K)
+    terms: dict[str, Tensor] = field(default_factory=dict)  # name → (B, K) at the best step
+    w_plus: Tensor | None = None  # (B, K, n_latent, style_dim)
+    seed: int = 0
+    steps: int = 0
+
+
+class SearchStopped(Exception):
+    """Raised by ``run_search`` when the progress callback asks to stop."""
+
+
+def lr_factor(step: int, steps: int, schedule: Schedule) -> float:
+    """PULSE's schedules; ``linear1cycledrop`` ramps up and down over 90% of the
+    steps, then decays linearly from 1/10 to 1/1000."""
+    if schedule == "fixed":
+        return 1.0
+    if schedule == "linear1cycle":
+        return (9 * (1 - abs(step / steps - 0.5) * 2) + 1) / 10
+    cycle = 0.9 * steps
+    if step < cycle:
+        return (9 * (1 - abs(step / cycle - 0.5) * 2) + 1) / 10
+    return 0.1 + (step - cycle) / (0.1 * steps) * (1 / 1000 - 0.1)
+
+
+def geocross(w_plus: Tensor) -> Tensor:
+    """Mean squared geodesic angle between the style rows, per element: (N, L, D) → (N,)."""
+    x, y = w_plus.unsqueeze(1), w_plus.unsqueeze(2)
+    # The 1e-9 keeps the gradient finite on the diagonal, where the distance is 0.
+    a = ((x - y).pow(2).sum(-1) + 1e-9).sqrt()
+    b = ((x + y).pow(2).sum(-1) + 1e-9).sqrt()
+    angle = 2 * torch.atan2(a, b)
+    return angle.pow(2).mean((1, 2)) * GEOCROSS_SCALE
+
+
+def downscale_mse(images: Tensor, thumbnails: Tensor) -> Tensor:
+    """Per-element MSE between D(images) and the thumbnails, both in [0, 1]: (N,)."""
+    return (downscale(images, thumbnails.shape[-2:]) - thumbnails).pow(2).mean((1, 2, 3))
+
+
+@torch.no_grad()
+def project_to_sphere(x: Tensor, radius: Tensor) -> None:
+    """Rescale every row (last dim for latents, last two for noise) to ``radius``, in place."""
+    dims = tuple(range(2, x.ndim))
+    x.mul_(radius / (x.pow(2).sum(dims, keepdim=True) + 1e-9).sqrt())
+
+
+def _radius(x: Tensor) -> Tensor:
+    return (x.pow(2).sum(tuple(range(2, x.ndim)), keepdim=True) + 1e-9).sqrt()
+
+
+def init_variables(generator: Generator, n: int, config: SearchConfig, seed: int,
+                   device: torch.device) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+    """Initial latent v (N, L, D) and the noise maps (trainable ones listed apart).
+
+    Drawn on the CPU from ``seed`` so a seed means the same start on any device.
+    """
+    rng = torch.Generator().manual_seed(seed)
+    cfg = generator.config
+    v = torch.randn(n, cfg.n_latent, cfg.style_dim, generator=rng).to(device)
+    noise, trainable = [], []
+    shapes = generator.noise_shapes()
+    for i, (h, w) in enumerate(shapes):
+        if i == len(shapes) - 1:  # the finest map adds only grain: zeroed, as in PULSE
+            t = torch.zeros(n, 1, h, w, device=device)
+        else:
+            t = torch.randn(n, 1, h, w, generator=rng).to(device)
+            if i < config.trainable_noise:
+                t.requires_grad_(True)
+                trainable.append(t)
+        noise.append(t)
+    return v.requires_grad_(True), noise, trainable
+
+
+def latent_search(
+    generator: Generator,
+    fit: MappingFit,
+    thumbnails: Tensor,
+    config: SearchConfig | None = None,
+    extra_loss: ExtraLoss | None = None,
+) -> Gen[SearchStep, None, SearchResult]:
+    """Search W+ for faces that downscale to ``thumbnails`` (B, 3, h, w) in [0, 1]."""
+    config = config or SearchConfig()
+    device = thumbnails.device
+    b, k = thumbnails.shape[0], config.restarts
+    res = generator.config.resolution
+    downscale_factor(res, thumbnails.shape[-1])  # fail early on an impossible size
+    seed = config.seed if config.seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
+    targets = thumbnails.repeat_interleave(k, dim=0)  # element i·K + j: thumbnail i, restart j
+    n = b * k
+
+    v, noise, trainable = init_variables(generator, n, config, seed, device)
+    params = [v, *trainable]
+    radii = [_radius(p.detach()) for p in params]
+    opt = torch.optim.Adam(params, lr=config.lr)
+
+    inf = torch.full((n,), math.inf, device=device)
+    best_loss, best_mse = inf.clone(), inf.clone()
+    best_img = torch.zeros(n, 3, res, res, device=device)
+    best_w = torch.zeros(n, generator.n_latent, generator.config.style_dim, device=device)
+    best_terms: dict[str, Tensor] = {}
+
+    for step in range(config.steps):
+        lr = config.lr * lr_factor(step, config.steps, config.schedule)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        opt.zero_grad(set_to_none=True)
+        w = fit.to_w(v)
+        img = (generator.synthesis(w, noise) + 1) / 2
+        mse = downscale_mse(img, targets)
+        terms = {
+            "downscale": config.ds_weight * mse.clamp_min(config.eps),
+            "geocross": config.geocross_weight * geocross(w),
+        }
+        if extra_loss is not None:
+            terms.update(extra_loss(img))
+        total = torch.stack(list(terms.values())).sum(0)
+
+        with torch.no_grad():
+            better = total < best_loss
+            best_loss = torch.where(better, total, best_loss)
+            best_mse = torch.where(better, mse, best_mse)
+            best_img = torch.where(better.view(-1, 1, 1, 1), img, best_img)
+            best_w = torch.where(better.view(-1, 1, 1), w, best_w)
+            for name, t in terms.items():
+                prev = best_terms.get(name, torch.zeros_like(t))
+                best_terms[name] = torch.where(better, t.detach(), prev)
+
+        total.sum().backward()
+        opt.step()
+        for p, r in zip(params, radii, strict=True):
+            project_to_sphere(p.data, r)
+        yield SearchStep(step + 1, config.steps, lr, best_mse.view(b, k).amin(1))
+
+    return _choose(best_img, best_mse, best_loss, best_w, best_terms, b, k, config, seed)
+
+
+def _choose(img: Tensor, mse: Tensor, loss: Tensor, w: Tensor, terms: dict[str, Tensor],
+            b: int, k: int, config: SearchConfig, seed: int) -> SearchResult:
+    """Per thumbnail: the lowest-loss accepted restart, else the lowest-MSE one."""
+    mse, loss = mse.view(b, k), loss.view(b, k)
+    accepted = mse <= config.eps
+    score = torch.where(accepted, loss, torch.full_like(loss, math.inf))
+    any_ok = accepted.any(1)
+    idx = torch.where(any_ok, score.argmin(1), mse.argmin(1))
+    rows = torch.arange(b, device=idx.device)
+    cands = img.view(b, k, *img.shape[1:]).clamp(0, 1)
+    return SearchResult(
+        images=cands[rows, idx],
+        accepted=any_ok,
+        mse=mse[rows, idx],
+        loss=loss[rows, idx],
+        restart=idx,
+        candidates=cands,
+        candidate_mse=mse,
+        candidate_loss=loss,
+        candidate_accepted=accepted,
+        terms={name: t.view(b, k) for name, t in terms.items()},
+        w_plus=w.view(b, k, *w.shape[1:]),
+        seed=seed,
+        steps=config.steps,
+    )
+
+
+def run_search(
+    generator: Generator,
+    fit: MappingFit,
+    thumbnails: Tensor,
+    config: SearchConfig | None = None,
+    extra_loss: ExtraLoss | None = None,
+    on_step: Callable[[SearchStep], bool | None] | None = None,
+) -> SearchResult:
+    """Drive ``latent_search`` to the end; ``on_step`` returning False stops it."""
+    gen = latent_search(generator, fit, thumbnails, config, extra_loss)
+    while True:
+        try:
+            step = next(gen)
+        except StopIteration as done:
+            return done.value
+        if on_step is not None and on_step(step) is False:
+            gen.close()
+            raise SearchStopped(f"stopped after step {step.step} of {step.steps}")
+
+
+__all__: Sequence[str] = [
+    "SearchConfig", "SearchResult", "SearchStep", "SearchStopped", "geocross",
+    "latent_search", "lr_factor", "project_to_sphere", "run_search", "downscale_mse",
+]

@@ -1,0 +1,114 @@
+"""From decoded thumbnails to upscaled faces and their reports.
+
+The CLI and the worker process both go through here, so a job and a command
+line give the same result for the same inputs, seed, weights and device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from likeness.errors import LikenessError
+from likeness.manifest import resolve_weights
+from worker.engine.checkpoints import LoadedGenerator, load_generator
+from worker.engine.search import ExtraLoss, SearchConfig, SearchResult, SearchStep, run_search
+
+
+def pick_device(spec: str = "auto") -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise LikenessError("bad_device", f"unknown device '{spec}' (try cpu, cuda, cuda:0)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise LikenessError("bad_device", "CUDA was asked for but no GPU is available")
+    return device
+
+
+def load_search_model(weights: str | None, device: torch.device) -> tuple[LoadedGenerator, str]:
+    """The generator to search in, with its mapping fit; returns it and its display name."""
+    path, entry = resolve_weights(weights, "generator")
+    loaded = load_generator(path, device)
+    if loaded.mapping_fit is None:
+        raise LikenessError(
+            "missing_mapping_fit",
+            f"{path} has no mapping fit; run `likeness weights fit-mapping {path}` once",
+        )
+    if entry is not None and entry.sha256 != loaded.sha256:
+        raise LikenessError(
+            "weights_corrupt", f"{path} does not match its manifest sha256 (re-checkout weights/)"
+        )
+    return loaded, entry.name if entry is not None else str(path)
+
+
+def to_tensor(pixels: Sequence[np.ndarray], device: torch.device) -> Tensor:
+    """(H, W, 3) uint8 images of one size → (B, 3, H, W) float in [0, 1]."""
+    batch = np.stack([np.asarray(p, dtype=np.uint8) for p in pixels])
+    return torch.from_numpy(batch).permute(0, 3, 1, 2).float().div(255).to(device)
+
+
+def to_pixels(images: Tensor) -> list[np.ndarray]:
+    """(B, 3, H, W) in [0, 1] → (H, W, 3) uint8 arrays."""
+    arr = images.detach().clamp(0, 1).mul(255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    return list(arr)
+
+
+@dataclass
+class Upscaled:
+    pixels: np.ndarray  # (R, R, 3) uint8, the chosen candidate
+    report: dict[str, Any]
+    candidates: list[np.ndarray]
+
+
+def upscale(
+    model: LoadedGenerator,
+    thumbnails: Sequence[np.ndarray],
+    config: SearchConfig,
+    extra_loss: ExtraLoss | None = None,
+    on_step: Callable[[SearchStep], bool | None] | None = None,
+) -> list[Upscaled]:
+    """Run one batched search over same-sized thumbnails; one ``Upscaled`` each."""
+    device = next(model.generator.parameters()).device
+    assert model.mapping_fit is not None
+    result = run_search(model.generator, model.mapping_fit, to_tensor(thumbnails, device),
+                        config, extra_loss, on_step)
+    return [
+        Upscaled(pixels=to_pixels(result.images[i : i + 1])[0],
+                 report=element_report(result, i, config),
+                 candidates=to_pixels(result.candidates[i]))
+        for i in range(len(thumbnails))
+    ]
+
+
+def element_report(result: SearchResult, i: int, config: SearchConfig) -> dict[str, Any]:
+    accepted = bool(result.accepted[i])
+    mse = float(result.mse[i])
+    report: dict[str, Any] = {
+        "accepted": accepted,
+        "downscale_mse": mse,
+        "eps": config.eps,
+        "loss": float(result.loss[i]),
+        "restart": int(result.restart[i]),
+        "candidates": [
+            {"downscale_mse": float(m), "loss": float(loss), "accepted": bool(a)}
+            for m, loss, a in zip(result.candidate_mse[i], result.candidate_loss[i],
+                                  result.candidate_accepted[i], strict=True)
+        ],
+        "terms": {name: float(t[i, int(result.restart[i])]) for name, t in result.terms.items()},
+        "steps": result.steps,
+        "restarts": config.restarts,
+        "seed": result.seed,
+    }
+    if not accepted:
+        report["reason"] = (
+            f"no face downscales to this thumbnail: best downscale MSE {mse:.5f} > eps "
+            f"{config.eps:g} after {result.steps} steps x {config.restarts} restarts"
+        )
+    return report
