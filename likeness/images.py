@@ -59,7 +59,13 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decode
             img.load()
     except InvalidImage:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError):
+    except Image.DecompressionBombError:
+        raise InvalidImage(
+            "image_too_large",
+            f"The image declares far more pixels than the limit of {max_pixels}.",
+            status=413,
+        ) from None
+    except UnidentifiedImageError:
         raise InvalidImage(
             "not_an_image",
             f"The file is not an image in a supported format ({', '.join(FORMATS)}).",

@@ -1,0 +1,81 @@
+"""The CLI end to end, in a subprocess, on a tiny generator written by the test."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from skimage import data
+
+from worker.engine.checkpoints import save_generator
+from worker.engine.generator import Generator, GeneratorConfig
+
+
+def likeness(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "likeness.cli", *map(str, args)],
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("cli")
+    torch.manual_seed(0)
+    g = Generator(GeneratorConfig.slim(32, channel_max=32, channel_base=512, style_dim=32,
+                                       n_mlp=2))
+    save_generator(d / "tiny.pt", g)
+    Image.fromarray(data.astronaut()).resize((16, 16), Image.Resampling.BICUBIC).save(
+        d / "thumb.png")
+    return d
+
+
+def test_inspect_prints_the_config(workdir: Path) -> None:
+    r = likeness("weights", "inspect", workdir / "tiny.pt")
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert info["config"]["resolution"] == 32 and info["n_latent"] == 8
+
+
+def test_upscale_needs_a_mapping_fit_then_works(workdir: Path) -> None:
+    out = workdir / "out.png"
+    r = likeness("upscale", workdir / "thumb.png", "-o", out, "--weights", workdir / "tiny.pt")
+    assert r.returncode == 2 and "fit-mapping" in r.stderr
+
+    r = likeness("weights", "fit-mapping", workdir / "tiny.pt", "--samples", "5000")
+    assert r.returncode == 0, r.stderr
+    assert (workdir / "tiny.pt.fit.pt").is_file()
+
+    args = ["upscale", workdir / "thumb.png", "-o", out, "--weights", workdir / "tiny.pt",
+            "--steps", "4", "--restarts", "2", "--seed", "5", "--device", "cpu"]
+    r = likeness(*args, "--eps", "1.0")
+    assert r.returncode == 0, r.stderr
+    assert Image.open(out).size == (32, 32)
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert report["accepted"] is True
+    assert report["steps"] == 4 and report["restarts"] == 2 and report["seed"] == 5
+    assert report["device"] == "cpu" and len(report["weights"]["sha256"]) == 64
+    assert report["downscale_mse"] <= 1.0 and report["seconds"] > 0
+    first = out.read_bytes()
+    assert likeness(*args, "--eps", "1.0").returncode == 0
+    assert out.read_bytes() == first  # same seed, same image
+
+    r = likeness(*args, "--eps", "1e-9")  # nothing can be that close: rejected
+    assert r.returncode == 3
+    last = r.stderr.strip().splitlines()[-1]  # above it: the progress bar
+    assert last.startswith("error: no face downscales") and "best attempt written" in last
+    assert json.loads(out.with_suffix(".json").read_text())["accepted"] is False
+
+
+def test_bad_inputs_fail_cleanly(workdir: Path) -> None:
+    junk = workdir / "junk.png"
+    junk.write_bytes(b"not an image")
+    r = likeness("upscale", junk, "--weights", workdir / "tiny.pt")
+    assert r.returncode == 2 and "not an image" in r.stderr and "Traceback" not in r.stderr
+    r = likeness("upscale", workdir / "thumb.png", "--weights", workdir / "nope.pt")
+    assert r.returncode == 2 and "neither a file" in r.stderr
+    r = likeness("upscale", workdir / "missing.png", "--weights", workdir / "tiny.pt")
+    assert r.returncode == 2 and "cannot read" in r.stderr

@@ -1,0 +1,162 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from worker.engine.downscale import downscale
+from worker.engine.generator import Generator, GeneratorConfig
+from worker.engine.mapping_fit import MappingFit, fit_mapping, undo_activation
+from worker.engine.search import (
+    SearchConfig,
+    SearchStopped,
+    _choose,
+    geocross,
+    latent_search,
+    lr_factor,
+    project_to_sphere,
+    run_search,
+)
+
+
+@pytest.fixture(scope="module")
+def tiny() -> tuple[Generator, MappingFit]:
+    torch.manual_seed(0)
+    g = Generator(GeneratorConfig.slim(32, channel_max=32, channel_base=512, style_dim=32,
+                                       n_mlp=2)).eval().requires_grad_(False)
+    return g, fit_mapping(g, samples=20_000, batch=5_000)
+
+
+def test_projection_keeps_initial_norms() -> None:
+    v = torch.randn(3, 4, 512)
+    radius = (v.pow(2).sum(-1, keepdim=True) + 1e-9).sqrt()
+    v2 = v * torch.rand(3, 4, 1) * 5
+    project_to_sphere(v2, radius)
+    torch.testing.assert_close(v2.norm(dim=-1, keepdim=True), radius)
+    noise = torch.randn(2, 1, 8, 8)
+    r = (noise.pow(2).sum((2, 3), keepdim=True) + 1e-9).sqrt()
+    noise2 = noise * 3
+    project_to_sphere(noise2, r)
+    torch.testing.assert_close(noise2, noise)
+
+
+def test_geocross_is_zero_for_identical_rows_and_grows_with_spread() -> None:
+    row = torch.randn(1, 1, 512)
+    same = row.expand(2, 18, 512)
+    assert geocross(same).abs().max() < 1e-6
+    spread = torch.randn(2, 18, 512)
+    assert (geocross(spread) > geocross(same) + 1).all()
+    # orthogonal pair: angle pi/2 on the two off-diagonal entries of 4
+    ortho = torch.zeros(1, 2, 512)
+    ortho[0, 0, 0] = ortho[0, 1, 1] = 1
+    expected = (torch.pi / 2) ** 2 * 2 / 4 * 512 / 8
+    torch.testing.assert_close(geocross(ortho), torch.tensor([expected]))
+
+
+def test_lr_schedule_is_pulses_linear_1cycle_then_drop() -> None:
+    assert lr_factor(0, 100, "linear1cycledrop") == pytest.approx(0.1)
+    assert lr_factor(45, 100, "linear1cycledrop") == pytest.approx(1.0)
+    assert lr_factor(90, 100, "linear1cycledrop") == pytest.approx(0.1)
+    assert lr_factor(99, 100, "linear1cycledrop") == pytest.approx(0.1 + 0.9 * (0.001 - 0.1))
+    assert lr_factor(37, 100, "fixed") == 1.0
+
+
+def test_eps_rule_and_choice_per_thumbnail() -> None:
+    # 2 thumbnails x 3 restarts: the first has accepted restarts 1 and 2 (2 has the lower
+    # loss), the second none (restart 0 has the lowest MSE, though not the lowest loss).
+    mse = torch.tensor([0.010, 0.0019, 0.002, 0.004, 0.009, 0.005])
+    loss = torch.tensor([1.0, 0.9, 0.5, 3.0, 0.1, 2.0])
+    img = torch.arange(6.0).view(6, 1, 1, 1).expand(6, 3, 2, 2)
+    r = _choose(img, mse, loss, torch.zeros(6, 1, 1), {}, 2, 3, SearchConfig(), 0)
+    assert r.accepted.tolist() == [True, False]
+    assert r.restart.tolist() == [2, 0]
+    assert r.candidate_accepted.tolist() == [[False, True, True], [False, False, False]]
+    torch.testing.assert_close(r.mse, torch.tensor([0.002, 0.004]))
+    assert r.images[1].max() == 1.0  # image 3 clamped to [0, 1]
+
+
+def test_mapping_fit_undoes_the_last_activation_exactly(tiny) -> None:
+    g, fit = tiny
+    w = g.mapping(torch.randn(64, 32))
+    torch.testing.assert_close(fit.to_w(fit.from_w(w)), w, atol=1e-5, rtol=1e-5)
+    pre = undo_activation(g.mapping(torch.randn(20_000, 32)))
+    torch.testing.assert_close(fit.mean, pre.mean(0), atol=0.05, rtol=0.05)
+    torch.testing.assert_close(fit.std, pre.std(0), atol=0.05, rtol=0.05)
+
+
+def _target(g: Generator, seed: int, size: int = 8) -> torch.Tensor:
+    """A thumbnail of a face the generator can make (so a good search can match it)."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        img = (g(torch.randn(2, 32), noise=[torch.zeros(1, 1, h, w) for h, w in g.noise_shapes()])
+               + 1) / 2
+    return downscale(img.clamp(0, 1), size)
+
+
+def test_search_lowers_the_error_and_is_reproducible(tiny) -> None:
+    g, fit = tiny
+    thumbs = _target(g, 1)
+    config = SearchConfig(steps=40, restarts=2, seed=7)
+    history = []
+    result = run_search(g, fit, thumbs, config, on_step=lambda s: history.append(s.best_mse))
+    assert len(history) == 40
+    assert (history[-1] < 0.5 * history[0]).all()
+    assert result.images.shape == (2, 3, 32, 32)
+    assert result.candidates.shape == (2, 2, 3, 32, 32)
+    assert (result.mse == result.candidate_mse.gather(1, result.restart[:, None])[:, 0]).all()
+    assert result.accepted.tolist() == (result.mse <= config.eps).tolist()
+    again = run_search(g, fit, thumbs, config)
+    assert torch.equal(result.images, again.images)
+    other = run_search(g, fit, thumbs, config.model_copy(update={"seed": 8}))
+    assert not torch.equal(result.images, other.images)
+
+
+def test_elements_do_not_influence_each_other(tiny) -> None:
+    g, fit = tiny
+    a, b = _target(g, 2), _target(g, 3)
+    config = SearchConfig(steps=5, restarts=1, seed=0)
+    r1 = run_search(g, fit, torch.stack([a[0], b[0]]), config)
+    r2 = run_search(g, fit, torch.stack([a[0], b[1]]), config)
+    torch.testing.assert_close(r1.images[0], r2.images[0], atol=1e-6, rtol=0)
+    assert not torch.allclose(r1.images[1], r2.images[1])
+
+
+def test_accepts_when_within_eps(tiny) -> None:
+    g, fit = tiny
+    thumbs = _target(g, 4)
+    loose = run_search(g, fit, thumbs, SearchConfig(steps=3, restarts=1, seed=0, eps=1.0))
+    assert loose.accepted.all()
+    strict = run_search(g, fit, thumbs, SearchConfig(steps=3, restarts=1, seed=0, eps=1e-9))
+    assert not strict.accepted.any()
+
+
+def test_can_be_stopped_between_steps(tiny) -> None:
+    g, fit = tiny
+    seen = []
+    with pytest.raises(SearchStopped):
+        run_search(g, fit, _target(g, 5), SearchConfig(steps=50, restarts=1, seed=0),
+                   on_step=lambda s: seen.append(s.step) or s.step < 3)
+    assert seen == [1, 2, 3]
+
+
+def test_extra_loss_terms_enter_the_objective(tiny) -> None:
+    g, fit = tiny
+    thumbs = _target(g, 6)
+    brightness = lambda img: {"dark": 10.0 * img.mean((1, 2, 3))}  # noqa: E731
+    config = SearchConfig(steps=20, restarts=1, seed=0)
+    plain = run_search(g, fit, thumbs, config)
+    steered = run_search(g, fit, thumbs, config, extra_loss=brightness)
+    assert "dark" in steered.terms and "dark" not in plain.terms
+    assert steered.images.mean() < plain.images.mean()
+
+
+def test_first_noise_maps_trainable_and_finest_zero(tiny) -> None:
+    g, fit = tiny
+    gen = latent_search(g, fit, _target(g, 7), SearchConfig(steps=1, restarts=1, seed=0))
+    frame = gen.gi_frame
+    next(gen)
+    noise = frame.f_locals["noise"]
+    trainable = frame.f_locals["trainable"]
+    assert len(trainable) == 5 and all(t.requires_grad for t in trainable)
+    assert all(t is noise[i] for i, t in enumerate(trainable))
+    assert not noise[-1].any() and not noise[-1].requires_grad
+    assert not noise[5].requires_grad and noise[5].any()
