@@ -110,7 +110,7 @@ def weights_inspect(
     file: Annotated[Path, typer.Argument(help="generator checkpoint (.pt)")],
 ) -> None:
     """Print the generator config a checkpoint holds or implies (JSON)."""
-    from worker.engine.checkpoints import infer_config, read_checkpoint, fit_sidecar
+    from worker.engine.checkpoints import fit_sidecar, infer_config, read_checkpoint
     from worker.engine.generator import GeneratorConfig
 
     try:

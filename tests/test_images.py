@@ -84,18 +84,27 @@ def test_nearest_valid_size() -> None:
 
 def png_header_only(width: int, height: int) -> bytes:
     """A PNG that claims a huge size (a decompression bomb) without its pixels."""
+
     def chunk(kind: bytes, body: bytes) -> bytes:
-        return (struct.pack(">I", len(body)) + kind + body
-                + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF))
+        return (
+            struct.pack(">I", len(body))
+            + kind
+            + body
+            + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+        )
+
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
 
 
-@pytest.mark.parametrize(("payload", "code"), [
-    (b"", "empty_file"),
-    (b"hello, I am not an image", "not_an_image"),
-    (png_header_only(20000, 20000), "image_too_large"),
-])
+@pytest.mark.parametrize(
+    ("payload", "code"),
+    [
+        (b"", "empty_file"),
+        (b"hello, I am not an image", "not_an_image"),
+        (png_header_only(20000, 20000), "image_too_large"),
+    ],
+)
 def test_bad_input_has_a_code(payload: bytes, code: str) -> None:
     with pytest.raises(InvalidImage) as e:
         decode_image(payload)

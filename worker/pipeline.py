@@ -26,7 +26,9 @@ def pick_device(spec: str = "auto") -> torch.device:
     try:
         device = torch.device(spec)
     except RuntimeError:
-        raise LikenessError("bad_device", f"unknown device '{spec}' (try cpu, cuda, cuda:0)") from None
+        raise LikenessError(
+            "bad_device", f"unknown device '{spec}' (try cpu, cuda, cuda:0)"
+        ) from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise LikenessError("bad_device", "CUDA was asked for but no GPU is available")
     return device

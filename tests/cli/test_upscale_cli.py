@@ -17,19 +17,23 @@ from worker.engine.generator import Generator, GeneratorConfig
 
 
 def likeness(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "likeness.cli", *map(str, args)],
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "likeness.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("cli")
     torch.manual_seed(0)
-    g = Generator(GeneratorConfig.slim(32, channel_max=32, channel_base=512, style_dim=32,
-                                       n_mlp=2))
+    g = Generator(GeneratorConfig.slim(32, channel_max=32, channel_base=512, style_dim=32, n_mlp=2))
     save_generator(d / "tiny.pt", g)
     Image.fromarray(data.astronaut()).resize((16, 16), Image.Resampling.BICUBIC).save(
-        d / "thumb.png")
+        d / "thumb.png"
+    )
     return d
 
 
@@ -49,8 +53,22 @@ def test_upscale_needs_a_mapping_fit_then_works(workdir: Path) -> None:
     assert r.returncode == 0, r.stderr
     assert (workdir / "tiny.pt.fit.pt").is_file()
 
-    args = ["upscale", workdir / "thumb.png", "-o", out, "--weights", workdir / "tiny.pt",
-            "--steps", "4", "--restarts", "2", "--seed", "5", "--device", "cpu"]
+    args = [
+        "upscale",
+        workdir / "thumb.png",
+        "-o",
+        out,
+        "--weights",
+        workdir / "tiny.pt",
+        "--steps",
+        "4",
+        "--restarts",
+        "2",
+        "--seed",
+        "5",
+        "--device",
+        "cpu",
+    ]
     r = likeness(*args, "--eps", "1.0")
     assert r.returncode == 0, r.stderr
     assert Image.open(out).size == (32, 32)

@@ -41,14 +41,17 @@ def mapping(sd: dict[str, Tensor], z: Tensor, lr_mul: float = 0.01) -> Tensor:
     i = 1
     while f"style.{i}.weight" in sd:
         weight = sd[f"style.{i}.weight"]
-        x = lrelu(F.linear(x, weight * lr_mul / math.sqrt(weight.shape[1])),
-                  sd[f"style.{i}.bias"] * lr_mul)
+        x = lrelu(
+            F.linear(x, weight * lr_mul / math.sqrt(weight.shape[1])),
+            sd[f"style.{i}.bias"] * lr_mul,
+        )
         i += 1
     return x
 
 
-def modconv(sd: dict[str, Tensor], p: str, x: Tensor, style: Tensor, demod: bool,
-            up: bool) -> Tensor:
+def modconv(
+    sd: dict[str, Tensor], p: str, x: Tensor, style: Tensor, demod: bool, up: bool
+) -> Tensor:
     b, cin, h, w = x.shape
     wt = sd[p + "weight"]
     cout, k = wt.shape[1], wt.shape[-1]
@@ -68,8 +71,9 @@ def modconv(sd: dict[str, Tensor], p: str, x: Tensor, style: Tensor, demod: bool
     return out.view(b, cout, h, w)
 
 
-def styled(sd: dict[str, Tensor], p: str, x: Tensor, style: Tensor, noise: Tensor,
-           up: bool = False) -> Tensor:
+def styled(
+    sd: dict[str, Tensor], p: str, x: Tensor, style: Tensor, noise: Tensor, up: bool = False
+) -> Tensor:
     out = modconv(sd, p + "conv.", x, style, True, up)
     out = out + sd[p + "noise.weight"] * noise
     return lrelu(out, sd[p + "activate.bias"])

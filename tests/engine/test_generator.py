@@ -24,8 +24,9 @@ def randomized(config: GeneratorConfig, seed: int = 0) -> Generator:
 
 @pytest.mark.parametrize("resolution", [8, 32, 64, 128, 256, 512, 1024])
 def test_output_shapes_and_layout(resolution: int) -> None:
-    config = GeneratorConfig.slim(resolution, channel_max=16, channel_base=4096, style_dim=16,
-                                  n_mlp=2)
+    config = GeneratorConfig.slim(
+        resolution, channel_max=16, channel_base=4096, style_dim=16, n_mlp=2
+    )
     g = Generator(config)
     assert g.n_latent == 2 * config.log_size - 2
     assert len(g.noise_shapes()) == config.num_noise
@@ -62,10 +63,13 @@ def test_bad_configs_are_rejected() -> None:
         GeneratorConfig.slim(1024, channel_base=256)
 
 
-@pytest.mark.parametrize("config", [
-    GeneratorConfig.stylegan2(32, channel_multiplier=1, style_dim=64, n_mlp=3),
-    GeneratorConfig.slim(128, channel_max=32, channel_base=1024, style_dim=32, n_mlp=2),
-])
+@pytest.mark.parametrize(
+    "config",
+    [
+        GeneratorConfig.stylegan2(32, channel_multiplier=1, style_dim=64, n_mlp=3),
+        GeneratorConfig.slim(128, channel_max=32, channel_base=1024, style_dim=32, n_mlp=2),
+    ],
+)
 def test_matches_the_ports_fused_formulation(config: GeneratorConfig) -> None:
     g = randomized(config)
     sd = g.state_dict()
@@ -107,8 +111,9 @@ def test_our_checkpoint_keeps_config_and_fp16(tmp_path) -> None:
     save_generator(tmp_path / "g.pt", g, half=True)
     loaded = load_generator(tmp_path / "g.pt")
     assert loaded.generator.config == config
-    for (k, a), b in zip(g.state_dict().items(), loaded.generator.state_dict().values(),
-                         strict=True):
+    for (k, a), b in zip(
+        g.state_dict().items(), loaded.generator.state_dict().values(), strict=True
+    ):
         torch.testing.assert_close(a.half().float(), b, msg=k)
 
 

@@ -21,8 +21,11 @@ from worker.engine.search import (
 @pytest.fixture(scope="module")
 def tiny() -> tuple[Generator, MappingFit]:
     torch.manual_seed(0)
-    g = Generator(GeneratorConfig.slim(32, channel_max=32, channel_base=512, style_dim=32,
-                                       n_mlp=2)).eval().requires_grad_(False)
+    g = (
+        Generator(GeneratorConfig.slim(32, channel_max=32, channel_base=512, style_dim=32, n_mlp=2))
+        .eval()
+        .requires_grad_(False)
+    )
     return g, fit_mapping(g, samples=20_000, batch=5_000)
 
 
@@ -87,8 +90,9 @@ def _target(g: Generator, seed: int, size: int = 8) -> torch.Tensor:
     """A thumbnail of a face the generator can make (so a good search can match it)."""
     torch.manual_seed(seed)
     with torch.no_grad():
-        img = (g(torch.randn(2, 32), noise=[torch.zeros(1, 1, h, w) for h, w in g.noise_shapes()])
-               + 1) / 2
+        img = (
+            g(torch.randn(2, 32), noise=[torch.zeros(1, 1, h, w) for h, w in g.noise_shapes()]) + 1
+        ) / 2
     return downscale(img.clamp(0, 1), size)
 
 
@@ -133,8 +137,13 @@ def test_can_be_stopped_between_steps(tiny) -> None:
     g, fit = tiny
     seen = []
     with pytest.raises(SearchStopped):
-        run_search(g, fit, _target(g, 5), SearchConfig(steps=50, restarts=1, seed=0),
-                   on_step=lambda s: seen.append(s.step) or s.step < 3)
+        run_search(
+            g,
+            fit,
+            _target(g, 5),
+            SearchConfig(steps=50, restarts=1, seed=0),
+            on_step=lambda s: seen.append(s.step) or s.step < 3,
+        )
     assert seen == [1, 2, 3]
 
 

@@ -195,7 +195,9 @@ class ModulatedConv2d(nn.Module):
                              upsample_factor=factor)
         self.scale = 1 / math.sqrt(in_channel * kernel_size**2)
         self.padding = kernel_size // 2
-        self.weight = nn.Parameter(torch.randn(1, out_channel, in_channel, kernel_size, kernel_size))
+        self.weight = nn.Parameter(
+            torch.randn(1, out_channel, in_channel, kernel_size, kernel_size)
+        )
         self.modulation = EqualLinear(style_dim, in_channel, bias_init=1)
 
     def forward(self, x: Tensor, style: Tensor) -> Tensor:

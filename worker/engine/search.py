@@ -10,7 +10,8 @@ across elements except for the backward pass, where elements are independent
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Generator as Gen, Sequence
+from collections.abc import Callable, Sequence
+from collections.abc import Generator as Gen
 from dataclasses import dataclass, field
 from typing import Literal
 
