@@ -1,0 +1,95 @@
+"""Liveness, readiness and Prometheus metrics. No authentication: these are for
+orchestrators and scrapers, and reveal only counts."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse, PlainTextResponse
+
+from app.api.deps import SettingsDep, StoreDep
+from app.api.errors import ErrorBody, error_response
+from app.api.schemas import Health, Ready
+from likeness.jobs import JobStatus
+
+router = APIRouter(tags=["health"])
+log = logging.getLogger("likeness.app")
+
+PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
+
+
+@router.get("/healthz", response_model=Health, summary="Liveness")
+def healthz() -> Health:
+    """200 whenever the process answers; says nothing about the store or workers."""
+    return Health()
+
+
+@router.get(
+    "/readyz",
+    response_model=Ready,
+    summary="Readiness",
+    responses={503: {"model": ErrorBody, "description": "store_unreachable or no_worker."}},
+)
+def readyz(settings: SettingsDep, store: StoreDep) -> Ready | JSONResponse:
+    """200 when the job store answers and a worker heartbeated within
+    LIKENESS_WORKER_HEARTBEAT_TIMEOUT_SECONDS; otherwise 503 with the reason."""
+    try:
+        store.ping()
+        last = store.last_worker_heartbeat()
+    except Exception as exc:
+        log.warning("readiness: job store unreachable: %s", exc)
+        return error_response(503, "store_unreachable", "The job store does not answer.")
+    window = settings.worker_heartbeat_timeout_seconds
+    if last is None:
+        return error_response(503, "no_worker", "No worker has ever reported in.")
+    age = store.clock() - last.timestamp()
+    if age > window:
+        return error_response(
+            503, "no_worker", f"No worker heartbeat for {age:.0f} s (limit {window:g} s)."
+        )
+    return Ready(last_worker_heartbeat=last)
+
+
+def _exposition(store: StoreDep) -> str:
+    lines = [
+        "# HELP likeness_store_up Whether the job store answered the scrape (1) or not (0).",
+        "# TYPE likeness_store_up gauge",
+    ]
+    try:
+        counts = store.counts_by_status()
+        last = store.last_worker_heartbeat()
+    except Exception as exc:
+        log.warning("metrics: job store unreachable: %s", exc)
+        return "\n".join([*lines, "likeness_store_up 0", ""])
+    lines += [
+        "likeness_store_up 1",
+        "# HELP likeness_jobs Jobs in the store, by status.",
+        "# TYPE likeness_jobs gauge",
+        *(f'likeness_jobs{{status="{s.value}"}} {counts[s]}' for s in JobStatus),
+        "# HELP likeness_queue_depth Jobs waiting for a worker.",
+        "# TYPE likeness_queue_depth gauge",
+        f"likeness_queue_depth {counts[JobStatus.QUEUED]}",
+    ]
+    if last is not None:
+        age = max(0.0, store.clock() - last.timestamp())
+        lines += [
+            "# HELP likeness_worker_heartbeat_age_seconds Seconds since a worker last reported.",
+            "# TYPE likeness_worker_heartbeat_age_seconds gauge",
+            f"likeness_worker_heartbeat_age_seconds {age:.3f}",
+            "# HELP likeness_worker_last_heartbeat_timestamp_seconds Unix time of that report.",
+            "# TYPE likeness_worker_last_heartbeat_timestamp_seconds gauge",
+            f"likeness_worker_last_heartbeat_timestamp_seconds {last.timestamp():.3f}",
+        ]
+    return "\n".join([*lines, ""])
+
+
+@router.get(
+    "/metrics",
+    response_class=PlainTextResponse,
+    summary="Prometheus metrics",
+    responses={200: {"content": {PROMETHEUS_TEXT: {}}, "description": "Text exposition."}},
+)
+def metrics(store: StoreDep) -> PlainTextResponse:
+    """Jobs by status, queue depth and worker heartbeat age, in Prometheus text format."""
+    return PlainTextResponse(_exposition(store), media_type=PROMETHEUS_TEXT)

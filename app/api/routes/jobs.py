@@ -1,0 +1,136 @@
+"""The caller's jobs: status, result image, cancellation, listing.
+
+A job of another owner answers exactly like a job that does not exist (404),
+so ids cannot be probed.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request, Response
+
+from app.api.deps import OwnerDep, StoreDep
+from app.api.errors import ERROR_RESPONSES, ErrorBody
+from app.api.schemas import JobList, JobView
+from likeness.errors import LikenessError
+from likeness.jobs import JobRecord, JobStatus, JobStore
+from likeness.jobs.models import utc_from_timestamp
+
+router = APIRouter(prefix="/jobs", tags=["jobs"])
+
+RESULT_BLOB = "result.png"
+MAX_PAGE = 100
+_JOB_ID = re.compile(r"[0-9a-f]{32}")
+
+
+class JobNotFound(LikenessError):
+    status = 404
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__("not_found", f"There is no job {job_id!r} for this caller.")
+
+
+def load_own_job(store: JobStore, owner: str, job_id: str) -> JobRecord:
+    job = store.get(job_id) if _JOB_ID.fullmatch(job_id) else None
+    if job is None or job.owner != owner:
+        raise JobNotFound(job_id)
+    return job
+
+
+def view(request: Request, store: JobStore, job: JobRecord) -> JobView:
+    position = store.queue_position(job.id) if job.status is JobStatus.QUEUED else None
+    return JobView.of(request, job, position, utc_from_timestamp(store.clock()))
+
+
+@router.get("", response_model=JobList, summary="List your jobs", responses=ERROR_RESPONSES)
+def list_jobs(
+    request: Request,
+    store: StoreDep,
+    owner: OwnerDep,
+    limit: Annotated[
+        int, Query(ge=1, le=MAX_PAGE, description=f"Jobs per page, 1..{MAX_PAGE}.")
+    ] = 20,
+    cursor: Annotated[
+        str | None, Query(description="next_cursor of the previous page; omit for the first.")
+    ] = None,
+) -> JobList:
+    """The caller's jobs, newest first, a page at a time."""
+    page = store.list_jobs(owner, limit=limit, cursor=cursor)
+    return JobList(
+        items=[view(request, store, job) for job in page.items], next_cursor=page.next_cursor
+    )
+
+
+@router.get(
+    "/{job_id}",
+    name="get_job",
+    response_model=JobView,
+    summary="A job's status",
+    responses=ERROR_RESPONSES,
+)
+def get_job(request: Request, job_id: str, store: StoreDep, owner: OwnerDep) -> JobView:
+    """Status, queue position, progress, timings, and the report or error once final."""
+    return view(request, store, load_own_job(store, owner, job_id))
+
+
+@router.get(
+    "/{job_id}/result",
+    name="get_job_result",
+    response_class=Response,
+    summary="The upscaled image",
+    responses={
+        200: {"content": {"image/png": {}}, "description": "The upscaled face as PNG."},
+        **ERROR_RESPONSES,
+        404: {
+            "model": ErrorBody,
+            "description": "No such job (not_found), not finished yet (result_not_ready), or "
+            "finished without an image (no_result).",
+        },
+    },
+)
+def get_job_result(job_id: str, store: StoreDep, owner: OwnerDep) -> Response:
+    job = load_own_job(store, owner, job_id)
+    if not job.status.is_final:
+        raise LikenessError(
+            "result_not_ready",
+            f"The job is {job.status.value}; the result exists once it has succeeded.",
+            status=404,
+        )
+    data = store.get_blob(job.id, RESULT_BLOB) if job.status is JobStatus.SUCCEEDED else None
+    if data is None:
+        raise LikenessError(
+            "no_result", f"The job ended {job.status.value} and has no result image.", status=404
+        )
+    return Response(
+        data,
+        media_type="image/png",
+        headers={"Content-Disposition": f'inline; filename="{job.id}.png"'},
+    )
+
+
+@router.post(
+    "/{job_id}/cancel",
+    name="cancel_job",
+    response_model=JobView,
+    summary="Cancel a job",
+    responses={
+        **ERROR_RESPONSES,
+        409: {"model": ErrorBody, "description": "The job already ended (code job_finished)."},
+    },
+)
+def cancel_job(request: Request, job_id: str, store: StoreDep, owner: OwnerDep) -> JobView:
+    """A queued job is canceled at once; a running one stops at its next step check.
+
+    Canceling a canceled job is a no-op; a succeeded or failed one answers 409.
+    """
+    load_own_job(store, owner, job_id)
+    job = store.request_cancel(job_id)
+    if job is None:  # it expired between the two calls
+        raise JobNotFound(job_id)
+    if job.status in (JobStatus.SUCCEEDED, JobStatus.FAILED):
+        raise LikenessError(
+            "job_finished", f"The job already {job.status.value}; nothing to cancel.", status=409
+        )
+    return view(request, store, job)

@@ -1,0 +1,183 @@
+"""POST /upscale: validate a thumbnail (and options), queue a job, answer 202 at once."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, File, Form, Header, Request, Response, UploadFile
+
+from app.api.deps import LabelsDep, OwnerDep, ReferenceCheckerDep, SettingsDep, StoreDep
+from app.api.errors import ERROR_RESPONSES, ErrorBody
+from app.api.schemas import JobLinks, SubmitResponse
+from app.submission import MAX_EPS, MAX_WEIGHT, Upload, UpscaleForm, build_job
+from likeness.errors import LikenessError
+
+router = APIRouter(tags=["upscale"])
+
+
+def read_upload(upload: UploadFile, field: str, limit: int) -> Upload:
+    # Starlette has spooled the part already; read one byte past the limit to detect excess.
+    upload.file.seek(0)
+    data = upload.file.read(limit + 1)
+    if len(data) > limit:
+        raise LikenessError(
+            "upload_too_large", f"{field} is larger than the limit of {limit} bytes.", status=413
+        )
+    return Upload(field, data, upload.filename or None, upload.content_type)
+
+
+def _is_empty_file_input(upload: UploadFile) -> bool:
+    # A browser form with no file chosen still sends the part, with no name and no bytes.
+    return not upload.filename and (upload.size or 0) == 0
+
+
+@router.post(
+    "/upscale",
+    status_code=202,
+    response_model=SubmitResponse,
+    summary="Queue a thumbnail for upscaling",
+    responses={
+        **ERROR_RESPONSES,
+        400: {"model": ErrorBody, "description": "Bad Idempotency-Key."},
+        409: {
+            "model": ErrorBody,
+            "description": "Idempotency-Key reused with a different request "
+            "(code idempotency_conflict).",
+        },
+        413: {
+            "model": ErrorBody,
+            "description": "A file over the byte or pixel limit (codes upload_too_large, "
+            "image_too_large, request_too_large).",
+        },
+    },
+)
+def submit_upscale(
+    request: Request,
+    response: Response,
+    settings: SettingsDep,
+    store: StoreDep,
+    owner: OwnerDep,
+    labels: LabelsDep,
+    check_reference: ReferenceCheckerDep,
+    thumbnail: Annotated[
+        UploadFile,
+        File(
+            description="The low-resolution face (PNG, JPEG, WEBP, BMP or GIF), roughly centred; "
+            "non-square images are centre-cropped. At most LIKENESS_MAX_UPLOAD_BYTES bytes and "
+            "LIKENESS_MAX_PIXELS pixels."
+        ),
+    ],
+    race: Annotated[
+        str | None,
+        Form(
+            description="Race label to steer the face towards (see the manifest's labels; "
+            "default set: White, Black, Asian, Indian, Others). Case-insensitive."
+        ),
+    ] = None,
+    attribute: Annotated[
+        list[str] | None,
+        Form(
+            description="Wanted attribute as Name:0 or Name:1 (CelebA names such as "
+            "Smiling, Eyeglasses, Male). Repeat the field for several."
+        ),
+    ] = None,
+    reference: Annotated[
+        UploadFile | None,
+        File(description="Optional photo of the same person; the search keeps its identity."),
+    ] = None,
+    steps: Annotated[
+        int | None,
+        Form(
+            description="Optimisation steps, LIKENESS_STEPS_MIN..LIKENESS_STEPS_MAX "
+            "(default 1..1000); omitted: LIKENESS_STEPS_DEFAULT (100)."
+        ),
+    ] = None,
+    restarts: Annotated[
+        int | None,
+        Form(
+            description="Independent random starts, LIKENESS_RESTARTS_MIN.."
+            "LIKENESS_RESTARTS_MAX (default 1..32); omitted: LIKENESS_RESTARTS_DEFAULT (4)."
+        ),
+    ] = None,
+    seed: Annotated[
+        int | None,
+        Form(
+            description="Random seed, 0..2^63-1. Omitted: one is chosen and reported, so "
+            "the result can be reproduced."
+        ),
+    ] = None,
+    identity_weight: Annotated[
+        float | None,
+        Form(
+            description=f"Weight of keeping the reference's identity, 0..{MAX_WEIGHT:g}; "
+            "omitted: the engine's default."
+        ),
+    ] = None,
+    race_weight: Annotated[
+        float | None,
+        Form(
+            description=f"Weight of the race objective, 0..{MAX_WEIGHT:g}; omitted: the "
+            "engine's default."
+        ),
+    ] = None,
+    attr_weight: Annotated[
+        float | None,
+        Form(
+            description=f"Weight of the attribute objectives, 0..{MAX_WEIGHT:g}; omitted: "
+            "the engine's default."
+        ),
+    ] = None,
+    eps: Annotated[
+        float | None,
+        Form(
+            description=f"Downscaling MSE at which the search stops, in (0, {MAX_EPS:g}]; "
+            "omitted: the engine's default."
+        ),
+    ] = None,
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            alias="Idempotency-Key",
+            description="Any unique string (<= 255 printable ASCII). Retrying with the same "
+            "key and the same request returns the first job instead of a new one; the same "
+            "key with a different request is refused with 409.",
+        ),
+    ] = None,
+) -> SubmitResponse:
+    """Validate everything, store the inputs and a queued job, and return its links.
+
+    Poll the `self` link for progress; fetch `result` once the status is
+    `succeeded`. Nothing is stored when any check fails.
+    """
+    limit = settings.max_upload_bytes
+    thumb_upload = read_upload(thumbnail, "thumbnail", limit)
+    ref_upload = (
+        None
+        if reference is None or _is_empty_file_input(reference)
+        else read_upload(reference, "reference", limit)
+    )
+    record, blobs = build_job(
+        thumbnail=thumb_upload,
+        reference=ref_upload,
+        form=UpscaleForm(
+            race=race,
+            attributes=attribute or [],
+            steps=steps,
+            restarts=restarts,
+            seed=seed,
+            identity_weight=identity_weight,
+            race_weight=race_weight,
+            attr_weight=attr_weight,
+            eps=eps,
+        ),
+        owner=owner,
+        idempotency_key=idempotency_key,
+        settings=settings,
+        labels=labels,
+        check_reference=check_reference,
+    )
+    job, created = store.create(record, blobs)
+    response.headers["Location"] = str(request.url_for("get_job", job_id=job.id))
+    if not created:
+        response.headers["Idempotent-Replayed"] = "true"
+    return SubmitResponse(id=job.id, status=job.status, links=JobLinks.of(request, job.id))

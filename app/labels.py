@@ -1,0 +1,96 @@
+"""Race and attribute names the API accepts, from the weights manifest when it has them.
+
+The manifest is written by the training and import commands; until one ships
+labelled heads, the names are UTKFace's five races and CelebA's 40 attributes,
+which are what the default heads are trained on. Read as raw JSON (not through
+``likeness.manifest``) so a manifest written by a newer version still loads.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+DEFAULT_RACES: tuple[str, ...] = ("White", "Black", "Asian", "Indian", "Others")
+
+DEFAULT_ATTRIBUTES: tuple[str, ...] = (
+    "5_o_Clock_Shadow", "Arched_Eyebrows", "Attractive", "Bags_Under_Eyes", "Bald", "Bangs",
+    "Big_Lips", "Big_Nose", "Black_Hair", "Blond_Hair", "Blurry", "Brown_Hair",
+    "Bushy_Eyebrows", "Chubby", "Double_Chin", "Eyeglasses", "Goatee", "Gray_Hair",
+    "Heavy_Makeup", "High_Cheekbones", "Male", "Mouth_Slightly_Open", "Mustache",
+    "Narrow_Eyes", "No_Beard", "Oval_Face", "Pale_Skin", "Pointy_Nose", "Receding_Hairline",
+    "Rosy_Cheeks", "Sideburns", "Smiling", "Straight_Hair", "Wavy_Hair", "Wearing_Earrings",
+    "Wearing_Hat", "Wearing_Lipstick", "Wearing_Necklace", "Wearing_Necktie", "Young",
+)  # fmt: skip
+
+# Keys under which a manifest may list the names: top-level "labels", or the
+# "config" of a model entry (the default entry of its kind wins).
+_RACE_KEYS = ("races", "race_labels")
+_ATTRIBUTE_KEYS = ("attributes", "attribute_labels")
+
+
+@dataclass(frozen=True)
+class Labels:
+    races: tuple[str, ...] = DEFAULT_RACES
+    attributes: tuple[str, ...] = DEFAULT_ATTRIBUTES
+    source: str = "defaults"
+    _race_index: dict[str, str] = field(init=False, repr=False, compare=False)
+    _attr_index: dict[str, str] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # Case-insensitive lookups: 'smiling' means 'Smiling'; the canonical name is stored.
+        object.__setattr__(self, "_race_index", {n.casefold(): n for n in self.races})
+        object.__setattr__(self, "_attr_index", {n.casefold(): n for n in self.attributes})
+
+    def race(self, name: str) -> str | None:
+        return self._race_index.get(name.strip().casefold())
+
+    def attribute(self, name: str) -> str | None:
+        return self._attr_index.get(name.strip().casefold())
+
+
+def _names(container: dict[str, Any], keys: tuple[str, ...]) -> tuple[str, ...] | None:
+    for key in keys:
+        value = container.get(key)
+        if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+            return tuple(value)
+    return None
+
+
+def labels_from_manifest(manifest: dict[str, Any], source: str) -> Labels:
+    races: tuple[str, ...] | None = None
+    attributes: tuple[str, ...] | None = None
+    top = manifest.get("labels")
+    if isinstance(top, dict):
+        races, attributes = _names(top, _RACE_KEYS), _names(top, _ATTRIBUTE_KEYS)
+    entries = [e for e in manifest.get("models", []) if isinstance(e, dict)]
+    entries.sort(key=lambda e: not e.get("default", False))
+    for entry in entries:
+        config = entry.get("config")
+        if isinstance(config, dict):
+            races = races or _names(config, _RACE_KEYS)
+            attributes = attributes or _names(config, _ATTRIBUTE_KEYS)
+    if races is None and attributes is None:
+        return Labels()
+    return Labels(races or DEFAULT_RACES, attributes or DEFAULT_ATTRIBUTES, source)
+
+
+@lru_cache(maxsize=4)
+def _load(path: Path, mtime_ns: int) -> Labels:
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return Labels()
+    return labels_from_manifest(manifest, str(path)) if isinstance(manifest, dict) else Labels()
+
+
+def load_labels(manifest_path: Path) -> Labels:
+    """Labels from the manifest, re-read when the file changes; defaults without one."""
+    try:
+        mtime_ns = manifest_path.stat().st_mtime_ns
+    except OSError:
+        return Labels()
+    return _load(manifest_path, mtime_ns)

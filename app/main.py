@@ -1,0 +1,74 @@
+"""The likeness HTTP API: ``create_app(settings)`` builds it; ``app`` is the default one.
+
+Run with ``uvicorn app.main:app`` (or ``likeness serve``). Importing this module
+touches nothing on disk and never imports torch; the store opens on startup.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from importlib.metadata import PackageNotFoundError, version
+
+from fastapi import FastAPI
+
+from app.api.body_limit import BodySizeLimit
+from app.api.deps import DecodeOnlyReferenceChecker
+from app.api.errors import install_exception_handlers
+from app.api.routes import api_router
+from likeness.jobs import JobStore, open_store_from_settings
+from likeness.settings import Settings, get_settings
+
+# Room for the form fields and multipart framing beside two files at the size limit.
+FORM_OVERHEAD_BYTES = 64 * 1024
+
+DESCRIPTION = """
+Upscale a face thumbnail by searching a generator's latent space for faces
+that downscale to it, optionally steered by race, attributes and the identity
+of a reference photo. Submissions are jobs: `POST /upscale` answers 202 with
+links to poll and to fetch the result. Errors are JSON `{code, message}`.
+"""
+
+
+def _version() -> str:
+    try:
+        return version("likeness")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+def create_app(settings: Settings | None = None, *, store: JobStore | None = None) -> FastAPI:
+    """Build the API. Pass ``store`` to use an already open one (it is not closed here)."""
+    settings = settings if settings is not None else get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        owned = app.state.store is None
+        if owned:
+            app.state.store = open_store_from_settings(settings)
+        try:
+            yield
+        finally:
+            if owned:
+                app.state.store.close()
+                app.state.store = None
+
+    app = FastAPI(
+        title="likeness",
+        version=_version(),
+        description=DESCRIPTION,
+        lifespan=lifespan,
+    )
+    # Refuse oversized bodies while they stream in, before anything is spooled to disk.
+    app.add_middleware(
+        BodySizeLimit, max_body_size=2 * settings.max_upload_bytes + FORM_OVERHEAD_BYTES
+    )
+    app.state.settings = settings
+    app.state.store = store
+    app.state.reference_checker = DecodeOnlyReferenceChecker(settings.max_pixels)
+    install_exception_handlers(app)
+    app.include_router(api_router)
+    return app
+
+
+app = create_app()

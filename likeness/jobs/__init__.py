@@ -1,0 +1,43 @@
+"""The job contract shared by the app and the worker: the record and the store.
+
+Torch-free on purpose: the API process imports this and must stay small.
+"""
+
+from likeness.jobs.factory import open_store, open_store_from_settings
+from likeness.jobs.models import (
+    ANONYMOUS,
+    FINAL_STATUSES,
+    Heartbeat,
+    InputFile,
+    JobError,
+    JobOptions,
+    JobPage,
+    JobRecord,
+    JobStatus,
+    Progress,
+    batch_key,
+    new_job_id,
+    request_hash,
+)
+from likeness.jobs.store import IdempotencyConflict, InvalidCursor, JobStore
+
+__all__ = [
+    "ANONYMOUS",
+    "FINAL_STATUSES",
+    "Heartbeat",
+    "IdempotencyConflict",
+    "InputFile",
+    "InvalidCursor",
+    "JobError",
+    "JobOptions",
+    "JobPage",
+    "JobRecord",
+    "JobStatus",
+    "JobStore",
+    "Progress",
+    "batch_key",
+    "new_job_id",
+    "open_store",
+    "open_store_from_settings",
+    "request_hash",
+]

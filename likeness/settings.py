@@ -1,0 +1,135 @@
+"""Configuration for every likeness process, from ``LIKENESS_*`` environment variables.
+
+Each field has a documented default so a fresh clone runs with no configuration;
+``get_settings()`` caches one instance per process. Tests build ``Settings(...)``
+directly instead of touching the environment.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Self
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def default_data_dir() -> Path:
+    """``$XDG_DATA_HOME/likeness``, or ``~/.local/share/likeness`` per the XDG spec."""
+    xdg = os.environ.get("XDG_DATA_HOME")
+    base = Path(xdg) if xdg else Path.home() / ".local" / "share"
+    return base / "likeness"
+
+
+class Settings(BaseSettings):
+    """All knobs of the app, the job store and the worker's job handling."""
+
+    model_config = SettingsConfigDict(env_prefix="LIKENESS_", extra="ignore")
+
+    data_dir: Path = Field(
+        default_factory=default_data_dir,
+        description="Directory for local state (the SQLite job store by default). "
+        "Default: $XDG_DATA_HOME/likeness, else ~/.local/share/likeness.",
+    )
+    store: str = Field(
+        default="",
+        description="Job store URL: sqlite:///<path> (three slashes then the path, so an "
+        "absolute path gives four) or redis://host:port/db. Empty means "
+        "sqlite:///<data_dir>/jobs.sqlite3.",
+    )
+    redis_key_prefix: str = Field(
+        default="likeness:",
+        description="Prefix of every Redis key the store writes, so several deployments "
+        "(or test runs) can share one Redis database.",
+    )
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Comma-separated API keys accepted as 'Authorization: Bearer <key>'. "
+        "Empty (the default) disables authentication; every caller is then 'anonymous'.",
+    )
+    weights_dir: Path = Field(
+        default=REPO_ROOT / "weights",
+        description="Directory holding manifest.json and bundled weights; the API reads "
+        "race and attribute label names from the manifest when it lists them.",
+    )
+    max_upload_bytes: int = Field(
+        default=10 * 1024 * 1024,
+        gt=0,
+        description="Largest accepted size of one uploaded file, in bytes (default 10 MiB).",
+    )
+    max_pixels: int = Field(
+        default=4096 * 4096,
+        gt=0,
+        description="Largest accepted width*height of an uploaded image, checked from the "
+        "header before any pixel is decoded (default 4096*4096).",
+    )
+    lease_seconds: float = Field(
+        default=60.0,
+        gt=0,
+        description="How long a claimed job stays with its worker without a heartbeat "
+        "before another worker may claim it again.",
+    )
+    max_attempts: int = Field(
+        default=3,
+        ge=1,
+        description="How many times a job may be claimed; when the lease of the last "
+        "attempt runs out the job fails with code worker_lost.",
+    )
+    result_ttl_seconds: int = Field(
+        default=7 * 24 * 3600,
+        gt=0,
+        description="Redis only: how long a finished job, its inputs and its result are "
+        "kept (default 7 days). The SQLite store keeps them until deleted.",
+    )
+    worker_heartbeat_timeout_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        description="/readyz answers 503 unless some worker heartbeated within this window.",
+    )
+    steps_min: int = Field(default=1, ge=1, description="Smallest accepted 'steps'.")
+    steps_max: int = Field(default=1000, ge=1, description="Largest accepted 'steps'.")
+    steps_default: int = Field(
+        default=100,
+        ge=1,
+        description="Optimisation steps of the latent search when the request gives none.",
+    )
+    restarts_min: int = Field(default=1, ge=1, description="Smallest accepted 'restarts'.")
+    restarts_max: int = Field(default=32, ge=1, description="Largest accepted 'restarts'.")
+    restarts_default: int = Field(
+        default=4,
+        ge=1,
+        description="Independent random restarts of the search per "
+        "thumbnail when the request gives none.",
+    )
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: object) -> object:
+        # The environment carries one comma-separated string; code may pass a list.
+        if isinstance(value, str):
+            return [key.strip() for key in value.split(",") if key.strip()]
+        return value
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        if not self.steps_min <= self.steps_default <= self.steps_max:
+            raise ValueError("need steps_min <= steps_default <= steps_max")
+        if not self.restarts_min <= self.restarts_default <= self.restarts_max:
+            raise ValueError("need restarts_min <= restarts_default <= restarts_max")
+        if not self.store:
+            self.store = f"sqlite:///{self.data_dir / 'jobs.sqlite3'}"
+        return self
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.weights_dir / "manifest.json"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read from the environment once."""
+    return Settings()
