@@ -1,0 +1,221 @@
+"""train-generator: the loop on synthetic images, exact resume, D layout,
+DiffAugment and the zip data set (on a zip the test writes itself)."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import pickle
+import signal
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+from typer.testing import CliRunner
+
+from likeness.errors import LikenessError
+from worker.engine.checkpoints import load_generator
+from worker.engine.generator import GeneratorConfig
+from worker.training.diffaugment import diff_augment, parse_policy
+from worker.training.discriminator import Discriminator
+from worker.training.gan import TrainConfig, read_checkpoint, train
+from worker.training.images_zip import ImagesZip, StepSampler
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    # tiny nets on a shared 2-core box: thread hand-offs cost more than they give
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny(out: Path, steps: int, **overrides: object) -> TrainConfig:
+    """A 16-px run of ``steps`` steps at batch 4, regularisers due every other step."""
+    base: dict[str, object] = dict(
+        resolution=16, channel_max=16, channel_base=128, style_dim=16, n_mlp=2, batch=4,
+        total_kimg=steps * 4 / 1000, r1_every=2, latent_avg_samples=256, out=out,
+        synthetic_count=32, device="cpu")
+    return TrainConfig.smoke(**(base | overrides))
+
+
+def run(config: TrainConfig, resume: Path | None = None) -> dict[int, dict[str, float]]:
+    losses: dict[int, dict[str, float]] = {}
+    train(config, resume=resume, progress=False,
+          on_step=lambda step, metrics: losses.__setitem__(step, metrics))
+    return losses
+
+
+def test_smoke_training_writes_checkpoint_generator_grid_and_log(tmp_path: Path) -> None:
+    config = tiny(tmp_path, steps=5, resolution=32, channel_base=512)
+    losses = run(config)
+    assert sorted(losses) == [1, 2, 3, 4, 5]
+    assert all(math.isfinite(v) for m in losses.values() for v in m.values())
+    assert "r1" in losses[1] and "r1" not in losses[2]  # lazy R1 on steps 0, 2, 4
+    ckpt = read_checkpoint(tmp_path / "checkpoint.pt")
+    assert ckpt["step"] == 5 and set(ckpt["rng"]) >= {"torch", "numpy", "python"}
+    loaded = load_generator(tmp_path / "g_ema.pt")
+    assert loaded.generator.config == config.generator_config()
+    assert loaded.latent_avg is not None and loaded.latent_avg.shape == (16,)
+    assert loaded.mapping_fit is not None
+    grid = Image.open(tmp_path / "samples_kimg0000.png")
+    assert grid.size == (8 * 32, 4 * 32)
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert log[-1]["reason"] == "done" and log[-1]["step"] == 5
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_resume_gives_identical_next_step_losses(tmp_path: Path) -> None:
+    # path length on too, so its running mean must survive the checkpoint
+    extra = dict(pl_weight=2.0, pl_every=2)
+    full = run(tiny(tmp_path / "full", steps=6, **extra))
+    first = run(tiny(tmp_path / "split", steps=3, **extra))
+    rest = run(tiny(tmp_path / "split", steps=6, **extra),
+               resume=tmp_path / "split" / "checkpoint.pt")
+    assert sorted(rest) == [4, 5, 6]
+    assert {**first, **rest} == full  # bit-exact, regularised steps included
+    a = read_checkpoint(tmp_path / "full" / "checkpoint.pt")["G_ema"]
+    b = read_checkpoint(tmp_path / "split" / "checkpoint.pt")["G_ema"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_signal_and_time_limit_stop_with_a_checkpoint(tmp_path: Path) -> None:
+    def interrupt(step: int, metrics: dict[str, float]) -> None:
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    before = signal.getsignal(signal.SIGTERM)
+    result = train(tiny(tmp_path / "sig", steps=50), progress=False, on_step=interrupt)
+    assert (result.reason, result.step) == ("signal", 2)
+    assert read_checkpoint(result.checkpoint)["step"] == 2
+    assert signal.getsignal(signal.SIGTERM) is before  # handler restored
+
+    result = train(tiny(tmp_path / "time", steps=50, max_minutes=1e-6), progress=False)
+    assert (result.reason, result.step) == ("max_minutes", 1)
+
+
+def test_cli_smoke_and_resume_guard(tmp_path: Path) -> None:
+    import typer
+
+    from worker.training.generator_cli import train_generator
+
+    app = typer.Typer()
+    app.command()(train_generator)
+    out = tmp_path / "cli"
+    args = ["--smoke", "--out", str(out), "--kimg", "0.008", "--resolution", "16",
+            "--channel-base", "128", "--device", "cpu"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert (out / "g_ema.pt").is_file()
+    # resuming may extend the run but not change the model or the optimiser
+    result = CliRunner().invoke(app, [*args, "--resume", "auto", "--batch", "8"])
+    assert result.exit_code == 2 and "cannot change batch" in result.output
+    result = CliRunner().invoke(app, [*args[:4], "0.016", "--resume", "auto"])
+    assert result.exit_code == 0, result.output
+    assert read_checkpoint(out / "checkpoint.pt")["step"] == 4
+
+
+# ---------------------------------------------------------------- discriminator
+
+PORT_BLOCK_KEYS = ["conv1.0.weight", "conv1.1.bias", "conv2.0.kernel", "conv2.1.weight",
+                   "conv2.2.bias", "skip.0.kernel", "skip.1.weight"]
+
+
+def test_discriminator_layout_and_strict_round_trip() -> None:
+    config = GeneratorConfig.slim(16, channel_max=32, channel_base=256, style_dim=16, n_mlp=2)
+    torch.manual_seed(0)
+    d = Discriminator(config)
+    expected = {"convs.0.0.weight", "convs.0.1.bias", "final_conv.0.weight", "final_conv.1.bias",
+                "final_linear.0.weight", "final_linear.0.bias", "final_linear.1.weight",
+                "final_linear.1.bias"}
+    expected |= {f"convs.{i}.{k}" for i in (1, 2) for k in PORT_BLOCK_KEYS}
+    assert set(d.state_dict()) == expected
+    assert d.state_dict()["convs.0.0.weight"].shape == (config.width(16), 3, 1, 1)
+    assert d.state_dict()["final_conv.0.weight"].shape[1] == config.width(4) + 1
+
+    torch.manual_seed(1)
+    other = Discriminator(config)
+    other.load_state_dict(d.state_dict(), strict=True)
+    x = torch.randn(6, 3, 16, 16)  # 6: the stddev group falls back to 3
+    with torch.no_grad():
+        assert d(x).shape == (6, 1)
+        assert torch.equal(d(x), other(x))
+
+
+# ---------------------------------------------------------------- DiffAugment
+
+
+@pytest.mark.parametrize("policy", ["color", "translation", "cutout", "color,translation,cutout"])
+def test_diffaugment_keeps_shape_and_is_differentiable(policy: str) -> None:
+    torch.manual_seed(0)
+    x = torch.rand(4, 3, 16, 16, requires_grad=True)
+    y = diff_augment(x * 2 - 1, policy)
+    assert y.shape == x.shape and torch.isfinite(y).all()
+    (y * torch.randn_like(y)).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_diffaugment_policy_parsing() -> None:
+    x = torch.randn(2, 3, 8, 8)
+    assert torch.equal(diff_augment(x, "none"), x)
+    assert parse_policy(" color , cutout ") == ["color", "cutout"]
+    with pytest.raises(ValueError, match="unknown augmentation"):
+        parse_policy("color,rotate")
+
+
+# ---------------------------------------------------------------- data
+
+
+def write_zip(path: Path, colours: list[tuple[int, int, int]], size: int = 64) -> list[str]:
+    names = [f"{i:05d}.webp" for i in range(len(colours))]
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as zf:
+        for name, colour in zip(names, colours, strict=True):
+            image = Image.new("RGB", (size, size), colour)
+            image.paste((0, 0, 0), (0, 0, size // 2, size))  # left half black: shows a flip
+            buf = io.BytesIO()
+            image.save(buf, format="WEBP", lossless=True)
+            zf.writestr(name, buf.getvalue())
+        zf.writestr("labels.csv", "file,identity\n")
+    return names
+
+
+def test_images_zip_reads_resizes_mirrors_and_filters(tmp_path: Path) -> None:
+    path = tmp_path / "images.zip"
+    names = write_zip(path, [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255)])
+    ds = ImagesZip(path, 32)
+    assert len(ds) == 4 and ds.names == names  # labels.csv is not an image
+    x = ds[0]
+    assert x.shape == (3, 32, 32) and x.dtype == torch.float32
+    assert x.min() >= -1 and x.max() <= 1
+    assert torch.allclose(x[:, :, -1], torch.tensor([1.0, -1.0, -1.0])[:, None], atol=0.02)
+    assert torch.allclose(x[:, :, 0], torch.tensor(-1.0), atol=0.02)
+
+    mirrored = ImagesZip(path, 32, mirror=True)
+    assert len(mirrored) == 8 and torch.equal(mirrored[4 + 1], mirrored[1].flip(-1))
+
+    split = ImagesZip(path, 32, members=[names[2], names[0]])
+    assert len(split) == 2 and torch.equal(split[1], x)
+    with pytest.raises(LikenessError, match="not in images.zip"):
+        ImagesZip(path, 32, members=["nobody.webp"])
+
+    # the open handle never travels to another process
+    assert pickle.loads(pickle.dumps(ds))._zip is None
+    loader = DataLoader(ds, batch_size=2, num_workers=1)
+    assert torch.equal(torch.cat(list(loader))[0], x)
+
+
+def test_step_sampler_resumes_the_same_stream() -> None:
+    def take(sampler: StepSampler, n: int) -> list[int]:
+        it = iter(sampler)
+        return [next(it) for _ in range(n)]
+
+    full = take(StepSampler(5, seed=3), 17)
+    assert sorted(full[:5]) == list(range(5)) and full[:5] != full[5:10]
+    assert take(StepSampler(5, seed=3, start=7), 10) == full[7:]

@@ -1,0 +1,1 @@
+"""Training entrypoints: the StyleGAN2 generator (``likeness train-generator``)."""

@@ -1,0 +1,130 @@
+"""``likeness train-generator``: the command-line face of ``worker.training.gan``.
+
+Torch loads inside the command, so importing this module (as ``likeness``
+does to register the command) stays cheap.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from likeness.errors import LikenessError
+
+err = Console(stderr=True, soft_wrap=True)
+
+
+def resolve_resume(resume: str | None, out: Path) -> Path | None:
+    """'auto' → ``<out>/checkpoint.pt`` when it exists (else a fresh start); else a path."""
+    from worker.training.gan import CHECKPOINT_NAME
+
+    if resume is None:
+        return None
+    if resume == "auto":
+        path = out / CHECKPOINT_NAME
+        return path if path.is_file() else None
+    path = Path(resume)
+    if not path.is_file():
+        raise LikenessError("checkpoint_not_found", f"no such checkpoint: {path}", status=404)
+    return path
+
+
+def build_config(smoke: bool, overrides: dict[str, Any], resume: Path | None) -> Any:
+    from worker.training.gan import TrainConfig, merge_resume_config, read_checkpoint
+
+    if resume is not None:
+        saved = TrainConfig(**read_checkpoint(resume)["train_config"])
+        return merge_resume_config(saved, overrides)
+    if not smoke and overrides.get("data") is None:
+        raise LikenessError("no_data", "give --data ZIP (or --smoke for a synthetic-data run)")
+    return TrainConfig.smoke(**overrides) if smoke else TrainConfig(**overrides)
+
+
+def train_generator(
+    data: Annotated[Path | None, typer.Option(
+        help="zip of 128-px images (the ../shared format); --smoke without it uses synthetic "
+             "images")] = None,
+    out: Annotated[Path | None, typer.Option(
+        help="run folder (default runs/generator, runs/smoke)")] = None,
+    resolution: Annotated[int | None, typer.Option(help="image side (default 128)")] = None,
+    channel_max: Annotated[int | None, typer.Option(help="widest layer (default 128)")] = None,
+    channel_base: Annotated[int | None, typer.Option(
+        help="width at res r = min(channel_max, base / r) (default 2048)")] = None,
+    style_dim: Annotated[int | None, typer.Option(help="width of z and w (default 256)")] = None,
+    n_mlp: Annotated[int | None, typer.Option(help="mapping depth (default 4)")] = None,
+    batch: Annotated[int | None, typer.Option(min=1, help="batch size (default 8)")] = None,
+    kimg: Annotated[float | None, typer.Option(
+        help="train until this many thousand images seen (default 1000)")] = None,
+    max_minutes: Annotated[float | None, typer.Option(
+        help="stop (with a checkpoint) after this long in this session")] = None,
+    checkpoint_minutes: Annotated[float | None, typer.Option(
+        help="minutes between checkpoints (default 10)")] = None,
+    resume: Annotated[str | None, typer.Option(
+        help="checkpoint file, or 'auto' for <out>/checkpoint.pt if present")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")] = "auto",
+    smoke: Annotated[bool, typer.Option(
+        "--smoke", help="tiny 32-px config that runs on CPU in under a minute")] = False,
+    seed: Annotated[int | None, typer.Option(help="seed (default 0)")] = None,
+    r1_gamma: Annotated[float | None, typer.Option(help="R1 weight (default 0.5)")] = None,
+    augment: Annotated[str | None, typer.Option(
+        help="DiffAugment policy: comma list of color, translation, cutout; or 'none'")] = None,
+    members: Annotated[Path | None, typer.Option(
+        help="split file: the zip members to train on, one per line")] = None,
+    mirror: Annotated[bool | None, typer.Option(
+        "--mirror/--no-mirror", help="add horizontal flips (default on)")] = None,
+    pl_weight: Annotated[float | None, typer.Option(
+        help="path-length regularisation weight (default 0 = off)")] = None,
+    ema_kimg: Annotated[float | None, typer.Option(
+        help="EMA half-life in kimg (default batch·10/32)")] = None,
+    workers: Annotated[int | None, typer.Option(
+        help="data-loading processes (default 0 on CPU, 4 on CUDA)")] = None,
+    threads: Annotated[int | None, typer.Option(
+        min=1, help="CPU threads for torch (default: torch's; 1 with --smoke). Keep it fixed "
+                    "across resumes for bit-exact continuation")] = None,
+) -> None:
+    """Train the StyleGAN2 generator on a zip of face images; resumable, checkpoints
+    to OUT (checkpoint.pt, g_ema.pt, samples_kimgXXXX.png, log.jsonl)."""
+    options = dict(
+        data=data, resolution=resolution, channel_max=channel_max, channel_base=channel_base,
+        style_dim=style_dim, n_mlp=n_mlp, batch=batch, total_kimg=kimg, max_minutes=max_minutes,
+        checkpoint_minutes=checkpoint_minutes, seed=seed, r1_gamma=r1_gamma, augment=augment,
+        members=members, mirror=mirror, pl_weight=pl_weight, ema_kimg=ema_kimg, workers=workers,
+    )
+    overrides = {k: v for k, v in options.items() if v is not None}
+    overrides["device"] = device
+    out = out or Path("runs/smoke" if smoke else "runs/generator")
+    overrides["out"] = out
+    try:
+        import torch
+        from pydantic import ValidationError
+
+        from worker.training.gan import train
+
+        # tiny nets lose more to thread hand-offs than they gain, worst on a busy machine
+        threads = threads or (1 if smoke else None)
+        if threads is not None:
+            torch.set_num_threads(threads)
+        resume_path = resolve_resume(resume, out)
+        try:
+            config = build_config(smoke, overrides, resume_path)
+        except ValidationError as e:
+            first = e.errors()[0]
+            raise LikenessError("bad_option", f"{'.'.join(map(str, first['loc']))}: "
+                                f"{first['msg']}") from None
+        if resume_path is not None:
+            err.print(f"resuming from {resume_path}", highlight=False)
+        elif resume == "auto":
+            err.print(f"no checkpoint in {out}: starting fresh", highlight=False)
+        gconf = config.generator_config()
+        err.print(f"generator {gconf.resolution}px channels {gconf.channels} "
+                  f"style_dim {gconf.style_dim} n_mlp {gconf.n_mlp}; batch {config.batch}, "
+                  f"data {config.data or 'synthetic'}, out {config.out}", highlight=False)
+        result = train(config, resume=resume_path)
+    except LikenessError as e:
+        err.print(f"[bold red]error:[/] {e.message}", highlight=False)
+        raise typer.Exit(2) from None
+    err.print(f"stopped ({result.reason}) at step {result.step}, {result.kimg:.2f} kimg; "
+              f"checkpoint {result.checkpoint}", highlight=False)
