@@ -106,6 +106,50 @@ class Settings(BaseSettings):
         "thumbnail when the request gives none.",
     )
 
+    generator: str | None = Field(
+        default=None,
+        description="Worker: the generator to load, a name in weights/manifest.json or a "
+        "checkpoint path. Empty (the default): the manifest's default generator.",
+    )
+    device: str = Field(
+        default="auto",
+        description="Worker: torch device, auto (CUDA when available, else CPU), cpu, cuda "
+        "or cuda:N.",
+    )
+    batch_size: int = Field(
+        default=8,
+        ge=1,
+        le=256,
+        description="Worker: most compatible jobs claimed together and run as one batched "
+        "search (each job adds restarts rows to the batch).",
+    )
+    worker_poll_seconds: float = Field(
+        default=1.0,
+        gt=0,
+        description="Worker: how long an idle worker waits before asking the store for jobs "
+        "again.",
+    )
+    worker_heartbeat_seconds: float = Field(
+        default=5.0,
+        gt=0,
+        description="Worker: how often a running batch renews its leases (never less often "
+        "than a third of lease_seconds).",
+    )
+    progress_interval_seconds: float = Field(
+        default=0.5,
+        ge=0,
+        description="Worker: least time between two progress updates of a job in the store "
+        "(0.5: at most two a second).",
+    )
+
+    @field_validator("generator", mode="before")
+    @classmethod
+    def _empty_is_default(cls, value: object) -> object:
+        # LIKENESS_GENERATOR= (set but empty) means the default, as an unset variable does.
+        if isinstance(value, str) and not value.strip():
+            return None
+        return value
+
     @field_validator("api_keys", mode="before")
     @classmethod
     def _split_keys(cls, value: object) -> object:

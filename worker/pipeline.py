@@ -75,12 +75,17 @@ def upscale(
     config: SearchConfig,
     extra_loss: ExtraLoss | None = None,
     on_step: Callable[[SearchStep], bool | None] | None = None,
+    seeds: Sequence[int] | None = None,
 ) -> list[Upscaled]:
-    """Run one batched search over same-sized thumbnails; one ``Upscaled`` each."""
+    """Run one batched search over same-sized thumbnails; one ``Upscaled`` each.
+
+    ``seeds`` (one per thumbnail) replaces ``config.seed``, so each of several
+    jobs batched together gets the image it would get alone with its seed.
+    """
     device = next(model.generator.parameters()).device
     assert model.mapping_fit is not None
     result = run_search(model.generator, model.mapping_fit, to_tensor(thumbnails, device),
-                        config, extra_loss, on_step)
+                        config, extra_loss, on_step, seeds)
     return [
         Upscaled(pixels=to_pixels(result.images[i : i + 1])[0],
                  report=element_report(result, i, config),
@@ -106,7 +111,7 @@ def element_report(result: SearchResult, i: int, config: SearchConfig) -> dict[s
         "terms": {name: float(t[i, int(result.restart[i])]) for name, t in result.terms.items()},
         "steps": result.steps,
         "restarts": config.restarts,
-        "seed": result.seed,
+        "seed": result.seeds[i] if result.seeds else result.seed,
     }
     if not accepted:
         report["reason"] = (

@@ -29,6 +29,11 @@ FINAL_STATUSES = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CAN
 
 ANONYMOUS = "anonymous"
 
+# Blob names both sides agree on: the app stores the inputs, the worker the result.
+THUMBNAIL_BLOB = "thumbnail"
+REFERENCE_BLOB = "reference"
+RESULT_BLOB = "result.png"
+
 
 def new_job_id() -> str:
     """128 random bits as hex: unguessable, so an id alone reveals nothing about others."""

@@ -169,3 +169,34 @@ def test_first_noise_maps_trainable_and_finest_zero(tiny) -> None:
     assert all(t is noise[i] for i, t in enumerate(trainable))
     assert not noise[-1].any() and not noise[-1].requires_grad
     assert not noise[5].requires_grad and noise[5].any()
+
+
+def test_a_job_batched_with_others_gets_the_image_it_gets_alone(tiny) -> None:
+    """Per-thumbnail seeds: a batch of jobs equals each job searched alone with its seed."""
+    g, fit = tiny
+    thumbs = torch.cat([_target(g, 8)[:1], _target(g, 9)[:1], _target(g, 10)[:1]])
+    seeds = [11, 22, 33]
+    config = SearchConfig(steps=3, restarts=2)
+    batched = run_search(g, fit, thumbs, config, seeds=seeds)
+    assert batched.seeds == seeds
+    for i, seed in enumerate(seeds):
+        alone = run_search(g, fit, thumbs[i : i + 1], config.model_copy(update={"seed": seed}))
+        torch.testing.assert_close(batched.candidates[i], alone.candidates[0], atol=1e-5, rtol=0)
+        torch.testing.assert_close(batched.candidate_mse[i], alone.candidate_mse[0])
+        assert int(batched.restart[i]) == int(alone.restart[0])
+    # Without per-job seeds the shared seed gives the thumbnails different starts than alone.
+    shared = run_search(g, fit, thumbs, config.model_copy(update={"seed": 22}))
+    assert not torch.allclose(shared.candidates[1], batched.candidates[1], atol=1e-3)
+
+
+def test_pipeline_reports_each_jobs_own_seed(tiny, tmp_path) -> None:
+    from worker.engine.checkpoints import LoadedGenerator
+    from worker.pipeline import to_pixels, upscale
+
+    g, fit = tiny
+    model = LoadedGenerator(g, None, fit, tmp_path / "tiny.pt", "0" * 64)
+    pixels = to_pixels(torch.cat([_target(g, 11)[:1], _target(g, 12)[:1]]))
+    out = upscale(model, pixels, SearchConfig(steps=2, restarts=1), seeds=[5, 6])
+    assert [o.report["seed"] for o in out] == [5, 6]
+    with pytest.raises(ValueError, match="2 thumbnails"):
+        upscale(model, pixels, SearchConfig(steps=2, restarts=1), seeds=[5])

@@ -71,6 +71,7 @@ class SearchResult:
     w_plus: Tensor | None = None  # (B, K, n_latent, style_dim)
     seed: int = 0
     steps: int = 0
+    seeds: list[int] = field(default_factory=list)  # (B,) the seed each thumbnail's restarts used
 
 
 class SearchStopped(Exception):
@@ -116,27 +117,43 @@ def _radius(x: Tensor) -> Tensor:
     return (x.pow(2).sum(tuple(range(2, x.ndim)), keepdim=True) + 1e-9).sqrt()
 
 
+def _draw(generator: Generator, n: int, seed: int) -> tuple[Tensor, list[Tensor]]:
+    """n initial latents and noise maps from one seed, on the CPU, in a fixed draw order."""
+    rng = torch.Generator().manual_seed(seed)
+    cfg = generator.config
+    v = torch.randn(n, cfg.n_latent, cfg.style_dim, generator=rng)
+    shapes = generator.noise_shapes()
+    noise = [
+        # the finest map adds only grain: zeroed, as in PULSE (and it draws nothing)
+        torch.zeros(n, 1, h, w) if i == len(shapes) - 1 else torch.randn(n, 1, h, w, generator=rng)
+        for i, (h, w) in enumerate(shapes)
+    ]
+    return v, noise
+
+
 def init_variables(generator: Generator, n: int, config: SearchConfig, seed: int,
-                   device: torch.device) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+                   device: torch.device, seeds: Sequence[int] | None = None,
+                   ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
     """Initial latent v (N, L, D) and the noise maps (trainable ones listed apart).
 
     Drawn on the CPU from ``seed`` so a seed means the same start on any device.
+    With ``seeds`` (one per thumbnail), the N rows come in ``len(seeds)`` equal
+    blocks, block i drawn from ``seeds[i]`` exactly as a search of that
+    thumbnail alone would draw it: jobs batched together keep their own seeds.
     """
-    rng = torch.Generator().manual_seed(seed)
-    cfg = generator.config
-    v = torch.randn(n, cfg.n_latent, cfg.style_dim, generator=rng).to(device)
-    noise, trainable = [], []
-    shapes = generator.noise_shapes()
-    for i, (h, w) in enumerate(shapes):
-        if i == len(shapes) - 1:  # the finest map adds only grain: zeroed, as in PULSE
-            t = torch.zeros(n, 1, h, w, device=device)
-        else:
-            t = torch.randn(n, 1, h, w, generator=rng).to(device)
-            if i < config.trainable_noise:
-                t.requires_grad_(True)
-                trainable.append(t)
-        noise.append(t)
-    return v.requires_grad_(True), noise, trainable
+    if seeds is None:
+        v, noise = _draw(generator, n, seed)
+    else:
+        if not seeds or n % len(seeds):
+            raise ValueError(f"{n} rows cannot be split into {len(seeds)} equal seed blocks")
+        blocks = [_draw(generator, n // len(seeds), s) for s in seeds]
+        v = torch.cat([bv for bv, _ in blocks])
+        noise = [torch.cat(maps) for maps in zip(*(bn for _, bn in blocks), strict=True)]
+    noise = [t.to(device) for t in noise]
+    trainable = noise[: min(config.trainable_noise, len(noise) - 1)]
+    for t in trainable:
+        t.requires_grad_(True)
+    return v.to(device).requires_grad_(True), noise, trainable
 
 
 def latent_search(
@@ -145,18 +162,30 @@ def latent_search(
     thumbnails: Tensor,
     config: SearchConfig | None = None,
     extra_loss: ExtraLoss | None = None,
+    seeds: Sequence[int] | None = None,
 ) -> Gen[SearchStep, None, SearchResult]:
-    """Search W+ for faces that downscale to ``thumbnails`` (B, 3, h, w) in [0, 1]."""
+    """Search W+ for faces that downscale to ``thumbnails`` (B, 3, h, w) in [0, 1].
+
+    ``seeds`` (one per thumbnail) overrides ``config.seed``: each thumbnail's
+    restarts start where a search of it alone with its seed would.
+    """
     config = config or SearchConfig()
     device = thumbnails.device
     b, k = thumbnails.shape[0], config.restarts
     res = generator.config.resolution
     downscale_factor(res, thumbnails.shape[-1])  # fail early on an impossible size
-    seed = config.seed if config.seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
+    if seeds is not None and len(seeds) != b:
+        raise ValueError(f"got {len(seeds)} seeds for {b} thumbnails")
+    if seeds is not None:
+        seed = int(seeds[0])
+    elif config.seed is not None:
+        seed = config.seed
+    else:
+        seed = int(torch.randint(0, 2**31 - 1, ()).item())
     targets = thumbnails.repeat_interleave(k, dim=0)  # element i·K + j: thumbnail i, restart j
     n = b * k
 
-    v, noise, trainable = init_variables(generator, n, config, seed, device)
+    v, noise, trainable = init_variables(generator, n, config, seed, device, seeds)
     params = [v, *trainable]
     radii = [_radius(p.detach()) for p in params]
     opt = torch.optim.Adam(params, lr=config.lr)
@@ -199,7 +228,9 @@ def latent_search(
             project_to_sphere(p.data, r)
         yield SearchStep(step + 1, config.steps, lr, best_mse.view(b, k).amin(1))
 
-    return _choose(best_img, best_mse, best_loss, best_w, best_terms, b, k, config, seed)
+    result = _choose(best_img, best_mse, best_loss, best_w, best_terms, b, k, config, seed)
+    result.seeds = [int(s) for s in seeds] if seeds is not None else [seed] * b
+    return result
 
 
 def _choose(img: Tensor, mse: Tensor, loss: Tensor, w: Tensor, terms: dict[str, Tensor],
@@ -236,9 +267,10 @@ def run_search(
     config: SearchConfig | None = None,
     extra_loss: ExtraLoss | None = None,
     on_step: Callable[[SearchStep], bool | None] | None = None,
+    seeds: Sequence[int] | None = None,
 ) -> SearchResult:
     """Drive ``latent_search`` to the end; ``on_step`` returning False stops it."""
-    gen = latent_search(generator, fit, thumbnails, config, extra_loss)
+    gen = latent_search(generator, fit, thumbnails, config, extra_loss, seeds)
     while True:
         try:
             step = next(gen)

@@ -12,6 +12,8 @@ from app.api.deps import SettingsDep, StoreDep
 from app.api.errors import ErrorBody, error_response
 from app.api.schemas import Health, Ready
 from likeness.jobs import JobStatus
+from likeness.settings import Settings
+from likeness.worker_stats import read_stats, render, stats_dir
 
 router = APIRouter(tags=["health"])
 log = logging.getLogger("likeness.app")
@@ -51,7 +53,7 @@ def readyz(settings: SettingsDep, store: StoreDep) -> Ready | JSONResponse:
     return Ready(last_worker_heartbeat=last)
 
 
-def _exposition(store: StoreDep) -> str:
+def _exposition(store: StoreDep, settings: Settings) -> str:
     lines = [
         "# HELP likeness_store_up Whether the job store answered the scrape (1) or not (0).",
         "# TYPE likeness_store_up gauge",
@@ -81,6 +83,8 @@ def _exposition(store: StoreDep) -> str:
             "# TYPE likeness_worker_last_heartbeat_timestamp_seconds gauge",
             f"likeness_worker_last_heartbeat_timestamp_seconds {last.timestamp():.3f}",
         ]
+    # Batch sizes, step and job durations come from the workers sharing our data directory.
+    lines += render(read_stats(stats_dir(settings.data_dir)))
     return "\n".join([*lines, ""])
 
 
@@ -90,6 +94,7 @@ def _exposition(store: StoreDep) -> str:
     summary="Prometheus metrics",
     responses={200: {"content": {PROMETHEUS_TEXT: {}}, "description": "Text exposition."}},
 )
-def metrics(store: StoreDep) -> PlainTextResponse:
-    """Jobs by status, queue depth and worker heartbeat age, in Prometheus text format."""
-    return PlainTextResponse(_exposition(store), media_type=PROMETHEUS_TEXT)
+def metrics(store: StoreDep, settings: SettingsDep) -> PlainTextResponse:
+    """Jobs by status, queue depth, worker heartbeat age and, from the workers sharing
+    LIKENESS_DATA_DIR, batch sizes and job and step durations, in Prometheus text format."""
+    return PlainTextResponse(_exposition(store, settings), media_type=PROMETHEUS_TEXT)

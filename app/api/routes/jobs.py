@@ -15,12 +15,11 @@ from app.api.deps import OwnerDep, StoreDep
 from app.api.errors import ERROR_RESPONSES, ErrorBody
 from app.api.schemas import JobList, JobView
 from likeness.errors import LikenessError
-from likeness.jobs import JobRecord, JobStatus, JobStore
+from likeness.jobs import RESULT_BLOB, JobRecord, JobStatus, JobStore
 from likeness.jobs.models import utc_from_timestamp
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
-RESULT_BLOB = "result.png"
 MAX_PAGE = 100
 _JOB_ID = re.compile(r"[0-9a-f]{32}")
 

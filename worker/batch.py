@@ -1,0 +1,392 @@
+"""Run one claimed batch of jobs: decode, one batched search, results, final statuses.
+
+Between search steps the worker looks after its jobs from the step callback
+(no thread): every step it reads the jobs' records to see cancel requests and
+lost leases, so a canceled job stops within one step; every few seconds it
+renews the leases with a heartbeat; at most every ``progress_interval_seconds``
+it publishes progress. A job canceled mid-batch is finished as canceled at once
+and its rows' results are ignored; when no job of the search is left, the
+search stops. Final statuses go through ``JobStore.finish``, which is atomic
+and refuses a worker that lost the lease, so a result is written at most once.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from likeness.errors import LikenessError
+from likeness.images import prepare_thumbnail
+from likeness.jobs import (
+    REFERENCE_BLOB,
+    RESULT_BLOB,
+    THUMBNAIL_BLOB,
+    JobError,
+    JobRecord,
+    JobStatus,
+    JobStore,
+    Progress,
+)
+from likeness.settings import Settings
+from likeness.worker_stats import WorkerStats
+from worker.engine.checkpoints import LoadedGenerator
+from worker.engine.search import SearchConfig, SearchStep, SearchStopped
+from worker.pipeline import Upscaled, upscale
+
+log = logging.getLogger("likeness.worker")
+
+# finish() is idempotent, so retrying it through a store hiccup is safe.
+FINISH_RETRY_DELAYS = (0.5, 1.0, 2.0)
+NOT_APPLIED_NOTE = (
+    "race, attributes and the reference identity are accepted but not applied yet: this "
+    "worker has no face extractor, so the search matched the thumbnail only"
+)
+
+
+@dataclass
+class WorkerContext:
+    """What every batch of one worker process shares."""
+
+    store: JobStore
+    worker_id: str
+    model: LoadedGenerator
+    weights_name: str
+    device: torch.device
+    settings: Settings
+    stats: WorkerStats
+    abort: Callable[[], bool] = lambda: False  # True: drop the batch now, leases run out
+
+    @property
+    def heartbeat_seconds(self) -> float:
+        # A lease must be renewed well before it runs out, whatever the two settings say.
+        return min(self.settings.worker_heartbeat_seconds, self.settings.lease_seconds / 3)
+
+
+@dataclass
+class Job:
+    record: JobRecord
+    pixels: np.ndarray
+    size: int
+    notes: list[str]
+    decode_seconds: float
+
+    @property
+    def id(self) -> str:
+        return self.record.id
+
+
+@dataclass
+class Batch:
+    """The claimed jobs not yet finished; a job leaves once finished or found lost."""
+
+    ctx: WorkerContext
+    claimed_at: float
+    pending: dict[str, JobRecord] = field(default_factory=dict)
+
+    def finish(self, job_id: str, status: JobStatus, **outcome: Any) -> bool:
+        """Record the final status; False when another worker owns the job now."""
+        self.pending.pop(job_id, None)
+        ok = finish_with_retries(self.ctx, job_id, status, **outcome)
+        if ok:
+            self.ctx.stats.record_job(status.value, time.monotonic() - self.claimed_at)
+        return ok
+
+    def fail(self, job_id: str, code: str, message: str) -> None:
+        self.finish(job_id, JobStatus.FAILED, error=JobError(code=code, message=message))
+
+    def drop(self, job_id: str, why: str) -> None:
+        self.pending.pop(job_id, None)
+        log.warning("job %s: %s; leaving it to its new owner", job_id, why)
+
+
+def finish_with_retries(ctx: WorkerContext, job_id: str, status: JobStatus, **outcome: Any) -> bool:
+    for delay in (*FINISH_RETRY_DELAYS, None):
+        try:
+            ok = ctx.store.finish(job_id, ctx.worker_id, status, **outcome)
+        except Exception as exc:
+            if delay is None:
+                log.error(
+                    "job %s: could not record %s: %s; its lease will run out and it will run again",
+                    job_id,
+                    status.value,
+                    exc,
+                )
+                return False
+            log.warning("job %s: recording %s failed (%s); retrying", job_id, status.value, exc)
+            time.sleep(delay)
+            continue
+        if not ok:
+            log.warning(
+                "job %s: no longer ours (lease taken over or already final); %s not recorded",
+                job_id,
+                status.value,
+            )
+        return ok
+    return False  # unreachable: the loop returns on its last round
+
+
+def run_batch(ctx: WorkerContext, records: list[JobRecord]) -> None:
+    """Run claimed jobs to a final status each (unless aborted: then their leases run out)."""
+    batch = Batch(ctx, time.monotonic(), {r.id: r for r in records})
+    batch_id = records[0].batch_id if records else None
+    try:
+        jobs = decode_jobs(batch, records)
+        for group in group_compatible(jobs):
+            if ctx.abort():
+                break
+            run_group(batch, group)
+    except Exception:
+        # Anything unexpected: the jobs fail with a code; the trace goes to the log only.
+        log.exception("batch %s failed unexpectedly", batch_id)
+        for job_id in list(batch.pending):
+            batch.fail(
+                job_id,
+                "internal_error",
+                f"The worker hit an unexpected error while running this job (batch "
+                f"{batch_id}); the operator can find the details in the worker log.",
+            )
+    if batch.pending and ctx.abort():
+        log.warning(
+            "abandoned %d job(s) of batch %s; they run again once their leases expire",
+            len(batch.pending),
+            batch_id,
+        )
+
+
+def decode_jobs(batch: Batch, records: Iterable[JobRecord]) -> list[Job]:
+    """Thumbnails as the search wants them; a job whose input is unusable fails alone."""
+    resolution = batch.ctx.model.generator.config.resolution
+    jobs = []
+    for rec in records:
+        started = time.perf_counter()
+        data = batch.ctx.store.get_blob(rec.id, THUMBNAIL_BLOB)
+        if data is None:
+            batch.fail(rec.id, "input_missing", "The job's thumbnail is no longer stored.")
+            continue
+        try:
+            thumb = prepare_thumbnail(data, resolution, max_pixels=batch.ctx.settings.max_pixels)
+        except LikenessError as exc:
+            batch.fail(rec.id, exc.code, exc.message)
+            continue
+        jobs.append(Job(rec, thumb.pixels, thumb.size, thumb.notes, time.perf_counter() - started))
+    return jobs
+
+
+def group_compatible(jobs: list[Job]) -> list[list[Job]]:
+    """Jobs one tensor batch can hold. Claims hand out one batch key, so this is
+    normally one group; it guards against thumbnails that snap to different sizes."""
+    groups: dict[tuple[Any, ...], list[Job]] = {}
+    for job in jobs:
+        o = job.record.options
+        groups.setdefault((job.pixels.shape, o.steps, o.restarts, o.eps), []).append(job)
+    return list(groups.values())
+
+
+def search_config(job: Job) -> SearchConfig:
+    o = job.record.options
+    fields: dict[str, Any] = {"steps": o.steps, "restarts": o.restarts}
+    if o.eps is not None:  # None: the engine's default
+        fields["eps"] = o.eps
+    return SearchConfig.model_validate(fields)
+
+
+class StepWatch:
+    """The on_step callback: cancel checks, lease renewal and progress for one search."""
+
+    def __init__(self, batch: Batch, group: list[Job]) -> None:
+        self.batch, self.ctx = batch, batch.ctx
+        self.index = {job.id: i for i, job in enumerate(group)}  # row of each job
+        self.active = set(self.index)
+        now = time.monotonic()
+        self.next_beat = now + self.ctx.heartbeat_seconds
+        self.last_progress = -float("inf")
+        self.last_step_at = now
+        self.step_seconds = 0.0
+        self.steps_seen = 0
+        self.last_store_error = -float("inf")
+        self.warned_slow = False
+
+    def __call__(self, s: SearchStep) -> bool:
+        now = time.monotonic()
+        step = now - self.last_step_at
+        self.step_seconds += step
+        self.steps_seen += 1
+        if step > self.ctx.settings.lease_seconds / 2 and not self.warned_slow:
+            # Leases are renewed between steps only: a step near the lease loses the jobs.
+            self.warned_slow = True
+            log.warning(
+                "one search step took %.0f s, over half of LIKENESS_LEASE_SECONDS (%g s); "
+                "raise it or other workers may take these jobs over",
+                step,
+                self.ctx.settings.lease_seconds,
+            )
+        if self.ctx.abort():
+            return False
+        try:
+            held, canceled = self._check(now)
+        except Exception as exc:  # the store blinked: keep searching, the lease has slack
+            self._store_trouble(now, exc)
+            held, canceled = set(self.active), set()
+        for job_id in sorted(self.active - held):
+            self.active.discard(job_id)
+            self.batch.drop(job_id, "the lease was lost")
+        stopped = canceled & self.active
+        if stopped:
+            self._publish(now, s, stopped)  # so the record shows where it stopped
+            for job_id in sorted(stopped):
+                self.active.discard(job_id)
+                log.info("job %s: canceled at step %d of %d", job_id, s.step, s.steps)
+                self.batch.finish(job_id, JobStatus.CANCELED)
+        if not self.active:
+            return False
+        due = now - self.last_progress >= self.ctx.settings.progress_interval_seconds
+        if due or s.step == s.steps:
+            self.last_progress = now
+            self._publish(now, s, self.active)
+        self.last_step_at = time.monotonic()  # the store round trips are not step time
+        return True
+
+    def _check(self, now: float) -> tuple[set[str], set[str]]:
+        """Which active jobs are still ours, and which of them a client wants canceled."""
+        store, me = self.ctx.store, self.ctx.worker_id
+        if now >= self.next_beat:
+            beat = store.heartbeat(
+                me, sorted(self.active), lease_seconds=self.ctx.settings.lease_seconds
+            )
+            self.next_beat = now + self.ctx.heartbeat_seconds
+            return set(beat.held), set(beat.cancel_requested)
+        # Between heartbeats a read is enough, and cheaper than renewing every lease.
+        held, canceled = set(), set()
+        for job_id in self.active:
+            rec = store.get(job_id)
+            if rec is None or rec.status is not JobStatus.RUNNING or rec.lease_owner != me:
+                continue
+            held.add(job_id)
+            if rec.cancel_requested:
+                canceled.add(job_id)
+        return held, canceled
+
+    def _publish(self, now: float, s: SearchStep, job_ids: Iterable[str]) -> None:
+        best = s.best_mse.tolist()  # one device sync for the whole batch
+        try:
+            for job_id in sorted(job_ids):
+                progress = Progress(step=s.step, steps=s.steps, best_mse=best[self.index[job_id]])
+                self.ctx.store.update_progress(job_id, progress, worker_id=self.ctx.worker_id)
+        except Exception as exc:  # progress is advisory; the search goes on
+            self._store_trouble(now, exc)
+
+    def _store_trouble(self, now: float, exc: Exception) -> None:
+        if now - self.last_store_error >= self.ctx.heartbeat_seconds:  # not once per step
+            log.warning("job store error during a search (continuing): %s", exc)
+        self.last_store_error = now
+
+
+def run_group(batch: Batch, group: list[Job]) -> None:
+    """One batched search over compatible jobs, then each job's result and status."""
+    ctx = batch.ctx
+    config = search_config(group[0])
+    seeds = [_seed(job) for job in group]
+    watch = StepWatch(batch, group)
+    batch_id = group[0].record.batch_id
+    log.info(
+        "batch %s: searching %d job(s), %d steps x %d restarts, %dpx -> %dpx",
+        batch_id,
+        len(group),
+        config.steps,
+        config.restarts,
+        group[0].size,
+        ctx.model.generator.config.resolution,
+    )
+    started = time.perf_counter()
+    try:
+        results = upscale(
+            ctx.model, [job.pixels for job in group], config, on_step=watch, seeds=seeds
+        )
+    except SearchStopped:
+        log.info(
+            "batch %s: search stopped after %d step(s) (no job of it left, or abort)",
+            batch_id,
+            watch.steps_seen,
+        )
+        return
+    except LikenessError as exc:  # e.g. a thumbnail size this generator cannot reach
+        for job in group:
+            if job.id in watch.active:
+                batch.fail(job.id, exc.code, exc.message)
+        return
+    finally:
+        ctx.stats.record_batch(len(group))
+        ctx.stats.record_steps(watch.steps_seen, watch.step_seconds)
+    search_seconds = time.perf_counter() - started
+    for job, result in zip(group, results, strict=True):
+        if job.id not in watch.active:
+            continue  # canceled or taken over mid-search: its rows' result is ignored
+        started_encode = time.perf_counter()
+        png = encode_png(result.pixels)
+        report = job_report(
+            ctx,
+            job,
+            result,
+            len(group),
+            search_seconds,
+            encode_seconds=time.perf_counter() - started_encode,
+            claimed_at=batch.claimed_at,
+        )
+        batch.finish(job.id, JobStatus.SUCCEEDED, result=report, result_blobs={RESULT_BLOB: png})
+    log.info("batch %s: %d job(s) done in %.2f s", batch_id, len(group), search_seconds)
+
+
+def _seed(job: Job) -> int:
+    # The API always records a seed; a job written some other way gets one now, reported.
+    seed = job.record.options.seed
+    return seed if seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
+
+
+def encode_png(pixels: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def job_report(
+    ctx: WorkerContext,
+    job: Job,
+    result: Upscaled,
+    batch_size: int,
+    search_seconds: float,
+    *,
+    encode_seconds: float,
+    claimed_at: float,
+) -> dict[str, Any]:
+    o = job.record.options
+    notes = list(job.notes)
+    if o.race or o.attributes or REFERENCE_BLOB in job.record.inputs:
+        notes.append(NOT_APPLIED_NOTE)
+    steps = max(1, int(result.report.get("steps") or o.steps))
+    return {
+        **result.report,
+        "thumbnail_size": job.size,
+        "resolution": ctx.model.generator.config.resolution,
+        "notes": notes,
+        "weights": {"name": ctx.weights_name, "sha256": ctx.model.sha256},
+        "device": str(ctx.device),
+        "worker": ctx.worker_id,
+        "batch_id": job.record.batch_id,
+        "batch_size": batch_size,
+        "attempt": job.record.attempts,
+        "timings": {
+            "decode_seconds": round(job.decode_seconds, 4),
+            "search_seconds": round(search_seconds, 4),
+            "step_seconds": round(search_seconds / steps, 4),
+            "encode_seconds": round(encode_seconds, 4),
+            "worker_seconds": round(time.monotonic() - claimed_at, 4),
+        },
+    }
