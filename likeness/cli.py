@@ -219,6 +219,14 @@ def serve_command(
     raise typer.Exit(serve(host, port))
 
 
+# Training is heavy; its module is torch-free at import, like this one.
+from worker.training.generator_cli import train_generator  # noqa: E402
+
+app.command(
+    "train-generator", help="Train a StyleGAN2 face generator on a zip of images (resumable)."
+)(train_generator)
+
+
 def main() -> None:
     try:
         app()
