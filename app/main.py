@@ -11,11 +11,13 @@ from contextlib import asynccontextmanager
 from importlib.metadata import PackageNotFoundError, version
 
 from fastapi import FastAPI
+from fastapi.staticfiles import StaticFiles
 
 from app.api.body_limit import BodySizeLimit
 from app.api.deps import DecodeOnlyReferenceChecker
 from app.api.errors import install_exception_handlers
 from app.api.routes import api_router
+from app.api.routes.web import STATIC_DIR
 from likeness.jobs import JobStore, open_store_from_settings
 from likeness.settings import Settings, get_settings
 
@@ -68,6 +70,7 @@ def create_app(settings: Settings | None = None, *, store: JobStore | None = Non
     app.state.reference_checker = DecodeOnlyReferenceChecker(settings.max_pixels)
     install_exception_handlers(app)
     app.include_router(api_router)
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     return app
 
 

@@ -1,0 +1,129 @@
+"""The web page end to end in headless Chromium: `likeness serve` with a tiny generator, a
+thumbnail uploaded through the page, the result shown; saves docs/web_page.png.
+
+Needs Debian's ``chromium`` (/usr/bin/chromium) and ``pip install playwright``; Playwright
+drives the system browser, it never downloads one. Skips with the reason otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.service.helpers import ROOT, Proc, subprocess_env, wait_until
+from tests.service.test_serve import alive, free_port
+
+CHROMIUM = Path(os.environ.get("LIKENESS_TEST_CHROMIUM", "/usr/bin/chromium"))
+THUMBNAIL = ROOT / "docs" / "examples" / "astronaut_16.png"
+SCREENSHOT = ROOT / "docs" / "web_page.png"
+
+
+
+def browser_missing() -> str | None:
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        return "playwright is not installed (pip install playwright)"
+    if not CHROMIUM.exists():
+        return f"no Chromium at {CHROMIUM} (apt-get install -y chromium)"
+    return None
+
+
+MISSING = browser_missing()
+# Skip before the fixture starts a server and a worker for nothing.
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.slow,
+    pytest.mark.skipif(bool(MISSING), reason=MISSING or ""),
+]
+
+
+@pytest.fixture
+def served_url(tiny_weights: Path, tmp_path: Path) -> Iterator[str]:
+    port = free_port()
+    env = subprocess_env(
+        data_dir=str(tmp_path / "data"),
+        generator=str(tiny_weights),
+        device="cpu",
+        worker_poll_seconds="0.2",
+        progress_interval_seconds="0.2",
+    )
+    proc = Proc.start(
+        [sys.executable, "-m", "likeness.cli", "serve", "--port", str(port)],
+        env,
+        tmp_path / "serve.log",
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: "serving http" in proc.log(), timeout=60, what="serve", logs=proc.log)
+
+        def ready() -> bool:
+            try:
+                return httpx.get(f"{url}/readyz", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        # /readyz turns 200 once the worker has a heartbeat: the page's job will be claimed.
+        wait_until(ready, timeout=120, interval=0.2, what="the worker", logs=proc.log)
+        yield url
+    finally:
+        worker = re.search(r"worker pid (\d+)", proc.log())
+        proc.kill()
+        if worker and alive(int(worker.group(1))):
+            os.kill(int(worker.group(1)), signal.SIGKILL)
+
+
+def test_the_page_upscales_a_thumbnail_in_headless_chromium(served_url: str) -> None:
+    from playwright.sync_api import FilePayload, expect, sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(
+            executable_path=str(CHROMIUM),
+            headless=True,
+            # Containers often run as root without user namespaces; no GPU either.
+            args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"],
+        )
+        try:
+            page = browser.new_page(viewport={"width": 1100, "height": 1100})
+            errors: list[str] = []
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            page.goto(served_url + "/")
+            # The controls are filled from GET /labels.
+            expect(page.locator("#race option")).to_have_count(6, timeout=10_000)
+            # A rejected submission shows the API's {code, message}.
+            page.set_input_files(
+                "#thumbnail",
+                files=FilePayload(name="notes.png", mimeType="image/png", buffer=b"not a png"),
+            )
+            page.click("#submit")
+            expect(page.locator("#error")).to_contain_text("not_an_image", timeout=10_000)
+            page.select_option("#race", "Asian")
+            page.select_option("select[data-attribute='Smiling']", "1")
+            page.set_input_files("#thumbnail", str(THUMBNAIL))
+            page.fill("#steps", "20")
+            page.fill("#restarts", "2")
+            page.fill("#seed", "1")
+            page.click("#submit")
+            expect(page.locator("#results")).to_be_visible(timeout=120_000)
+            expect(page.locator("#error")).to_be_hidden()
+            # The result image decoded (a broken one has naturalWidth 0): the generator's 32 px.
+            page.wait_for_function(
+                "document.getElementById('res-result').naturalWidth > 0", timeout=10_000
+            )
+            width = page.evaluate("document.getElementById('res-result').naturalWidth")
+            assert width == 32
+            assert "step 20/20" in page.inner_text("#progress-text")
+            assert "downscale_mse" in page.inner_text("#report")
+            assert page.get_attribute("#download", "href", timeout=5_000)
+            SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(SCREENSHOT), full_page=True)
+            assert not errors, errors
+        finally:
+            browser.close()
