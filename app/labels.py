@@ -14,17 +14,10 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-DEFAULT_RACES: tuple[str, ...] = ("White", "Black", "Asian", "Indian", "Others")
+from likeness.labels import CELEBA_ATTRIBUTES, UTKFACE_RACES
 
-DEFAULT_ATTRIBUTES: tuple[str, ...] = (
-    "5_o_Clock_Shadow", "Arched_Eyebrows", "Attractive", "Bags_Under_Eyes", "Bald", "Bangs",
-    "Big_Lips", "Big_Nose", "Black_Hair", "Blond_Hair", "Blurry", "Brown_Hair",
-    "Bushy_Eyebrows", "Chubby", "Double_Chin", "Eyeglasses", "Goatee", "Gray_Hair",
-    "Heavy_Makeup", "High_Cheekbones", "Male", "Mouth_Slightly_Open", "Mustache",
-    "Narrow_Eyes", "No_Beard", "Oval_Face", "Pale_Skin", "Pointy_Nose", "Receding_Hairline",
-    "Rosy_Cheeks", "Sideburns", "Smiling", "Straight_Hair", "Wavy_Hair", "Wearing_Earrings",
-    "Wearing_Hat", "Wearing_Lipstick", "Wearing_Necklace", "Wearing_Necktie", "Young",
-)  # fmt: skip
+DEFAULT_RACES = UTKFACE_RACES
+DEFAULT_ATTRIBUTES = CELEBA_ATTRIBUTES
 
 # Keys under which a manifest may list the names: top-level "labels", or the
 # "config" of a model entry (the default entry of its kind wins).
