@@ -6,12 +6,15 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import re
+import signal
+import socket
 import subprocess
 import sys
 import time
 import uuid
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -237,3 +240,34 @@ def png_size(data: bytes) -> tuple[int, int]:
     with Image.open(io.BytesIO(data)) as img:
         assert img.format == "PNG"
         return img.size
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def running_serve(weights: Path, tmp_path: Path, **settings: str) -> Iterator[tuple[Proc, str]]:
+    """`likeness serve` on a free port with a tiny generator; kills it and its worker after."""
+    port = free_port()
+    env = subprocess_env(data_dir=str(tmp_path / "data"), generator=str(weights), device="cpu",
+                         worker_poll_seconds="0.2", **settings)
+    proc = Proc.start([sys.executable, "-m", "likeness.cli", "serve", "--port", str(port)],
+                      env, tmp_path / "serve.log")
+    try:
+        yield proc, f"http://127.0.0.1:{port}"
+    finally:
+        worker = re.search(r"worker pid (\d+)", proc.log())
+        proc.kill()
+        if worker and alive(int(worker.group(1))):
+            os.kill(int(worker.group(1)), signal.SIGKILL)

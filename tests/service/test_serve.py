@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -15,47 +13,23 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.service.helpers import Proc, png, png_size, subprocess_env, wait_final, wait_until
+from tests.service.helpers import (
+    Proc,
+    alive,
+    png,
+    png_size,
+    running_serve,
+    wait_final,
+    wait_until,
+)
 
 CLIENTS = 20
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
 @pytest.fixture
 def served(tiny_weights: Path, tmp_path: Path) -> Iterator[tuple[Proc, str]]:
-    port = free_port()
-    env = subprocess_env(
-        data_dir=str(tmp_path / "data"),
-        generator=str(tiny_weights),
-        device="cpu",
-        worker_poll_seconds="0.2",
-    )
-    proc = Proc.start(
-        [sys.executable, "-m", "likeness.cli", "serve", "--port", str(port)],
-        env,
-        tmp_path / "serve.log",
-    )
-    try:
-        yield proc, f"http://127.0.0.1:{port}"
-    finally:
-        worker = re.search(r"worker pid (\d+)", proc.log())
-        proc.kill()
-        if worker and alive(int(worker.group(1))):
-            os.kill(int(worker.group(1)), signal.SIGKILL)
+    with running_serve(tiny_weights, tmp_path) as served:
+        yield served
 
 
 def test_serve_takes_20_concurrent_clients_then_stops_cleanly_on_ctrl_c(

@@ -9,17 +9,13 @@ drives the system browser, it never downloads one. Skips with the reason otherwi
 from __future__ import annotations
 
 import os
-import re
-import signal
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.service.helpers import ROOT, Proc, subprocess_env, wait_until
-from tests.service.test_serve import alive, free_port
+from tests.service.helpers import ROOT, running_serve, wait_until
 
 CHROMIUM = Path(os.environ.get("LIKENESS_TEST_CHROMIUM", "/usr/bin/chromium"))
 THUMBNAIL = ROOT / "docs" / "examples" / "astronaut_16.png"
@@ -48,21 +44,7 @@ pytestmark = [
 
 @pytest.fixture
 def served_url(tiny_weights: Path, tmp_path: Path) -> Iterator[str]:
-    port = free_port()
-    env = subprocess_env(
-        data_dir=str(tmp_path / "data"),
-        generator=str(tiny_weights),
-        device="cpu",
-        worker_poll_seconds="0.2",
-        progress_interval_seconds="0.2",
-    )
-    proc = Proc.start(
-        [sys.executable, "-m", "likeness.cli", "serve", "--port", str(port)],
-        env,
-        tmp_path / "serve.log",
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
+    with running_serve(tiny_weights, tmp_path, progress_interval_seconds="0.2") as (proc, url):
         wait_until(lambda: "serving http" in proc.log(), timeout=60, what="serve", logs=proc.log)
 
         def ready() -> bool:
@@ -74,11 +56,6 @@ def served_url(tiny_weights: Path, tmp_path: Path) -> Iterator[str]:
         # /readyz turns 200 once the worker has a heartbeat: the page's job will be claimed.
         wait_until(ready, timeout=120, interval=0.2, what="the worker", logs=proc.log)
         yield url
-    finally:
-        worker = re.search(r"worker pid (\d+)", proc.log())
-        proc.kill()
-        if worker and alive(int(worker.group(1))):
-            os.kill(int(worker.group(1)), signal.SIGKILL)
 
 
 def test_the_page_upscales_a_thumbnail_in_headless_chromium(
