@@ -14,11 +14,12 @@ from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
 from app.api.body_limit import BodySizeLimit
-from app.api.deps import DecodeOnlyReferenceChecker
+from app.api.deps import DecodeOnlyReferenceChecker, FaceReferenceChecker, ReferenceChecker
 from app.api.errors import install_exception_handlers
 from app.api.routes import api_router
 from app.api.routes.web import STATIC_DIR
 from likeness.jobs import JobStore, open_store_from_settings
+from likeness.manifest import MANIFEST_PATH
 from likeness.settings import Settings, get_settings
 
 # Room for the form fields and multipart framing beside two files at the size limit.
@@ -37,6 +38,18 @@ def _version() -> str:
         return version("likeness")
     except PackageNotFoundError:
         return "0+unknown"
+
+
+def reference_checker(settings: Settings) -> ReferenceChecker:
+    if not settings.reference_face_check:
+        return DecodeOnlyReferenceChecker(settings.max_pixels)
+    # The detector ships with the project, so it is found beside the bundled
+    # manifest even when LIKENESS_WEIGHTS_DIR points at a folder of other weights.
+    return FaceReferenceChecker(
+        settings.max_pixels,
+        (settings.manifest_path, MANIFEST_PATH),
+        settings.reference_min_face_prob,
+    )
 
 
 def create_app(settings: Settings | None = None, *, store: JobStore | None = None) -> FastAPI:
@@ -67,7 +80,7 @@ def create_app(settings: Settings | None = None, *, store: JobStore | None = Non
     )
     app.state.settings = settings
     app.state.store = store
-    app.state.reference_checker = DecodeOnlyReferenceChecker(settings.max_pixels)
+    app.state.reference_checker = reference_checker(settings)
     install_exception_handlers(app)
     app.include_router(api_router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")

@@ -55,6 +55,20 @@ def save_manifest(manifest: Manifest, path: Path = MANIFEST_PATH) -> None:
     tmp.replace(path)
 
 
+def register(entry: WeightsEntry, manifest_path: Path = MANIFEST_PATH) -> Manifest:
+    """Add ``entry`` to the manifest, replacing one of the same name (a new version
+    replaces the old, never sits beside it); a default entry unsets its kind's others."""
+    manifest = load_manifest(manifest_path)
+    models = [e for e in manifest.models if e.name != entry.name]
+    if entry.default:
+        models = [
+            e.model_copy(update={"default": False}) if e.kind == entry.kind else e for e in models
+        ]
+    manifest.models = [*models, entry]
+    save_manifest(manifest, manifest_path)
+    return manifest
+
+
 def entry_path(entry: WeightsEntry, manifest_path: Path = MANIFEST_PATH) -> Path:
     p = Path(entry.file)
     return p if p.is_absolute() else manifest_path.parent / p

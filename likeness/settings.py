@@ -67,6 +67,18 @@ class Settings(BaseSettings):
         description="Largest accepted width*height of an uploaded image, checked from the "
         "header before any pixel is decoded (default 4096*4096).",
     )
+    reference_face_check: bool = Field(
+        default=True,
+        description="The API refuses a reference photo (422 no_face) unless its ONNX face "
+        "detector finds a face in it.",
+    )
+    reference_min_face_prob: float = Field(
+        default=0.9,
+        ge=0.0,
+        le=1.0,
+        description="Face probability the detector must reach for a reference photo to count "
+        "as having a face.",
+    )
     lease_seconds: float = Field(
         default=60.0,
         gt=0,

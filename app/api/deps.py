@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import threading
+from pathlib import Path
 from typing import Annotated, Protocol
 
 from fastapi import Depends, Request
@@ -16,6 +18,8 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from app.api.errors import Unauthorized
 from app.labels import Labels, load_labels
+from likeness.errors import LikenessError
+from likeness.face_detect import MIN_FACE_SIZE, OnnxMTCNN
 from likeness.images import DecodedImage, decode_image
 from likeness.jobs import ANONYMOUS, JobStore
 from likeness.settings import Settings
@@ -82,19 +86,52 @@ class ReferenceChecker(Protocol):
 
 
 class DecodeOnlyReferenceChecker:
-    """Accepts any reference photo that decodes within the pixel limit.
-
-    A placeholder: the ONNX MTCNN face detector replaces it in a later step,
-    rejecting photos without exactly one usable face (code ``no_face`` and
-    friends) before a job is created. Swap it in through
-    ``app.state.reference_checker`` (or ``app.dependency_overrides``).
-    """
+    """Accepts any reference photo that decodes within the pixel limit (tests, and
+    deployments that opt out with ``LIKENESS_REFERENCE_FACE_CHECK=false``)."""
 
     def __init__(self, max_pixels: int) -> None:
         self.max_pixels = max_pixels
 
     def __call__(self, data: bytes) -> DecodedImage:
         return decode_image(data, max_pixels=self.max_pixels)
+
+
+class FaceReferenceChecker:
+    """Accepts a reference photo only if the ONNX MTCNN finds a face in it.
+
+    The detector loads on first use, so building the app stays cheap; the
+    worker later aligns the same photo with the torch MTCNN, which finds the
+    same boxes (tests/face/test_onnx_detector.py).
+    """
+
+    def __init__(self, max_pixels: int, manifests: tuple[Path, ...], min_prob: float) -> None:
+        self.max_pixels = max_pixels
+        self.manifests = manifests
+        self.min_prob = min_prob
+        self._detector: OnnxMTCNN | None = None
+        self._lock = threading.Lock()
+
+    def detector(self) -> OnnxMTCNN:
+        with self._lock:
+            if self._detector is None:
+                # The first manifest that lists a detector; the last one's error otherwise.
+                usable = [m for m in self.manifests if OnnxMTCNN.listed_in(m)]
+                self._detector = OnnxMTCNN.from_manifest(usable[0] if usable
+                                                         else self.manifests[-1])
+            return self._detector
+
+    def __call__(self, data: bytes) -> DecodedImage:
+        image = decode_image(data, max_pixels=self.max_pixels)
+        found = self.detector().detect(image.pixels)
+        if not (found.probs >= self.min_prob).any():
+            best = f" (best candidate {found.probs.max():.2f})" if len(found) else ""
+            raise LikenessError(
+                "no_face",
+                f"no face was found in the photo{best}; send a photo where one face is "
+                f"clearly visible and at least {MIN_FACE_SIZE} pixels wide.",
+                status=422,
+            )
+        return image
 
 
 def get_reference_checker(request: Request) -> ReferenceChecker:

@@ -62,6 +62,15 @@ def png(size: int = 32, seed: int = 0) -> bytes:
     return buf.getvalue()
 
 
+def face_photo() -> bytes:
+    """A real face (the astronaut's head and shoulders), as a small JPEG."""
+    from skimage import data
+
+    buf = io.BytesIO()
+    Image.fromarray(data.astronaut()[20:260, 110:350]).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
 def png_header_bomb(width: int, height: int) -> bytes:
     """A tiny PNG whose header claims width x height pixels; no pixel is ever allocated."""
 
@@ -224,7 +233,7 @@ def test_defaults_come_from_settings(api: Api) -> None:
 
 
 def test_reference_photo_is_stored(client: TestClient) -> None:
-    ref = png(64, seed=1)
+    ref = face_photo()
     r = submit(client, reference=ref)
     assert r.status_code == 202, r.text
     job = client.get(f"/jobs/{r.json()['id']}").json()
@@ -285,6 +294,7 @@ BAD_REQUESTS: list[tuple[str, dict[str, Any], int, str]] = [
     ("weight negative", {"data": {"race_weight": "-0.5"}}, 422, "out_of_range"),
     ("steps not a number", {"data": {"steps": "many"}}, 422, "invalid_request"),
     ("reference not an image", {"reference": b"GIF89a-nope"}, 422, "not_an_image"),
+    ("reference without a face", {"reference": png(96, seed=3)}, 422, "no_face"),
     ("reference pixel bomb", {"reference": png_header_bomb(20000, 20000)}, 413,
      "image_too_large"),
     ("idempotency key too long", {"headers": {"Idempotency-Key": "k" * 300}}, 400,
