@@ -521,6 +521,9 @@ class MetricMeans:
         return means
 
 
+PLAIN_LINE_SECONDS = 60.0
+
+
 def progress_bar(enabled: bool) -> Any:
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -584,6 +587,9 @@ def train(config: TrainConfig, *, resume: Path | None = None, progress: bool = T
     with StopSignal() as stop, progress_bar(progress) as bar:
         task = bar.add_task("train", total=config.total_steps, completed=state.step,
                             kimg="", status="")
+        # Under nohup, docker or CI there is no live bar: print a plain line a minute.
+        plain_lines = progress and not bar.console.is_terminal
+        last_line = time.monotonic()
         while state.step < config.total_steps:
             metrics = train_step(state, next(data))
             means.add(metrics)
@@ -592,10 +598,13 @@ def train(config: TrainConfig, *, resume: Path | None = None, progress: bool = T
                 on_step(state.step, metrics)
             elapsed = time.monotonic() - started
             rate = (state.step - session_start_step) * config.batch / max(elapsed, 1e-9)
-            bar.update(task, completed=state.step,
-                       kimg=f"{state.kimg:.2f}/{config.total_kimg:g} kimg",
-                       status=f"G {shown['loss_G']:.3f} D {shown['loss_D']:.3f} "
-                       f"R1 {shown.get('r1', float('nan')):.4f} {rate:.1f} img/s")
+            kimg = f"{state.kimg:.2f}/{config.total_kimg:g} kimg"
+            status = (f"G {shown['loss_G']:.3f} D {shown['loss_D']:.3f} "
+                      f"R1 {shown.get('r1', float('nan')):.4f} {rate:.1f} img/s")
+            bar.update(task, completed=state.step, kimg=kimg, status=status)
+            if plain_lines and time.monotonic() - last_line >= PLAIN_LINE_SECONDS:
+                bar.console.print(f"train {kimg} {status}", highlight=False)
+                last_line = time.monotonic()
             if stop.received is not None:
                 reason = "signal"
                 break
