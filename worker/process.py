@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
-import secrets
 import signal
-import socket
 import sys
 import threading
 import time
@@ -32,6 +30,7 @@ import torch
 from likeness.errors import LikenessError
 from likeness.jobs import JobStore, open_store_from_settings
 from likeness.settings import Settings, get_settings
+from likeness.worker_health import new_worker_id
 from likeness.worker_stats import REFRESH_SECONDS, WorkerStats, remove_stale, stats_dir, write_stats
 from worker.batch import WorkerContext, run_batch
 from worker.engine.checkpoints import LoadedGenerator
@@ -41,11 +40,6 @@ log = logging.getLogger("likeness.worker")
 
 EXIT_OK = 0
 EXIT_ABANDONED = 1
-
-
-def new_worker_id() -> str:
-    """Unique per process and readable in logs: host, pid, and a few random bytes."""
-    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
 
 
 class StopFlag:

@@ -454,6 +454,16 @@ class RedisJobStore(JobStore):
         )
         return utc_from_timestamp(top[0][1]) if top else None
 
+    def worker_heartbeats(self) -> dict[str, datetime]:
+        beats = cast(
+            list[tuple[bytes | str, float]],
+            self.r.zrange(self._k("workers"), 0, -1, withscores=True),
+        )
+        return {
+            worker.decode() if isinstance(worker, bytes) else worker: utc_from_timestamp(seen)
+            for worker, seen in beats
+        }
+
     def ping(self) -> None:
         self.r.ping()
 

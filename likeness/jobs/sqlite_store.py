@@ -386,5 +386,9 @@ class SQLiteJobStore(JobStore):
         row = self._conn().execute("SELECT MAX(seen) FROM workers").fetchone()
         return utc_from_timestamp(row[0]) if row and row[0] is not None else None
 
+    def worker_heartbeats(self) -> dict[str, datetime]:
+        rows = self._conn().execute("SELECT id, seen FROM workers").fetchall()
+        return {str(worker): utc_from_timestamp(seen) for worker, seen in rows}
+
     def ping(self) -> None:
         self._conn().execute("SELECT 1").fetchone()

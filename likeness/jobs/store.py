@@ -201,6 +201,10 @@ class JobStore(ABC):
         """Time of the most recent heartbeat of any worker, or None if none ever."""
 
     @abstractmethod
+    def worker_heartbeats(self) -> dict[str, datetime]:
+        """Each worker's most recent heartbeat, by worker id (``likeness worker --check``)."""
+
+    @abstractmethod
     def ping(self) -> None:
         """Raise if the backend cannot be reached."""
 

@@ -520,6 +520,22 @@ def test_worker_heartbeats(store: JobStore, backend: Backend) -> None:
     assert last is not None and last.timestamp() == T0 + 10
 
 
+def test_heartbeats_by_worker(store: JobStore, backend: Backend) -> None:
+    assert store.worker_heartbeats() == {}
+    [job] = add(store, 1)
+    store.claim("host-a-1-abc")
+    backend.clock.advance(5)
+    store.record_worker_heartbeat("host-b-2-def")
+    backend.clock.advance(5)
+    store.heartbeat("host-a-1-abc", [job.id])  # renewing a lease counts too
+    beats = store.worker_heartbeats()
+    assert {w: t.timestamp() for w, t in beats.items()} == {
+        "host-a-1-abc": T0 + 10,
+        "host-b-2-def": T0 + 5,
+    }
+    assert all(t.tzinfo is not None for t in beats.values())
+
+
 def test_everything_survives_reopening(backend: Backend) -> None:
     store = backend.open()
     a, b = add(store, 2)
