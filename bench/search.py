@@ -3,6 +3,10 @@
     python bench/search.py --config ffhq1024 --batch 1
     python bench/search.py --config slim128 --batch 8 --restarts 1
     python bench/search.py --weights weights/faces128.pt --batch 1 --restarts 4
+    python bench/search.py --config ffhq1024 --batch 8 --device cuda --precision bf16
+
+For the whole GPU picture in one call (both configs, batches, precisions, layouts,
+torch.compile, matmul peak, FLOPs) use bench/device_search.py.
 
 Random weights unless --weights is given (timing does not depend on the
 values). Prints one JSON object; nothing here is a pass/fail test.
@@ -28,6 +32,7 @@ CONFIGS = {
     "ffhq1024": lambda: GeneratorConfig.stylegan2(1024, channel_multiplier=2),
     "port128": lambda: GeneratorConfig.stylegan2(128, channel_multiplier=2),
     "slim128": lambda: GeneratorConfig.slim(128),
+    "bundled128": lambda: GeneratorConfig.slim(128, channel_max=128, channel_base=2048),
 }
 
 
@@ -48,6 +53,9 @@ def parse() -> argparse.Namespace:
     p.add_argument("--search-steps", type=int, default=100, help="steps of a full search")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--channels-last", action="store_true", help="CUDA only")
+    p.add_argument("--compile", default="off", help="torch.compile mode, CUDA only")
     return p.parse_args()
 
 
@@ -73,8 +81,10 @@ def main() -> None:
         fit = fit_mapping(g, samples=10_000, batch=5_000)  # values do not matter for timing
     thumbs = torch.rand(args.batch, 3, args.thumb, args.thumb, device=device)
     total_steps = args.warmup + args.steps
-    search = latent_search(g, fit, thumbs, SearchConfig(steps=total_steps,
-                                                         restarts=args.restarts, seed=0))
+    config = SearchConfig(steps=total_steps, restarts=args.restarts, seed=0,
+                          precision=args.precision, channels_last=args.channels_last,
+                          compile=args.compile)
+    search = latent_search(g, fit, thumbs, config)
     times = []
     for i in range(total_steps):
         if device.type == "cuda":
@@ -97,6 +107,9 @@ def main() -> None:
         "threads": torch.get_num_threads(),
         "batch": args.batch,
         "restarts": args.restarts,
+        "precision": args.precision,
+        "channels_last": args.channels_last,
+        "compile": args.compile,
         "elements_per_step": elements,
         "thumb": args.thumb,
         "timed_steps": args.steps,

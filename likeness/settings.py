@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Self
+from typing import Annotated, Literal, Self
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -151,7 +151,27 @@ class Settings(BaseSettings):
         default=0.5,
         ge=0,
         description="Worker: least time between two progress updates of a job in the store "
-        "(0.5: at most two a second).",
+        "(0.5: at most two a second). Each update reads the search's progress back from the "
+        "device, the search loop's only wait for the GPU, so this also bounds how often the "
+        "GPU's queue drains.",
+    )
+    search_precision: Literal["fp32", "bf16"] = Field(
+        default="fp32",
+        description="Worker: number format of the generator in the search: fp32, or bf16 "
+        "(bfloat16 autocast; the losses, latents and optimiser stay float32), several times "
+        "faster on tensor-core GPUs and slower on most CPUs. A seed's image depends on it.",
+    )
+    search_channels_last: bool = Field(
+        default=False,
+        description="Worker, CUDA only: channels-last (NHWC) activations in the generator.",
+    )
+    search_compile: Literal["off", "default", "reduce-overhead", "max-autotune-no-cudagraphs"] = (
+        Field(
+            default="off",
+            description="Worker, CUDA only: torch.compile the generator's synthesis with this "
+            "mode (reduce-overhead adds CUDA graphs). The first search of each batch shape "
+            "compiles, which takes minutes at 1024 px.",
+        )
     )
 
     @field_validator("generator", mode="before")

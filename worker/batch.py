@@ -4,10 +4,14 @@ Between search steps the worker looks after its jobs from the step callback
 (no thread): every step it reads the jobs' records to see cancel requests and
 lost leases, so a canceled job stops within one step; every few seconds it
 renews the leases with a heartbeat; at most every ``progress_interval_seconds``
-it publishes progress. A job canceled mid-batch is finished as canceled at once
-and its rows' results are ignored; when no job of the search is left, the
-search stops. Final statuses go through ``JobStore.finish``, which is atomic
-and refuses a worker that lost the lease, so a result is written at most once.
+it publishes progress. Publishing reads the best MSE back from the device (one
+``tolist`` for the whole batch) and is the only thing here that waits for the
+GPU: the search loop itself never does, so between two publications the host
+queues steps ahead of the GPU and step times measured here are host times. A
+job canceled mid-batch is finished as canceled at once and its rows' results
+are ignored; when no job of the search is left, the search stops. Final
+statuses go through ``JobStore.finish``, which is atomic and refuses a worker
+that lost the lease, so a result is written at most once.
 """
 
 from __future__ import annotations
@@ -190,9 +194,16 @@ def group_compatible(jobs: list[Job]) -> list[list[Job]]:
     return list(groups.values())
 
 
-def search_config(job: Job) -> SearchConfig:
+def search_config(job: Job, settings: Settings) -> SearchConfig:
+    """The job's options, run the way this worker's settings say (precision, layout, compile)."""
     o = job.record.options
-    fields: dict[str, Any] = {"steps": o.steps, "restarts": o.restarts}
+    fields: dict[str, Any] = {
+        "steps": o.steps,
+        "restarts": o.restarts,
+        "precision": settings.search_precision,
+        "channels_last": settings.search_channels_last,
+        "compile": settings.search_compile,
+    }
     if o.eps is not None:  # None: the engine's default
         fields["eps"] = o.eps
     return SearchConfig.model_validate(fields)
@@ -275,7 +286,8 @@ class StepWatch:
         return held, canceled
 
     def _publish(self, now: float, s: SearchStep, job_ids: Iterable[str]) -> None:
-        best = s.best_mse.tolist()  # one device sync for the whole batch
+        # The one device sync of a search step, only when progress is due (see above).
+        best = s.best_mse.tolist()
         try:
             for job_id in sorted(job_ids):
                 progress = Progress(step=s.step, steps=s.steps, best_mse=best[self.index[job_id]])
@@ -292,7 +304,7 @@ class StepWatch:
 def run_group(batch: Batch, group: list[Job]) -> None:
     """One batched search over compatible jobs, then each job's result and status."""
     ctx = batch.ctx
-    config = search_config(group[0])
+    config = search_config(group[0], ctx.settings)
     seeds = [_seed(job) for job in group]
     watch = StepWatch(batch, group)
     batch_id = group[0].record.batch_id

@@ -112,6 +112,7 @@ def element_report(result: SearchResult, i: int, config: SearchConfig) -> dict[s
         "steps": result.steps,
         "restarts": config.restarts,
         "seed": result.seeds[i] if result.seeds else result.seed,
+        "precision": config.precision,  # bf16 rounds differently: part of what a seed gives
     }
     if not accepted:
         report["reason"] = (

@@ -75,6 +75,7 @@ def test_upscale_needs_a_mapping_fit_then_works(workdir: Path) -> None:
     report = json.loads(out.with_suffix(".json").read_text())
     assert report["accepted"] is True
     assert report["steps"] == 4 and report["restarts"] == 2 and report["seed"] == 5
+    assert report["precision"] == "fp32"
     assert report["device"] == "cpu" and len(report["weights"]["sha256"]) == 64
     assert report["downscale_mse"] <= 1.0 and report["seconds"] > 0
     first = out.read_bytes()
@@ -97,3 +98,6 @@ def test_bad_inputs_fail_cleanly(workdir: Path) -> None:
     assert r.returncode == 2 and "neither a file" in r.stderr
     r = likeness("upscale", workdir / "missing.png", "--weights", workdir / "tiny.pt")
     assert r.returncode == 2 and "cannot read" in r.stderr
+    r = likeness("upscale", workdir / "thumb.png", "--weights", workdir / "tiny.pt",
+                 "--precision", "fp16")
+    assert r.returncode == 2 and "fp32 or bf16" in r.stderr and "Traceback" not in r.stderr

@@ -262,3 +262,19 @@ def test_the_parent_going_away_stops_the_worker() -> None:
     assert not StopFlag().stopping
     assert StopFlag(parent_pid=os.getppid()).stopping is False
     assert StopFlag(parent_pid=os.getppid() + 100_000).stopping
+
+
+def test_the_search_runs_as_the_worker_settings_say() -> None:
+    from types import SimpleNamespace
+
+    from worker.batch import search_config
+
+    job = SimpleNamespace(record=SimpleNamespace(
+        options=SimpleNamespace(steps=7, restarts=3, eps=None)))
+    settings = Settings(search_precision="bf16", search_channels_last=True,
+                        search_compile="reduce-overhead")
+    config = search_config(job, settings)  # type: ignore[arg-type]
+    assert (config.steps, config.restarts, config.eps) == (7, 3, 2e-3)
+    assert (config.precision, config.channels_last, config.compile) == (
+        "bf16", True, "reduce-overhead")
+    assert search_config(job, Settings()).precision == "fp32"  # type: ignore[arg-type]

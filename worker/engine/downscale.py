@@ -44,9 +44,14 @@ def _resize_matrix_cpu(in_size: int, out_size: int) -> Tensor:
     return m
 
 
+@lru_cache(maxsize=64)
 def resize_matrix(in_size: int, out_size: int, device: torch.device | str = "cpu",
                   dtype: torch.dtype = torch.float32) -> Tensor:
-    return _resize_matrix_cpu(in_size, out_size).to(device=device, dtype=dtype)
+    """The (out, in) matrix on ``device``, cached: the search downscales every step,
+    and a fresh host-to-GPU copy each time would make the host wait for the GPU."""
+    # A normal tensor even when first asked for under inference_mode: it is shared.
+    with torch.inference_mode(False):
+        return _resize_matrix_cpu(in_size, out_size).to(device=device, dtype=dtype)
 
 
 def downscale(images: Tensor, size: int | tuple[int, int]) -> Tensor:

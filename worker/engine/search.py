@@ -9,11 +9,15 @@ across elements except for the backward pass, where elements are independent
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from collections.abc import Generator as Gen
 from dataclasses import dataclass, field
 from typing import Literal
+from weakref import WeakKeyDictionary
 
 import torch
 from pydantic import BaseModel, Field
@@ -27,6 +31,8 @@ from worker.engine.mapping_fit import MappingFit
 GEOCROSS_SCALE = 512 / 8
 
 Schedule = Literal["linear1cycledrop", "linear1cycle", "fixed"]
+Precision = Literal["fp32", "bf16"]
+CompileMode = Literal["off", "default", "reduce-overhead", "max-autotune-no-cudagraphs"]
 # Extra objectives (identity, race, attributes): images (N, 3, R, R) in [0, 1]
 # → named, already weighted per-element losses (N,).
 ExtraLoss = Callable[[Tensor], dict[str, Tensor]]
@@ -44,6 +50,24 @@ class SearchConfig(BaseModel):
     geocross_weight: float = Field(0.05, ge=0, description="weight of GEOCROSS")
     trainable_noise: int = Field(5, ge=0, description="coarsest noise maps optimised")
     seed: int | None = Field(None, description="seed of the initial latents and noise")
+    # How the generator runs; none of these changes what is optimised.
+    precision: Precision = Field(
+        "fp32",
+        description="fp32, or bf16: the generator (and the extra losses' networks) run under "
+        "bfloat16 autocast, which tensor-core GPUs run several times faster; the images are "
+        "cast back to float32 before every loss, and the latents, noise, Adam state, sphere "
+        "projection and best-so-far tracking stay float32. Results differ from fp32 by "
+        "rounding. Works on CPU too, but slowly",
+    )
+    channels_last: bool = Field(
+        False, description="CUDA only (ignored elsewhere): channels-last (NHWC) activations "
+        "in the generator, the layout tensor-core convolutions prefer",
+    )
+    compile: CompileMode = Field(
+        "off", description="CUDA only (ignored elsewhere, with a warning): torch.compile the "
+        "synthesis with this mode, once per generator (and again for a new batch shape); "
+        "reduce-overhead adds CUDA graphs",
+    )
 
 
 @dataclass
@@ -131,6 +155,44 @@ def _draw(generator: Generator, n: int, seed: int) -> tuple[Tensor, list[Tensor]
     return v, noise
 
 
+# Compiled synthesis functions per generator and mode; compiling is slow, so once.
+_COMPILED: WeakKeyDictionary[Generator, dict[str, Callable[..., Tensor]]] = WeakKeyDictionary()
+
+
+def synthesis_fn(generator: Generator, config: SearchConfig,
+                 device: torch.device) -> Callable[[Tensor, list[Tensor]], Tensor]:
+    """The generator's W+ → image function, run as ``config`` asks on ``device``."""
+    cuda = device.type == "cuda"
+    run: Callable[..., Tensor] = generator.synthesis
+    if config.compile != "off":
+        if cuda:
+            run = functools.partial(_compiled(generator, config.compile), generator)
+        else:
+            # Compiling for the CPU takes minutes for little gain; the flag targets GPUs.
+            warnings.warn(f"compile={config.compile!r} is for CUDA only: the synthesis runs "
+                          f"eagerly on {device.type}", stacklevel=3)
+    if config.channels_last and cuda:
+        return functools.partial(run, memory_format=torch.channels_last)
+    return run
+
+
+def _compiled(generator: Generator, mode: CompileMode) -> Callable[..., Tensor]:
+    """torch.compile of the unbound synthesis, called with the generator as first argument:
+    the cache then holds no reference to the generator and dies with it."""
+    per_mode = _COMPILED.setdefault(generator, {})
+    if mode not in per_mode:
+        per_mode[mode] = torch.compile(type(generator).synthesis,
+                                       mode=None if mode == "default" else mode)
+    return per_mode[mode]
+
+
+def autocast(config: SearchConfig, device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast for the networks when asked; nothing at all for fp32."""
+    if config.precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
 def init_variables(generator: Generator, n: int, config: SearchConfig, seed: int,
                    device: torch.device, seeds: Sequence[int] | None = None,
                    ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
@@ -195,21 +257,32 @@ def latent_search(
     best_img = torch.zeros(n, 3, res, res, device=device)
     best_w = torch.zeros(n, generator.n_latent, generator.config.style_dim, device=device)
     best_terms: dict[str, Tensor] = {}
+    synthesis = synthesis_fn(generator, config, device)
+    graphs = config.compile == "reduce-overhead" and device.type == "cuda"
 
+    # The loop never makes the host wait for the device (no .item(), no
+    # tensor-valued `if`, no host copies): on a GPU the host queues the next
+    # steps while the current one runs. SearchStep carries device tensors;
+    # reading one is the caller's choice (and its sync), so read them seldom.
     for step in range(config.steps):
         lr = config.lr * lr_factor(step, config.steps, config.schedule)
         for group in opt.param_groups:
             group["lr"] = lr
         opt.zero_grad(set_to_none=True)
-        w = fit.to_w(v)
-        img = (generator.synthesis(w, noise) + 1) / 2
+        if graphs:  # a new step: the graphs' previous outputs may be overwritten
+            torch.compiler.cudagraph_mark_step_begin()
+        w = fit.to_w(v)  # float32: w feeds GEOCROSS and the best-so-far copy
+        with autocast(config, device):
+            img = (synthesis(w, noise).float() + 1) / 2
         mse = downscale_mse(img, targets)
         terms = {
             "downscale": config.ds_weight * mse.clamp_min(config.eps),
             "geocross": config.geocross_weight * geocross(w),
         }
         if extra_loss is not None:
-            terms.update(extra_loss(img))
+            with autocast(config, device):  # F in bf16 too; its losses back in float32
+                extra = extra_loss(img)
+            terms.update({name: t.float() for name, t in extra.items()})
         total = torch.stack(list(terms.values())).sum(0)
 
         with torch.no_grad():
@@ -282,6 +355,7 @@ def run_search(
 
 
 __all__: Sequence[str] = [
-    "SearchConfig", "SearchResult", "SearchStep", "SearchStopped", "geocross",
+    "SearchConfig", "SearchResult", "SearchStep", "SearchStopped", "autocast", "geocross",
     "latent_search", "lr_factor", "project_to_sphere", "run_search", "downscale_mse",
+    "synthesis_fn",
 ]
