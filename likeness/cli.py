@@ -47,11 +47,15 @@ def upscale(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")] = "auto",
     weights: Annotated[str | None, typer.Option(help="generator: manifest name or file")] = None,
     eps: Annotated[float, typer.Option(min=0.0, help="max downscale MSE to accept")] = 2e-3,
+    precision: Annotated[str, typer.Option(
+        help="fp32, or bf16 (bfloat16 generator: fast on GPUs, slow on most CPUs)")] = "fp32",
 ) -> None:
     """Upscale a face thumbnail by latent search; writes OUTPUT and OUTPUT.json."""
     from likeness.images import prepare_thumbnail
 
     output = output or thumbnail.with_name(thumbnail.stem + "_likeness.png")
+    if precision not in ("fp32", "bf16"):
+        fail(f"--precision must be fp32 or bf16, got '{precision}'")
     if output.suffix.lower() != ".png":
         fail(f"the output must be a .png file, got '{output.name}'")
     try:
@@ -69,15 +73,22 @@ def upscale(
         model, name = load_search_model(weights, dev)
         res = model.generator.config.resolution
         thumb = prepare_thumbnail(data, res)
-        config = SearchConfig(steps=steps, restarts=restarts, seed=seed, eps=eps)
+        config = SearchConfig(steps=steps, restarts=restarts, seed=seed, eps=eps,
+                              precision=precision)
         for note in thumb.notes:
             err.print(f"note: {note}", highlight=False)
         started = time.perf_counter()
         with progress_bar() as bar:
             task = bar.add_task(f"searching {thumb.size}px → {res}px", total=steps, status="")
 
+            shown = [-float("inf")]  # when the MSE was last read back
+
             def on_step(s):  # type: ignore[no-untyped-def]
-                bar.update(task, completed=s.step, status=f"best MSE {float(s.best_mse[0]):.5f}")
+                bar.update(task, completed=s.step)
+                # Reading the MSE waits for the GPU: twice a second, not every step.
+                if time.perf_counter() - shown[0] >= 0.5 or s.step == s.steps:
+                    shown[0] = time.perf_counter()
+                    bar.update(task, status=f"best MSE {float(s.best_mse[0]):.5f}")
 
             [result] = run_upscale(model, [thumb.pixels], config, on_step=on_step)
         seconds = time.perf_counter() - started
@@ -185,6 +196,90 @@ def weights_list() -> None:
         typer.echo(f"{e.kind:10s} {e.name}{flag}  {e.file}  sha256 {e.sha256[:12]}…")
 
 
+@weights_app.command("import")
+def weights_import(
+    file: Annotated[Path, typer.Argument(help="the checkpoint: a port .pt, an NVIDIA .pkl "
+                                         "or an arcface_torch .pth")],
+    kind: Annotated[str | None, typer.Option(
+        help="generator or extractor (default: what the file holds)")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="auto, port, nvidia-pkl or arcface")]
+    = "auto",
+    name: Annotated[str | None, typer.Option(help="manifest name (default: the file's stem)")]
+    = None,
+    into: Annotated[Path | None, typer.Option(
+        help="folder for the converted file (default: $LIKENESS_DATA_DIR/weights)")] = None,
+    manifest: Annotated[Path | None, typer.Option(
+        help="manifest to record it in (default: the bundled weights/manifest.json)")] = None,
+    default: Annotated[bool, typer.Option("--default", help="make it the default of its kind")]
+    = False,
+    fit: Annotated[bool, typer.Option("--fit-mapping/--no-fit-mapping",
+                                      help="generators: fit the mapping now, once")] = True,
+    fit_samples: Annotated[int, typer.Option(min=1000, help="z samples of the fit")] = 100_000,
+    device: Annotated[str, typer.Option(help="device of the fit: auto, cpu, cuda")] = "auto",
+    licence: Annotated[str | None, typer.Option(
+        help="licence to record (default: what the format's official files carry)")] = None,
+    force: Annotated[bool, typer.Option("--force", help="replace an entry or file of that name")]
+    = False,
+) -> None:
+    """Convert an official checkpoint to our format and record it in the manifest (JSON out)."""
+    from likeness.manifest import MANIFEST_PATH
+    from worker.pipeline import pick_device
+    from worker.weights_import import import_weights
+
+    try:
+        with progress_bar() as bar:
+            task = bar.add_task("fitting the mapping", total=fit_samples, status="",
+                                visible=False)
+
+            def advance(n: int) -> None:
+                bar.update(task, advance=n, visible=True)
+
+            result = import_weights(
+                file, kind=kind, fmt=fmt, name=name, into=into,
+                manifest_path=manifest or MANIFEST_PATH, default=default, fit=fit,
+                fit_samples=fit_samples, device=pick_device(device), licence=licence,
+                force=force, progress=advance,
+            )
+    except LikenessError as e:
+        fail(e.message)
+    typer.echo(json.dumps(result.entry.model_dump(), indent=2))
+    err.print(f"imported {file.name} as {result.entry.kind} '{result.entry.name}' → "
+              f"{result.path} (recorded in {result.manifest_path})", highlight=False)
+
+
+@weights_app.command("export-detector")
+def weights_export_detector(
+    into: Annotated[Path | None, typer.Option(help="folder of the manifest to register in "
+                                              "(default: the bundled weights/)")] = None,
+) -> None:
+    """Export MTCNN's three networks to ONNX, so the API can check reference photos
+    for a face without torch, and register them in the manifest."""
+    from importlib.metadata import version
+
+    from likeness.manifest import MANIFEST_PATH, WeightsEntry, register, sha256_file
+    from worker.engine.face.detector_export import OPSET, export_mtcnn
+
+    manifest_path = into / "manifest.json" if into is not None else MANIFEST_PATH
+    paths = export_mtcnn(manifest_path.parent)
+    for stage, path in paths.items():
+        register(
+            WeightsEntry(
+                name=f"mtcnn-{stage}",
+                kind="detector",
+                file=path.name,
+                sha256=sha256_file(path),
+                config={"network": stage, "format": "onnx", "opset": OPSET},
+                provenance={
+                    "source": f"facenet-pytorch {version('facenet-pytorch')} bundled "
+                    f"{stage}.pt (MTCNN, Zhang et al. 2016)",
+                    "exported_by": "likeness weights export-detector",
+                },
+            ),
+            manifest_path,
+        )
+        err.print(f"wrote {path} ({path.stat().st_size / 1024:.0f} KiB)", highlight=False)
+
+
 @app.command("worker")
 def worker_command(
     once: Annotated[bool, typer.Option("--once", help="run at most one batch, then exit")]
@@ -193,12 +288,23 @@ def worker_command(
         min=1, help="most jobs per batched search (default: LIKENESS_BATCH_SIZE, 8)")] = None,
     parent_pid: Annotated[int | None, typer.Option(hidden=True,
                           help="stop when this process is gone (used by serve)")] = None,
+    check: Annotated[bool, typer.Option(
+        "--check", help="run nothing: exit 0 if a worker on this host heartbeated within "
+        "LIKENESS_WORKER_HEARTBEAT_TIMEOUT_SECONDS, else 1 (a container healthcheck)")] = False,
 ) -> None:
     """Run queued jobs: claim compatible ones, search them as one batch, store results.
 
     Settings come from LIKENESS_* variables (store, generator, device, ...).
     SIGTERM or Ctrl-C: finish the current batch, then exit 0; twice: abandon it.
     """
+    if check:
+        from likeness.settings import get_settings
+        from likeness.worker_health import run_check
+
+        health = run_check(get_settings())
+        typer.echo(health.message)
+        raise typer.Exit(0 if health.healthy else 1)
+
     from worker.process import main as run_worker
 
     try:

@@ -35,6 +35,11 @@ class GeneratorConfig(BaseModel):
     )
     lr_mlp: float = Field(0.01, description="equalised-lr multiplier of the mapping network")
     blur_kernel: list[int] = Field([1, 3, 3, 1], description="FIR kernel of the up-sampling")
+    conv_clamp: float | None = Field(
+        None,
+        description="clamp every conv layer's output (after its activation) and every "
+        "ToRGB output to ±conv_clamp, as NVIDIA's float16-safe networks do; None: no clamp",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> GeneratorConfig:
@@ -124,7 +129,10 @@ def upfirdn2d(x: Tensor, kernel: Tensor, up: int = 1, down: int = 1,
 
 def scaled_leaky_relu(x: Tensor, bias: Tensor | None = None) -> Tensor:
     if bias is not None:
-        x = x + bias.view(1, -1, *([1] * (x.ndim - 2)))
+        # In x's dtype: under bf16 autocast a float32 bias would promote the
+        # whole activation to float32 (twice the memory traffic, and a cast
+        # back at the next convolution). A no-op in float32.
+        x = x + bias.view(1, -1, *([1] * (x.ndim - 2))).to(x.dtype)
     return F.leaky_relu(x, ACT_SLOPE) * ACT_GAIN
 
 
@@ -226,7 +234,7 @@ class NoiseInjection(nn.Module):
     def forward(self, x: Tensor, noise: Tensor | None = None) -> Tensor:
         if noise is None:
             noise = x.new_empty(x.shape[0], 1, x.shape[2], x.shape[3]).normal_()
-        return x + self.weight * noise
+        return x + (self.weight * noise).to(x.dtype)  # keeps bf16 activations bf16
 
 
 class ConstantInput(nn.Module):
@@ -247,30 +255,38 @@ class FusedLeakyReLU(nn.Module):
         return scaled_leaky_relu(x, self.bias)
 
 
+def _clamp(x: Tensor, limit: float | None) -> Tensor:
+    return x if limit is None else x.clamp(-limit, limit)
+
+
 class StyledConv(nn.Module):
     def __init__(self, in_channel: int, out_channel: int, kernel_size: int, style_dim: int,
-                 upsample: bool = False, blur_kernel: Sequence[int] = (1, 3, 3, 1)) -> None:
+                 upsample: bool = False, blur_kernel: Sequence[int] = (1, 3, 3, 1),
+                 conv_clamp: float | None = None) -> None:
         super().__init__()
         self.conv = ModulatedConv2d(in_channel, out_channel, kernel_size, style_dim,
                                     upsample=upsample, blur_kernel=blur_kernel)
         self.noise = NoiseInjection()
         self.activate = FusedLeakyReLU(out_channel)
+        self.conv_clamp = conv_clamp
 
     def forward(self, x: Tensor, style: Tensor, noise: Tensor | None = None) -> Tensor:
-        return self.activate(self.noise(self.conv(x, style), noise))
+        return _clamp(self.activate(self.noise(self.conv(x, style), noise)), self.conv_clamp)
 
 
 class ToRGB(nn.Module):
     def __init__(self, in_channel: int, style_dim: int, upsample: bool = True,
-                 blur_kernel: Sequence[int] = (1, 3, 3, 1)) -> None:
+                 blur_kernel: Sequence[int] = (1, 3, 3, 1),
+                 conv_clamp: float | None = None) -> None:
         super().__init__()
         if upsample:
             self.upsample = Upsample(blur_kernel)
         self.conv = ModulatedConv2d(in_channel, 3, 1, style_dim, demodulate=False)
         self.bias = nn.Parameter(torch.zeros(1, 3, 1, 1))
+        self.conv_clamp = conv_clamp
 
     def forward(self, x: Tensor, style: Tensor, skip: Tensor | None = None) -> Tensor:
-        out = self.conv(x, style) + self.bias
+        out = _clamp(self.conv(x, style) + self.bias, self.conv_clamp)
         if skip is not None:
             out = out + self.upsample(skip)
         return out
@@ -282,14 +298,14 @@ class Generator(nn.Module):
     def __init__(self, config: GeneratorConfig) -> None:
         super().__init__()
         self.config = config
-        c, sd, bk = config, config.style_dim, config.blur_kernel
+        c, sd, bk, cc = config, config.style_dim, config.blur_kernel, config.conv_clamp
         self.style = nn.Sequential(
             PixelNorm(),
             *[EqualLinear(sd, sd, lr_mul=c.lr_mlp, activate=True) for _ in range(c.n_mlp)],
         )
         self.input = ConstantInput(c.width(4))
-        self.conv1 = StyledConv(c.width(4), c.width(4), 3, sd, blur_kernel=bk)
-        self.to_rgb1 = ToRGB(c.width(4), sd, upsample=False)
+        self.conv1 = StyledConv(c.width(4), c.width(4), 3, sd, blur_kernel=bk, conv_clamp=cc)
+        self.to_rgb1 = ToRGB(c.width(4), sd, upsample=False, conv_clamp=cc)
         self.convs = nn.ModuleList()
         self.to_rgbs = nn.ModuleList()
         self.noises = nn.Module()
@@ -299,9 +315,10 @@ class Generator(nn.Module):
         in_ch = c.width(4)
         for log_res in range(3, c.log_size + 1):
             out_ch = c.width(2**log_res)
-            self.convs.append(StyledConv(in_ch, out_ch, 3, sd, upsample=True, blur_kernel=bk))
-            self.convs.append(StyledConv(out_ch, out_ch, 3, sd, blur_kernel=bk))
-            self.to_rgbs.append(ToRGB(out_ch, sd, blur_kernel=bk))
+            self.convs.append(StyledConv(in_ch, out_ch, 3, sd, upsample=True, blur_kernel=bk,
+                                         conv_clamp=cc))
+            self.convs.append(StyledConv(out_ch, out_ch, 3, sd, blur_kernel=bk, conv_clamp=cc))
+            self.to_rgbs.append(ToRGB(out_ch, sd, blur_kernel=bk, conv_clamp=cc))
             in_ch = out_ch
 
     @property
@@ -319,11 +336,14 @@ class Generator(nn.Module):
         """z (N, style_dim) → w (N, style_dim)."""
         return self.style(z)
 
-    def synthesis(self, w_plus: Tensor, noise: Sequence[Tensor | None] | None = None) -> Tensor:
+    def synthesis(self, w_plus: Tensor, noise: Sequence[Tensor | None] | None = None,
+                  memory_format: torch.memory_format | None = None) -> Tensor:
         """W+ latent (B, n_latent, style_dim) → image (B, 3, res, res) in about [-1, 1].
 
         ``noise``: one map per layer, broadcastable to (B, 1, h, w); ``None``
-        entries (or ``noise=None``) draw fresh Gaussian noise.
+        entries (or ``noise=None``) draw fresh Gaussian noise. ``memory_format``
+        (e.g. ``torch.channels_last``, which tensor-core convolutions prefer)
+        lays out the activations; None keeps PyTorch's default.
         """
         if w_plus.ndim != 3 or w_plus.shape[1] != self.n_latent:
             raise ValueError(
@@ -332,6 +352,10 @@ class Generator(nn.Module):
             )
         noise = list(noise) if noise is not None else [None] * self.config.num_noise
         out = self.input(w_plus.shape[0])
+        if memory_format is not None:
+            # Converting the first activation is enough: convolutions and
+            # element-wise ops keep the layout of their input from there on.
+            out = out.contiguous(memory_format=memory_format)
         out = self.conv1(out, w_plus[:, 0], noise[0])
         skip = self.to_rgb1(out, w_plus[:, 1])
         i = 1

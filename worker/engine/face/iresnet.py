@@ -7,6 +7,8 @@ checkpoints (r18 … r100) load with ``strict=True``.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import Tensor, nn
 
@@ -89,6 +91,33 @@ class IResNet(nn.Module):
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         x = self.dropout(torch.flatten(self.bn2(x), 1))
         return self.features(self.fc(x))
+
+
+def layers_of(state: dict[str, Tensor]) -> tuple[int, int, int, int]:
+    """Blocks per stage of an IResNet state_dict (``layerN.M.conv1.weight`` keys)."""
+    counts = []
+    for stage in range(1, 5):
+        blocks = {int(k.split(".")[1]) for k in state
+                  if k.startswith(f"layer{stage}.") and k.endswith(".conv1.weight")}
+        if not blocks or blocks != set(range(len(blocks))):
+            raise ValueError(f"not an IResNet state_dict: layer{stage} has no consecutive blocks")
+        counts.append(len(blocks))
+    return counts[0], counts[1], counts[2], counts[3]
+
+
+def name_of(layers: tuple[int, ...]) -> str | None:
+    """``"r50"`` for (3, 4, 14, 3) etc.; None for depths without a standard name."""
+    return next((name for name, ls in LAYERS.items() if ls == tuple(layers)), None)
+
+
+def load_iresnet(path: str | Path, map_location: str | torch.device = "cpu") -> IResNet:
+    """An IResNet from a plain arcface_torch state_dict (depth and width read from it),
+    loaded with ``strict=True``, in eval mode."""
+    state = torch.load(path, map_location=map_location, weights_only=True)
+    model = IResNet(layers_of(state), num_features=state["fc.weight"].shape[0])
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v
+                           for k, v in state.items()}, strict=True)
+    return model.eval()
 
 
 def get_backbone(name: str, num_features: int = 512, dropout: float = 0.0) -> IResNet:
