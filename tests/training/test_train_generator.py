@@ -86,6 +86,29 @@ def test_resume_gives_identical_next_step_losses(tmp_path: Path) -> None:
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_resume_from_committed_parts_is_exact_and_checks_them(tmp_path: Path) -> None:
+    from likeness.errors import LikenessError
+    from worker.training.parts import index_path, split_into_parts
+
+    full = run(tiny(tmp_path / "full", steps=4))
+    run(tiny(tmp_path / "split", steps=2))
+    committed = tmp_path / "committed" / "checkpoint.pt"
+    parts = split_into_parts(tmp_path / "split" / "checkpoint.pt", committed, part_bytes=50_000)
+    assert len(parts) > 1 and all(p.stat().st_size <= 50_000 for p in parts)
+    assert not committed.exists() and index_path(committed).is_file()
+    rest = run(tiny(tmp_path / "resumed", steps=4), resume=committed)
+    assert rest == {k: v for k, v in full.items() if k > 2}
+
+    # A fresh split replaces every old part; a damaged part is named, not loaded.
+    split_into_parts(tmp_path / "split" / "checkpoint.pt", committed, part_bytes=10**9)
+    left = sorted(p.name for p in committed.parent.glob("*.part[0-9]*"))
+    assert left == ["checkpoint.pt.part000"]
+    damaged = committed.with_name("checkpoint.pt.part000")
+    damaged.write_bytes(damaged.read_bytes()[:-1] + b"x")
+    with pytest.raises(LikenessError, match="part000 does not match"):
+        read_checkpoint(committed)
+
+
 def test_signal_and_time_limit_stop_with_a_checkpoint(tmp_path: Path) -> None:
     def interrupt(step: int, metrics: dict[str, float]) -> None:
         if step == 2:

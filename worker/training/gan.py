@@ -11,6 +11,7 @@ checkpoint that stores the RNG states and the step resumes bit-for-bit.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import math
 import os
@@ -43,6 +44,7 @@ from worker.training.images_zip import (
     SyntheticImages,
     read_member_list,
 )
+from worker.training.parts import has_parts, join_parts
 
 CHECKPOINT_NAME = "checkpoint.pt"
 GENERATOR_NAME = "g_ema.pt"
@@ -370,8 +372,12 @@ def save_checkpoint(state: TrainState, path: Path) -> None:
 
 
 def read_checkpoint(path: Path) -> dict[str, Any]:
+    """A checkpoint file, or the committed parts of one (worker/training/parts.py)."""
+    source: Path | io.BytesIO = path
+    if not path.is_file() and has_parts(path):
+        source = io.BytesIO(join_parts(path))
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(source, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise LikenessError("checkpoint_not_found", f"no such checkpoint: {path}",
                             status=404) from None

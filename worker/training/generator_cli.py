@@ -18,7 +18,8 @@ err = Console(stderr=True, soft_wrap=True)
 
 
 def resolve_resume(resume: str | None, out: Path) -> Path | None:
-    """'auto' → ``<out>/checkpoint.pt`` when it exists (else a fresh start); else a path."""
+    """'auto' → ``<out>/checkpoint.pt`` when it exists (else a fresh start); else a path
+    to a checkpoint or to committed parts of one (``<path>.parts.json``)."""
     from worker.training.gan import CHECKPOINT_NAME
 
     if resume is None:
@@ -26,8 +27,10 @@ def resolve_resume(resume: str | None, out: Path) -> Path | None:
     if resume == "auto":
         path = out / CHECKPOINT_NAME
         return path if path.is_file() else None
+    from worker.training.parts import has_parts
+
     path = Path(resume)
-    if not path.is_file():
+    if not path.is_file() and not has_parts(path):
         raise LikenessError("checkpoint_not_found", f"no such checkpoint: {path}", status=404)
     return path
 
@@ -63,7 +66,12 @@ def train_generator(
     checkpoint_minutes: Annotated[float | None, typer.Option(
         help="minutes between checkpoints (default 10)")] = None,
     resume: Annotated[str | None, typer.Option(
-        help="checkpoint file, or 'auto' for <out>/checkpoint.pt if present")] = None,
+        help="checkpoint file (or committed parts of one: <file>.parts.json), or 'auto' "
+             "for <out>/checkpoint.pt if present")] = None,
+    save_parts: Annotated[Path | None, typer.Option(
+        help="when training stops, also write the checkpoint as ≤15 MiB parts at this path "
+             "(<path>.partNNN + <path>.parts.json), small enough to commit; resume with "
+             "--resume <path>")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")] = "auto",
     smoke: Annotated[bool, typer.Option(
         "--smoke", help="tiny 32-px config that runs on CPU in under a minute")] = False,
@@ -128,3 +136,8 @@ def train_generator(
         raise typer.Exit(2) from None
     err.print(f"stopped ({result.reason}) at step {result.step}, {result.kimg:.2f} kimg; "
               f"checkpoint {result.checkpoint}", highlight=False)
+    if save_parts is not None:
+        from worker.training.parts import split_into_parts
+
+        parts = split_into_parts(result.checkpoint, save_parts)
+        err.print(f"wrote {len(parts)} parts of it beside {save_parts}", highlight=False)

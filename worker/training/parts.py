@@ -1,0 +1,64 @@
+"""A training checkpoint as parts small enough to commit (≤ 15 MiB each).
+
+Git hosts refuse large files, and a CPU-trained generator has to carry its
+full state (G, D, EMA, optimisers, RNG) from one session to the next. The
+bytes are split verbatim, with an index holding every part's sha256, so the
+joined file is the very checkpoint that was saved: resuming stays exact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from likeness.errors import LikenessError
+
+PART_BYTES = 15 * 2**20
+
+
+def index_path(checkpoint: Path) -> Path:
+    """``<dir>/checkpoint.pt`` → ``<dir>/checkpoint.pt.parts.json``."""
+    return checkpoint.with_name(checkpoint.name + ".parts.json")
+
+
+def has_parts(checkpoint: Path) -> bool:
+    return index_path(checkpoint).is_file()
+
+
+def split_into_parts(source: Path, checkpoint: Path, part_bytes: int = PART_BYTES) -> list[Path]:
+    """Write ``source`` as ``<checkpoint>.partNNN`` files plus the index; stale parts of
+    an earlier, longer version are removed (a new version replaces the old)."""
+    data = source.read_bytes()
+    checkpoint.parent.mkdir(parents=True, exist_ok=True)
+    for old in checkpoint.parent.glob(checkpoint.name + ".part[0-9]*"):
+        old.unlink()
+    parts = []
+    for i, start in enumerate(range(0, max(len(data), 1), part_bytes)):
+        path = checkpoint.with_name(f"{checkpoint.name}.part{i:03d}")
+        chunk = data[start : start + part_bytes]
+        path.write_bytes(chunk)
+        parts.append({"file": path.name, "bytes": len(chunk),
+                      "sha256": hashlib.sha256(chunk).hexdigest()})
+    index = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(), "parts": parts}
+    index_path(checkpoint).write_text(json.dumps(index, indent=2) + "\n")
+    return [checkpoint.with_name(p["file"]) for p in parts]
+
+
+def join_parts(checkpoint: Path) -> bytes:
+    """The checkpoint's bytes from its parts, every part and the whole checked."""
+    index = json.loads(index_path(checkpoint).read_text())
+    chunks = []
+    for part in index["parts"]:
+        path = checkpoint.with_name(part["file"])
+        if not path.is_file():
+            raise LikenessError("bad_checkpoint", f"{path} is missing (a part of {checkpoint})")
+        chunk = path.read_bytes()
+        if hashlib.sha256(chunk).hexdigest() != part["sha256"]:
+            raise LikenessError("bad_checkpoint", f"{path} does not match its sha256 in "
+                                f"{index_path(checkpoint).name}")
+        chunks.append(chunk)
+    data = b"".join(chunks)
+    if hashlib.sha256(data).hexdigest() != index["sha256"]:
+        raise LikenessError("bad_checkpoint", f"the joined parts of {checkpoint} do not match")
+    return data
