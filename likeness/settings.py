@@ -123,6 +123,12 @@ class Settings(BaseSettings):
         description="Worker: the generator to load, a name in weights/manifest.json or a "
         "checkpoint path. Empty (the default): the manifest's default generator.",
     )
+    extractor: str | None = Field(
+        default=None,
+        description="Worker: the face extractor F with race and attribute heads that applies "
+        "race, attribute and reference targets; a manifest name or a file. Empty (the "
+        "default): the manifest's default extractor, if one is bundled.",
+    )
     device: str = Field(
         default="auto",
         description="Worker: torch device, auto (CUDA when available, else CPU), cpu, cuda "

@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 
 from likeness.errors import LikenessError
-from likeness.images import prepare_thumbnail
+from likeness.images import decode_image, prepare_thumbnail
 from likeness.jobs import (
     REFERENCE_BLOB,
     RESULT_BLOB,
@@ -42,8 +42,10 @@ from likeness.jobs import (
 from likeness.settings import Settings
 from likeness.worker_stats import WorkerStats
 from worker.engine.checkpoints import LoadedGenerator
+from worker.engine.face.extractor import FaceExtractor
+from worker.engine.objectives import DEFAULT_THRESHOLD_DEG, ObjectiveWeights, build_targets
 from worker.engine.search import SearchConfig, SearchStep, SearchStopped
-from worker.pipeline import Upscaled, upscale
+from worker.pipeline import Objective, Upscaled, reference_embedding, upscale
 
 log = logging.getLogger("likeness.worker")
 
@@ -67,6 +69,8 @@ class WorkerContext:
     settings: Settings
     stats: WorkerStats
     abort: Callable[[], bool] = lambda: False  # True: drop the batch now, leases run out
+    extractor: FaceExtractor | None = None  # None: targets are accepted but not applied
+    threshold_deg: float = DEFAULT_THRESHOLD_DEG
 
     @property
     def heartbeat_seconds(self) -> float:
@@ -190,7 +194,9 @@ def group_compatible(jobs: list[Job]) -> list[list[Job]]:
     groups: dict[tuple[Any, ...], list[Job]] = {}
     for job in jobs:
         o = job.record.options
-        groups.setdefault((job.pixels.shape, o.steps, o.restarts, o.eps), []).append(job)
+        key = (job.pixels.shape, o.steps, o.restarts, o.eps, o.identity_weight, o.race_weight,
+               o.attr_weight)
+        groups.setdefault(key, []).append(job)
     return list(groups.values())
 
 
@@ -301,9 +307,63 @@ class StepWatch:
         self.last_store_error = now
 
 
+def has_targets(job: Job) -> bool:
+    o = job.record.options
+    return bool(o.race or o.attributes or REFERENCE_BLOB in job.record.inputs)
+
+
+def build_objective(batch: Batch, group: list[Job]) -> tuple[list[Job], Objective | None]:
+    """The group's targets through F; a job whose targets F cannot use fails alone."""
+    ext = batch.ctx.extractor
+    if ext is None or not any(has_targets(job) for job in group):
+        return group, None
+    device = next(ext.parameters()).device
+    races = ext.race_head.labels if ext.race_head is not None else ()
+    names = ext.attribute_head.labels if ext.attribute_head is not None else ()
+    kept, references = [], []
+    for job in group:
+        o = job.record.options
+        unknown = ([o.race] if o.race and o.race not in races else []) + [
+            a for a in o.attributes if a not in names]
+        if unknown:
+            batch.fail(job.id, "unknown_label", f"this worker's face extractor does not know "
+                       f"{', '.join(unknown)}")
+            continue
+        embedding = None
+        if REFERENCE_BLOB in job.record.inputs:
+            data = batch.ctx.store.get_blob(job.id, REFERENCE_BLOB)
+            try:
+                if data is None:
+                    raise LikenessError("input_missing", "The job's reference photo is no "
+                                        "longer stored.")
+                pixels = decode_image(data, max_pixels=batch.ctx.settings.max_pixels).pixels
+                embedding = reference_embedding(ext, pixels)
+            except LikenessError as exc:
+                batch.fail(job.id, exc.code, f"reference: {exc.message}")
+                continue
+        kept.append(job)
+        references.append(embedding)
+    if not kept:
+        return kept, None
+    o = kept[0].record.options
+    defaults = ObjectiveWeights()
+    weights = ObjectiveWeights(
+        identity=defaults.identity if o.identity_weight is None else o.identity_weight,
+        race=defaults.race if o.race_weight is None else o.race_weight,
+        attributes=defaults.attributes if o.attr_weight is None else o.attr_weight,
+        threshold_deg=batch.ctx.threshold_deg,
+    )
+    targets = build_targets(ext, [job.record.options.race for job in kept],
+                            [job.record.options.attributes for job in kept], references, device)
+    return kept, Objective(ext, targets, weights)
+
+
 def run_group(batch: Batch, group: list[Job]) -> None:
     """One batched search over compatible jobs, then each job's result and status."""
     ctx = batch.ctx
+    group, objective = build_objective(batch, group)
+    if not group:
+        return
     config = search_config(group[0], ctx.settings)
     seeds = [_seed(job) for job in group]
     watch = StepWatch(batch, group)
@@ -320,7 +380,8 @@ def run_group(batch: Batch, group: list[Job]) -> None:
     started = time.perf_counter()
     try:
         results = upscale(
-            ctx.model, [job.pixels for job in group], config, on_step=watch, seeds=seeds
+            ctx.model, [job.pixels for job in group], config, on_step=watch, seeds=seeds,
+            objective=objective,
         )
     except SearchStopped:
         log.info(
@@ -380,7 +441,7 @@ def job_report(
 ) -> dict[str, Any]:
     o = job.record.options
     notes = list(job.notes)
-    if o.race or o.attributes or REFERENCE_BLOB in job.record.inputs:
+    if ctx.extractor is None and has_targets(job):
         notes.append(NOT_APPLIED_NOTE)
     steps = max(1, int(result.report.get("steps") or o.steps))
     return {

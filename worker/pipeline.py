@@ -17,6 +17,14 @@ from torch import Tensor
 from likeness.errors import LikenessError
 from likeness.manifest import resolve_weights
 from worker.engine.checkpoints import LoadedGenerator, load_generator
+from worker.engine.face.extractor import FaceExtractor
+from worker.engine.objectives import (
+    DEFAULT_THRESHOLD_DEG,
+    ObjectiveWeights,
+    Targets,
+    describe,
+    objective_loss,
+)
 from worker.engine.search import ExtraLoss, SearchConfig, SearchResult, SearchStep, run_search
 
 
@@ -69,6 +77,43 @@ class Upscaled:
     candidates: list[np.ndarray]
 
 
+@dataclass
+class Objective:
+    """The conditioned search's targets for a batch: F, what each thumbnail asks, weights."""
+
+    extractor: FaceExtractor
+    targets: Targets
+    weights: ObjectiveWeights
+
+
+def load_extractor(spec: str | None, device: torch.device) -> tuple[FaceExtractor, float, str]:
+    """F with its race and attribute heads, its threshold angle θ_t, and its display name."""
+    from worker.training.extractor import load_export
+
+    path, entry = resolve_weights(spec, "extractor")
+    extractor = load_export(path).to(device).eval()
+    for p in extractor.parameters():
+        p.requires_grad_(False)
+    threshold = DEFAULT_THRESHOLD_DEG
+    if entry is not None:
+        threshold = float(entry.config.get("threshold_deg",
+                                           entry.metrics.get("threshold_deg", threshold)))
+    return extractor, threshold, entry.name if entry is not None else str(path)
+
+
+def reference_embedding(extractor: FaceExtractor, pixels: np.ndarray) -> Tensor:
+    """F's embedding (D,) of the one face in a reference photo; MTCNN finds it."""
+    device = next(extractor.parameters()).device
+    image = to_tensor([pixels], device)
+    with torch.no_grad():
+        aligned = extractor.align(image)
+        if not bool(aligned.detected[0]):
+            raise LikenessError(
+                "no_face", "no face was found in the reference photo; use a photo where one "
+                "face is clearly visible", status=422)
+        return extractor.embed_crops(aligned.crops)[0]
+
+
 def upscale(
     model: LoadedGenerator,
     thumbnails: Sequence[np.ndarray],
@@ -76,19 +121,28 @@ def upscale(
     extra_loss: ExtraLoss | None = None,
     on_step: Callable[[SearchStep], bool | None] | None = None,
     seeds: Sequence[int] | None = None,
+    objective: Objective | None = None,
 ) -> list[Upscaled]:
     """Run one batched search over same-sized thumbnails; one ``Upscaled`` each.
 
     ``seeds`` (one per thumbnail) replaces ``config.seed``, so each of several
     jobs batched together gets the image it would get alone with its seed.
+    ``objective`` adds identity, race and attribute targets (PAPER.md §2).
     """
     device = next(model.generator.parameters()).device
     assert model.mapping_fit is not None
+    if objective is not None and extra_loss is not None:
+        raise ValueError("pass an objective or an extra_loss, not both")
+    if objective is not None and objective.targets.any:
+        extra_loss = objective_loss(objective.extractor, objective.targets, objective.weights,
+                                    config.restarts)
     result = run_search(model.generator, model.mapping_fit, to_tensor(thumbnails, device),
                         config, extra_loss, on_step, seeds)
+    seen = (describe(objective.extractor, result.images, objective.targets, objective.weights)
+            if objective is not None else [{}] * len(thumbnails))
     return [
         Upscaled(pixels=to_pixels(result.images[i : i + 1])[0],
-                 report=element_report(result, i, config),
+                 report=element_report(result, i, config) | seen[i],
                  candidates=to_pixels(result.candidates[i]))
         for i in range(len(thumbnails))
     ]
@@ -114,9 +168,27 @@ def element_report(result: SearchResult, i: int, config: SearchConfig) -> dict[s
         "seed": result.seeds[i] if result.seeds else result.seed,
         "precision": config.precision,  # bf16 rounds differently: part of what a seed gives
     }
+    chosen = int(result.restart[i])
+    if result.constraints:
+        report["constraints"] = {
+            name: {"value": float(v[i, chosen]), "limit": result.limits[name],
+                   "held": bool(v[i, chosen] <= result.limits[name])}
+            for name, v in result.constraints.items()
+        }
+        for c, cand in enumerate(report["candidates"]):
+            cand["constraints"] = {name: float(v[i, c]) for name, v in result.constraints.items()}
     if not accepted:
-        report["reason"] = (
-            f"no face downscales to this thumbnail: best downscale MSE {mse:.5f} > eps "
-            f"{config.eps:g} after {result.steps} steps x {config.restarts} restarts"
-        )
+        within_eps = bool((result.candidate_mse[i] <= config.eps).any())
+        if within_eps and result.constraints:
+            broken = sorted(name for name, held in report["constraints"].items()
+                            if not held["held"])
+            report["reason"] = (
+                "faces downscale to this thumbnail, but none meets the targets: "
+                f"{', '.join(broken) or 'a constraint'} loss above its limit in every restart "
+                f"({result.steps} steps x {config.restarts} restarts)")
+        else:
+            report["reason"] = (
+                f"no face downscales to this thumbnail: best downscale MSE {mse:.5f} > eps "
+                f"{config.eps:g} after {result.steps} steps x {config.restarts} restarts"
+            )
     return report

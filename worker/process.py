@@ -34,7 +34,9 @@ from likeness.worker_health import new_worker_id
 from likeness.worker_stats import REFRESH_SECONDS, WorkerStats, remove_stale, stats_dir, write_stats
 from worker.batch import WorkerContext, run_batch
 from worker.engine.checkpoints import LoadedGenerator
-from worker.pipeline import load_search_model, pick_device
+from worker.engine.face.extractor import FaceExtractor
+from worker.engine.objectives import DEFAULT_THRESHOLD_DEG
+from worker.pipeline import load_extractor, load_search_model, pick_device
 
 log = logging.getLogger("likeness.worker")
 
@@ -92,6 +94,8 @@ class Worker:
         batch_size: int | None = None,
         worker_id: str | None = None,
         stop: StopFlag | None = None,
+        extractor: FaceExtractor | None = None,
+        threshold_deg: float = DEFAULT_THRESHOLD_DEG,
     ) -> None:
         self.settings = settings
         self.batch_size = batch_size or settings.batch_size
@@ -106,6 +110,8 @@ class Worker:
             settings=settings,
             stats=WorkerStats(worker=worker_id),
             abort=lambda: self.stop.abort,
+            extractor=extractor,
+            threshold_deg=threshold_deg,
         )
         self.stats_dir = stats_dir(settings.data_dir)
         self._stats_written = -float("inf")
@@ -194,10 +200,28 @@ def main(
             "no generator weights are bundled yet; set "
             "LIKENESS_GENERATOR to a checkpoint path or a manifest name",
         ) from None
+    extractor, threshold = load_worker_extractor(settings, device)
     store = open_store_from_settings(settings)
     try:
-        return Worker(store, model, name, device, settings, batch_size=batch_size, stop=stop).run(
+        return Worker(store, model, name, device, settings, batch_size=batch_size, stop=stop,
+                      extractor=extractor, threshold_deg=threshold).run(
             once=once
         )
     finally:
         store.close()
+
+
+def load_worker_extractor(settings: Settings, device: torch.device
+                          ) -> tuple[FaceExtractor | None, float]:
+    """F for race, attribute and reference targets. With none bundled and none named,
+    the worker still runs: it matches thumbnails only and says so in each report."""
+    try:
+        extractor, threshold, name = load_extractor(settings.extractor, device)
+    except LikenessError as exc:
+        if exc.code != "no_default_weights" or settings.extractor is not None:
+            raise
+        log.warning("no face extractor is bundled: race, attribute and reference targets "
+                    "will be accepted but not applied (set LIKENESS_EXTRACTOR)")
+        return None, DEFAULT_THRESHOLD_DEG
+    log.info("face extractor %s loaded (threshold %.1f deg)", name, threshold)
+    return extractor, threshold

@@ -15,6 +15,7 @@ from worker.engine.downscale import downscale
 from worker.engine.generator import Generator, GeneratorConfig
 from worker.engine.mapping_fit import MappingFit, fit_mapping, undo_activation
 from worker.engine.search import (
+    ExtraTerms,
     SearchConfig,
     SearchStopped,
     _choose,
@@ -165,6 +166,27 @@ def test_extra_loss_terms_enter_the_objective(tiny) -> None:
     steered = run_search(g, fit, thumbs, config, extra_loss=brightness)
     assert "dark" in steered.terms and "dark" not in plain.terms
     assert steered.images.mean() < plain.images.mean()
+
+
+def test_constraints_reject_candidates_per_element(tiny) -> None:
+    """A candidate over a constraint's limit is rejected even within eps (race/attribute rule)."""
+    g, fit = tiny
+    thumbs = _target(g, 11)  # two thumbnails
+    k = 3
+    # Thumbnail 0's restart 1 and all of thumbnail 1's restarts break the constraint.
+    broken = torch.tensor([0.0, 0.5, 0.0, 0.5, 0.5, 0.5])
+
+    def constrained(img: torch.Tensor) -> ExtraTerms:
+        return ExtraTerms({"steer": 0.0 * img.mean((1, 2, 3))}, {"race": broken + 0 * img.sum()},
+                          {"race": 0.1})
+
+    config = SearchConfig(steps=3, restarts=k, seed=0, eps=10.0)  # every MSE within eps
+    result = run_search(g, fit, thumbs, config, extra_loss=constrained)
+    assert result.candidate_accepted.tolist() == [[True, False, True], [False, False, False]]
+    assert result.accepted.tolist() == [True, False]
+    assert int(result.restart[0]) in (0, 2)
+    assert result.constraints["race"].tolist() == broken.view(2, k).tolist()
+    assert result.limits == {"race": 0.1}
 
 
 def test_first_noise_maps_trainable_and_finest_zero(tiny) -> None:

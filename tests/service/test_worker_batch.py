@@ -278,3 +278,56 @@ def test_the_search_runs_as_the_worker_settings_say() -> None:
     assert (config.precision, config.channels_last, config.compile) == (
         "bf16", True, "reduce-overhead")
     assert search_config(job, Settings()).precision == "fp32"  # type: ignore[arg-type]
+
+
+def test_targets_go_through_the_extractor_per_job(store, model, tmp_path) -> None:
+    """Mixed targets in one batch: each job's report shows its own; unknown labels and a
+    reference without a face fail that job alone; no extractor → the not-applied note."""
+    import io as _io
+
+    from PIL import Image as _Image
+    from skimage import data as _data
+
+    from worker.batch import NOT_APPLIED_NOTE
+    from worker.engine.face.alignment import SPHEREFACE_112x96
+    from worker.engine.face.extractor import FaceExtractor
+    from worker.engine.face.heads import AttributeHead, RaceHead
+    from worker.engine.face.mobilefacenet import MobileFaceNet
+
+    torch.manual_seed(0)
+    ext = FaceExtractor(MobileFaceNet(), SPHEREFACE_112x96, 0.5, 0.5,
+                        race_head=RaceHead(in_dim=128),
+                        attribute_head=AttributeHead(in_dim=128)).eval()
+    coffee = _io.BytesIO()
+    _Image.fromarray(_data.coffee()).save(coffee, format="PNG")
+
+    plain = add_job(store, png(8, 0))
+    black = add_job(store, png(8, 1), race="Black", attributes={"Smiling": 1})
+    martian = add_job(store, png(8, 2), race="Martian")
+    ref_job = JobRecord(
+        options=JobOptions(steps=3, restarts=1, seed=1, batch_key=batch_key(
+            JobOptions(steps=3, restarts=1, seed=1), 8)),
+        inputs={"thumbnail": InputFile(size=len(png(8, 4)), sha256="0" * 64),
+                "reference": InputFile(size=len(coffee.getvalue()), sha256="0" * 64)},
+    )
+    no_face, _ = store.create(ref_job, {"thumbnail": png(8, 4), "reference": coffee.getvalue()})
+
+    worker = Worker(store, model, "tiny", torch.device("cpu"), settings(tmp_path),
+                    worker_id="w-test", stop=StopFlag(), extractor=ext)
+    assert worker.run(once=True) == EXIT_OK
+    assert store.get(martian).error.code == "unknown_label"
+    assert store.get(no_face.id).error.code == "no_face"
+    done = store.get(black).result
+    assert set(done["race_probabilities"]) == {"White", "Black", "Asian", "Indian", "Others"}
+    assert set(done["attribute_probabilities"]) == {"Smiling"}
+    assert set(done["constraints"]) == {"race", "attributes"}
+    assert NOT_APPLIED_NOTE not in done["notes"]
+    other = store.get(plain).result
+    assert done["batch_size"] == other["batch_size"] == 2, "one search for both"
+    assert "constraints" in other and other["constraints"]["race"]["value"] == 0.0
+
+    later = add_job(store, png(8, 5), race="Black")
+    bare = Worker(store, model, "tiny", torch.device("cpu"), settings(tmp_path),
+                  worker_id="w-bare", stop=StopFlag())
+    assert bare.run(once=True) == EXIT_OK
+    assert NOT_APPLIED_NOTE in store.get(later).result["notes"]

@@ -33,9 +33,25 @@ GEOCROSS_SCALE = 512 / 8
 Schedule = Literal["linear1cycledrop", "linear1cycle", "fixed"]
 Precision = Literal["fp32", "bf16"]
 CompileMode = Literal["off", "default", "reduce-overhead", "max-autotune-no-cudagraphs"]
+
+
+@dataclass
+class ExtraTerms:
+    """What an extra objective adds at one step, per element (N,).
+
+    ``losses`` are weighted and summed into the total. ``constraints`` are
+    raw values that must end at most ``limits[name]`` for a candidate to be
+    accepted (PAPER.md §2: final L_r, L_a ≤ 0.1), alongside the eps rule.
+    """
+
+    losses: dict[str, Tensor]
+    constraints: dict[str, Tensor] = field(default_factory=dict)
+    limits: dict[str, float] = field(default_factory=dict)
+
+
 # Extra objectives (identity, race, attributes): images (N, 3, R, R) in [0, 1]
-# → named, already weighted per-element losses (N,).
-ExtraLoss = Callable[[Tensor], dict[str, Tensor]]
+# → named, already weighted per-element losses (N,), or ExtraTerms with constraints.
+ExtraLoss = Callable[[Tensor], dict[str, Tensor] | ExtraTerms]
 
 
 class SearchConfig(BaseModel):
@@ -92,6 +108,9 @@ class SearchResult:
     candidate_loss: Tensor  # (B, K)
     candidate_accepted: Tensor  # (B, K)
     terms: dict[str, Tensor] = field(default_factory=dict)  # name → (B, K) at the best step
+    # name → (B, K) raw constrained values at the best step, and their limits
+    constraints: dict[str, Tensor] = field(default_factory=dict)
+    limits: dict[str, float] = field(default_factory=dict)
     w_plus: Tensor | None = None  # (B, K, n_latent, style_dim)
     seed: int = 0
     steps: int = 0
@@ -257,6 +276,8 @@ def latent_search(
     best_img = torch.zeros(n, 3, res, res, device=device)
     best_w = torch.zeros(n, generator.n_latent, generator.config.style_dim, device=device)
     best_terms: dict[str, Tensor] = {}
+    best_constraints: dict[str, Tensor] = {}
+    limits: dict[str, float] = {}
     synthesis = synthesis_fn(generator, config, device)
     graphs = config.compile == "reduce-overhead" and device.type == "cuda"
 
@@ -279,10 +300,15 @@ def latent_search(
             "downscale": config.ds_weight * mse.clamp_min(config.eps),
             "geocross": config.geocross_weight * geocross(w),
         }
+        constraints: dict[str, Tensor] = {}
         if extra_loss is not None:
             with autocast(config, device):  # F in bf16 too; its losses back in float32
                 extra = extra_loss(img)
-            terms.update({name: t.float() for name, t in extra.items()})
+            if not isinstance(extra, ExtraTerms):
+                extra = ExtraTerms(extra)
+            terms.update({name: t.float() for name, t in extra.losses.items()})
+            constraints = {name: t.detach().float() for name, t in extra.constraints.items()}
+            limits = extra.limits
         total = torch.stack(list(terms.values())).sum(0)
 
         with torch.no_grad():
@@ -294,6 +320,9 @@ def latent_search(
             for name, t in terms.items():
                 prev = best_terms.get(name, torch.zeros_like(t))
                 best_terms[name] = torch.where(better, t.detach(), prev)
+            for name, t in constraints.items():
+                prev = best_constraints.get(name, torch.full_like(t, math.inf))
+                best_constraints[name] = torch.where(better, t, prev)
 
         total.sum().backward()
         opt.step()
@@ -301,16 +330,26 @@ def latent_search(
             project_to_sphere(p.data, r)
         yield SearchStep(step + 1, config.steps, lr, best_mse.view(b, k).amin(1))
 
-    result = _choose(best_img, best_mse, best_loss, best_w, best_terms, b, k, config, seed)
+    result = _choose(best_img, best_mse, best_loss, best_w, best_terms, b, k, config, seed,
+                     best_constraints, limits)
     result.seeds = [int(s) for s in seeds] if seeds is not None else [seed] * b
     return result
 
 
 def _choose(img: Tensor, mse: Tensor, loss: Tensor, w: Tensor, terms: dict[str, Tensor],
-            b: int, k: int, config: SearchConfig, seed: int) -> SearchResult:
-    """Per thumbnail: the lowest-loss accepted restart, else the lowest-MSE one."""
+            b: int, k: int, config: SearchConfig, seed: int,
+            constraints: dict[str, Tensor] | None = None,
+            limits: dict[str, float] | None = None) -> SearchResult:
+    """Per thumbnail: the lowest-loss accepted restart, else the lowest-MSE one.
+
+    A restart is accepted when its downscale MSE is within eps and every
+    constraint within its limit.
+    """
+    constraints, limits = constraints or {}, limits or {}
     mse, loss = mse.view(b, k), loss.view(b, k)
     accepted = mse <= config.eps
+    for name, value in constraints.items():
+        accepted = accepted & (value.view(b, k) <= limits[name])
     score = torch.where(accepted, loss, torch.full_like(loss, math.inf))
     any_ok = accepted.any(1)
     idx = torch.where(any_ok, score.argmin(1), mse.argmin(1))
@@ -327,6 +366,8 @@ def _choose(img: Tensor, mse: Tensor, loss: Tensor, w: Tensor, terms: dict[str, 
         candidate_loss=loss,
         candidate_accepted=accepted,
         terms={name: t.view(b, k) for name, t in terms.items()},
+        constraints={name: t.view(b, k) for name, t in constraints.items()},
+        limits=dict(limits),
         w_plus=w.view(b, k, *w.shape[1:]),
         seed=seed,
         steps=config.steps,
@@ -355,7 +396,7 @@ def run_search(
 
 
 __all__: Sequence[str] = [
-    "SearchConfig", "SearchResult", "SearchStep", "SearchStopped", "autocast", "geocross",
-    "latent_search", "lr_factor", "project_to_sphere", "run_search", "downscale_mse",
+    "ExtraTerms", "SearchConfig", "SearchResult", "SearchStep", "SearchStopped", "autocast",
+    "geocross", "latent_search", "lr_factor", "project_to_sphere", "run_search", "downscale_mse",
     "synthesis_fn",
 ]
