@@ -21,7 +21,12 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from likeness.splits import Split, members, read_rows, unit_hash
-from worker.engine.face.alignment import Template, align_faces, detect_landmarks
+from worker.engine.face.alignment import (
+    Template,
+    align_faces,
+    detect_landmarks,
+    fallback_landmarks,
+)
 from worker.engine.face.heads import CELEBA_ATTRIBUTES
 
 Item = tuple[Tensor, Tensor]  # (crop [3, h, w] in [0, 1], target)
@@ -114,10 +119,23 @@ def subset(names: list[str], limit: int | None, key: dict[str, str] | None = Non
     return [n for n in names if n in kept]
 
 
+# Sets already aligned to the FFHQ frame (CelebA-HQ was built that way): their
+# faces use the frame's fixed landmarks instead of MTCNN. That is also how the
+# search aligns generated faces, so F learns on crops framed like the ones it
+# steers; MTCNN's landmarks on CelebA-HQ differ from the fixed ones by 0.6-3.5%
+# of the image size (alignment.FFHQ_FRAME_LANDMARKS).
+FFHQ_FRAMED_SETS = frozenset({"celebahq"})
+
+
 def _aligned(root: Path, names: list[str], targets: Tensor, template: Template, cache_dir: Path,
              mirror: bool) -> AlignedFaces:
     zip_path = root / "images.zip"
-    lms, _ = cached_landmarks(zip_path, names, cache_dir / f"landmarks_{root.name}.pt")
+    if root.name in FFHQ_FRAMED_SETS:
+        with zipfile.ZipFile(zip_path) as zf:
+            height, width = read_image(zf, names[0]).shape[1:] if names else (128, 128)
+        lms = fallback_landmarks(len(names), height, width)
+    else:
+        lms, _ = cached_landmarks(zip_path, names, cache_dir / f"landmarks_{root.name}.pt")
     return AlignedFaces(zip_path, names, targets, lms, template, mirror)
 
 
