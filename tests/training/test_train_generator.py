@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 
 from likeness.errors import LikenessError
 from worker.engine.checkpoints import load_generator
-from worker.engine.generator import GeneratorConfig
+from worker.engine.generator import Generator, GeneratorConfig
 from worker.training.diffaugment import diff_augment, parse_policy
 from worker.training.discriminator import Discriminator
 from worker.training.gan import TrainConfig, read_checkpoint, train
@@ -242,3 +242,109 @@ def test_step_sampler_resumes_the_same_stream() -> None:
     full = take(StepSampler(5, seed=3), 17)
     assert sorted(full[:5]) == list(range(5)) and full[:5] != full[5:10]
     assert take(StepSampler(5, seed=3, start=7), 10) == full[7:]
+
+
+# ---------------------------------------------------------------- the vae objectives
+
+
+def random_mobilefacenet(path: Path) -> Path:
+    """A MobileFaceNet checkpoint in the ../shared file's format, random weights."""
+    from worker.engine.face.mobilefacenet import MobileFaceNet
+
+    torch.save({"epoch": 0, "net_state_dict": MobileFaceNet().state_dict()}, path)
+    return path
+
+
+@pytest.mark.parametrize("objective", ["vae", "vae-gan"])
+def test_vae_objectives_train_finite_and_resume_exactly(tmp_path: Path, objective: str) -> None:
+    face = random_mobilefacenet(tmp_path / "mfn.ckpt")
+    extra = dict(objective=objective, face_weights=face)
+    full = run(tiny(tmp_path / "full", steps=4, **extra))
+    assert all(math.isfinite(v) for m in full.values() for v in m.values())
+    assert {"rec_l1", "rec_lowres", "rec_identity", "kl", "loss_VAE"} <= set(full[1])
+    assert ("loss_D" in full[1]) == (objective == "vae-gan")
+    first = run(tiny(tmp_path / "split", steps=2, **extra))
+    rest = run(tiny(tmp_path / "split", steps=4, **extra),
+               resume=tmp_path / "split" / "checkpoint.pt")
+    assert {**first, **rest} == full  # the encoder and its optimiser are in the checkpoint
+    ckpt = read_checkpoint(tmp_path / "full" / "checkpoint.pt")
+    assert "E" in ckpt and "opt_E" in ckpt
+    assert load_generator(tmp_path / "full" / "g_ema.pt").mapping_fit is not None
+
+
+def test_vae_reconstruction_improves_on_a_fixed_batch(tmp_path: Path) -> None:
+    # the autoencoder must actually learn: repeated steps on the same 4 images
+    from worker.training.gan import build_state, train_step
+
+    config = tiny(tmp_path, steps=40, objective="vae", synthetic_count=4, mirror=False,
+                  lr=0.005)
+    torch.manual_seed(0)
+    state = build_state(config, torch.device("cpu"))
+    from worker.training.images_zip import SyntheticImages
+
+    real = torch.stack([SyntheticImages(16, 4)[i] for i in range(4)])
+    l1 = [train_step(state, real)["rec_l1"] for _ in range(40)]
+    assert sum(l1[-5:]) / 5 < 0.6 * sum(l1[:5]) / 5
+
+
+def test_encoder_is_the_discriminator_trunk_without_batch_statistics() -> None:
+    from worker.training.vae import build_encoder, encode, kl_divergence
+
+    config = GeneratorConfig.slim(16, channel_max=16, channel_base=128, style_dim=8, n_mlp=2)
+    encoder = build_encoder(config)
+    x = torch.randn(4, 3, 16, 16)
+    mu, logvar = encode(encoder, x)
+    assert mu.shape == logvar.shape == (4, 8)
+    # each code depends on its own image only (no minibatch-stddev channel)
+    mu_one, _ = encode(encoder, x[:1])
+    assert torch.allclose(mu_one, mu[:1], atol=1e-5)
+    assert torch.allclose(kl_divergence(torch.zeros(2, 8), torch.zeros(2, 8)), torch.zeros(2))
+    assert bool((kl_divergence(mu, logvar) > 0).all())
+
+
+def test_mapping_set_to_a_gaussian_samples_it() -> None:
+    from worker.engine.mapping_fit import undo_activation
+    from worker.training.vae import CodeMoments, set_mapping_to_gaussian
+
+    config = GeneratorConfig.slim(16, channel_max=16, channel_base=128, style_dim=8, n_mlp=3)
+    G = Generator(config)
+    rng = torch.Generator().manual_seed(0)
+    a = torch.randn(8, 8, generator=rng, dtype=torch.float64) * 0.5
+    mean = torch.randn(8, generator=rng, dtype=torch.float64)
+    cov = a @ a.T + 0.1 * torch.eye(8, dtype=torch.float64)
+    # the moments of codes drawn from that Gaussian recover it
+    codes = CodeMoments(8, decay=0.99)
+    x = torch.distributions.MultivariateNormal(mean, cov).sample((4000,))
+    for chunk in x.split(16):
+        w = torch.nn.functional.leaky_relu(chunk, 0.2) * 2**0.5
+        codes.update(w.float())
+    got_mean, got_cov = codes.gaussian()
+    assert torch.allclose(got_mean, mean, atol=0.3) and torch.allclose(got_cov, cov, atol=0.3)
+
+    set_mapping_to_gaussian(G, mean, cov)
+    with torch.no_grad():
+        y = undo_activation(G.mapping(torch.randn(50_000, 8, generator=rng))).double()
+    assert torch.allclose(y.mean(0), mean, atol=0.02)
+    assert torch.allclose(torch.cov(y.T), cov, atol=0.08)  # sampling error ~0.02
+
+
+def test_vae_export_uses_the_encoded_faces_prior(tmp_path: Path) -> None:
+    from worker.engine.mapping_fit import undo_activation
+    from worker.training.gan import build_state, exported_generator, load_checkpoint
+
+    run(tiny(tmp_path, steps=3, objective="vae"))
+    ckpt = read_checkpoint(tmp_path / "checkpoint.pt")
+    assert ckpt["codes"]["weight"] > 0
+    state = build_state(TrainConfig(**ckpt["train_config"]), torch.device("cpu"))
+    load_checkpoint(state, ckpt)
+    mean, _ = state.codes.gaussian()
+    G = exported_generator(state)
+    with torch.no_grad():
+        x = undo_activation(G.mapping(torch.randn(20_000, 16))).double()
+    assert torch.allclose(x.mean(0), mean, atol=0.05)
+    # the shipped file carries that mapping, and the search's fit matches it
+    shipped = load_generator(tmp_path / "g_ema.pt")
+    assert torch.equal(shipped.generator.style[1].weight, G.style[1].weight)
+    assert shipped.mapping_fit is not None
+    # (the fit at export uses latent_avg_samples=256 draws: standard error ~0.1)
+    assert torch.allclose(shipped.mapping_fit.mean.double(), mean, atol=0.4)

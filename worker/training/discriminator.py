@@ -79,9 +79,14 @@ class ResBlock(nn.Module):
 
 
 class Discriminator(nn.Module):
-    """Image (B, 3, res, res) in [-1, 1] → one realness logit per image (B, 1)."""
+    """Image (B, 3, res, res) in [-1, 1] → one realness logit per image (B, 1).
 
-    def __init__(self, config: GeneratorConfig, stddev_group: int = 4) -> None:
+    The same residual trunk doubles as the VAE objective's encoder: ``out_dim``
+    outputs (z's mean and log-variance) and ``stddev_group=0``, since a code
+    must depend on its own image only, not on the rest of the batch.
+    """
+
+    def __init__(self, config: GeneratorConfig, stddev_group: int = 4, out_dim: int = 1) -> None:
         super().__init__()
         self.config = config
         c, bk = config, config.blur_kernel
@@ -93,10 +98,10 @@ class Discriminator(nn.Module):
             in_ch = out_ch
         self.convs = nn.Sequential(*convs)
         self.stddev_group = stddev_group
-        self.final_conv = ConvLayer(in_ch + 1, c.width(4), 3)
+        self.final_conv = ConvLayer(in_ch + (1 if stddev_group else 0), c.width(4), 3)
         self.final_linear = nn.Sequential(
             EqualLinear(c.width(4) * 4 * 4, c.width(4), activate=True),
-            EqualLinear(c.width(4), 1),
+            EqualLinear(c.width(4), out_dim),
         )
 
     def minibatch_stddev(self, x: Tensor) -> Tensor:
@@ -111,6 +116,8 @@ class Discriminator(nn.Module):
         return torch.cat([x, y], 1)
 
     def forward(self, x: Tensor) -> Tensor:
-        out = self.minibatch_stddev(self.convs(x))
+        out = self.convs(x)
+        if self.stddev_group:
+            out = self.minibatch_stddev(out)
         out = self.final_conv(out)
         return self.final_linear(out.flatten(1))

@@ -1,9 +1,11 @@
 """StyleGAN2 training as plain functions: losses, one training step, checkpoints
 and the loop that ties them to a data set, a clock and a progress bar.
 
-One step = a D update (non-saturating logistic loss on DiffAugment-ed reals and
-fakes, plus lazy R1 every ``r1_every`` steps) then a G update (plus lazy
-path-length regularisation when enabled) then the EMA of G. Every random draw
+One step of the ``gan`` objective = a D update (non-saturating logistic loss on
+DiffAugment-ed reals and fakes, plus lazy R1 every ``r1_every`` steps) then a G
+update (plus lazy path-length regularisation when enabled) then the EMA of G.
+The ``vae`` objective (worker/training/vae.py) replaces the adversarial updates
+with an encoder + G reconstruction update; ``vae-gan`` does all three. Every random draw
 comes from the global torch RNG or from generators seeded by (seed, step), so a
 checkpoint that stores the RNG states and the step resumes bit-for-bit.
 """
@@ -11,6 +13,7 @@ checkpoint that stores the RNG states and the step resumes bit-for-bit.
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import json
 import math
@@ -34,6 +37,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from likeness.errors import LikenessError
 from worker.engine.checkpoints import save_generator
+from worker.engine.face.extractor import FaceExtractor
 from worker.engine.generator import Generator, GeneratorConfig
 from worker.engine.mapping_fit import fit_mapping
 from worker.training.diffaugment import diff_augment, parse_policy
@@ -45,11 +49,20 @@ from worker.training.images_zip import (
     read_member_list,
 )
 from worker.training.parts import has_parts, join_parts
+from worker.training.vae import (
+    CodeMoments,
+    build_encoder,
+    load_face_model,
+    set_mapping_to_gaussian,
+    vae_step,
+)
 
 CHECKPOINT_NAME = "checkpoint.pt"
 GENERATOR_NAME = "g_ema.pt"
 LOG_NAME = "log.jsonl"
 GRID_COLUMNS, GRID_ROWS = 8, 4
+
+Objective = Literal["gan", "vae", "vae-gan"]
 
 
 class TrainConfig(BaseModel):
@@ -62,6 +75,17 @@ class TrainConfig(BaseModel):
     style_dim: int = Field(256, description="width of z and w")
     n_mlp: int = Field(4, description="depth of the mapping network")
     # optimisation
+    objective: Objective = Field(
+        "gan", description="gan: StyleGAN2's adversarial training (needs a GPU's millions of "
+        "images); vae: G as the decoder of a variational autoencoder, which makes faces after "
+        "a few epochs (the CPU path); vae-gan: the autoencoder plus the adversarial terms")
+    kl_weight: float = Field(5e-5, ge=0, description="vae: weight of the KL term (nats/image)")
+    lowres_weight: float = Field(10.0, ge=0, description="vae: weight of the 16/32-px MSE")
+    identity_weight: float = Field(
+        0.1, ge=0, description="vae: weight of 1 - cos of MobileFaceNet embeddings")
+    face_weights: Path | None = Field(
+        None, description="vae: MobileFaceNet checkpoint for the identity term; None: no term")
+    adv_weight: float = Field(1.0, ge=0, description="weight of G's adversarial loss")
     batch: int = Field(8, ge=1)
     lr: float = Field(0.002, gt=0, description="Adam lr before the lazy-reg correction")
     r1_gamma: float = Field(0.5, ge=0, description="R1 weight; ~0.0002·res²/batch suits small data")
@@ -115,8 +139,13 @@ class TrainConfig(BaseModel):
 
 
 # Fields a resumed run may change; every other field must match the checkpoint.
+# The vae objectives' loss weights are among them: raising the KL weight
+# after a warm-up at a low one is the usual way to train a VAE (the checkpoint
+# records the weights in force when it was written).
 RUN_FIELDS = frozenset({"data", "members", "out", "total_kimg", "max_minutes",
-                        "checkpoint_minutes", "device", "workers", "synthetic_count"})
+                        "checkpoint_minutes", "device", "workers", "synthetic_count",
+                        "face_weights", "kl_weight", "lowres_weight", "identity_weight",
+                        "adv_weight"})
 
 
 def merge_resume_config(saved: TrainConfig, overrides: dict[str, Any]) -> TrainConfig:
@@ -167,6 +196,10 @@ class TrainState:
     opt_D: torch.optim.Adam
     scaler_G: torch.amp.GradScaler | None = None
     scaler_D: torch.amp.GradScaler | None = None
+    E: Discriminator | None = None  # the vae objectives' encoder
+    opt_E: torch.optim.Adam | None = None
+    face: FaceExtractor | None = None  # frozen, for the identity term; not checkpointed
+    codes: CodeMoments | None = None  # the encoded faces' w, for the exported prior
     step: int = 0
     mean_path_length: float = 0.0
     train_seconds: float = 0.0  # device time over all sessions (for the weights manifest)
@@ -202,13 +235,20 @@ def build_state(config: TrainConfig, device: torch.device) -> TrainState:
         return torch.optim.Adam(params, lr=config.lr * ratio, betas=(0.0, 0.99**ratio))
 
     fp16 = amp_dtype(config, device) == torch.float16
-    return TrainState(
+    state = TrainState(
         config=config, device=device, G=G, D=D, G_ema=G_ema,
         opt_G=adam(G.parameters(), g_ratio), opt_D=adam(D.parameters(), d_ratio),
         scaler_G=torch.amp.GradScaler("cuda") if fp16 else None,
         scaler_D=torch.amp.GradScaler("cuda") if fp16 else None,
         augment=parse_policy(config.augment),
     )
+    if config.objective != "gan":
+        state.E = build_encoder(gconf).to(device)
+        state.opt_E = adam(state.E.parameters(), 1.0)
+        state.codes = CodeMoments(gconf.style_dim)
+        if config.face_weights is not None:
+            state.face = load_face_model(config.face_weights, device)
+    return state
 
 
 # ---------------------------------------------------------------- one step
@@ -276,7 +316,7 @@ def g_step(state: TrainState, batch: int) -> dict[str, float]:
     D.requires_grad_(False)
     with _autocast(state):
         fake = G.synthesis(sample_w_plus(G, batch, c.mixing, state.device))
-        loss = g_nonsaturating_loss(D(diff_augment(fake, state.augment)).float())
+        loss = c.adv_weight * g_nonsaturating_loss(D(diff_augment(fake, state.augment)).float())
     _step(loss, state.opt_G, state.scaler_G)
     out = {"loss_G": loss.item()}
     if c.pl_weight > 0 and state.step % c.pl_every == 0:
@@ -310,14 +350,21 @@ def update_ema(state: TrainState) -> None:
 
 
 def train_step(state: TrainState, real: Tensor) -> dict[str, float]:
-    """One D update, one G update, the EMA; advances ``state.step``."""
-    metrics = d_step(state, real)
-    metrics |= g_step(state, real.shape[0])
+    """The objective's updates (D, the autoencoder, G), the EMA; advances ``state.step``."""
+    objective = state.config.objective
+    metrics: dict[str, float] = {}
+    if objective != "vae":
+        metrics |= d_step(state, real)
+    if objective != "gan":
+        metrics |= vae_step(state, real)
+    if objective != "vae":
+        metrics |= g_step(state, real.shape[0])
     update_ema(state)
     state.step += 1
-    if not (math.isfinite(metrics["loss_D"]) and math.isfinite(metrics["loss_G"])):
+    bad = {k: v for k, v in metrics.items() if k.startswith("loss_") and not math.isfinite(v)}
+    if bad:
         raise LikenessError("training_diverged", f"losses became non-finite at step {state.step}: "
-                            f"D {metrics['loss_D']}, G {metrics['loss_G']}")
+                            + ", ".join(f"{k} {v}" for k, v in bad.items()))
     return metrics
 
 
@@ -363,6 +410,9 @@ def save_checkpoint(state: TrainState, path: Path) -> None:
         "train_config": state.config.model_dump(mode="json"),
         "generator_config": state.G.config.model_dump(mode="json"),
     }
+    if state.E is not None and state.opt_E is not None and state.codes is not None:
+        ckpt["E"], ckpt["opt_E"] = state.E.state_dict(), state.opt_E.state_dict()
+        ckpt["codes"] = state.codes.state_dict()
     for name in ("scaler_G", "scaler_D"):
         scaler = getattr(state, name)
         if scaler is not None:
@@ -395,6 +445,11 @@ def load_checkpoint(state: TrainState, ckpt: dict[str, Any]) -> None:
     state.G_ema.load_state_dict(ckpt["G_ema"])
     state.opt_G.load_state_dict(ckpt["opt_G"])
     state.opt_D.load_state_dict(ckpt["opt_D"])
+    if state.E is not None and state.opt_E is not None and state.codes is not None:
+        state.E.load_state_dict(ckpt["E"])
+        state.opt_E.load_state_dict(ckpt["opt_E"])
+        if "codes" in ckpt:  # checkpoints from before the moments were kept start afresh
+            state.codes.load_state_dict(ckpt["codes"])
     for name in ("scaler_G", "scaler_D"):
         scaler = getattr(state, name)
         if scaler is not None and name in ckpt:
@@ -436,9 +491,19 @@ def sample_grid(G: Generator, seed: int, columns: int = GRID_COLUMNS,
     return Image.fromarray(grid.numpy())
 
 
+def exported_generator(state: TrainState) -> Generator:
+    """G_ema as it ships: for the vae objectives, with the mapping set to the
+    Gaussian of the encoded faces (worker/training/vae.py explains why)."""
+    if state.codes is None or state.codes.weight <= 0:
+        return state.G_ema
+    G = copy.deepcopy(state.G_ema)
+    set_mapping_to_gaussian(G, *state.codes.gaussian())
+    return G
+
+
 def export(state: TrainState, out: Path) -> dict[str, str]:
     """``g_ema.pt`` in the engine's layout (with latent_avg and a mapping fit) and a grid PNG."""
-    c, G = state.config, state.G_ema
+    c, G = state.config, exported_generator(state)
     latent_avg = mean_w(G, c.latent_avg_samples, seed=c.seed)
     fit = fit_mapping(G, samples=c.latent_avg_samples, batch=10_000, seed=c.seed)
     extra = {"train": {"kimg": state.kimg, "step": state.step,
@@ -529,6 +594,16 @@ class MetricMeans:
 
 PLAIN_LINE_SECONDS = 60.0
 
+# What the progress line shows, when the objective produces it.
+STATUS_METRICS = (("loss_G", "G", 3), ("loss_D", "D", 3), ("r1", "R1", 4),
+                  ("rec_l1", "L1", 4), ("rec_lowres", "lowres", 5), ("rec_identity", "id", 3),
+                  ("kl", "KL", 0))
+
+
+def status_text(metrics: dict[str, float]) -> str:
+    return " ".join(f"{label} {metrics[key]:.{digits}f}" for key, label, digits in STATUS_METRICS
+                    if key in metrics)
+
 
 def progress_bar(enabled: bool) -> Any:
     from rich.console import Console
@@ -605,8 +680,7 @@ def train(config: TrainConfig, *, resume: Path | None = None, progress: bool = T
             elapsed = time.monotonic() - started
             rate = (state.step - session_start_step) * config.batch / max(elapsed, 1e-9)
             kimg = f"{state.kimg:.2f}/{config.total_kimg:g} kimg"
-            status = (f"G {shown['loss_G']:.3f} D {shown['loss_D']:.3f} "
-                      f"R1 {shown.get('r1', float('nan')):.4f} {rate:.1f} img/s")
+            status = f"{status_text(shown)} {rate:.1f} img/s"
             bar.update(task, completed=state.step, kimg=kimg, status=status)
             if plain_lines and time.monotonic() - last_line >= PLAIN_LINE_SECONDS:
                 bar.console.print(f"train {kimg} {status}", highlight=False)

@@ -58,6 +58,19 @@ def train_generator(
         help="width at res r = min(channel_max, base / r) (default 2048)")] = None,
     style_dim: Annotated[int | None, typer.Option(help="width of z and w (default 256)")] = None,
     n_mlp: Annotated[int | None, typer.Option(help="mapping depth (default 4)")] = None,
+    objective: Annotated[str | None, typer.Option(
+        help="gan (StyleGAN2, for GPUs), vae (G as an autoencoder's decoder: faces after a few "
+             "epochs, the CPU path) or vae-gan (default gan)")] = None,
+    face_weights: Annotated[Path | None, typer.Option(
+        help="vae: MobileFaceNet checkpoint for the identity term "
+             "(../shared/weights/mobilefacenet_casia_068.ckpt)")] = None,
+    kl_weight: Annotated[float | None, typer.Option(help="vae: KL weight (default 5e-5)")] = None,
+    lowres_weight: Annotated[float | None, typer.Option(
+        help="vae: weight of the 16/32-px downscale MSE (default 10)")] = None,
+    identity_weight: Annotated[float | None, typer.Option(
+        help="vae: weight of the identity term (default 0.1)")] = None,
+    adv_weight: Annotated[float | None, typer.Option(
+        help="weight of G's adversarial loss (default 1)")] = None,
     batch: Annotated[int | None, typer.Option(min=1, help="batch size (default 8)")] = None,
     kimg: Annotated[float | None, typer.Option(
         help="train until this many thousand images seen (default 1000)")] = None,
@@ -100,6 +113,8 @@ def train_generator(
         style_dim=style_dim, n_mlp=n_mlp, batch=batch, total_kimg=kimg, max_minutes=max_minutes,
         checkpoint_minutes=checkpoint_minutes, seed=seed, r1_gamma=r1_gamma, augment=augment,
         members=members, mirror=mirror, pl_weight=pl_weight, ema_kimg=ema_kimg, workers=workers,
+        objective=objective, face_weights=face_weights, kl_weight=kl_weight,
+        lowres_weight=lowres_weight, identity_weight=identity_weight, adv_weight=adv_weight,
     )
     overrides = {k: v for k, v in options.items() if v is not None}
     overrides["device"] = device
@@ -128,7 +143,8 @@ def train_generator(
             err.print(f"no checkpoint in {out}: starting fresh", highlight=False)
         gconf = config.generator_config()
         err.print(f"generator {gconf.resolution}px channels {gconf.channels} "
-                  f"style_dim {gconf.style_dim} n_mlp {gconf.n_mlp}; batch {config.batch}, "
+                  f"style_dim {gconf.style_dim} n_mlp {gconf.n_mlp}; objective "
+                  f"{config.objective}, batch {config.batch}, "
                   f"data {config.data or 'synthetic'}, out {config.out}", highlight=False)
         result = train(config, resume=resume_path)
     except LikenessError as e:
