@@ -323,6 +323,34 @@ def weights_import(
               f"{result.path} (recorded in {result.manifest_path})", highlight=False)
 
 
+@weights_app.command("ship-generator")
+def weights_ship_generator(
+    run: Annotated[Path, typer.Argument(help="a train-generator run folder (checkpoint.pt, "
+                                        "g_ema.pt)")],
+    quality: Annotated[Path | None, typer.Option(
+        help="bench/generator_quality.py's JSON for the shipped file: its metrics go into the "
+             "manifest")] = None,
+    name: Annotated[str, typer.Option(help="manifest name; the file is <name>.pt")] = "generator",
+    into: Annotated[Path | None, typer.Option(
+        help="folder of the manifest to register in (default: the bundled weights/)")] = None,
+    half: Annotated[bool, typer.Option("--fp16/--fp32", help="store float16 weights")] = True,
+) -> None:
+    """Bundle a trained generator: G_ema (fp16) with a fresh mapping fit, as the default
+    generator, with its config, sha256, provenance and (with --quality) its metrics."""
+    from likeness.manifest import MANIFEST_PATH
+    from worker.training.generator_ship import read_quality, ship_generator
+
+    manifest_path = into / "manifest.json" if into is not None else MANIFEST_PATH
+    try:
+        entry = ship_generator(run, quality=read_quality(quality), name=name,
+                               manifest_path=manifest_path, half=half)
+    except LikenessError as e:
+        fail(e.message)
+    typer.echo(json.dumps(entry.model_dump(), indent=2))
+    err.print(f"shipped {run} as generator '{entry.name}' → {manifest_path.parent / entry.file}",
+              highlight=False)
+
+
 @weights_app.command("export-detector")
 def weights_export_detector(
     into: Annotated[Path | None, typer.Option(help="folder of the manifest to register in "

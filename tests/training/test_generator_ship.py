@@ -1,0 +1,86 @@
+"""Measuring and shipping a trained generator (issue 3): the quality measures
+behave, and shipping writes a loadable fp16 file that the manifest describes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from skimage import data
+
+from likeness.errors import LikenessError
+from likeness.manifest import load_manifest, resolve_weights, sha256_file
+from worker.engine.checkpoints import load_generator
+from worker.training.gan import TrainConfig, train
+from worker.training.generator_quality import (
+    face_probabilities,
+    frechet_distance,
+    samples,
+    search_fit,
+)
+from worker.training.generator_ship import ship_generator
+
+
+def test_frechet_distance_of_known_gaussians() -> None:
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(20_000, 3))
+    assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
+    # N(0, I) vs N(m, 4I) in 3-d: |m|^2 + 3 * (1 + 4 - 2 * 2) = |m|^2 + 3
+    b = rng.normal(size=(20_000, 3)) * 2 + np.array([1.0, 2.0, 0.0])
+    assert frechet_distance(a, b) == pytest.approx(5.0 + 3.0, rel=0.05)
+
+
+def test_face_probability_separates_a_face_from_noise() -> None:
+    face = torch.from_numpy(data.astronaut()[:256, 100:356].copy()).permute(2, 0, 1) / 255
+    noise = torch.rand(3, 256, 256, generator=torch.Generator().manual_seed(0))
+    probs = face_probabilities(torch.stack([face, noise]))
+    assert probs[0] >= 0.95 and probs[1] < 0.5
+
+
+@pytest.fixture(scope="module")
+def run_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("run")
+    torch.set_num_threads(1)
+    config = TrainConfig.smoke(resolution=32, channel_max=16, channel_base=256, style_dim=16,
+                               n_mlp=2, batch=4, total_kimg=0.008, objective="vae",
+                               synthetic_count=16, latent_avg_samples=256, out=out,
+                               device="cpu")
+    train(config, progress=False)
+    return out
+
+
+def test_ship_writes_fp16_generator_with_fit_and_manifest_entry(run_folder: Path,
+                                                                tmp_path: Path) -> None:
+    manifest = tmp_path / "manifest.json"
+    entry = ship_generator(run_folder, manifest_path=manifest)
+    path, found = resolve_weights(None, "generator", manifest)
+    assert found == entry and path == tmp_path / "generator.pt"
+    assert sha256_file(path) == entry.sha256
+    assert entry.provenance["objective"] == "vae" and entry.provenance["kimg"] == 0.01
+    raw = torch.load(path, weights_only=True)
+    assert raw["g_ema"]["style.1.weight"].dtype == torch.float16
+    loaded = load_generator(path)
+    assert loaded.mapping_fit is not None and loaded.mapping_fit.samples == 100_000
+
+    # shipping is deterministic, so a measurement of the shipped file can be attached
+    again = ship_generator(run_folder, manifest_path=manifest,
+                           quality={"sha256": entry.sha256, "face_rate": {"value": 0.5},
+                                    "date": "2026-11-30"})
+    assert again.sha256 == entry.sha256 and again.metrics["face_rate"] == {"value": 0.5}
+    assert len(load_manifest(manifest).models) == 1  # replaced, not added beside
+    with pytest.raises(LikenessError, match="measured a file"):
+        ship_generator(run_folder, manifest_path=manifest, quality={"sha256": "0" * 64})
+
+
+def test_search_fit_reports_one_result_per_photo(run_folder: Path) -> None:
+    from worker.engine.search import SearchConfig
+
+    loaded = load_generator(run_folder / "g_ema.pt")
+    assert loaded.mapping_fit is not None
+    photos = torch.cat(list(samples(loaded.generator, 3, seed=1)))
+    out = search_fit(loaded.generator, loaded.mapping_fit, photos, thumb=8,
+                     config=SearchConfig(steps=2, restarts=2, seed=0), batch=2)
+    assert len(out["mse"]) == len(out["accepted"]) == 3
+    assert all(m >= 0 for m in out["mse"])

@@ -1,0 +1,86 @@
+"""Put a trained generator into weights/: the EMA generator (fp16), a fresh
+mapping fit, and a manifest entry saying what it is and where it came from."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from likeness.errors import LikenessError
+from likeness.manifest import MANIFEST_PATH, WeightsEntry, register
+from worker.engine.checkpoints import load_generator, save_generator
+from worker.engine.mapping_fit import fit_mapping
+from worker.training.gan import CHECKPOINT_NAME, GENERATOR_NAME, mean_w, read_checkpoint
+
+# The search reads only this fit's mean and std; 100k samples pin them well.
+FIT_SAMPLES = 100_000
+
+
+def ship_generator(run: Path, *, quality: dict[str, Any] | None = None, name: str = "generator",
+                   manifest_path: Path = MANIFEST_PATH, half: bool = True,
+                   default: bool = True) -> WeightsEntry:
+    """``run`` is a train-generator folder (checkpoint.pt + g_ema.pt); ``quality``
+    the JSON of bench/generator_quality.py for the shipped file, if measured.
+
+    Shipping is deterministic (same run → same bytes), so the order is: ship,
+    measure the shipped file, ship again with the measurement, which must name
+    the shipped file's sha256."""
+    ckpt_path, g_path = run / CHECKPOINT_NAME, run / GENERATOR_NAME
+    for path in (ckpt_path, g_path):
+        if not path.is_file():
+            raise LikenessError("not_a_run", f"{run} is not a train-generator run: no {path.name}")
+    train_config = read_checkpoint(ckpt_path)["train_config"]
+    loaded = load_generator(g_path)
+    G = loaded.generator
+    if half:
+        # fit and average what will be loaded: the fp16-rounded weights
+        G.half().float()
+    train = dict(_train_info(g_path))
+    fit = fit_mapping(G, samples=FIT_SAMPLES, seed=int(train_config.get("seed", 0)))
+    dest = manifest_path.parent / f"{name}.pt"
+    sha = save_generator(dest, G, latent_avg=mean_w(G, FIT_SAMPLES), mapping_fit=fit, half=half,
+                         extra={"train": train})
+    if quality and quality.get("sha256") != sha:
+        raise LikenessError(
+            "quality_mismatch", f"the quality report measured a file with sha256 "
+            f"{str(quality.get('sha256'))[:12]}…, not the shipped {sha[:12]}…: ship once, "
+            f"measure {dest} with bench/generator_quality.py, then ship again with it")
+    seconds = float(train.get("train_seconds", 0.0))
+    entry = WeightsEntry(
+        name=name, kind="generator", file=dest.name, sha256=sha, default=default,
+        config=G.config.model_dump(mode="json") | {"dtype": "float16" if half else "float32"},
+        provenance={
+            "data": f"{Path(str(train_config.get('data'))).parent.name} train split "
+                    "(likeness/splits.py, salt likeness-v1)",
+            "objective": train_config.get("objective", "gan"),
+            "kimg": round(float(train.get("kimg", 0.0)), 2), "steps": train.get("step"),
+            "batch": train_config.get("batch"), "device_hours": round(seconds / 3600, 2),
+            "train_config": train_config, "command": "likeness train-generator",
+        },
+        metrics=_metrics(quality) if quality else {},
+    )
+    register(entry, manifest_path)
+    return entry
+
+
+def _train_info(g_path: Path) -> dict[str, Any]:
+    import torch
+
+    ckpt = torch.load(g_path, map_location="cpu", weights_only=True)
+    return dict(ckpt.get("train", {}))
+
+
+def _metrics(quality: dict[str, Any]) -> dict[str, Any]:
+    """The manifest keeps the headline numbers and the sizes they were measured at."""
+    keep = ("face_rate", "fd", "search_fit")
+    return {k: quality[k] for k in keep if k in quality} | {"measured": quality.get("date")}
+
+
+def read_quality(path: Path | None) -> dict[str, Any] | None:
+    if path is None:
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise LikenessError("bad_quality", f"cannot read {path}: {e}") from None
