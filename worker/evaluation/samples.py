@@ -1,0 +1,210 @@
+"""Held-out photos, their 16×16 thumbnails and per-thumbnail seeds.
+
+Who is evaluated is a pure function of the data (the "test" split of
+likeness/splits.py, then a fixed hash order), never of ``--seed``: changing the
+seed re-runs the searches on the same people.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import zipfile
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from likeness.errors import LikenessError
+from likeness.labels import UTKFACE_RACES
+from likeness.splits import members, read_rows, unit_hash
+from worker.engine.downscale import downscale
+from worker.engine.face.alignment import Template, align_faces, fallback_landmarks
+from worker.evaluation.config import TABLE3_ATTRIBUTES
+from worker.training.extractor_data import cached_landmarks, read_image
+
+ORDER_SALT = "evaluate"  # the hash order people are taken in (not the split's salt)
+
+
+@dataclass
+class Samples:
+    """N held-out photos I, each with a reference photo and its labels.
+
+    Every photo is in the FFHQ frame the generator draws (CelebA-HQ already is;
+    UTKFace chips are re-framed), so photos and outputs align alike: with the
+    frame's fixed landmarks.
+    """
+
+    dataset: str  # "celebahq" or "utkface"
+    names: list[str]  # zip member of each photo I
+    reference_names: list[str]  # the reference photo I' (CelebA-HQ) or I itself (UTKFace)
+    identities: list[str]  # CelebA person id; UTKFace: the file (each image its own person)
+    photos: Tensor  # (N, 3, S, S) in [0, 1]
+    references: Tensor  # (N, 3, S, S) in [0, 1]
+    thumbnails: np.ndarray  # (N, t, t, 3) uint8: bicubic downscale of the photos
+    seeds: list[int]  # one per thumbnail, shared by every strategy
+    labels: np.ndarray  # CelebA-HQ: (N, 5) 0/1 of TABLE3_ATTRIBUTES; UTKFace: (N,) race index
+    skipped: int = 0  # UTKFace images passed over because MTCNN found no face
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+def thumbnail_seed(seed: int, dataset: str, name: str) -> int:
+    """The search seed of one thumbnail: the same for every strategy (a fair comparison)."""
+    digest = hashlib.sha256(f"{seed}:{dataset}:{name}".encode()).digest()
+    return int.from_bytes(digest[:4], "big") & 0x7FFF_FFFF
+
+
+def make_thumbnails(photos: Tensor, size: int) -> np.ndarray:
+    """(N, 3, S, S) in [0, 1] → (N, size, size, 3) uint8 with the search's own bicubic
+    operator, rounded to 8 bits as a thumbnail file would be."""
+    small = downscale(photos, size)
+    return small.mul(255).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
+
+
+def require_set(root: Path) -> None:
+    for name in ("images.zip", "labels.csv"):
+        if not (root / name).is_file():
+            raise LikenessError(
+                "data_not_found", f"no {root / name}: --data-root must be the folder holding "
+                "celebahq/ and utkface/ in the ../shared/data format", status=404)
+
+
+def read_images(zip_path: Path, names: list[str]) -> Tensor:
+    with zipfile.ZipFile(zip_path) as zf:
+        return torch.stack([read_image(zf, n) for n in names])
+
+
+def celeba_samples(root: Path, count: int, thumbnail: int, seed: int) -> Samples:
+    """``count`` held-out people with two or more photos: I and I' are their first two
+    (by file name); the labels are I's five Table 3 attributes."""
+    require_set(root)
+    rows = {r["file"]: r for r in read_rows(root / "labels.csv")}
+    photos_of: dict[str, list[str]] = defaultdict(list)
+    for name in members(root / "labels.csv", "test"):
+        photos_of[rows[name]["identity"]].append(name)
+    people = sorted((p for p, names in photos_of.items() if len(names) >= 2),
+                    key=lambda p: (unit_hash(p, ORDER_SALT), p))[:count]
+    if len(people) < 2:
+        raise LikenessError("data_not_found", f"{root} has {len(people)} held-out people with "
+                            "two or more photos; Table 1 needs at least 2", status=404)
+    pairs = [sorted(photos_of[p])[:2] for p in people]
+    names, refs = [a for a, _ in pairs], [b for _, b in pairs]
+    photos = read_images(root / "images.zip", names)
+    missing = [a for a in TABLE3_ATTRIBUTES if a not in rows[names[0]]]
+    if missing:
+        raise LikenessError("data_not_found", f"{root / 'labels.csv'} lacks the attribute "
+                            f"columns {', '.join(missing)}", status=404)
+    return Samples(
+        dataset="celebahq", names=names, reference_names=refs, identities=people,
+        photos=photos, references=read_images(root / "images.zip", refs),
+        thumbnails=make_thumbnails(photos, thumbnail),
+        seeds=[thumbnail_seed(seed, "celebahq", n) for n in names],
+        labels=np.array([[int(rows[n][a]) for a in TABLE3_ATTRIBUTES] for n in names]))
+
+
+def ffhq_frame(size: int) -> Template:
+    """The generator's framing as an alignment template of ``size`` × ``size`` pixels."""
+    points = fallback_landmarks(1, size, size)[0].tolist()
+    return Template(f"ffhq_frame_{size}", size, size, tuple((x, y) for x, y in points))
+
+
+def soft_pad(images: Tensor, pad: int) -> Tensor:
+    """Extend (N, 3, S, S) images by ``pad`` pixels a side with plain background.
+
+    Edge pixels are repeated, then faded into a blur and, farther out, into the
+    image's mean colour (FFHQ's own alignment pads this way): mirroring would put
+    copies of the face into the margin, repeating alone would draw streaks.
+    """
+    padded = F.pad(images, (pad, pad, pad, pad), mode="replicate")
+    side = padded.shape[-1]
+    i = torch.arange(side, dtype=images.dtype, device=images.device)
+    # how far outside the original each row / column lies, as a fraction of pad
+    out = ((pad - i).clamp_min(0) + (i - (side - 1 - pad)).clamp_min(0)) / pad
+    far = torch.maximum(out.view(-1, 1), out.view(1, -1))
+    # A blur about pad/2 wide, run at 1/f resolution (full-size boxes that wide are slow):
+    # two box filters are close enough to a Gaussian for a background.
+    f = max(1, pad // 16)
+    blurred = F.avg_pool2d(padded, f, ceil_mode=True)
+    k = blurred.shape[-1] // 6 * 2 + 1
+    for _ in range(2):
+        blurred = F.avg_pool2d(blurred, k, stride=1, padding=k // 2, count_include_pad=False)
+    blurred = F.interpolate(blurred, size=(side, side), mode="bilinear", align_corners=False)
+    mean = images.mean((2, 3), keepdim=True)
+    padded = padded + (blurred - padded) * (3 * far).clamp(0, 1)
+    return padded + (mean - padded) * far.clamp(0, 1)
+
+
+def to_ffhq_frame(images: Tensor, landmarks: Tensor) -> Tensor:
+    """Warp tight face crops into the FFHQ frame of the same size.
+
+    UTKFace chips show the face about twice as large as the generator draws it,
+    so their raw thumbnails are faces no latent downscales to (PULSE aligns its
+    inputs to FFHQ for the same reason). The frame needs more background than a
+    chip has: ``soft_pad`` invents a plain one.
+    """
+    size = images.shape[-1]
+    return align_faces(soft_pad(images, size), ffhq_frame(size), landmarks + size).crops.clamp(0, 1)
+
+
+def race_balanced_order(names: list[str], race: dict[str, int]) -> list[list[str]]:
+    """Per race (UTKFace's five), its names in a fixed hash order."""
+    by_race: list[list[str]] = [[] for _ in UTKFACE_RACES]
+    for n in names:
+        by_race[race[n]].append(n)
+    return [sorted(group, key=lambda n: (unit_hash(n, ORDER_SALT), n)) for group in by_race]
+
+
+def utkface_samples(root: Path, count: int, thumbnail: int, seed: int,
+                    landmark_cache: Path) -> Samples:
+    """``count`` held-out UTKFace images, as race-balanced as the split allows (the paper
+    used FairFace, which is balanced); each image is its own reference photo.
+
+    MTCNN locates the face once per image (cached by member name); images where it
+    finds none are passed over, since they cannot be framed like the generator's faces.
+    """
+    require_set(root)
+    rows = {r["file"]: r for r in read_rows(root / "labels.csv")}
+    race = {n: int(r["race"]) for n, r in rows.items()}
+    groups = race_balanced_order(members(root / "labels.csv", "test"), race)
+    quota = [0] * len(groups)
+    for _ in range(count):  # round robin over the races that still have images
+        open_races = [r for r in range(len(groups)) if quota[r] < len(groups[r])]
+        if not open_races:
+            break
+        quota[min(open_races, key=lambda r: quota[r])] += 1
+    chosen: list[list[tuple[str, Tensor]]] = []
+    skipped = 0
+    for group, want in zip(groups, quota, strict=True):
+        kept: list[tuple[str, Tensor]] = []
+        start = 0
+        while len(kept) < want and start < len(group):
+            # a few spares per chunk: MTCNN misses a face now and then
+            chunk = group[start : start + want - len(kept) + 2]
+            start += len(chunk)
+            lms, found = cached_landmarks(root / "images.zip", chunk, landmark_cache)
+            for name, lm, ok in zip(chunk, lms, found, strict=True):
+                if len(kept) == want:
+                    break
+                if bool(ok):
+                    kept.append((name, lm))
+                else:
+                    skipped += 1
+        chosen.append(kept)
+    # interleave the races, so every batch and the grid's first rows mix them
+    picked = [g[i] for i in range(max(map(len, chosen), default=0)) for g in chosen if i < len(g)]
+    if not picked:
+        raise LikenessError("data_not_found", f"no held-out UTKFace image in {root} has a face "
+                            "MTCNN finds", status=404)
+    names = [n for n, _ in picked]
+    photos = to_ffhq_frame(read_images(root / "images.zip", names),
+                           torch.stack([lm for _, lm in picked]))
+    return Samples(
+        dataset="utkface", names=names, reference_names=list(names), identities=list(names),
+        photos=photos, references=photos, thumbnails=make_thumbnails(photos, thumbnail),
+        seeds=[thumbnail_seed(seed, "utkface", n) for n in names],
+        labels=np.array([race[n] for n in names]), skipped=skipped)
