@@ -33,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 from worker.engine.face.alignment import warp_affine  # noqa: E402
 from worker.engine.face.extractor import FaceExtractor, angle  # noqa: E402
+from worker.engine.face.verification import best_angle_threshold, threshold_accuracy  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
 
@@ -74,24 +75,14 @@ def center_crops(images: torch.Tensor, height: int, width: int, scale: float) ->
     return warp_affine(images, m, height, width)
 
 
-def best_threshold(angles: np.ndarray, same: np.ndarray) -> float:
-    """The angle threshold (same if angle < t) with the best accuracy on these pairs."""
-    order = np.argsort(angles)
-    a, s = angles[order], same[order]
-    # Threshold just above a[k]: pairs 0..k are called same.
-    correct = np.cumsum(s) + (np.sum(~s) - np.cumsum(~s))
-    k = int(np.argmax(correct))
-    upper = a[k + 1] if k + 1 < len(a) else a[k] + 1.0
-    return float((a[k] + upper) / 2)
-
-
 def ten_fold(angles: np.ndarray, same: np.ndarray, seed: int) -> tuple[list[float], list[float]]:
+    """Accuracy on each fold of the threshold (same if angle <= t) fitted on the other nine."""
     folds = np.array_split(np.random.default_rng(seed).permutation(len(angles)), 10)
     accs, thresholds = [], []
     for k, test in enumerate(folds):
         train = np.concatenate([f for i, f in enumerate(folds) if i != k])
-        t = best_threshold(angles[train], same[train])
-        accs.append(float(np.mean((angles[test] < t) == same[test])))
+        t, _ = best_angle_threshold(angles[train][same[train]], angles[train][~same[train]])
+        accs.append(threshold_accuracy(angles[test][same[test]], angles[test][~same[test]], t))
         thresholds.append(t)
     return accs, thresholds
 

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from likeness.errors import LikenessError
-from likeness.manifest import resolve_weights
+from likeness.manifest import resolve_weights, sha256_file
 from worker.engine.checkpoints import LoadedGenerator, load_generator
 from worker.engine.face.extractor import FaceExtractor
 from worker.engine.objectives import (
@@ -87,18 +87,25 @@ class Objective:
 
 
 def load_extractor(spec: str | None, device: torch.device) -> tuple[FaceExtractor, float, str]:
-    """F with its race and attribute heads, its threshold angle θ_t, and its display name."""
+    """F with its race and attribute heads, its threshold angle θ_t, and its display name.
+
+    ``spec`` None: the manifest's default extractor. θ_t comes from the export itself
+    (fitted when F was trained); older exports without one get ``DEFAULT_THRESHOLD_DEG``.
+    """
     from worker.training.extractor import load_export
 
     path, entry = resolve_weights(spec, "extractor")
+    if entry is not None and sha256_file(path) != entry.sha256:
+        raise LikenessError(
+            "weights_corrupt", f"{path} does not match its manifest sha256 (re-checkout weights/)"
+        )
     extractor = load_export(path).to(device).eval()
     for p in extractor.parameters():
         p.requires_grad_(False)
-    threshold = DEFAULT_THRESHOLD_DEG
-    if entry is not None:
-        threshold = float(entry.config.get("threshold_deg",
-                                           entry.metrics.get("threshold_deg", threshold)))
-    return extractor, threshold, entry.name if entry is not None else str(path)
+    threshold = extractor.threshold_deg
+    if threshold is None:
+        threshold = DEFAULT_THRESHOLD_DEG
+    return extractor, float(threshold), entry.name if entry is not None else str(path)
 
 
 def reference_embedding(extractor: FaceExtractor, pixels: np.ndarray) -> Tensor:

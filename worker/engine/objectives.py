@@ -21,8 +21,8 @@ from worker.engine.face.alignment import fallback_landmarks
 from worker.engine.face.extractor import FaceExtractor, angle
 from worker.engine.search import ExtraLoss, ExtraTerms
 
-# F0's verification threshold on LFW through our alignment (bench/lfw_verification.py);
-# an extractor's manifest entry overrides it with its own.
+# F0's verification threshold on LFW through our alignment (bench/lfw_verification.py),
+# for extractors without their own: train-extractor stores the θ_t it fits in its export.
 DEFAULT_THRESHOLD_DEG = 73.2
 
 

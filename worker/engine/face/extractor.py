@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
@@ -13,6 +15,39 @@ from torch import Tensor, nn
 from . import iresnet, mobilefacenet
 from .alignment import ARCFACE_112, AlignedFaces, SPHEREFACE_112x96, Template, align_faces
 from .heads import AttributeHead, RaceHead
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """What a backbone family needs besides its weights: the crop template and
+    input normalisation it was trained with, and how to build it."""
+
+    backbone: type[nn.Module]
+    template: Template
+    mean: float
+    std: float
+    load: Callable[[str | Path], nn.Module]  # a published checkpoint file
+    from_state_dict: Callable[[dict[str, Tensor]], nn.Module]
+    new: Callable[[], nn.Module]  # random initialisation (smoke runs, tests)
+
+
+ARCHITECTURES: dict[str, Architecture] = {
+    "mobilefacenet": Architecture(
+        mobilefacenet.MobileFaceNet, SPHEREFACE_112x96, mobilefacenet.MEAN, mobilefacenet.STD,
+        mobilefacenet.load_mobilefacenet, mobilefacenet.from_state_dict,
+        mobilefacenet.MobileFaceNet),
+    "iresnet": Architecture(
+        iresnet.IResNet, ARCFACE_112, iresnet.MEAN, iresnet.STD, iresnet.load_iresnet,
+        iresnet.from_state_dict, lambda: iresnet.get_backbone("r18")),
+}
+
+
+def architecture_of(backbone: nn.Module) -> str:
+    """The ``ARCHITECTURES`` name of a backbone module."""
+    for name, arch in ARCHITECTURES.items():
+        if isinstance(backbone, arch.backbone):
+            return name
+    raise ValueError(f"{type(backbone).__name__} is none of {sorted(ARCHITECTURES)}")
 
 
 class FaceOutput(NamedTuple):
@@ -26,7 +61,8 @@ class FaceOutput(NamedTuple):
 class FaceExtractor(nn.Module):
     """Maps [B, 3, H, W] RGB images in [0, 1] to face embeddings and head logits.
 
-    ``mean``/``std`` are the backbone's input normalisation on [0, 1] crops.
+    ``mean``/``std`` are the backbone's input normalisation on [0, 1] crops;
+    ``threshold_deg`` is F's own verification angle θ_t, when it has been fitted.
     """
 
     def __init__(
@@ -37,6 +73,7 @@ class FaceExtractor(nn.Module):
         std: float,
         race_head: RaceHead | None = None,
         attribute_head: AttributeHead | None = None,
+        threshold_deg: float | None = None,
     ) -> None:
         super().__init__()
         self.backbone = backbone
@@ -44,16 +81,31 @@ class FaceExtractor(nn.Module):
         self.mean, self.std = mean, std
         self.race_head = race_head
         self.attribute_head = attribute_head
+        self.threshold_deg = threshold_deg
 
     @classmethod
-    def mobilefacenet(cls, checkpoint: str | Path, **heads: nn.Module) -> FaceExtractor:
+    def with_backbone(cls, backbone: nn.Module, race_head: RaceHead | None = None,
+                      attribute_head: AttributeHead | None = None,
+                      threshold_deg: float | None = None) -> FaceExtractor:
+        """F around ``backbone`` with its architecture's template and normalisation."""
+        arch = ARCHITECTURES[architecture_of(backbone)]
+        return cls(backbone, arch.template, arch.mean, arch.std, race_head, attribute_head,
+                   threshold_deg)
+
+    @classmethod
+    def mobilefacenet(cls, checkpoint: str | Path, race_head: RaceHead | None = None,
+                      attribute_head: AttributeHead | None = None) -> FaceExtractor:
         backbone = mobilefacenet.load_mobilefacenet(checkpoint)
-        return cls(backbone, SPHEREFACE_112x96, mobilefacenet.MEAN, mobilefacenet.STD, **heads)
+        return cls.with_backbone(backbone, race_head, attribute_head)
 
     @classmethod
-    def iresnet(cls, name: str = "r50", **heads: nn.Module) -> FaceExtractor:
-        backbone = iresnet.get_backbone(name)
-        return cls(backbone, ARCFACE_112, iresnet.MEAN, iresnet.STD, **heads)
+    def iresnet(cls, name: str = "r50", race_head: RaceHead | None = None,
+                attribute_head: AttributeHead | None = None) -> FaceExtractor:
+        return cls.with_backbone(iresnet.get_backbone(name), race_head, attribute_head)
+
+    @property
+    def architecture(self) -> str:
+        return architecture_of(self.backbone)
 
     @property
     def embedding_dim(self) -> int:

@@ -110,14 +110,18 @@ def name_of(layers: tuple[int, ...]) -> str | None:
     return next((name for name, ls in LAYERS.items() if ls == tuple(layers)), None)
 
 
-def load_iresnet(path: str | Path, map_location: str | torch.device = "cpu") -> IResNet:
-    """An IResNet from a plain arcface_torch state_dict (depth and width read from it),
-    loaded with ``strict=True``, in eval mode."""
-    state = torch.load(path, map_location=map_location, weights_only=True)
+def from_state_dict(state: dict[str, Tensor]) -> IResNet:
+    """An IResNet holding an arcface_torch ``state`` (depth and width read from it),
+    loaded as float32 with ``strict=True``, in eval mode."""
     model = IResNet(layers_of(state), num_features=state["fc.weight"].shape[0])
     model.load_state_dict({k: v.float() if v.is_floating_point() else v
                            for k, v in state.items()}, strict=True)
     return model.eval()
+
+
+def load_iresnet(path: str | Path, map_location: str | torch.device = "cpu") -> IResNet:
+    """An IResNet from a plain arcface_torch state_dict file (e.g. ``backbone.pth``)."""
+    return from_state_dict(torch.load(path, map_location=map_location, weights_only=True))
 
 
 def get_backbone(name: str, num_features: int = 512, dropout: float = 0.0) -> IResNet:

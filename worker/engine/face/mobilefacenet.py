@@ -103,10 +103,14 @@ class MobileFaceNet(nn.Module):
         return x.flatten(1)
 
 
-def load_mobilefacenet(path: str | Path, map_location: str | torch.device = "cpu") -> MobileFaceNet:
-    """A MobileFaceNet from a ``{"net_state_dict": ...}`` checkpoint (strict), in eval mode."""
-    ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    state = ckpt.get("net_state_dict", ckpt)
+def from_state_dict(state: dict[str, Tensor]) -> MobileFaceNet:
+    """A MobileFaceNet holding ``state`` (width read from it, ``strict=True``), in eval mode."""
     model = MobileFaceNet(embedding_dim=state["linear1.bn.weight"].shape[0])
     model.load_state_dict(state, strict=True)
     return model.eval()
+
+
+def load_mobilefacenet(path: str | Path, map_location: str | torch.device = "cpu") -> MobileFaceNet:
+    """A MobileFaceNet from a ``{"net_state_dict": ...}`` checkpoint (strict), in eval mode."""
+    ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    return from_state_dict(ckpt.get("net_state_dict", ckpt))
