@@ -3,20 +3,33 @@
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
+from likeness.errors import LikenessError
 from likeness.splits import SPLITS, members, split_of
 from worker.engine.face.heads import CELEBA_ATTRIBUTES, UTKFACE_RACES
+from worker.engine.face.iresnet import get_backbone
 from worker.training.extractor import (
     ArcFace,
     ExtractorConfig,
     average_precision,
+    build_model,
+    export,
+    fit_heads,
+    frozen_features,
+    head_losses,
     load_export,
+    make_data,
+    new_state,
+    stream,
     train,
+    train_step,
 )
 from worker.training.extractor import (
     attribute_pos_weight as pos_weight_of,
@@ -89,23 +102,93 @@ def _config(out: Path, steps: int) -> ExtractorConfig:
                                  synthetic_classes=4, eval_limit=8, device="cpu")
 
 
-def test_smoke_training_resumes_exactly(tmp_path: Path) -> None:
+def test_smoke_training_resumes_exactly_after_the_head_fit_and_mid_run(tmp_path: Path) -> None:
     full: list[float] = []
     train(_config(tmp_path / "full", 3), progress=False, evaluate_at_end=False,
           on_step=lambda s, m: full.append(m["loss"]))
-    first = train(_config(tmp_path / "split", 2), progress=False, evaluate_at_end=False)
-    assert first.step == 2 and first.checkpoint.is_file()
+    heads = train(_config(tmp_path / "split", 0), progress=False, evaluate_at_end=False)
+    assert heads.step == 0 and torch.load(heads.checkpoint, weights_only=True)["heads_fitted"]
     resumed: list[float] = []
-    again = train(_config(tmp_path / "split", 3), resume=first.checkpoint, progress=False,
-                  evaluate_at_end=False, on_step=lambda s, m: resumed.append(m["loss"]))
-    assert again.step == 3
-    assert resumed == full[2:]
+    for steps in (2, 3):  # the first resume starts right after the head fit
+        again = train(_config(tmp_path / "split", steps), resume=heads.checkpoint,
+                      progress=False, evaluate_at_end=False,
+                      on_step=lambda s, m: resumed.append(m["loss"]))
+        assert again.step == steps
+    assert resumed == full
+    log = [json.loads(line) for line in (tmp_path / "split" / "log.jsonl").read_text().splitlines()]
+    assert [e["reason"] for e in log].count("heads") == 1, "a resumed run does not refit"
+    fit = next(e["head_fit"] for e in log if e["reason"] == "heads")
+    assert fit["epochs"] == 2 and fit["faces"] == {"identity": 16, "race": 16, "attributes": 16}
 
 
-def test_export_round_trips_labels_and_metrics(tmp_path: Path) -> None:
+def _batchnorms(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+def _as_if_pretrained(ext: nn.Module, crops: torch.Tensor) -> None:
+    """Give a random backbone BatchNorm statistics of the data, as a pretrained one has:
+    with the initial ones (mean 0, var 1) its features all but vanish (norm ~1e-4)."""
+    for m in _batchnorms(ext):
+        m.reset_running_stats()
+        m.momentum = None  # a plain average over what it sees
+    ext.train()
+    with torch.no_grad():
+        ext.crop_features(crops)  # type: ignore[operator]
+
+
+def test_head_fit_lowers_the_head_losses_and_leaves_the_backbone(tmp_path: Path) -> None:
+    config = _config(tmp_path, 0).model_copy(update={"head_epochs": 20})
+    torch.manual_seed(0)
+    data = make_data(config)
+    state = new_state(config, data, torch.device("cpu"))
+    _as_if_pretrained(state.model.extractor, torch.stack([data.race[i][0] for i in range(16)]))
+    backbone = {k: v.clone() for k, v in state.model.extractor.backbone.state_dict().items()}
+    features = frozen_features(state, data)
+
+    def evaluated() -> dict[str, float]:
+        state.model.eval()
+        with torch.no_grad():
+            return {k: float(v) for k, v in head_losses(state, features).items()}
+
+    before = evaluated()
+    fit = fit_heads(state, features)
+    after = evaluated()
+    for name in before:
+        assert after[name] < 0.3 * before[name], (name, before, after)
+        assert fit["last_epoch"][name] < fit["first_epoch"][name]
+    for k, v in state.model.extractor.backbone.state_dict().items():
+        assert torch.equal(v, backbone[k]), k
+
+
+def test_joint_step_keeps_batchnorm_statistics_and_trains_its_weights(tmp_path: Path) -> None:
+    config = _config(tmp_path, 1)
+    torch.manual_seed(0)
+    data = make_data(config)
+    state = new_state(config, data, torch.device("cpu"))
+    device = torch.device("cpu")
+    batches = tuple(next(stream(config, ds, 0, i, device))
+                    for i, ds in enumerate((data.identity, data.race, data.attributes)))
+    bns = _batchnorms(state.model)
+    stats = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone())
+             for m in bns]
+    weights = [m.weight.detach().clone() for m in bns]
+    train_step(state, batches)  # type: ignore[arg-type]
+    for m, (mean, var, count) in zip(bns, stats, strict=True):
+        assert torch.equal(m.running_mean, mean) and torch.equal(m.running_var, var)
+        assert torch.equal(m.num_batches_tracked, count)
+    assert sum(not torch.equal(m.weight, w) for m, w in zip(bns, weights, strict=True)) > 0.9 * len(
+        bns), "the affine weights still train"
+    assert state.model.extractor.race_head.training, "dropout in the heads stays on"
+
+
+def test_export_round_trips_labels_metrics_and_threshold(tmp_path: Path) -> None:
     result = train(_config(tmp_path, 1), progress=False)
     assert {"race_top1", "attribute_map", "angle_same", "angle_diff"} <= set(result.metrics)
+    m = result.metrics
+    assert 0 < m["threshold_deg"] < 180 and 0.5 <= m["threshold_fit_accuracy"] <= 1
+    assert 0 <= m["threshold_accuracy"] <= 1 and m["threshold_pairs"]["held_out"] > 0
     ext = load_export(result.export)
+    assert ext.threshold_deg == m["threshold_deg"]
     assert ext.race_head.labels == UTKFACE_RACES
     assert ext.attribute_head.labels == CELEBA_ATTRIBUTES
     assert ext.template.name == "sphereface_112x96"
@@ -123,6 +206,45 @@ def test_export_fp16_is_half_and_loads(tmp_path: Path) -> None:
     assert saved["dtype"] == "float16"
     assert next(iter(saved["backbone"].values())).dtype == torch.float16
     assert load_export(result.export).attribute_head.labels == CELEBA_ATTRIBUTES
+
+
+def test_iresnet_init_from_arcface_torch_weights_round_trips(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    reference = get_backbone("r18")  # arcface_torch's layout (tests/face/test_backbones.py)
+    with torch.no_grad():  # off the init values, so a tensor that failed to load would show
+        for v in reference.state_dict().values():
+            if v.is_floating_point():
+                v.add_(torch.rand_like(v) * 0.1)
+    torch.save(reference.state_dict(), tmp_path / "backbone.pth")  # as arcface_torch saves it
+    config = ExtractorConfig.smoke(architecture="iresnet", weights=str(tmp_path / "backbone.pth"))
+    ext = build_model(config, classes=4).extractor.eval()
+    assert ext.architecture == "iresnet" and ext.template.name == "arcface_112x112"
+    assert (ext.mean, ext.std) == (0.5, 0.5)
+    for k, v in reference.state_dict().items():
+        assert torch.equal(ext.backbone.state_dict()[k], v), k
+    ext.threshold_deg = 61.5
+    crops = torch.rand(2, 3, 112, 112)
+    with torch.no_grad():
+        want = ext.embed_crops(crops)
+        for fp16, tol in ((False, 0.0), (True, 2e-2)):
+            export(ext, tmp_path / "f.pt", {}, fp16=fp16)
+            loaded = load_export(tmp_path / "f.pt")
+            assert loaded.architecture == "iresnet" and loaded.template == ext.template
+            assert loaded.threshold_deg == 61.5 and (loaded.mean, loaded.std) == (0.5, 0.5)
+            assert (loaded.embed_crops(crops) - want).abs().max() <= tol
+    torch.save({"conv1.weight": torch.zeros(1)}, tmp_path / "bad.pth")
+    with pytest.raises(LikenessError, match="not a checkpoint of the iresnet architecture") as e:
+        build_model(config.model_copy(update={"weights": str(tmp_path / "bad.pth")}), 4)
+    assert e.value.code == "bad_checkpoint"
+
+
+def test_cli_refuses_iresnet_without_weights() -> None:
+    from typer.testing import CliRunner
+
+    from likeness.cli import app
+
+    r = CliRunner().invoke(app, ["train-extractor", "--architecture", "iresnet"])
+    assert r.exit_code == 2 and "needs --weights" in r.output
 
 
 SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"

@@ -92,11 +92,15 @@ class AlignedFaces(Dataset[Item]):
 
     def __getitem__(self, index: int) -> Item:
         base, flip = index % len(self.names), index >= len(self.names)
-        if self._zip is None or self._pid != os.getpid():  # one handle per worker process
-            self._zip, self._pid = zipfile.ZipFile(self.zip_path), os.getpid()
-        image = read_image(self._zip, self.names[base])
+        image = self.photo(base)
         crop = align_faces(image[None], self.template, self.landmarks[base : base + 1]).crops[0]
         return (crop.flip(-1) if flip else crop), self.targets[base]
+
+    def photo(self, index: int) -> Tensor:
+        """The whole image behind item ``index`` (unaligned, never mirrored): [3, H, W]."""
+        if self._zip is None or self._pid != os.getpid():  # one handle per worker process
+            self._zip, self._pid = zipfile.ZipFile(self.zip_path), os.getpid()
+        return read_image(self._zip, self.names[index % len(self.names)])
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
@@ -210,11 +214,18 @@ class SyntheticFaces(Dataset[Item]):
         return self.count
 
     def __getitem__(self, index: int) -> Item:
+        return self._render(index, self.height, self.width), self.targets[index]
+
+    def photo(self, index: int, size: int = 64) -> Tensor:
+        """Item ``index``'s pattern as a square ``size``-px "photo" [3, size, size], the
+        stand-in for a CelebA-HQ image in the lookalike stage."""
+        return self._render(index, size, size)
+
+    def _render(self, index: int, height: int, width: int) -> Tensor:
         cls = index % self.classes
         base = torch.Generator().manual_seed(self.seed * 1_000_003 + cls)
         noise = torch.Generator().manual_seed(self.seed * 7_919 + 104_729 + index)
         pattern = torch.rand(3, 8, 8, generator=base)
-        x = torch.nn.functional.interpolate(pattern[None], size=(self.height, self.width),
+        x = torch.nn.functional.interpolate(pattern[None], size=(height, width),
                                             mode="bilinear", align_corners=False)[0]
-        x = (x + 0.1 * torch.randn(x.shape, generator=noise)).clamp(0, 1)
-        return x, self.targets[index]
+        return (x + 0.1 * torch.randn(x.shape, generator=noise)).clamp(0, 1)
