@@ -94,8 +94,13 @@ def test_jobs_succeed_with_a_png_and_a_full_report(run: Run, tiny_weights: Path)
         assert report["downscale_mse"] > 0 and isinstance(report["accepted"], bool)
         assert set(report["timings"]) >= {"search_seconds", "step_seconds", "decode_seconds"}
         assert png_size(run.results[job_id]) == (32, 32)
-    # The job that asked for an attribute is told it was not applied.
-    assert any("not applied" in n for n in run.final[run.ids[3]]["result"]["notes"])
+    # The job that asked for an attribute got it applied by the bundled F: its report says
+    # what F sees in the result and whether the constraint held.
+    steered = run.final[run.ids[3]]["result"]
+    assert set(steered["attribute_probabilities"]) == {"Smiling"}
+    assert set(steered["constraints"]) == {"attributes"}
+    assert not any("not applied" in n for n in steered.get("notes", []))
+    assert all("attribute_probabilities" not in run.final[i]["result"] for i in run.ids[:3])
     assert len(set(run.results.values())) == len(run.ids)  # different seeds and thumbnails
 
 
