@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,19 @@ class WeightsEntry(BaseModel):
 class Manifest(BaseModel):
     version: int = 1
     models: list[WeightsEntry] = Field(default_factory=list)
+
+
+def json_safe(value: Any) -> Any:
+    """NaN and infinities → None, through dicts and lists: manifests and reports are
+    strict JSON, which ``json.dumps`` would not write for NaN (e.g. the AP of an
+    attribute no held-out face has)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    return value
 
 
 def sha256_file(path: str | Path) -> str:

@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from likeness.manifest import json_safe
 from worker.evaluation.tables import PAIR_TYPES
 
 # PAPER.md §4 (1024-px FFHQ StyleGAN, IResNet-101 F, FairFace's 7 races).
@@ -32,16 +33,7 @@ PAPER: dict[str, Any] = {
 
 def write_results(results: dict[str, Any], path: Path) -> None:
     """All numbers as JSON (NaN written as null: strict JSON readers choke on NaN)."""
-    def clean(x: Any) -> Any:
-        if isinstance(x, float) and not math.isfinite(x):
-            return None
-        if isinstance(x, dict):
-            return {k: clean(v) for k, v in x.items()}
-        if isinstance(x, list | tuple):
-            return [clean(v) for v in x]
-        return x
-
-    path.write_text(json.dumps(clean(results), indent=2) + "\n")
+    path.write_text(json.dumps(json_safe(results), indent=2) + "\n")
 
 
 def _pct(x: float | None) -> str:

@@ -3,13 +3,12 @@ entry (the default extractor) saying what it is, how well it does and where it c
 
 from __future__ import annotations
 
-import math
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from likeness.errors import LikenessError
-from likeness.manifest import MANIFEST_PATH, WeightsEntry, register, sha256_file
+from likeness.manifest import MANIFEST_PATH, WeightsEntry, json_safe, register, sha256_file
 from worker.engine.face.extractor import FaceExtractor
 from worker.engine.face.iresnet import layers_of
 from worker.training.extractor import export, load_export, read_export
@@ -32,8 +31,8 @@ def ship_extractor(export_path: Path, *, command: str, name: str = "extractor",
     entry = WeightsEntry(
         name=name, kind="extractor", file=dest.name, sha256=sha256_file(dest), default=default,
         config=extractor_config(shipped),
-        metrics=_json_safe(raw["metrics"]),
-        provenance=_json_safe({
+        metrics=json_safe(raw["metrics"]),
+        provenance=json_safe({
             "data": train.get("datasets"), "faces": train.get("faces"),
             "split": train.get("split"), "init": train.get("init"),
             "head_epochs": train.get("head_epochs"), "steps": train.get("step"),
@@ -64,15 +63,3 @@ def extractor_config(ext: FaceExtractor) -> dict[str, Any]:
     if ext.architecture == "iresnet":
         config["layers"] = list(layers_of(ext.backbone.state_dict()))
     return config
-
-
-def _json_safe(value: Any) -> Any:
-    """NaN (e.g. the AP of an attribute no held-out face has) → None: the manifest is
-    strict JSON, which ``json.dumps`` would not write for NaN."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
-    return value
