@@ -429,7 +429,8 @@ def train_judges(
         register(WeightsEntry(
             name=f"judge-{t}", kind="judge", file=path.name, sha256=sha256_file(path),
             config={"task": t, "architecture": "ResNet-10, 64-px ArcFace-aligned crops",
-                    "labels": list(net.labels), "widths": list(net.widths)},
+                    "labels": list(net.labels), "widths": list(net.widths),
+                    "stem_stride": net.stem_stride},
             provenance={"data": f"{root.name} train split (likeness/splits.py, "
                                 f"salt likeness-v1), {metrics['train_images']} images",
                         "init": "random (no pretrained weights: independent of F)",

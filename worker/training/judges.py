@@ -45,13 +45,19 @@ class Block(nn.Module):
 
 
 class JudgeNet(nn.Module):
-    """64-px aligned crop in [0, 1] → one logit per label."""
+    """64-px aligned crop in [0, 1] → one logit per label.
 
-    def __init__(self, labels: Sequence[str], widths: Sequence[int] = (32, 64, 128, 256)) -> None:
+    ``stem_stride`` 2 halves the resolution before the first block: a quarter of
+    the arithmetic, which is what lets a judge train in minutes on a CPU.
+    """
+
+    def __init__(self, labels: Sequence[str], widths: Sequence[int] = (32, 64, 128, 256),
+                 stem_stride: int = 2) -> None:
         super().__init__()
         self.labels = tuple(labels)
         self.widths = tuple(widths)
-        layers: list[nn.Module] = [nn.Conv2d(3, widths[0], 3, 1, 1, bias=False),
+        self.stem_stride = stem_stride
+        layers: list[nn.Module] = [nn.Conv2d(3, widths[0], 3, stem_stride, 1, bias=False),
                                    nn.BatchNorm2d(widths[0]), nn.ReLU()]
         cin = widths[0]
         for i, w in enumerate(widths):
@@ -159,7 +165,7 @@ def evaluate_judge(net: JudgeNet, task: Task, x: Tensor, y: Tensor) -> dict[str,
 def save_judge(net: JudgeNet, task: Task, path: Path, metrics: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"format": JUDGE_FORMAT, "task": task, "labels": list(net.labels),
-                "widths": list(net.widths),
+                "widths": list(net.widths), "stem_stride": net.stem_stride,
                 "state_dict": {k: v.half() if v.is_floating_point() else v
                                for k, v in net.state_dict().items()},
                 "metrics": metrics}, path)
@@ -169,7 +175,8 @@ def load_judge(path: str | Path, map_location: str | torch.device = "cpu") -> Ju
     ckpt = torch.load(path, map_location=map_location, weights_only=True)
     if ckpt.get("format") != JUDGE_FORMAT:
         raise ValueError(f"{path} is not a {JUDGE_FORMAT} file")
-    net = JudgeNet(ckpt["labels"], ckpt["widths"])
+    # files from before the stem stride was an option used stride 1
+    net = JudgeNet(ckpt["labels"], ckpt["widths"], int(ckpt.get("stem_stride", 1)))
     net.load_state_dict({k: v.float() if v.is_floating_point() else v
                          for k, v in ckpt["state_dict"].items()}, strict=True)
     return net.eval()
