@@ -351,6 +351,27 @@ def weights_ship_generator(
               highlight=False)
 
 
+@weights_app.command("add-quality")
+def weights_add_quality(
+    quality: Annotated[Path, typer.Argument(help="bench/generator_quality.py's JSON for the "
+                                            "shipped file")],
+    name: Annotated[str, typer.Option(help="manifest name of the generator")] = "generator",
+    into: Annotated[Path | None, typer.Option(
+        help="folder of the manifest (default: the bundled weights/)")] = None,
+) -> None:
+    """Record a shipped generator's measured quality in its manifest entry; the report
+    must name that file's sha256."""
+    from likeness.manifest import MANIFEST_PATH
+    from worker.training.generator_ship import add_quality, read_quality
+
+    manifest_path = into / "manifest.json" if into is not None else MANIFEST_PATH
+    try:
+        entry = add_quality(name, read_quality(quality) or {}, manifest_path=manifest_path)
+    except LikenessError as e:
+        fail(e.message)
+    typer.echo(json.dumps(entry.metrics, indent=2))
+
+
 @weights_app.command("export-detector")
 def weights_export_detector(
     into: Annotated[Path | None, typer.Option(help="folder of the manifest to register in "

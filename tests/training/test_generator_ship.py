@@ -20,7 +20,7 @@ from worker.training.generator_quality import (
     samples,
     search_fit,
 )
-from worker.training.generator_ship import ship_generator
+from worker.training.generator_ship import add_quality, ship_generator
 
 
 def test_frechet_distance_of_known_gaussians() -> None:
@@ -72,6 +72,16 @@ def test_ship_writes_fp16_generator_with_fit_and_manifest_entry(run_folder: Path
     assert len(load_manifest(manifest).models) == 1  # replaced, not added beside
     with pytest.raises(LikenessError, match="measured a file"):
         ship_generator(run_folder, manifest_path=manifest, quality={"sha256": "0" * 64})
+
+    # once the run folder is gone, a later measurement still lands on the shipped entry
+    measured = add_quality("generator", {"sha256": entry.sha256, "fd": {"value": 1.5},
+                                         "date": "2026-11-30"}, manifest_path=manifest)
+    assert measured.metrics == {"fd": {"value": 1.5}, "measured": "2026-11-30"}
+    assert load_manifest(manifest).models[0].metrics == measured.metrics
+    with pytest.raises(LikenessError, match="measured a file"):
+        add_quality("generator", {"sha256": "0" * 64}, manifest_path=manifest)
+    with pytest.raises(LikenessError, match="no generator named"):
+        add_quality("nope", {"sha256": entry.sha256}, manifest_path=manifest)
 
 
 def test_search_fit_reports_one_result_per_photo(run_folder: Path) -> None:

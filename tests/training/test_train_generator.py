@@ -109,6 +109,25 @@ def test_resume_from_committed_parts_is_exact_and_checks_them(tmp_path: Path) ->
         read_checkpoint(committed)
 
 
+def test_warm_start_from_a_shipped_generator(tmp_path: Path) -> None:
+    from worker.training.gan import build_state
+
+    run(tiny(tmp_path / "first", steps=2, objective="vae"))
+    shipped = tmp_path / "first" / "g_ema.pt"
+    expected = load_generator(shipped).generator.state_dict()
+    state = build_state(tiny(tmp_path / "second", steps=1, objective="vae",
+                             init_generator=shipped), torch.device("cpu"))
+    for module in (state.G, state.G_ema):
+        got = module.state_dict()
+        assert all(torch.equal(got[k], expected[k].float()) for k in expected)
+    assert state.step == 0 and state.E is not None  # only G carries over
+    losses = run(tiny(tmp_path / "second", steps=1, objective="vae", init_generator=shipped))
+    assert all(math.isfinite(v) for v in losses[1].values())
+    with pytest.raises(LikenessError, match="style_dim"):
+        build_state(tiny(tmp_path / "third", steps=1, style_dim=32, init_generator=shipped),
+                    torch.device("cpu"))
+
+
 def test_signal_and_time_limit_stop_with_a_checkpoint(tmp_path: Path) -> None:
     def interrupt(step: int, metrics: dict[str, float]) -> None:
         if step == 2:

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from likeness.errors import LikenessError
-from worker.engine.checkpoints import save_generator
+from worker.engine.checkpoints import load_generator, save_generator
 from worker.engine.face.extractor import FaceExtractor
 from worker.engine.generator import Generator, GeneratorConfig
 from worker.engine.mapping_fit import fit_mapping
@@ -104,6 +104,9 @@ class TrainConfig(BaseModel):
     # data and run control
     data: Path | None = Field(None, description="zip of images; None: synthetic (smoke only)")
     members: Path | None = Field(None, description="split file: member names, one per line")
+    init_generator: Path | None = Field(
+        None, description="start G and G_ema from this generator checkpoint (same config): "
+                          "a warm start, e.g. from weights/generator.pt when a run is gone")
     synthetic_count: int = Field(256, ge=1)
     out: Path = Path("runs/generator")
     total_kimg: float = Field(1000.0, gt=0)
@@ -225,6 +228,8 @@ def build_state(config: TrainConfig, device: torch.device) -> TrainState:
     """Fresh G, D, EMA and optimisers; parameters drawn from the global RNG."""
     gconf = config.generator_config()
     G, D = Generator(gconf).to(device), Discriminator(gconf).to(device)
+    if config.init_generator is not None:
+        G.load_state_dict(warm_start_weights(config.init_generator, gconf))
     G_ema = Generator(gconf).to(device).eval().requires_grad_(False)
     G_ema.load_state_dict(G.state_dict())
     # lazy regularisation: scale lr and betas as if the penalty ran every step
@@ -249,6 +254,19 @@ def build_state(config: TrainConfig, device: torch.device) -> TrainState:
         if config.face_weights is not None:
             state.face = load_face_model(config.face_weights, device)
     return state
+
+
+def warm_start_weights(path: Path, gconf: GeneratorConfig) -> dict[str, Tensor]:
+    """A shipped generator's parameters in float32, if its config is this run's. The
+    encoder, D and the optimisers still start fresh: only G's knowledge survives."""
+    loaded = load_generator(path)
+    theirs = loaded.generator.config.model_dump(mode="json")
+    ours = gconf.model_dump(mode="json")
+    if theirs != ours:
+        differ = sorted(k for k in ours if theirs.get(k) != ours[k])
+        raise LikenessError("init_mismatch", f"{path} is a generator with another config "
+                            f"({', '.join(differ)} differ): give this run's shape options")
+    return {k: v.float() for k, v in loaded.generator.state_dict().items()}
 
 
 # ---------------------------------------------------------------- one step

@@ -85,6 +85,9 @@ def train_generator(
         help="when training stops, also write the checkpoint as ≤15 MiB parts at this path "
              "(<path>.partNNN + <path>.parts.json), small enough to commit; resume with "
              "--resume <path>")] = None,
+    init_generator: Annotated[Path | None, typer.Option(
+        help="start G from this generator checkpoint of the same config (e.g. "
+             "weights/generator.pt): a warm start when a run's checkpoint is gone")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")] = "auto",
     smoke: Annotated[bool, typer.Option(
         "--smoke", help="tiny 32-px config that runs on CPU in under a minute")] = False,
@@ -115,6 +118,7 @@ def train_generator(
         members=members, mirror=mirror, pl_weight=pl_weight, ema_kimg=ema_kimg, workers=workers,
         objective=objective, face_weights=face_weights, kl_weight=kl_weight,
         lowres_weight=lowres_weight, identity_weight=identity_weight, adv_weight=adv_weight,
+        init_generator=init_generator,
     )
     overrides = {k: v for k, v in options.items() if v is not None}
     overrides["device"] = device

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from likeness.errors import LikenessError
-from likeness.manifest import MANIFEST_PATH, WeightsEntry, register
+from likeness.manifest import MANIFEST_PATH, WeightsEntry, entry_path, load_manifest, register
 from worker.engine.checkpoints import load_generator, save_generator
 from worker.engine.mapping_fit import fit_mapping
 from worker.training.gan import CHECKPOINT_NAME, GENERATOR_NAME, mean_w, read_checkpoint
@@ -41,11 +41,8 @@ def ship_generator(run: Path, *, quality: dict[str, Any] | None = None, name: st
     dest = manifest_path.parent / f"{name}.pt"
     sha = save_generator(dest, G, latent_avg=mean_w(G, FIT_SAMPLES), mapping_fit=fit, half=half,
                          extra={"train": train})
-    if quality and quality.get("sha256") != sha:
-        raise LikenessError(
-            "quality_mismatch", f"the quality report measured a file with sha256 "
-            f"{str(quality.get('sha256'))[:12]}…, not the shipped {sha[:12]}…: ship once, "
-            f"measure {dest} with bench/generator_quality.py, then ship again with it")
+    if quality:
+        _check_measured(quality, sha, dest)
     seconds = float(train.get("train_seconds", 0.0))
     entry = WeightsEntry(
         name=name, kind="generator", file=dest.name, sha256=sha, default=default,
@@ -62,6 +59,29 @@ def ship_generator(run: Path, *, quality: dict[str, Any] | None = None, name: st
     )
     register(entry, manifest_path)
     return entry
+
+
+def add_quality(name: str, quality: dict[str, Any], *,
+                manifest_path: Path = MANIFEST_PATH) -> WeightsEntry:
+    """Put the metrics of an already shipped generator into its manifest entry (the
+    run folder need not exist any more); the report must have measured that file."""
+    manifest = load_manifest(manifest_path)
+    found = [e for e in manifest.models if e.name == name and e.kind == "generator"]
+    if not found:
+        raise LikenessError("unknown_weights", f"no generator named {name!r} in {manifest_path}")
+    entry = found[0]
+    _check_measured(quality, entry.sha256, entry_path(entry, manifest_path))
+    updated = entry.model_copy(update={"metrics": _metrics(quality)})
+    register(updated, manifest_path)
+    return updated
+
+
+def _check_measured(quality: dict[str, Any], sha: str, dest: Path) -> None:
+    if quality.get("sha256") != sha:
+        raise LikenessError(
+            "quality_mismatch", f"the quality report measured a file with sha256 "
+            f"{str(quality.get('sha256'))[:12]}…, not the shipped {sha[:12]}…: measure "
+            f"{dest} with bench/generator_quality.py and pass that report")
 
 
 def _train_info(g_path: Path) -> dict[str, Any]:
