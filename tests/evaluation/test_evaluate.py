@@ -143,6 +143,11 @@ def test_tables_have_sane_values_and_the_requested_n(runs: dict[str, Any]) -> No
     assert all(len(w["sha256"]) == 64 for w in r["weights"])
     assert r["command"].startswith("likeness evaluate ") and "--steps 2" in r["command"]
 
+    checks = {c["target"]: c["met"] for c in r["targets"]}
+    assert len(checks) == 4 and all(isinstance(v, bool) for v in checks.values())
+    race = {k: v["overall"] for k, v in t2["rows"].items()}
+    assert checks["race re-identification with the race objective ≥ 90%"] == (race["race"] >= .9)
+
 
 def test_missing_judge_says_how_to_get_one(setup: tuple[Path, TinyWeights]) -> None:
     d, weights = setup

@@ -82,3 +82,22 @@ def test_seeds_depend_on_the_thumbnail_not_the_strategy() -> None:
 def test_thumbnails_are_8_bit_and_16_px() -> None:
     thumbs = make_thumbnails(torch.rand(3, 3, 128, 128), 16)
     assert thumbs.shape == (3, 16, 16, 3) and thumbs.dtype == np.uint8
+
+
+def test_targets_are_checked_on_the_tables() -> None:
+    from worker.evaluation.report import targets
+
+    def t2(none: float, ident: float, race: float, both: float) -> dict:
+        rows = {"none": none, "identity-f": ident, "race": race, "identity+race": both}
+        return {"rows": {k: {"overall": v} for k, v in rows.items()}}
+
+    def t1(same: float, ours: float) -> dict:
+        return {"rows": {"CelebA-Same": {"F": {"mean": same}},
+                         "Lookalike-Ours": {"F": {"mean": ours}}}}
+
+    t3 = {"rows": {"attributes": {"average": 0.96}}}
+    met = [c["met"] for c in targets(t1(51.4, 34.8), t2(0.2, 0.4, 0.92, 0.95), t3)]
+    assert met == [True, True, True, True]
+    t3_low = {"rows": {"attributes": {"average": 0.8}}}
+    met = [c["met"] for c in targets(t1(51.4, 60.0), t2(0.2, 0.4, 0.5, 0.5), t3_low)]
+    assert met == [False, False, False, False]

@@ -30,7 +30,7 @@ from worker.evaluation.plots import (
     qualitative_grid,
     reidentification_bars,
 )
-from worker.evaluation.report import PAPER, write_readme, write_results
+from worker.evaluation.report import PAPER, targets, write_readme, write_results
 from worker.evaluation.samples import Samples, celeba_samples, utkface_samples
 from worker.evaluation.searches import (
     CELEBA_STRATEGIES,
@@ -226,6 +226,7 @@ def evaluate(config: EvalConfig, *, progress: bool = True, log: Log = print) -> 
         "angles": {ext: {pair: a.round(3).tolist() for pair, a in by_pair.items()}
                    for ext, by_pair in angles.items()},
         "table2": t2, "table3": t3,
+        "targets": targets(t1, t2, t3),
         "photo_judges": {"race": photo_race, "attributes": photo_attr},
         "searches": searches,
         "search_seconds": sum(o.search_seconds for o in outputs.values()),
