@@ -7,6 +7,12 @@ nine folds. Prints one JSON object.
 
     python bench/lfw_verification.py             # MTCNN + similarity alignment
     python bench/lfw_verification.py --no-align  # a fixed centre crop instead
+    python bench/lfw_verification.py --split test --pairs 2000                    # F0
+    python bench/lfw_verification.py --split test --pairs 2000 \
+        --extractor weights/extractor.pt                                          # F
+
+F was trained on LFW's training people (train-extractor --lfw), so compare
+F with F0 on `--split test`: the people our split holds out.
 
 Folds are random splits of the pairs, not the official people-disjoint
 View 2 folds (those are not reproducible from this copy of LFW).
@@ -31,9 +37,11 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from likeness.splits import split_of  # noqa: E402
 from worker.engine.face.alignment import warp_affine  # noqa: E402
 from worker.engine.face.extractor import FaceExtractor, angle  # noqa: E402
 from worker.engine.face.verification import best_angle_threshold, threshold_accuracy  # noqa: E402
+from worker.training.extractor import load_export  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
 
@@ -93,6 +101,11 @@ def main() -> None:
     p.add_argument(
         "--weights", type=Path, default=SHARED / "weights" / "mobilefacenet_casia_068.ckpt"
     )
+    p.add_argument("--extractor", type=Path,
+                   help="an F export of train-extractor (e.g. weights/extractor.pt) instead of "
+                        "--weights")
+    p.add_argument("--split", choices=["all", "train", "val", "test"], default="all",
+                   help="only the people of this part of likeness/splits.py's identity split")
     p.add_argument("--pairs", type=int, default=6000, help="total, half same and half different")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=128)
@@ -106,11 +119,15 @@ def main() -> None:
     with open(args.data / "labels.csv", newline="") as f:
         identities: dict[str, list[str]] = defaultdict(list)
         for row in csv.DictReader(f):
-            identities[row["identity"]].append(row["file"])
+            if args.split == "all" or split_of(row["identity"]) == args.split:
+                identities[row["identity"]].append(row["file"])
     pairs = make_pairs(identities, args.pairs // 2, args.pairs - args.pairs // 2, args.seed)
     names = sorted({n for a, b, _ in pairs for n in (a, b)})
 
-    model = FaceExtractor.mobilefacenet(args.weights).eval()
+    if args.extractor is not None:
+        model = load_export(args.extractor).eval()
+    else:
+        model = FaceExtractor.mobilefacenet(args.weights).eval()
     tpl = model.template
     embeddings, detected = [], []
     with zipfile.ZipFile(args.data / "images.zip") as zf, torch.no_grad():
@@ -138,6 +155,7 @@ def main() -> None:
         json.dumps(
             {
                 "mode": "center_crop" if args.no_align else "mtcnn_aligned",
+                "model": str(args.extractor or args.weights), "split": args.split,
                 "accuracy_mean": round(float(np.mean(accs)), 4),
                 "accuracy_std": round(float(np.std(accs)), 4),
                 "n_pairs": len(pairs),
