@@ -134,8 +134,10 @@ class Settings(BaseSettings):
         description="Worker: torch device, auto (CUDA when available, else CPU), cpu, cuda "
         "or cuda:N.",
     )
+    # 4: on a 2-core CPU a batch of 4 jobs x 4 restarts costs no more per image than
+    # one job, and 8 costs 45% more (docs/benchmarks.md); GPU hosts set their own.
     batch_size: int = Field(
-        default=8,
+        default=4,
         ge=1,
         le=256,
         description="Worker: most compatible jobs claimed together and run as one batched "
