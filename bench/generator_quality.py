@@ -25,11 +25,10 @@ from pathlib import Path
 import torch
 from rich.progress import Progress
 
-from likeness.manifest import sha256_file
+from likeness.errors import LikenessError
 from likeness.splits import members, read_rows, split_of
-from worker.engine.checkpoints import load_generator
 from worker.engine.face.extractor import FaceExtractor
-from worker.engine.search import SearchConfig
+from worker.pipeline import load_search_model
 from worker.training.extractor_data import read_image, subset
 from worker.training.generator_quality import (
     FACE_PROBABILITY,
@@ -43,7 +42,9 @@ from worker.training.generator_quality import (
 
 def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--weights", required=True, help="generator checkpoint (g_ema.pt or weights/)")
+    p.add_argument("--weights", required=True,
+                   help="generator: a checkpoint (g_ema.pt) or a manifest name / bundled file, "
+                        "whose manifest search settings then apply")
     p.add_argument("--data-root", type=Path, default=Path("../shared/data"))
     p.add_argument("--face-weights", type=Path,
                    default=Path("../shared/weights/mobilefacenet_casia_068.ckpt"))
@@ -53,6 +54,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--restarts", type=int, default=4)
     p.add_argument("--eps", type=float, default=2e-3)
+    p.add_argument("--geocross-weight", type=float, default=None,
+                   help="default: the generator's manifest setting, else PULSE's 0.05")
     p.add_argument("--batch", type=int, default=8, help="thumbnails per search batch")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
@@ -80,10 +83,11 @@ def main() -> None:
     args = parse()
     if args.threads:
         torch.set_num_threads(args.threads)
-    loaded = load_generator(args.weights)
+    try:
+        loaded, _ = load_search_model(args.weights, torch.device("cpu"))
+    except LikenessError as e:
+        raise SystemExit(e.message) from None
     G, fit = loaded.generator, loaded.mapping_fit
-    if fit is None:
-        raise SystemExit(f"{args.weights} has no mapping fit (likeness weights fit-mapping)")
     face = FaceExtractor.mobilefacenet(args.face_weights).eval()
     report: dict = {
         "weights": str(args.weights), "sha256": loaded.sha256,
@@ -120,21 +124,24 @@ def main() -> None:
         if "fit" not in args.skip:
             photos = held_out_photos(args.data_root, args.fit_people, one_per_person=True)
             task = bar.add_task("search fit", total=len(photos))
-            config = SearchConfig(steps=args.steps, restarts=args.restarts, eps=args.eps,
-                                  seed=args.seed)
+            config = loaded.search_config(steps=args.steps, restarts=args.restarts,
+                                          eps=args.eps, seed=args.seed,
+                                          geocross_weight=args.geocross_weight)
             t0 = time.monotonic()
             out = search_fit(G, fit, photos, config=config, batch=args.batch,
                              progress=lambda n: bar.advance(task, n))
             mse = torch.tensor(out["mse"])
+            faces = torch.tensor(out["face_probability"])
             report["search_fit"] = {
                 "value": float(torch.tensor(out["accepted"]).float().mean()),
                 "people": len(photos), "steps": args.steps, "restarts": args.restarts,
-                "eps": args.eps, "mse_median": float(mse.median()),
+                "eps": args.eps, "geocross_weight": config.geocross_weight,
+                "mse_median": float(mse.median()),
                 "mse_p90": float(mse.quantile(0.9)),
-                "seconds_per_thumbnail": (time.monotonic() - t0) / len(photos)}
+                "output_face_rate": float((faces >= FACE_PROBABILITY).float().mean()),
+                "seconds_per_thumbnail": (time.monotonic() - t0) / len(photos),
+                "per_photo": {k: out[k] for k in ("mse", "accepted", "face_probability")}}
     report["seconds"] = round(time.monotonic() - started, 1)
-    if Path(args.weights).is_file():
-        report["sha256"] = sha256_file(args.weights)
     text = json.dumps(report, indent=2)
     print(text)
     if args.out is not None:

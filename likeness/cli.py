@@ -47,6 +47,9 @@ def upscale(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")] = "auto",
     weights: Annotated[str | None, typer.Option(help="generator: manifest name or file")] = None,
     eps: Annotated[float, typer.Option(min=0.0, help="max downscale MSE to accept")] = 2e-3,
+    geocross_weight: Annotated[float | None, typer.Option(
+        min=0.0, help="weight of GEOCROSS, which keeps the W+ rows together (default: the "
+        "generator's manifest setting, else PULSE's 0.05)")] = None,
     precision: Annotated[str, typer.Option(
         help="fp32, or bf16 (bfloat16 generator: fast on GPUs, slow on most CPUs)")] = "fp32",
     race: Annotated[str | None, typer.Option(
@@ -91,7 +94,6 @@ def upscale(
     try:
         from PIL import Image
 
-        from worker.engine.search import SearchConfig
         from worker.pipeline import load_search_model, pick_device
         from worker.pipeline import upscale as run_upscale
 
@@ -99,8 +101,8 @@ def upscale(
         model, name = load_search_model(weights, dev)
         res = model.generator.config.resolution
         thumb = prepare_thumbnail(data, res)
-        config = SearchConfig(steps=steps, restarts=restarts, seed=seed, eps=eps,
-                              precision=precision)
+        config = model.search_config(steps=steps, restarts=restarts, seed=seed, eps=eps,
+                                     geocross_weight=geocross_weight, precision=precision)
         objective = None
         if race is not None or wanted_attrs or reference_bytes is not None:
             objective = build_objective(extractor, dev, race, wanted_attrs, reference_bytes,
@@ -359,8 +361,8 @@ def weights_add_quality(
     into: Annotated[Path | None, typer.Option(
         help="folder of the manifest (default: the bundled weights/)")] = None,
 ) -> None:
-    """Record a shipped generator's measured quality in its manifest entry; the report
-    must name that file's sha256."""
+    """Record a shipped generator's measured quality in its manifest entry, beside the
+    measures the report does not repeat; the report must name that file's sha256."""
     from likeness.manifest import MANIFEST_PATH
     from worker.training.generator_ship import add_quality, read_quality
 
@@ -370,6 +372,35 @@ def weights_add_quality(
     except LikenessError as e:
         fail(e.message)
     typer.echo(json.dumps(entry.metrics, indent=2))
+
+
+@weights_app.command("set-search")
+def weights_set_search(
+    name: Annotated[str, typer.Argument(help="manifest name of the generator")],
+    settings: Annotated[list[str] | None, typer.Argument(
+        help="FIELD=VALUE search settings, e.g. geocross_weight=0.02")] = None,
+    clear: Annotated[bool, typer.Option("--clear", help="drop the settings it had first")]
+    = False,
+    into: Annotated[Path | None, typer.Option(
+        help="folder of the manifest (default: the bundled weights/)")] = None,
+) -> None:
+    """Record search settings measured to suit a generator: every search in it (upscale,
+    the worker, evaluate, the benches) starts from them; explicit options still win."""
+    from likeness.manifest import MANIFEST_PATH
+    from worker.training.generator_ship import set_search
+
+    pairs: dict[str, str] = {}
+    for item in settings or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key or not value:
+            fail(f"expected FIELD=VALUE, got '{item}'")
+        pairs[key.replace("-", "_")] = value
+    manifest_path = into / "manifest.json" if into is not None else MANIFEST_PATH
+    try:
+        entry = set_search(name, pairs, clear=clear, manifest_path=manifest_path)
+    except LikenessError as e:
+        fail(e.message)
+    typer.echo(json.dumps(entry.search, indent=2))
 
 
 @weights_app.command("export-detector")
@@ -419,6 +450,9 @@ def train_judges(
     cache: Annotated[Path, typer.Option(help="landmark cache folder")] = Path("runs/judges"),
     into: Annotated[Path | None, typer.Option(
         help="folder of the manifest to register the judges in (default: weights/)")] = None,
+    balanced: Annotated[bool, typer.Option(
+        "--balanced/--no-balanced", help="race: weigh each race by its inverse frequency, so "
+        "the rarest is still predicted")] = True,
     threads: Annotated[int | None, typer.Option(min=1, help="CPU threads for torch")] = None,
 ) -> None:
     """Train the race and attribute judges (issue 5): small ResNets from scratch on
@@ -443,7 +477,7 @@ def train_judges(
         train_x, train_y = prepare(root, t, "train", limit, cache)  # type: ignore[arg-type]
         test_x, test_y = prepare(root, t, "test", None, cache)  # type: ignore[arg-type]
         net, metrics = train_judge(t, JudgeData(train_x, train_y, test_x, test_y),  # type: ignore[arg-type]
-                                   epochs=epochs, max_minutes=max_minutes,
+                                   epochs=epochs, max_minutes=max_minutes, balanced=balanced,
                                    log=lambda line: err.print(line, highlight=False))
         path = manifest_path.parent / f"judge_{t}.pt"
         save_judge(net, t, path, metrics)  # type: ignore[arg-type]
@@ -457,7 +491,8 @@ def train_judges(
                         "init": "random (no pretrained weights: independent of F)",
                         "command": "likeness train-judges", "device": "cpu"},
             metrics=metrics), manifest_path)
-        headline = (f"top-1 {metrics['top1']:.3f}" if t == "race"
+        headline = (f"top-1 {metrics['top1']:.3f}, mean per race "
+                    f"{metrics['mean_per_class']:.3f}" if t == "race"
                     else f"mAP {metrics['attribute_map']:.3f}")
         err.print(f"{t} judge: held-out {headline} ({metrics['test_images']} images); "
                   f"wrote {path}", highlight=False)

@@ -28,6 +28,10 @@ class WeightsEntry(BaseModel):
     config: dict[str, Any] = Field(default_factory=dict, description="architecture config")
     provenance: dict[str, Any] = Field(default_factory=dict, description="data, steps, device")
     metrics: dict[str, Any] = Field(default_factory=dict)
+    search: dict[str, Any] = Field(
+        default_factory=dict,
+        description="generators: search settings measured to suit this model (SearchConfig "
+        "fields, e.g. geocross_weight); every search starts from them, explicit options win")
 
 
 class Manifest(BaseModel):
@@ -107,6 +111,10 @@ def resolve_weights(spec: str | None, kind: str, manifest_path: Path = MANIFEST_
             return entry_path(e, manifest_path), e
     p = Path(spec).expanduser()
     if p.is_file():
+        # A bundled file named by its path is still that entry (sha256, search settings).
+        for e in of_kind:
+            if entry_path(e, manifest_path).resolve() == p.resolve():
+                return p, e
         return p, None
     names = ", ".join(e.name for e in of_kind) or "none bundled"
     raise LikenessError(

@@ -9,8 +9,8 @@ from PIL import Image
 from skimage import data
 
 from likeness.manifest import resolve_weights, sha256_file
-from worker.engine.checkpoints import load_generator
-from worker.engine.search import SearchConfig, run_search
+from worker.engine.search import run_search
+from worker.pipeline import load_search_model
 
 
 def test_the_bundled_generator_loads_and_searches_a_real_thumbnail() -> None:
@@ -20,8 +20,11 @@ def test_the_bundled_generator_loads_and_searches_a_real_thumbnail() -> None:
     assert path.stat().st_size <= 25 * 2**20
     assert {"face_rate", "fd", "search_fit"} <= set(entry.metrics), "measured, not assumed"
 
-    loaded = load_generator(path)
+    loaded, _ = load_search_model(None, torch.device("cpu"))
     assert loaded.mapping_fit is not None, "the search needs the fit; it ships with the weights"
+    # the settings its search fit was measured with are the ones every search starts from
+    fit_config = entry.metrics["search_fit"]
+    assert loaded.search_config().geocross_weight == fit_config["geocross_weight"]
     G = loaded.generator
     assert G.config.resolution == 128
 
@@ -29,7 +32,8 @@ def test_the_bundled_generator_loads_and_searches_a_real_thumbnail() -> None:
     thumb = np.asarray(face.resize((16, 16), Image.Resampling.BICUBIC), dtype=np.float32) / 255
     thumbs = torch.from_numpy(thumb).permute(2, 0, 1)[None]
     best: list[float] = []
-    result = run_search(G, loaded.mapping_fit, thumbs, SearchConfig(steps=5, restarts=2, seed=0),
+    result = run_search(G, loaded.mapping_fit, thumbs,
+                        loaded.search_config(steps=5, restarts=2, seed=0),
                         on_step=lambda step: best.append(float(step.best_mse[0])))
     assert result.images.shape == (1, 3, 128, 128)
     assert bool(torch.isfinite(result.images).all())

@@ -200,8 +200,9 @@ def group_compatible(jobs: list[Job]) -> list[list[Job]]:
     return list(groups.values())
 
 
-def search_config(job: Job, settings: Settings) -> SearchConfig:
-    """The job's options, run the way this worker's settings say (precision, layout, compile)."""
+def search_config(job: Job, settings: Settings, model: LoadedGenerator) -> SearchConfig:
+    """The job's options on top of the generator's search settings, run the way this
+    worker's settings say (precision, layout, compile)."""
     o = job.record.options
     fields: dict[str, Any] = {
         "steps": o.steps,
@@ -210,9 +211,9 @@ def search_config(job: Job, settings: Settings) -> SearchConfig:
         "channels_last": settings.search_channels_last,
         "compile": settings.search_compile,
     }
-    if o.eps is not None:  # None: the engine's default
+    if o.eps is not None:  # None: the generator's, else the engine's default
         fields["eps"] = o.eps
-    return SearchConfig.model_validate(fields)
+    return model.search_config(**fields)
 
 
 class StepWatch:
@@ -364,7 +365,7 @@ def run_group(batch: Batch, group: list[Job]) -> None:
     group, objective = build_objective(batch, group)
     if not group:
         return
-    config = search_config(group[0], ctx.settings)
+    config = search_config(group[0], ctx.settings, ctx.model)
     seeds = [_seed(job) for job in group]
     watch = StepWatch(batch, group)
     batch_id = group[0].record.batch_id

@@ -51,11 +51,14 @@ def load_search_model(weights: str | None, device: torch.device) -> tuple[Loaded
             "missing_mapping_fit",
             f"{path} has no mapping fit; run `likeness weights fit-mapping {path}` once",
         )
-    if entry is not None and entry.sha256 != loaded.sha256:
+    if entry is None:
+        return loaded, str(path)
+    if entry.sha256 != loaded.sha256:
         raise LikenessError(
             "weights_corrupt", f"{path} does not match its manifest sha256 (re-checkout weights/)"
         )
-    return loaded, entry.name if entry is not None else str(path)
+    loaded.search_defaults = dict(entry.search)
+    return loaded, entry.name
 
 
 def to_tensor(pixels: Sequence[np.ndarray], device: torch.device) -> Tensor:

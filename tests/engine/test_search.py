@@ -189,6 +189,26 @@ def test_constraints_reject_candidates_per_element(tiny) -> None:
     assert result.limits == {"race": 0.1}
 
 
+def test_a_step_that_meets_the_rules_beats_a_lower_loss_that_does_not(tiny) -> None:
+    """The total loss falls every step, but only step 1 meets the constraint: ranking by
+    loss alone would keep the last step and reject the restart."""
+    g, fit = tiny
+    calls = []
+
+    def falling(img: torch.Tensor) -> ExtraTerms:
+        calls.append(None)
+        n = img.shape[0]
+        step = float(len(calls))
+        return ExtraTerms({"falling": torch.full((n,), 100.0 - 10 * step) + 0 * img.mean()},
+                          {"race": torch.full((n,), 0.0 if step == 1 else 1.0)}, {"race": 0.1})
+
+    config = SearchConfig(steps=5, restarts=2, seed=0, eps=10.0)  # every MSE within eps
+    result = run_search(g, fit, _target(g, 12), config, extra_loss=falling)
+    assert result.accepted.all()
+    assert (result.terms["falling"] == 90.0).all()
+    assert (result.constraints["race"] == 0).all()
+
+
 def test_first_noise_maps_trainable_and_finest_zero(tiny) -> None:
     g, fit = tiny
     gen = latent_search(g, fit, _target(g, 7), SearchConfig(steps=1, restarts=1, seed=0))

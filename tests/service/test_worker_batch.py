@@ -273,11 +273,15 @@ def test_the_search_runs_as_the_worker_settings_say() -> None:
         options=SimpleNamespace(steps=7, restarts=3, eps=None)))
     settings = Settings(search_precision="bf16", search_channels_last=True,
                         search_compile="reduce-overhead")
-    config = search_config(job, settings)  # type: ignore[arg-type]
+    model = LoadedGenerator(None, None, None, Path("g.pt"), "0" * 64,  # type: ignore[arg-type]
+                            search_defaults={"geocross_weight": 0.02, "steps": 50})
+    config = search_config(job, settings, model)  # type: ignore[arg-type]
+    # the job's steps win over the generator's; its other settings stay
     assert (config.steps, config.restarts, config.eps) == (7, 3, 2e-3)
+    assert config.geocross_weight == 0.02
     assert (config.precision, config.channels_last, config.compile) == (
         "bf16", True, "reduce-overhead")
-    assert search_config(job, Settings()).precision == "fp32"  # type: ignore[arg-type]
+    assert search_config(job, Settings(), model).precision == "fp32"  # type: ignore[arg-type]
 
 
 def test_targets_go_through_the_extractor_per_job(store, model, tmp_path) -> None:

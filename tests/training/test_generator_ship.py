@@ -20,7 +20,7 @@ from worker.training.generator_quality import (
     samples,
     search_fit,
 )
-from worker.training.generator_ship import add_quality, ship_generator
+from worker.training.generator_ship import add_quality, set_search, ship_generator
 
 
 def test_frechet_distance_of_known_gaussians() -> None:
@@ -68,20 +68,57 @@ def test_ship_writes_fp16_generator_with_fit_and_manifest_entry(run_folder: Path
     again = ship_generator(run_folder, manifest_path=manifest,
                            quality={"sha256": entry.sha256, "face_rate": {"value": 0.5},
                                     "date": "2026-11-30"})
-    assert again.sha256 == entry.sha256 and again.metrics["face_rate"] == {"value": 0.5}
+    assert again.sha256 == entry.sha256
+    assert again.metrics["face_rate"] == {"value": 0.5, "measured": "2026-11-30"}
     assert len(load_manifest(manifest).models) == 1  # replaced, not added beside
     with pytest.raises(LikenessError, match="measured a file"):
         ship_generator(run_folder, manifest_path=manifest, quality={"sha256": "0" * 64})
 
-    # once the run folder is gone, a later measurement still lands on the shipped entry
+    # once the run folder is gone, a later measurement still lands on the shipped entry,
+    # beside the measures it does not repeat
     measured = add_quality("generator", {"sha256": entry.sha256, "fd": {"value": 1.5},
-                                         "date": "2026-11-30"}, manifest_path=manifest)
-    assert measured.metrics == {"fd": {"value": 1.5}, "measured": "2026-11-30"}
+                                         "date": "2026-12-01"}, manifest_path=manifest)
+    assert measured.metrics == {"face_rate": {"value": 0.5, "measured": "2026-11-30"},
+                                "fd": {"value": 1.5, "measured": "2026-12-01"},
+                                "measured": "2026-12-01"}
     assert load_manifest(manifest).models[0].metrics == measured.metrics
     with pytest.raises(LikenessError, match="measured a file"):
         add_quality("generator", {"sha256": "0" * 64}, manifest_path=manifest)
     with pytest.raises(LikenessError, match="no generator named"):
         add_quality("nope", {"sha256": entry.sha256}, manifest_path=manifest)
+
+
+def test_search_settings_go_into_the_entry_and_reach_every_search(run_folder: Path,
+                                                                   tmp_path: Path) -> None:
+    manifest = tmp_path / "manifest.json"
+    entry = ship_generator(run_folder, manifest_path=manifest)
+    assert entry.search == {}
+    stored = set_search("generator", {"geocross_weight": "0.02"}, manifest_path=manifest)
+    assert stored.search == {"geocross_weight": 0.02}
+    stored = set_search("generator", {"lr": "0.2"}, manifest_path=manifest)
+    assert stored.search == {"geocross_weight": 0.02, "lr": 0.2}  # on top of what it had
+    assert set_search("generator", {"lr": "0.3"}, clear=True,
+                      manifest_path=manifest).search == {"lr": 0.3}
+    set_search("generator", {"geocross_weight": "0.02"}, clear=True, manifest_path=manifest)
+    assert load_manifest(manifest).models[0].sha256 == entry.sha256  # the file is untouched
+    with pytest.raises(LikenessError, match="not search settings: gocross"):
+        set_search("generator", {"gocross": "1"}, manifest_path=manifest)
+    with pytest.raises(LikenessError, match="geocross_weight"):
+        set_search("generator", {"geocross_weight": "-1"}, manifest_path=manifest)
+    with pytest.raises(LikenessError, match="no generator named"):
+        set_search("nope", {"lr": "0.1"}, manifest_path=manifest)
+
+    # named, or by its path, it is the entry
+    for spec in ("generator", str(tmp_path / "generator.pt")):
+        path, found = resolve_weights(spec, "generator", manifest)
+        assert found is not None and found.search == {"geocross_weight": 0.02}
+    # its settings apply to a search, and explicit options win
+    model = load_generator(path)
+    assert model.search_defaults == {} and model.search_config().geocross_weight == 0.05
+    model.search_defaults = found.search
+    assert model.search_config().geocross_weight == 0.02
+    assert model.search_config(geocross_weight=0.1, steps=None).geocross_weight == 0.1
+    assert model.search_config(steps=None).steps == 100  # None: not given
 
 
 def test_search_fit_reports_one_result_per_photo(run_folder: Path) -> None:
@@ -92,5 +129,6 @@ def test_search_fit_reports_one_result_per_photo(run_folder: Path) -> None:
     photos = torch.cat(list(samples(loaded.generator, 3, seed=1)))
     out = search_fit(loaded.generator, loaded.mapping_fit, photos, thumb=8,
                      config=SearchConfig(steps=2, restarts=2, seed=0), batch=2)
-    assert len(out["mse"]) == len(out["accepted"]) == 3
+    assert len(out["mse"]) == len(out["accepted"]) == len(out["face_probability"]) == 3
+    assert all(0 <= p <= 1 for p in out["face_probability"])
     assert all(m >= 0 for m in out["mse"])

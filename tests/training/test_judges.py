@@ -37,6 +37,19 @@ def test_race_judge_learns_and_reports_per_class() -> None:
                                log=lambda _: None, widths=SMALL)
     assert metrics["top1"] >= 0.6, metrics  # chance is 0.2
     assert set(metrics["per_class"]) <= set(net.labels) and metrics["epochs"] == 6
+    assert metrics["mean_per_class"] == pytest.approx(
+        sum(metrics["per_class"].values()) / len(metrics["per_class"]))
+
+
+def test_race_classes_weigh_by_inverse_frequency() -> None:
+    from worker.training.judges import class_weights
+
+    y = torch.tensor([0] * 6 + [1] * 3 + [2] * 1)
+    w = class_weights(y, 4)  # class 3 unseen: weighted as if seen once, never infinite
+    torch.testing.assert_close(w, torch.tensor([10 / 24, 10 / 12, 10 / 4, 10 / 4]))
+    # every class then carries the same total weight
+    totals = torch.zeros(3).index_add_(0, y, w[y])
+    torch.testing.assert_close(totals, torch.full((3,), 2.5))
 
 
 def test_attribute_judge_reports_map_and_accuracy() -> None:

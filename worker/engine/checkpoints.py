@@ -9,8 +9,9 @@ comes from a sidecar ``<file>.fit.pt`` written by ``likeness weights fit-mapping
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -19,6 +20,7 @@ from likeness.errors import LikenessError
 from likeness.manifest import sha256_file
 from worker.engine.generator import Generator, GeneratorConfig
 from worker.engine.mapping_fit import MappingFit
+from worker.engine.search import SearchConfig
 
 
 @dataclass
@@ -28,6 +30,13 @@ class LoadedGenerator:
     mapping_fit: MappingFit | None
     path: Path
     sha256: str
+    # SearchConfig fields measured to suit this generator (its manifest entry's "search")
+    search_defaults: dict[str, Any] = field(default_factory=dict)
+
+    def search_config(self, **options: Any) -> SearchConfig:
+        """PULSE's defaults, then this generator's, then ``options`` (None: not given)."""
+        given = {k: v for k, v in options.items() if v is not None}
+        return SearchConfig.model_validate(self.search_defaults | given)
 
 
 def infer_config(state: dict[str, Tensor], lr_mlp: float = 0.01) -> GeneratorConfig:

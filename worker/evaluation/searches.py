@@ -75,9 +75,10 @@ class Outputs:
     files: list[str] = field(default_factory=list)  # the cache files, in batch order
 
 
-def search_config(steps: int, restarts: int) -> SearchConfig:
-    """PULSE's settings (eps, lr, schedule, …) at these sizes; seeds come per thumbnail."""
-    return SearchConfig(steps=steps, restarts=restarts)
+def search_config(models: Models, steps: int, restarts: int) -> SearchConfig:
+    """The generator's search settings (PULSE's where it has none: eps, lr, schedule, …) at
+    these sizes; seeds come per thumbnail."""
+    return models.generator.search_config(steps=steps, restarts=restarts)
 
 
 def _targets(strategy: Strategy, samples: Samples, rows: Sequence[int]
@@ -174,7 +175,7 @@ def run_strategy(models: Models, samples: Samples, strategy: Strategy, steps: in
                  on_progress: OnProgress | None = None) -> Outputs:
     """Every thumbnail of ``samples`` under ``strategy``, ``batch`` at a time; batches are
     fixed slices, so a larger N reuses the smaller run's batches."""
-    config = search_config(steps, restarts)
+    config = search_config(models, steps, restarts)
     parts: list[dict[str, Any]] = []
     files: list[str] = []
     cached = 0

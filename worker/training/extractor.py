@@ -849,7 +849,8 @@ class Session:
         assert self.generator is not None and state.threshold_deg is not None
         k = state.meta_epoch
         settings = looks.LookalikeSettings(
-            search=SearchConfig(steps=config.search_steps, restarts=config.search_restarts),
+            search=self.generator.search_config(steps=config.search_steps,
+                                                restarts=config.search_restarts),
             objective=ObjectiveWeights(threshold_deg=state.threshold_deg,
                                        temperature_deg=config.temperature_deg),
             thumbnail=config.lookalike_thumbnail, batch=config.lookalike_batch)

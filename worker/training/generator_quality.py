@@ -75,16 +75,20 @@ def frechet_distance(a: Tensor | np.ndarray, b: Tensor | np.ndarray) -> float:
 def search_fit(G: Generator, fit: MappingFit, photos: Tensor, thumb: int = 16,
                config: SearchConfig | None = None, batch: int = 8,
                progress: Progress | None = None) -> dict[str, list[float] | list[bool]]:
-    """Search each photo's thumbnail (bicubic, PIL-exact) and report the best
-    downscale MSE and whether it is within eps, per photo."""
+    """Search each photo's thumbnail (bicubic, PIL-exact) and report, per photo, the
+    best downscale MSE, whether it is within eps, and MTCNN's face probability of the
+    chosen face: a search that reaches eps by leaving the face manifold (too little
+    GEOCROSS, say) shows there."""
     config = config or SearchConfig(seed=0)
     mse: list[float] = []
     accepted: list[bool] = []
+    face: list[float] = []
     for chunk in photos.split(batch):
         thumbs = downscale(chunk, (thumb, thumb))
         result = run_search(G, fit, thumbs, config)
         mse += result.mse.tolist()
         accepted += result.accepted.tolist()
+        face += face_probabilities(result.images).tolist()
         if progress is not None:
             progress(len(chunk))
-    return {"mse": mse, "accepted": accepted}
+    return {"mse": mse, "accepted": accepted, "face_probability": face}

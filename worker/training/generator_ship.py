@@ -63,17 +63,48 @@ def ship_generator(run: Path, *, quality: dict[str, Any] | None = None, name: st
 
 def add_quality(name: str, quality: dict[str, Any], *,
                 manifest_path: Path = MANIFEST_PATH) -> WeightsEntry:
-    """Put the metrics of an already shipped generator into its manifest entry (the
-    run folder need not exist any more); the report must have measured that file."""
-    manifest = load_manifest(manifest_path)
-    found = [e for e in manifest.models if e.name == name and e.kind == "generator"]
-    if not found:
-        raise LikenessError("unknown_weights", f"no generator named {name!r} in {manifest_path}")
-    entry = found[0]
+    """Put the measures of a report on an already shipped generator into its manifest
+    entry (the run folder need not exist any more), beside the measures it has: a report
+    of the search fit alone keeps the face rate and FD. The report must have measured
+    that file."""
+    entry = _generator_entry(name, manifest_path)
     _check_measured(quality, entry.sha256, entry_path(entry, manifest_path))
-    updated = entry.model_copy(update={"metrics": _metrics(quality)})
+    updated = entry.model_copy(update={"metrics": entry.metrics | _metrics(quality)})
     register(updated, manifest_path)
     return updated
+
+
+def set_search(name: str, settings: dict[str, str], *, clear: bool = False,
+               manifest_path: Path = MANIFEST_PATH) -> WeightsEntry:
+    """Store search settings (SearchConfig fields, values as text) measured to suit a
+    generator in its manifest entry, on top of what it has unless ``clear``."""
+    from pydantic import ValidationError
+
+    from worker.engine.search import SearchConfig
+
+    entry = _generator_entry(name, manifest_path)
+    unknown = sorted(set(settings) - set(SearchConfig.model_fields))
+    if unknown:
+        raise LikenessError("bad_option", f"not search settings: {', '.join(unknown)} (valid: "
+                            f"{', '.join(SearchConfig.model_fields)})")
+    merged = ({} if clear else dict(entry.search)) | settings
+    try:
+        checked = SearchConfig.model_validate(merged)
+    except ValidationError as e:
+        first = e.errors()[0]
+        raise LikenessError("bad_option", f"{first['loc'][0]}: {first['msg']}") from None
+    values = checked.model_dump(mode="json", include=set(merged))
+    updated = entry.model_copy(update={"search": values})
+    register(updated, manifest_path)
+    return updated
+
+
+def _generator_entry(name: str, manifest_path: Path) -> WeightsEntry:
+    found = [e for e in load_manifest(manifest_path).models
+             if e.name == name and e.kind == "generator"]
+    if not found:
+        raise LikenessError("unknown_weights", f"no generator named {name!r} in {manifest_path}")
+    return found[0]
 
 
 def _check_measured(quality: dict[str, Any], sha: str, dest: Path) -> None:
@@ -92,9 +123,11 @@ def _train_info(g_path: Path) -> dict[str, Any]:
 
 
 def _metrics(quality: dict[str, Any]) -> dict[str, Any]:
-    """The manifest keeps the headline numbers and the sizes they were measured at."""
+    """The manifest keeps the headline numbers, the sizes and the day they were measured."""
     keep = ("face_rate", "fd", "search_fit")
-    return {k: quality[k] for k in keep if k in quality} | {"measured": quality.get("date")}
+    date = quality.get("date")
+    return ({k: quality[k] | {"measured": date} for k in keep if k in quality}
+            | {"measured": date})
 
 
 def read_quality(path: Path | None) -> dict[str, Any] | None:
