@@ -69,20 +69,29 @@ def load_manifest(path: Path = MANIFEST_PATH) -> Manifest:
 def save_manifest(manifest: Manifest, path: Path = MANIFEST_PATH) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(manifest.model_dump(), indent=2, sort_keys=False) + "\n")
+    data = manifest.model_dump()
+    for entry in data["models"]:
+        if not entry["search"]:  # only generators have search settings
+            del entry["search"]
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
     tmp.replace(path)
 
 
 def register(entry: WeightsEntry, manifest_path: Path = MANIFEST_PATH) -> Manifest:
-    """Add ``entry`` to the manifest, replacing one of the same name (a new version
-    replaces the old, never sits beside it); a default entry unsets its kind's others."""
+    """Add ``entry`` to the manifest, replacing one of the same name in its place (a new
+    version replaces the old, never sits beside it); a default entry unsets its kind's
+    others."""
     manifest = load_manifest(manifest_path)
-    models = [e for e in manifest.models if e.name != entry.name]
+    names = [e.name for e in manifest.models]
+    models = [entry if e.name == entry.name else e for e in manifest.models]
+    if entry.name not in names:
+        models.append(entry)
     if entry.default:
         models = [
-            e.model_copy(update={"default": False}) if e.kind == entry.kind else e for e in models
+            e.model_copy(update={"default": False}) if e.kind == entry.kind and e is not entry
+            else e for e in models
         ]
-    manifest.models = [*models, entry]
+    manifest.models = models
     save_manifest(manifest, manifest_path)
     return manifest
 

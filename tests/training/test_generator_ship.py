@@ -77,9 +77,11 @@ def test_ship_writes_fp16_generator_with_fit_and_manifest_entry(run_folder: Path
     # once the run folder is gone, a later measurement still lands on the shipped entry,
     # beside the measures it does not repeat
     measured = add_quality("generator", {"sha256": entry.sha256, "fd": {"value": 1.5},
+                                         "search_fit": {"value": 0.9, "per_photo": [0.1]},
                                          "date": "2026-12-01"}, manifest_path=manifest)
     assert measured.metrics == {"face_rate": {"value": 0.5, "measured": "2026-11-30"},
                                 "fd": {"value": 1.5, "measured": "2026-12-01"},
+                                "search_fit": {"value": 0.9, "measured": "2026-12-01"},
                                 "measured": "2026-12-01"}
     assert load_manifest(manifest).models[0].metrics == measured.metrics
     with pytest.raises(LikenessError, match="measured a file"):

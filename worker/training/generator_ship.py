@@ -15,6 +15,8 @@ from worker.training.gan import CHECKPOINT_NAME, GENERATOR_NAME, mean_w, read_ch
 
 # The search reads only this fit's mean and std; 100k samples pin them well.
 FIT_SAMPLES = 100_000
+# What bench/generator_quality.py measures and the manifest keeps.
+QUALITY_MEASURES = ("face_rate", "fd", "search_fit")
 
 
 def ship_generator(run: Path, *, quality: dict[str, Any] | None = None, name: str = "generator",
@@ -69,7 +71,10 @@ def add_quality(name: str, quality: dict[str, Any], *,
     that file."""
     entry = _generator_entry(name, manifest_path)
     _check_measured(quality, entry.sha256, entry_path(entry, manifest_path))
-    updated = entry.model_copy(update={"metrics": entry.metrics | _metrics(quality)})
+    # measures from before they carried their own date get the entry's
+    kept = {k: v | {"measured": v.get("measured", entry.metrics.get("measured"))}
+            if k in QUALITY_MEASURES else v for k, v in entry.metrics.items()}
+    updated = entry.model_copy(update={"metrics": kept | _metrics(quality)})
     register(updated, manifest_path)
     return updated
 
@@ -123,11 +128,11 @@ def _train_info(g_path: Path) -> dict[str, Any]:
 
 
 def _metrics(quality: dict[str, Any]) -> dict[str, Any]:
-    """The manifest keeps the headline numbers, the sizes and the day they were measured."""
-    keep = ("face_rate", "fd", "search_fit")
+    """The manifest keeps the headline numbers, the sizes and the day they were measured
+    (the per-photo values stay in the report)."""
     date = quality.get("date")
-    return ({k: quality[k] | {"measured": date} for k in keep if k in quality}
-            | {"measured": date})
+    return ({k: {f: v for f, v in quality[k].items() if f != "per_photo"} | {"measured": date}
+             for k in QUALITY_MEASURES if k in quality} | {"measured": date})
 
 
 def read_quality(path: Path | None) -> dict[str, Any] | None:
