@@ -19,22 +19,20 @@ import argparse
 import json
 import platform
 import time
-import zipfile
 from pathlib import Path
 
 import torch
 from rich.progress import Progress
 
 from likeness.errors import LikenessError
-from likeness.splits import members, read_rows, split_of
 from worker.engine.face.extractor import FaceExtractor
 from worker.pipeline import load_search_model
-from worker.training.extractor_data import read_image, subset
 from worker.training.generator_quality import (
     FACE_PROBABILITY,
-    embeddings,
     face_probabilities,
-    frechet_distance,
+    held_out_photos,
+    photo_embeddings,
+    sample_fd,
     samples,
     search_fit,
 )
@@ -62,21 +60,6 @@ def parse() -> argparse.Namespace:
     p.add_argument("--skip", nargs="*", default=[], choices=["face", "fd", "fit"])
     p.add_argument("--out", type=Path, help="also write the JSON here")
     return p.parse_args()
-
-
-def held_out_photos(root: Path, limit: int, one_per_person: bool) -> torch.Tensor:
-    """CelebA-HQ photos of val + test people in [0, 1], a fixed hash-ordered choice."""
-    labels = root / "celebahq" / "labels.csv"
-    names = members(labels, "val") + members(labels, "test")
-    if one_per_person:
-        first: dict[str, str] = {}
-        for row in read_rows(labels):
-            if split_of(row["identity"]) != "train":
-                first.setdefault(row["identity"], row["file"])
-        names = sorted(first.values())
-    names = subset(sorted(names), limit)
-    with zipfile.ZipFile(root / "celebahq" / "images.zip") as zf:
-        return torch.stack([read_image(zf, n) for n in names])
 
 
 def main() -> None:
@@ -107,22 +90,18 @@ def main() -> None:
                                    "samples": len(p), "threshold": FACE_PROBABILITY,
                                    "mean_probability": float(p.mean())}
         if "fd" not in args.skip:
-            task = bar.add_task("FD: samples", total=args.fd_samples)
-            fake = []
-            for images in samples(G, args.fd_samples, seed=args.seed + 1):
-                fake.append(embeddings(face, images))
-                bar.advance(task, len(images))
-            real_photos = held_out_photos(args.data_root, args.fd_samples, one_per_person=False)
+            real_photos = held_out_photos(args.data_root / "celebahq", args.fd_samples,
+                                          one_per_person=False)
             task = bar.add_task("FD: photos", total=len(real_photos))
-            real = []
-            for images in real_photos.split(50):
-                real.append(embeddings(face, images))
-                bar.advance(task, len(images))
-            report["fd"] = {"value": frechet_distance(torch.cat(fake), torch.cat(real)),
-                            "samples": sum(map(len, fake)), "photos": len(real_photos),
+            real = photo_embeddings(face, real_photos, progress=lambda n: bar.advance(task, n))
+            task = bar.add_task("FD: samples", total=args.fd_samples)
+            fd = sample_fd(G, face, real, args.fd_samples, seed=args.seed + 1,
+                           progress=lambda n: bar.advance(task, n))
+            report["fd"] = {"value": fd, "samples": args.fd_samples, "photos": len(real_photos),
                             "embedding": "MobileFaceNet 128-d, L2-normalised, MTCNN-aligned"}
         if "fit" not in args.skip:
-            photos = held_out_photos(args.data_root, args.fit_people, one_per_person=True)
+            photos = held_out_photos(args.data_root / "celebahq", args.fit_people,
+                                     one_per_person=True)
             task = bar.add_task("search fit", total=len(photos))
             config = loaded.search_config(steps=args.steps, restarts=args.restarts,
                                           eps=args.eps, seed=args.seed,

@@ -291,6 +291,20 @@ def test_vae_objectives_train_finite_and_resume_exactly(tmp_path: Path, objectiv
     assert load_generator(tmp_path / "full" / "g_ema.pt").mapping_fit is not None
 
 
+def test_fd_at_every_checkpoint_is_logged_and_leaves_training_alone(tmp_path: Path) -> None:
+    face = random_mobilefacenet(tmp_path / "mfn.ckpt")
+    extra = dict(face_weights=face, checkpoint_minutes=1e-6)  # a checkpoint after every step
+    plain = run(tiny(tmp_path / "plain", steps=3, **extra))
+    measured = run(tiny(tmp_path / "fd", steps=3, fd_samples=6, **extra))
+    assert measured == plain  # measuring draws nothing from the run's RNG
+    log = [json.loads(line) for line in (tmp_path / "fd" / "log.jsonl").read_text().splitlines()]
+    assert len(log) >= 3 and all(math.isfinite(e["fd"]) and e["fd_samples"] == 6 for e in log)
+    plain_log = (tmp_path / "plain" / "log.jsonl").read_text().splitlines()
+    assert not any("fd" in json.loads(line) for line in plain_log)
+    with pytest.raises(LikenessError, match="needs --face-weights"):
+        run(tiny(tmp_path / "no-face", steps=1, fd_samples=6))
+
+
 def test_vae_reconstruction_improves_on_a_fixed_batch(tmp_path: Path) -> None:
     # the autoencoder must actually learn: repeated steps on the same 4 images
     from worker.training.gan import build_state, train_step

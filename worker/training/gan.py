@@ -84,7 +84,12 @@ class TrainConfig(BaseModel):
     identity_weight: float = Field(
         0.1, ge=0, description="vae: weight of 1 - cos of MobileFaceNet embeddings")
     face_weights: Path | None = Field(
-        None, description="vae: MobileFaceNet checkpoint for the identity term; None: no term")
+        None, description="MobileFaceNet checkpoint: the vae objectives' identity term (None: "
+        "no term) and the FD at checkpoints")
+    fd_samples: int = Field(
+        0, ge=0, description="at every checkpoint, the FD between the MobileFaceNet embeddings "
+        "of this many samples of G_ema and as many held-out photos (val + test people of the "
+        "labels.csv beside the zip), in the log: progress across checkpoints; 0: off")
     adv_weight: float = Field(1.0, ge=0, description="weight of G's adversarial loss")
     batch: int = Field(8, ge=1)
     lr: float = Field(0.002, gt=0, description="Adam lr before the lazy-reg correction")
@@ -148,7 +153,7 @@ class TrainConfig(BaseModel):
 RUN_FIELDS = frozenset({"data", "members", "out", "total_kimg", "max_minutes",
                         "checkpoint_minutes", "device", "workers", "synthetic_count",
                         "face_weights", "kl_weight", "lowres_weight", "identity_weight",
-                        "adv_weight"})
+                        "adv_weight", "fd_samples"})
 
 
 def merge_resume_config(saved: TrainConfig, overrides: dict[str, Any]) -> TrainConfig:
@@ -519,9 +524,11 @@ def exported_generator(state: TrainState) -> Generator:
     return G
 
 
-def export(state: TrainState, out: Path) -> dict[str, str]:
-    """``g_ema.pt`` in the engine's layout (with latent_avg and a mapping fit) and a grid PNG."""
-    c, G = state.config, exported_generator(state)
+def export(state: TrainState, out: Path, G: Generator | None = None) -> dict[str, str]:
+    """``g_ema.pt`` in the engine's layout (with latent_avg and a mapping fit) and a grid PNG;
+    ``G``: the exported generator, when the caller has it already."""
+    c = state.config
+    G = G if G is not None else exported_generator(state)
     latent_avg = mean_w(G, c.latent_avg_samples, seed=c.seed)
     fit = fit_mapping(G, samples=c.latent_avg_samples, batch=10_000, seed=c.seed)
     extra = {"train": {"kimg": state.kimg, "step": state.step,
@@ -559,6 +566,42 @@ class StopSignal:
     def __exit__(self, *exc: object) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+
+
+@dataclass
+class FDProbe:
+    """What the FD at a checkpoint compares against: the embeddings of held-out photos,
+    computed once per session."""
+
+    face: FaceExtractor
+    reference: Tensor  # (N, D)
+
+    def __call__(self, G: Generator) -> float:
+        from worker.training.generator_quality import sample_fd
+
+        return sample_fd(G, self.face, self.reference, len(self.reference))
+
+
+def fd_probe(config: TrainConfig, state: TrainState) -> FDProbe | None:
+    """None unless ``fd_samples``; fails before training when it cannot be measured."""
+    from worker.training.generator_quality import held_out_photos, photo_embeddings
+
+    n = config.fd_samples
+    if n == 0:
+        return None
+    if config.face_weights is None:
+        raise LikenessError("no_face_weights", "--fd-samples needs --face-weights "
+                            "(the MobileFaceNet whose embeddings FD compares)")
+    face = state.face or load_face_model(config.face_weights, state.device)
+    if config.data is None:  # smoke runs: other synthetic images stand in for photos
+        synthetic = SyntheticImages(config.resolution, n, seed=config.seed + 1)
+        photos = torch.stack([synthetic[i] for i in range(n)]).add(1).div(2)
+    else:
+        if not (config.data.parent / "labels.csv").is_file():
+            raise LikenessError("no_labels", f"--fd-samples needs labels.csv beside "
+                                f"{config.data} to find the held-out people")
+        photos = held_out_photos(config.data.parent, n, one_per_person=False)
+    return FDProbe(face, photo_embeddings(face, photos))
 
 
 def make_dataset(config: TrainConfig) -> Dataset[Tensor]:
@@ -660,6 +703,8 @@ def train(config: TrainConfig, *, resume: Path | None = None, progress: bool = T
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     data = batches(config, make_dataset(config), state.step, device)
+    with torch.random.fork_rng(devices=[]):  # building F0 draws its random init
+        probe = fd_probe(config, state)
 
     started = last_save = time.monotonic()
     session_start_step = last_log_step = state.step
@@ -671,11 +716,15 @@ def train(config: TrainConfig, *, resume: Path | None = None, progress: bool = T
         now = time.monotonic()
         state.train_seconds += now - last_save
         save_checkpoint(state, out / CHECKPOINT_NAME)
-        files = export(state, out)
+        G = exported_generator(state)
+        files = export(state, out, G)
         entry = {"step": state.step, "kimg": round(state.kimg, 3), "reason": why,
                  "img_per_s": (state.step - last_log_step) * config.batch / max(now - last_save,
                                                                                 1e-9),
                  "train_seconds": round(state.train_seconds, 1), **means.pop(), **files}
+        if probe is not None:
+            with torch.random.fork_rng(devices=[]):  # the run's RNG is already saved
+                entry |= {"fd": probe(G), "fd_samples": config.fd_samples}
         with open(out / LOG_NAME, "a") as f:
             f.write(json.dumps(entry) + "\n")
         last_save, last_log_step = time.monotonic(), state.step

@@ -62,8 +62,11 @@ def train_generator(
         help="gan (StyleGAN2, for GPUs), vae (G as an autoencoder's decoder: faces after a few "
              "epochs, the CPU path) or vae-gan (default gan)")] = None,
     face_weights: Annotated[Path | None, typer.Option(
-        help="vae: MobileFaceNet checkpoint for the identity term "
+        help="MobileFaceNet checkpoint for the vae identity term and --fd-samples "
              "(../shared/weights/mobilefacenet_casia_068.ckpt)")] = None,
+    fd_samples: Annotated[int | None, typer.Option(
+        min=0, help="at every checkpoint, log the FD of this many samples vs as many "
+                    "held-out photos (needs --face-weights; default 0: off)")] = None,
     kl_weight: Annotated[float | None, typer.Option(help="vae: KL weight (default 5e-5)")] = None,
     lowres_weight: Annotated[float | None, typer.Option(
         help="vae: weight of the 16/32-px downscale MSE (default 10)")] = None,
@@ -116,7 +119,8 @@ def train_generator(
         style_dim=style_dim, n_mlp=n_mlp, batch=batch, total_kimg=kimg, max_minutes=max_minutes,
         checkpoint_minutes=checkpoint_minutes, seed=seed, r1_gamma=r1_gamma, augment=augment,
         members=members, mirror=mirror, pl_weight=pl_weight, ema_kimg=ema_kimg, workers=workers,
-        objective=objective, face_weights=face_weights, kl_weight=kl_weight,
+        objective=objective, face_weights=face_weights, fd_samples=fd_samples,
+        kl_weight=kl_weight,
         lowres_weight=lowres_weight, identity_weight=identity_weight, adv_weight=adv_weight,
         init_generator=init_generator,
     )

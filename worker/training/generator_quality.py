@@ -11,7 +11,9 @@
 
 from __future__ import annotations
 
+import zipfile
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -70,6 +72,47 @@ def frechet_distance(a: Tensor | np.ndarray, b: Tensor | np.ndarray) -> float:
     cross = np.linalg.eigvalsh(root_x @ s_y @ root_x).clip(min=0)
     return float(((mu_x - mu_y) ** 2).sum() + np.trace(s_x) + np.trace(s_y)
                  - 2 * np.sqrt(cross).sum())
+
+
+def held_out_photos(dataset: Path, limit: int, one_per_person: bool) -> Tensor:
+    """Photos of a data set's val + test people (``dataset`` holds images.zip and
+    labels.csv with an ``identity`` column) in [0, 1], a fixed hash-ordered choice."""
+    from likeness.splits import members, read_rows, split_of
+    from worker.training.extractor_data import read_image, subset
+
+    labels = dataset / "labels.csv"
+    names = members(labels, "val") + members(labels, "test")
+    if one_per_person:
+        first: dict[str, str] = {}
+        for row in read_rows(labels):
+            if split_of(row["identity"]) != "train":
+                first.setdefault(row["identity"], row["file"])
+        names = sorted(first.values())
+    names = subset(sorted(names), limit)
+    with zipfile.ZipFile(dataset / "images.zip") as zf:
+        return torch.stack([read_image(zf, n) for n in names])
+
+
+def photo_embeddings(face: FaceExtractor, photos: Tensor, batch: int = 50,
+                     progress: Progress | None = None) -> Tensor:
+    """``embeddings`` of many photos, a batch at a time."""
+    out = []
+    for chunk in photos.split(batch):
+        out.append(embeddings(face, chunk.to(next(face.parameters()).device)))
+        if progress is not None:
+            progress(len(chunk))
+    return torch.cat(out)
+
+
+def sample_fd(G: Generator, face: FaceExtractor, reference: Tensor, count: int,
+              seed: int = 1, progress: Progress | None = None) -> float:
+    """FD between the embeddings of ``count`` random samples of G and ``reference`` (N, D)."""
+    fake = []
+    for images in samples(G, count, seed=seed):
+        fake.append(embeddings(face, images))
+        if progress is not None:
+            progress(len(images))
+    return frechet_distance(torch.cat(fake).cpu(), reference.cpu())
 
 
 def search_fit(G: Generator, fit: MappingFit, photos: Tensor, thumb: int = 16,
