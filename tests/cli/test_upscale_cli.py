@@ -75,12 +75,14 @@ def test_upscale_needs_a_mapping_fit_then_works(workdir: Path) -> None:
     report = json.loads(out.with_suffix(".json").read_text())
     assert report["accepted"] is True
     assert report["steps"] == 4 and report["restarts"] == 2 and report["seed"] == 5
-    assert report["precision"] == "fp32"
+    assert report["precision"] == "fp32" and report["geocross_weight"] == 0.05  # PULSE's
     assert report["device"] == "cpu" and len(report["weights"]["sha256"]) == 64
     assert report["downscale_mse"] <= 1.0 and report["seconds"] > 0
     first = out.read_bytes()
     assert likeness(*args, "--eps", "1.0").returncode == 0
     assert out.read_bytes() == first  # same seed, same image
+    assert likeness(*args, "--eps", "1.0", "--geocross-weight", "0.2").returncode == 0
+    assert json.loads(out.with_suffix(".json").read_text())["geocross_weight"] == 0.2
 
     r = likeness(*args, "--eps", "1e-9")  # nothing can be that close: rejected
     assert r.returncode == 3
