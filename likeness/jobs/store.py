@@ -88,10 +88,15 @@ def fresh_record(record: JobRecord, now: float) -> JobRecord:
     )
 
 
+# Cursors are job sequence numbers, which both stores keep below SQLite's INTEGER limit.
+MAX_CURSOR = 2**63 - 1
+
+
 def parse_cursor(cursor: str | None) -> int | None:
     if cursor is None:
         return None
-    if not cursor.isdigit():
+    # isdigit alone admits digits int() refuses ("²") and numbers no store can hold
+    if not (cursor.isascii() and cursor.isdigit()) or int(cursor) > MAX_CURSOR:
         raise InvalidCursor()
     return int(cursor)
 

@@ -479,8 +479,9 @@ def test_listing_is_per_owner_newest_first_and_paginated(store: JobStore) -> Non
     assert pages == 3
     assert len(store.list_jobs("bob", limit=10).items) == 2
     assert store.list_jobs("carol").items == []
-    with pytest.raises(InvalidCursor):
-        store.list_jobs("alice", cursor="not-a-cursor")
+    for bad in ("not-a-cursor", "²", str(2**63)):  # not ASCII digits; past any seq number
+        with pytest.raises(InvalidCursor):
+            store.list_jobs("alice", cursor=bad)
 
 
 def test_blobs_round_trip(store: JobStore) -> None:
