@@ -65,6 +65,10 @@ def upscale(
     identity_weight: Annotated[float, typer.Option(min=0.0, help="weight of L_s")] = 5.0,
     race_weight: Annotated[float, typer.Option(min=0.0, help="weight of L_r")] = 2.0,
     attr_weight: Annotated[float, typer.Option(min=0.0, help="weight of L_a")] = 2.0,
+    views: Annotated[int | None, typer.Option(
+        min=1, max=16, help="views F sees of each candidate, averaged: more views steer by "
+        "what any observer sees, at F's cost per view (default: the objectives' default)")]
+    = None,
 ) -> None:
     """Upscale a face thumbnail by latent search; writes OUTPUT and OUTPUT.json.
 
@@ -106,7 +110,7 @@ def upscale(
         objective = None
         if race is not None or wanted_attrs or reference_bytes is not None:
             objective = build_objective(extractor, dev, race, wanted_attrs, reference_bytes,
-                                        identity_weight, race_weight, attr_weight)
+                                        identity_weight, race_weight, attr_weight, views)
         for note in thumb.notes:
             err.print(f"note: {note}", highlight=False)
         started = time.perf_counter()
@@ -162,7 +166,7 @@ def parse_attr_options(values: list[str]) -> dict[str, int]:
 
 def build_objective(spec: str | None, device: Any, race: str | None, attrs: dict[str, int],
                     reference: bytes | None, identity_weight: float, race_weight: float,
-                    attr_weight: float) -> Any:
+                    attr_weight: float, views: int | None = None) -> Any:
     """F, the targets of one thumbnail (names checked against F's heads), and weights."""
     from likeness.images import decode_image
     from worker.engine.objectives import ObjectiveWeights, build_targets
@@ -189,7 +193,8 @@ def build_objective(spec: str | None, device: Any, race: str | None, attrs: dict
         except LikenessError as e:
             fail(f"reference: {e.message}")
     weights = ObjectiveWeights(identity=identity_weight, race=race_weight,
-                               attributes=attr_weight, threshold_deg=threshold)
+                               attributes=attr_weight, threshold_deg=threshold,
+                               **({} if views is None else {"views": views}))
     targets = build_targets(ext, [race], [canonical], [embedding], device)
     return Objective(ext, targets, weights)
 
@@ -535,6 +540,9 @@ def evaluate_command(
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N (default: auto)")]
     = None,
     threads: Annotated[int | None, typer.Option(min=1, help="CPU threads for torch")] = None,
+    views: Annotated[int | None, typer.Option(
+        min=1, max=16, help="views F sees of each candidate in the steered searches "
+        "(default: the objectives' default)")] = None,
 ) -> None:
     """Reproduce the paper's Tables 1-3 on held-out people: README.md, results.json and
     PNG plots in --out. Searches are cached per batch: an interrupted run resumes."""
@@ -545,7 +553,7 @@ def evaluate_command(
         quick, celeba=celeba, utkface=utkface, steps=steps, restarts=restarts, batch=batch,
         seed=seed, weights=weights, extractor=extractor, f0=f0, race_judge=race_judge,
         attribute_judge=attribute_judge, data_root=data_root, out=out, cache=cache,
-        device=device, threads=threads)
+        device=device, threads=threads, views=views)
     try:
         results = evaluate(config, log=lambda line: err.print(line, highlight=False))
     except LikenessError as e:

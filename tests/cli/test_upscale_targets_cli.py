@@ -57,6 +57,15 @@ def test_targets_are_applied_and_reported(workdir: Path) -> None:
     assert report["accepted"] == held, "eps=1 holds, so the constraints decide"
     if not held:
         assert r.returncode == 3 and "none meets the targets" in report["reason"]
+    assert report["views"] == 1
+
+
+def test_views_are_an_option_and_reported(workdir: Path) -> None:
+    r = run(workdir, "--race", "Asian", "--views", "3")
+    assert r.returncode in (0, 3), r.stderr
+    assert json.loads((workdir / "out.json").read_text())["views"] == 3
+    r = run(workdir, "--race", "Asian", "--views", "0")
+    assert r.returncode == 2 and "views" in r.stderr
 
 
 def test_unknown_names_and_bad_forms_fail_with_the_valid_ones(workdir: Path) -> None:

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from likeness.labels import UTKFACE_RACES
+from worker.engine.objectives import ObjectiveWeights
 from worker.evaluation.config import QUICK, EvalConfig
 from worker.evaluation.samples import make_thumbnails, soft_pad, thumbnail_seed
 from worker.evaluation.tables import angle_stats, table1, table2, table3, threshold_options
@@ -63,6 +64,15 @@ def test_quick_sizes_apply_only_where_no_option_is_given() -> None:
     assert (full.celeba, full.utkface, full.steps, full.restarts, full.batch) == (25, 25, 100,
                                                                                    4, 8)
     assert "--steps 7" in quick.command() and "--celeba 4" in quick.command()
+
+
+def test_views_reach_the_command_and_the_objectives() -> None:
+    from worker.evaluation.run import objective_weights
+
+    assert "--views" not in EvalConfig().command()
+    assert objective_weights(EvalConfig()).views == ObjectiveWeights().views
+    config = EvalConfig(views=4)
+    assert "--views 4" in config.command() and objective_weights(config).views == 4
 
 
 def test_soft_pad_keeps_the_image_and_fades_to_its_mean() -> None:

@@ -18,7 +18,8 @@ from pydantic import BaseModel, Field
 from torch import Tensor
 
 from worker.engine.face.alignment import fallback_landmarks
-from worker.engine.face.extractor import FaceExtractor, angle
+from worker.engine.face.extractor import FaceExtractor, FaceOutput, angle
+from worker.engine.face.views import ViewSampler, view_crops
 from worker.engine.search import ExtraLoss, ExtraTerms
 
 # F0's verification threshold on LFW through our alignment (bench/lfw_verification.py),
@@ -37,6 +38,11 @@ class ObjectiveWeights(BaseModel):
     temperature_deg: float = Field(5.0, gt=0, description="τ of the similarity sigmoid")
     max_class_loss: float = Field(0.1, gt=0, description="reject a candidate whose final "
                                   "L_r or L_a exceeds this")
+    views: int = Field(1, ge=1, le=16, description="F sees each candidate in this many views "
+                       "(the first as is, the others randomly shifted, scaled, rotated, "
+                       "mirrored and blurred) and every term averages over them, so a target "
+                       "is met only by changes that survive them all; each view costs F's "
+                       "forward and backward pass again (bench/steering.py)")
 
 
 @dataclass
@@ -54,11 +60,17 @@ class Targets:
     def any(self) -> bool:
         return bool(self.has_reference.any() or self.has_race.any() or self.has_attribute.any())
 
+    def _fields(self) -> tuple[Tensor, ...]:
+        return (self.reference, self.has_reference, self.race, self.has_race,
+                self.attributes, self.has_attribute)
+
     def repeat(self, k: int) -> Targets:
         """Element i·K + j gets thumbnail i's targets (the search's restart layout)."""
-        return Targets(*(t.repeat_interleave(k, dim=0) for t in (
-            self.reference, self.has_reference, self.race, self.has_race,
-            self.attributes, self.has_attribute)))
+        return Targets(*(t.repeat_interleave(k, dim=0) for t in self._fields()))
+
+    def tile(self, v: int) -> Targets:
+        """The whole batch ``v`` times over, one copy per view (view-major)."""
+        return Targets(*(t.repeat(v, *([1] * (t.ndim - 1))) for t in self._fields()))
 
 
 def build_targets(
@@ -130,8 +142,13 @@ def evaluate_objectives(extractor: FaceExtractor, images: Tensor, targets: Targe
     FFHQ frame, so its fixed landmarks align them without running MTCNN on
     every candidate at every step; None detects.
     """
-    out = extractor(images, landmarks)
-    zero = torch.zeros(images.shape[0], device=images.device)
+    return objective_values(extractor(images, landmarks), targets, weights)
+
+
+def objective_values(out: FaceOutput, targets: Targets, weights: ObjectiveWeights
+                     ) -> ObjectiveValues:
+    """The terms from what F saw (one row per element of ``targets``)."""
+    zero = torch.zeros(out.embedding.shape[0], device=out.embedding.device)
     weighted: dict[str, Tensor] = {}
     raw: dict[str, Tensor] = {}
     theta = torch.full_like(zero, math.nan)
@@ -171,13 +188,22 @@ def objective_loss(extractor: FaceExtractor, targets: Targets, weights: Objectiv
     a candidate whose final value exceeds ``weights.max_class_loss`` is rejected.
     """
     repeated = targets.repeat(restarts)
+    sampler = ViewSampler(weights.views, restarts) if weights.views > 1 else None
 
     def loss(images: Tensor) -> ExtraTerms:
         n, _, h, w = images.shape
         landmarks = fallback_landmarks(n, h, w, images.device)
-        values = evaluate_objectives(extractor, images, repeated, weights, landmarks)
-        constraints = {k: values.raw[k] for k in ("race", "attributes") if k in values.raw}
-        return ExtraTerms(values.weighted, constraints,
+        if sampler is None:
+            values = evaluate_objectives(extractor, images, repeated, weights, landmarks)
+            weighted, raw = values.weighted, values.raw
+        else:
+            views = sampler.draw()
+            out = extractor.forward_crops(view_crops(extractor, images, landmarks, views))
+            values = objective_values(out, repeated.tile(views.count), weights)
+            weighted, raw = ({name: t.view(views.count, n).mean(0) for name, t in d.items()}
+                             for d in (values.weighted, values.raw))
+        constraints = {k: raw[k] for k in ("race", "attributes") if k in raw}
+        return ExtraTerms(weighted, constraints,
                           dict.fromkeys(constraints, weights.max_class_loss))
 
     return loss
@@ -195,6 +221,8 @@ def describe(extractor: FaceExtractor, images: Tensor, targets: Targets,
     attr_labels = extractor.attribute_head.labels if extractor.attribute_head is not None else ()
     for i in range(b):
         report: dict[str, object] = {}
+        if bool(targets.has_reference[i] | targets.has_race[i] | targets.has_attribute[i].any()):
+            report["views"] = weights.views  # how F saw the candidates: part of what a seed gives
         if bool(targets.has_reference[i]):
             report["angle_to_reference_deg"] = round(float(values.angle_deg[i]), 2)
             report["same_person"] = bool(values.angle_deg[i] <= weights.threshold_deg)

@@ -48,6 +48,8 @@ class EvalConfig(BaseModel):
     attribute_judge: str = Field(ATTRIBUTE_JUDGE, description="attribute judge: name or file")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
     threads: int | None = Field(None, ge=1, description="CPU threads for torch")
+    views: int | None = Field(None, ge=1, le=16, description="views F sees of each candidate "
+                              "in the steered searches (default: ObjectiveWeights')")
     quick: bool = Field(False, description="tiny sizes (QUICK) for CI and smoke checks")
 
     @classmethod
@@ -72,4 +74,6 @@ class EvalConfig(BaseModel):
             parts += ["--extractor", self.extractor]
         if self.threads is not None:
             parts += ["--threads", str(self.threads)]
+        if self.views is not None:
+            parts += ["--views", str(self.views)]
         return shlex.join(parts)

@@ -141,9 +141,13 @@ def search_lines(searches: dict[str, dict[str, Any]], labels: dict[str, str]) ->
 
 
 def _weights(w: dict[str, Any]) -> str:
+    views = w.get("views", 1)
+    seen = ("F sees each candidate once" if views == 1 else
+            f"each term is averaged over {views} views of the candidate, the plain crop and "
+            f"{views - 1} randomly shifted, scaled, rotated, mirrored and blurred ones")
     return (f"identity {w['identity']}, race {w['race']}, attributes {w['attributes']}, "
-            f"τ {w['temperature_deg']}°; a candidate whose final race or attribute loss exceeds "
-            f"{w['max_class_loss']} is rejected")
+            f"τ {w['temperature_deg']}°; {seen}; a candidate whose final race or attribute "
+            f"loss exceeds {w['max_class_loss']} is rejected")
 
 
 def write_readme(results: dict[str, Any], path: Path) -> None:
@@ -170,7 +174,7 @@ def write_readme(results: dict[str, Any], path: Path) -> None:
         f"upscaled to {results['resolution']} px by the search ({c['steps']} steps × "
         f"{c['restarts']} restarts, batches of {c['batch']}, PULSE's other settings), with "
         "the same seed for a thumbnail under every strategy. The identity, race and attribute "
-        "objectives use `ObjectiveWeights`' documented defaults "
+        "objectives use these settings of `ObjectiveWeights` "
         f"({_weights(results['objective_weights'])}), with the extractor's own θ_t "
         f"(F: {results['thresholds_deg']['F']:.1f}°, F0: {results['thresholds_deg']['F0']:.1f}°"
         "). Outputs count whether or not the search accepted them (acceptance below).",

@@ -75,6 +75,13 @@ def landmark_cache(config: EvalConfig) -> Path:
     return config.cache / f"landmarks_utkface_{tag}.pt"
 
 
+def objective_weights(config: EvalConfig) -> ObjectiveWeights:
+    """The steered searches' settings: ObjectiveWeights' defaults, and --views if given."""
+    if config.views is None:
+        return ObjectiveWeights()
+    return ObjectiveWeights(views=config.views)
+
+
 def run_searches(models: Models, config: EvalConfig, plan: list[tuple[Samples, Strategy]],
                  progress: bool) -> dict[tuple[str, str], Outputs]:
     total = sum(math.ceil(len(s) / config.batch) * config.steps for s, _ in plan)
@@ -88,7 +95,7 @@ def run_searches(models: Models, config: EvalConfig, plan: list[tuple[Samples, S
         for samples, strategy in plan:
             outputs[samples.dataset, strategy.name] = run_strategy(
                 models, samples, strategy, config.steps, config.restarts, config.batch,
-                config.cache, on_progress)
+                config.cache, on_progress, objective_weights(config))
     return outputs
 
 
@@ -205,7 +212,7 @@ def evaluate(config: EvalConfig, *, progress: bool = True, log: Log = print) -> 
                              "search_seconds": o.search_seconds, "batches": o.batches,
                              "cached_batches": o.cached_batches}
                 for (d, s), o in outputs.items()}
-    weights = ObjectiveWeights().model_dump()
+    weights = objective_weights(config).model_dump()
     weights.pop("threshold_deg")  # each extractor brings its own
     results: dict[str, Any] = {
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),

@@ -94,7 +94,7 @@ def _targets(strategy: Strategy, samples: Samples, rows: Sequence[int]
 
 
 def batch_key(models: Models, samples: Samples, rows: Sequence[int], strategy: Strategy,
-              config: SearchConfig) -> str:
+              config: SearchConfig, weights: ObjectiveWeights | None = None) -> str:
     """sha256 of everything the batch's outputs depend on."""
     races, attrs = _targets(strategy, samples, rows)
     spec: dict[str, Any] = {
@@ -106,7 +106,7 @@ def batch_key(models: Models, samples: Samples, rows: Sequence[int], strategy: S
     if strategy.extractor is not None:
         _, theta, sha = models.extractor(strategy.extractor)
         spec["extractor"] = sha
-        spec["objective"] = ObjectiveWeights(threshold_deg=theta).model_dump(mode="json")
+        spec["objective"] = objective_weights(weights, theta).model_dump(mode="json")
     h = hashlib.sha256(json.dumps(spec, sort_keys=True).encode())
     h.update(np.ascontiguousarray(samples.thumbnails[list(rows)]).tobytes())
     if strategy.identity:
@@ -115,10 +115,17 @@ def batch_key(models: Models, samples: Samples, rows: Sequence[int], strategy: S
     return h.hexdigest()
 
 
+def objective_weights(weights: ObjectiveWeights | None, theta: float) -> ObjectiveWeights:
+    """``weights`` (default: ObjectiveWeights' documented defaults) with the steering
+    extractor's own θ_t."""
+    return (weights or ObjectiveWeights()).model_copy(update={"threshold_deg": theta})
+
+
 def build_objective(models: Models, samples: Samples, rows: Sequence[int],
-                    strategy: Strategy) -> Objective | None:
-    """The strategy's targets for these thumbnails, weighted by ObjectiveWeights'
-    documented defaults with the extractor's own θ_t."""
+                    strategy: Strategy, weights: ObjectiveWeights | None = None
+                    ) -> Objective | None:
+    """The strategy's targets for these thumbnails, weighted by ``weights`` (default:
+    ObjectiveWeights' documented defaults) with the extractor's own θ_t."""
     if strategy.extractor is None:
         return None
     extractor, theta, _ = models.extractor(strategy.extractor)
@@ -130,7 +137,7 @@ def build_objective(models: Models, samples: Samples, rows: Sequence[int],
         targets = build_targets(extractor, races, attrs, references, models.device)
     except KeyError as e:
         raise LikenessError("bad_weights", f"F cannot steer this target: {e.args[0]}") from None
-    return Objective(extractor, targets, ObjectiveWeights(threshold_deg=theta))
+    return Objective(extractor, targets, objective_weights(weights, theta))
 
 
 def _save(path: Path, payload: dict[str, Any]) -> None:
@@ -150,12 +157,12 @@ def _load(path: Path) -> dict[str, Any] | None:
 
 
 def search_batch(models: Models, samples: Samples, rows: Sequence[int], strategy: Strategy,
-                 config: SearchConfig, on_step: Callable[[SearchStep], None] | None
-                 ) -> dict[str, Any]:
+                 config: SearchConfig, on_step: Callable[[SearchStep], None] | None,
+                 weights: ObjectiveWeights | None = None) -> dict[str, Any]:
     """One batched search through worker/pipeline.py (the worker's path): 8-bit outputs,
     acceptance, downscale MSE and the per-thumbnail reports."""
     started = time.perf_counter()
-    objective = build_objective(models, samples, rows, strategy)
+    objective = build_objective(models, samples, rows, strategy, weights)
     results = run_upscale(models.generator, list(samples.thumbnails[list(rows)]), config,
                           on_step=on_step, seeds=[samples.seeds[i] for i in rows],
                           objective=objective)
@@ -172,9 +179,11 @@ def search_batch(models: Models, samples: Samples, rows: Sequence[int], strategy
 
 def run_strategy(models: Models, samples: Samples, strategy: Strategy, steps: int,
                  restarts: int, batch: int, cache: Path,
-                 on_progress: OnProgress | None = None) -> Outputs:
+                 on_progress: OnProgress | None = None,
+                 weights: ObjectiveWeights | None = None) -> Outputs:
     """Every thumbnail of ``samples`` under ``strategy``, ``batch`` at a time; batches are
-    fixed slices, so a larger N reuses the smaller run's batches."""
+    fixed slices, so a larger N reuses the smaller run's batches. ``weights``: the
+    objectives' settings (default: ObjectiveWeights' documented defaults)."""
     config = search_config(models, steps, restarts)
     parts: list[dict[str, Any]] = []
     files: list[str] = []
@@ -182,7 +191,7 @@ def run_strategy(models: Models, samples: Samples, strategy: Strategy, steps: in
     n_batches = -(-len(samples) // batch)
     for b, start in enumerate(range(0, len(samples), batch)):
         rows = list(range(start, min(start + batch, len(samples))))
-        key = batch_key(models, samples, rows, strategy, config)
+        key = batch_key(models, samples, rows, strategy, config, weights)
         path = cache / f"{samples.dataset}-{strategy.name}-{key[:32]}.pt"
         status = f"{samples.dataset} {strategy.name} {b + 1}/{n_batches}"
         payload = _load(path)
@@ -195,7 +204,7 @@ def run_strategy(models: Models, samples: Samples, strategy: Strategy, steps: in
                 if on_progress is not None:
                     on_progress(1, status)
 
-            payload = search_batch(models, samples, rows, strategy, config, on_step)
+            payload = search_batch(models, samples, rows, strategy, config, on_step, weights)
             _save(path, payload)
         parts.append(payload)
         files.append(path.name)

@@ -135,11 +135,17 @@ class FaceExtractor(nn.Module):
 
     def forward(self, images: Tensor, landmarks: Tensor | None = None) -> FaceOutput:
         aligned = self.align(images, landmarks)
-        features = self.crop_features(aligned.crops)
+        return self.forward_crops(aligned.crops, aligned.detected)
+
+    def forward_crops(self, crops: Tensor, detected: Tensor | None = None) -> FaceOutput:
+        """Embeddings and head logits of already aligned [B, 3, h, w] crops in [0, 1]."""
+        features = self.crop_features(crops)
+        if detected is None:
+            detected = torch.ones(crops.shape[0], dtype=torch.bool, device=crops.device)
         return FaceOutput(
             embedding=F.normalize(features, dim=1),
             features=features,
-            detected=aligned.detected,
+            detected=detected,
             race_logits=None if self.race_head is None else self.race_head(features),
             attribute_logits=None if self.attribute_head is None else self.attribute_head(features),
         )

@@ -1,0 +1,168 @@
+"""Does steering by F survive to the independent judges? Prints one JSON object.
+
+    python bench/steering.py --utkface 16 --celeba 16 --threads 2 \
+        --variant plain: --variant views4:views=4 --out docs/bench/steering.json
+
+For each variant of the objectives' settings (``ObjectiveWeights`` fields,
+``name:field=value,field=value``), the race objective runs on held-out
+UTKFace thumbnails and the attribute objective (Table 3's five attributes,
+the photo's true values) on held-out CelebA-HQ thumbnails, as in
+``likeness evaluate``; plain PULSE runs once as the baseline. Each output is
+read twice: by F itself (its plain crop, what the search optimised) and by
+the judges, which the search never sees. A wide gap between the two means the
+search met F's target with changes that do not make the face that race or
+attribute to anyone else.
+
+Needs ../shared (the photos, F0's checkpoint); nothing here is a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from likeness.labels import UTKFACE_RACES
+from worker.engine.objectives import ObjectiveWeights
+from worker.evaluation.config import TABLE3_ATTRIBUTES, THUMBNAIL, EvalConfig
+from worker.evaluation.measures import attribute_predictions, race_predictions
+from worker.evaluation.models import load_models
+from worker.evaluation.run import landmark_cache
+from worker.evaluation.samples import celeba_samples, utkface_samples
+from worker.evaluation.searches import ATTRIBUTES, NONE, RACE, Outputs, run_strategy
+
+
+def parse_variant(text: str) -> tuple[str, ObjectiveWeights]:
+    name, _, fields = text.partition(":")
+    values = dict(item.split("=", 1) for item in fields.split(",") if item)
+    return name, ObjectiveWeights(**values)  # pydantic converts and checks the values
+
+
+def parse() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--data-root", type=Path, default=Path("../shared/data"))
+    p.add_argument("--f0", type=Path,
+                   default=Path("../shared/weights/mobilefacenet_casia_068.ckpt"))
+    p.add_argument("--utkface", type=int, default=16, help="held-out UTKFace thumbnails (0: none)")
+    p.add_argument("--celeba", type=int, default=16, help="held-out CelebA-HQ thumbnails (0: none)")
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--restarts", type=int, default=4)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--cache", type=Path, default=Path("runs/evaluate/cache"))
+    p.add_argument("--variant", action="append", default=[],
+                   help="name:field=value,... (ObjectiveWeights); repeatable; default: plain:")
+    p.add_argument("--out", type=Path, default=None, help="also write the JSON here")
+    return p.parse_args()
+
+
+def f_race(models: Any, images: torch.Tensor) -> np.ndarray:
+    from worker.engine.face.alignment import fallback_landmarks
+    from worker.evaluation.measures import BATCH
+
+    out = []
+    with torch.no_grad():
+        for chunk in images.split(BATCH):
+            n, _, h, w = chunk.shape
+            logits = models.f(chunk.to(models.device),
+                              fallback_landmarks(n, h, w, models.device)).race_logits
+            out.append(logits.argmax(1).cpu())
+    return torch.cat(out).numpy()
+
+
+def f_attributes(models: Any, images: torch.Tensor) -> np.ndarray:
+    from worker.engine.face.alignment import fallback_landmarks
+    from worker.evaluation.measures import BATCH
+
+    columns = [models.f.attribute_head.labels.index(a) for a in TABLE3_ATTRIBUTES]
+    out = []
+    with torch.no_grad():
+        for chunk in images.split(BATCH):
+            n, _, h, w = chunk.shape
+            logits = models.f(chunk.to(models.device),
+                              fallback_landmarks(n, h, w, models.device)).attribute_logits
+            out.append((logits[:, columns] > 0).long().cpu())
+    return torch.cat(out).numpy()
+
+
+def race_scores(models: Any, out: Outputs, labels: np.ndarray) -> dict[str, Any]:
+    judge = race_predictions(models.race_judge, out.images)
+    seen_by_f = f_race(models, out.images)
+    return {
+        "judge_accuracy": float(np.mean(judge == labels)),
+        "f_accuracy": float(np.mean(seen_by_f == labels)),
+        "judge_per_race": {r: float(np.mean(judge[labels == i] == i))
+                           for i, r in enumerate(UTKFACE_RACES) if (labels == i).any()},
+        "accepted": float(np.mean(out.accepted)),
+        "search_seconds": out.search_seconds,
+    }
+
+
+def attribute_scores(models: Any, out: Outputs, labels: np.ndarray) -> dict[str, Any]:
+    judge = attribute_predictions(models.attribute_judge, out.images, TABLE3_ATTRIBUTES)
+    seen_by_f = f_attributes(models, out.images)
+    return {
+        "judge_accuracy": float(np.mean(judge == labels)),
+        "f_accuracy": float(np.mean(seen_by_f == labels)),
+        "judge_per_attribute": {a: float(np.mean(judge[:, j] == labels[:, j]))
+                                for j, a in enumerate(TABLE3_ATTRIBUTES)},
+        "accepted": float(np.mean(out.accepted)),
+        "search_seconds": out.search_seconds,
+    }
+
+
+def main() -> None:
+    args = parse()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    variants = [parse_variant(v) for v in (args.variant or ["plain:"])]
+    config = EvalConfig(data_root=args.data_root, f0=args.f0, cache=args.cache,
+                        celeba=max(args.celeba, 2), utkface=max(args.utkface, 1),
+                        steps=args.steps, restarts=args.restarts, batch=args.batch,
+                        seed=args.seed, device="cpu", threads=args.threads or None)
+    models = load_models(config, torch.device("cpu"))
+    sets = []
+    if args.utkface:
+        utk = utkface_samples(args.data_root / "utkface", args.utkface, THUMBNAIL, args.seed,
+                              landmark_cache(config))
+        sets.append((utk, RACE, race_scores))
+    if args.celeba:
+        celeba = celeba_samples(args.data_root / "celebahq", args.celeba, THUMBNAIL, args.seed)
+        sets.append((celeba, ATTRIBUTES, attribute_scores))
+    started = time.perf_counter()
+    results: dict[str, Any] = {}
+    for samples, strategy, score in sets:
+        run = {"none": ObjectiveWeights()} | {name: w for name, w in variants}
+        results[samples.dataset] = {"n": len(samples), "strategy": strategy.name, "variants": {}}
+        photos = score(models, Outputs(samples.photos, np.ones(len(samples), bool),
+                                       np.zeros(len(samples)), [], 0.0), samples.labels)
+        results[samples.dataset]["photos"] = photos
+        for name, weights in run.items():
+            out = run_strategy(models, samples, NONE if name == "none" else strategy, args.steps,
+                               args.restarts, args.batch, args.cache, weights=weights)
+            results[samples.dataset]["variants"][name] = {
+                "weights": weights.model_dump(exclude={"threshold_deg"}),
+                **score(models, out, samples.labels)}
+            print(name, samples.dataset, json.dumps(results[samples.dataset]["variants"][name]),
+                  flush=True)
+    report = {
+        "bench": "steering", "date": time.strftime("%Y-%m-%d"), "machine": platform.machine(),
+        "threads": torch.get_num_threads(), "steps": args.steps, "restarts": args.restarts,
+        "seconds": time.perf_counter() - started, "results": results,
+    }
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
