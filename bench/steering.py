@@ -92,6 +92,14 @@ def f_attributes(models: Any, images: torch.Tensor) -> np.ndarray:
     return torch.cat(out).numpy()
 
 
+def resampled(photos: torch.Tensor, side: int) -> torch.Tensor:
+    size = photos.shape[-1]
+    small = torch.nn.functional.interpolate(photos, size=(side, side), mode="bicubic",
+                                            antialias=True)
+    return torch.nn.functional.interpolate(small, size=(size, size), mode="bicubic",
+                                           align_corners=False).clamp(0, 1)
+
+
 def race_scores(models: Any, out: Outputs, labels: np.ndarray) -> dict[str, Any]:
     judge = race_predictions(models.race_judge, out.images)
     seen_by_f = f_race(models, out.images)
@@ -144,6 +152,13 @@ def main() -> None:
         photos = score(models, Outputs(samples.photos, np.ones(len(samples), bool),
                                        np.zeros(len(samples)), [], 0.0), samples.labels)
         results[samples.dataset]["photos"] = photos
+        # How the judges read the same photos at the sharpness of a blurry generator's faces:
+        # bicubic down to `side` px and back up.
+        results[samples.dataset]["photos_resampled"] = {
+            side: score(models, Outputs(resampled(samples.photos, side),
+                                        np.ones(len(samples), bool), np.zeros(len(samples)),
+                                        [], 0.0), samples.labels)
+            for side in (64, 32, 16)}
         for name, weights in run.items():
             out = run_strategy(models, samples, NONE if name == "none" else strategy, args.steps,
                                args.restarts, args.batch, args.cache, weights=weights)
