@@ -29,9 +29,10 @@ import numpy as np
 import torch
 
 from likeness.labels import UTKFACE_RACES
+from worker.engine.face.alignment import fallback_landmarks
 from worker.engine.objectives import ObjectiveWeights
 from worker.evaluation.config import TABLE3_ATTRIBUTES, THUMBNAIL, EvalConfig
-from worker.evaluation.measures import attribute_predictions, race_predictions
+from worker.evaluation.measures import BATCH, attribute_predictions, race_predictions
 from worker.evaluation.models import load_models
 from worker.evaluation.run import landmark_cache
 from worker.evaluation.samples import celeba_samples, utkface_samples
@@ -63,33 +64,25 @@ def parse() -> argparse.Namespace:
     return p.parse_args()
 
 
-def f_race(models: Any, images: torch.Tensor) -> np.ndarray:
-    from worker.engine.face.alignment import fallback_landmarks
-    from worker.evaluation.measures import BATCH
-
+@torch.no_grad()
+def f_logits(models: Any, images: torch.Tensor, head: str) -> torch.Tensor:
+    """F's race or attribute logits of FFHQ-framed images: its plain crop, as the
+    search sees a candidate with one view."""
     out = []
-    with torch.no_grad():
-        for chunk in images.split(BATCH):
-            n, _, h, w = chunk.shape
-            logits = models.f(chunk.to(models.device),
-                              fallback_landmarks(n, h, w, models.device)).race_logits
-            out.append(logits.argmax(1).cpu())
-    return torch.cat(out).numpy()
+    for chunk in images.split(BATCH):
+        n, _, h, w = chunk.shape
+        seen = models.f(chunk.to(models.device), fallback_landmarks(n, h, w, models.device))
+        out.append(getattr(seen, f"{head}_logits").cpu())
+    return torch.cat(out)
+
+
+def f_race(models: Any, images: torch.Tensor) -> np.ndarray:
+    return f_logits(models, images, "race").argmax(1).numpy()
 
 
 def f_attributes(models: Any, images: torch.Tensor) -> np.ndarray:
-    from worker.engine.face.alignment import fallback_landmarks
-    from worker.evaluation.measures import BATCH
-
     columns = [models.f.attribute_head.labels.index(a) for a in TABLE3_ATTRIBUTES]
-    out = []
-    with torch.no_grad():
-        for chunk in images.split(BATCH):
-            n, _, h, w = chunk.shape
-            logits = models.f(chunk.to(models.device),
-                              fallback_landmarks(n, h, w, models.device)).attribute_logits
-            out.append((logits[:, columns] > 0).long().cpu())
-    return torch.cat(out).numpy()
+    return (f_logits(models, images, "attribute")[:, columns] > 0).long().numpy()
 
 
 def resampled(photos: torch.Tensor, side: int) -> torch.Tensor:

@@ -67,12 +67,12 @@ def test_quick_sizes_apply_only_where_no_option_is_given() -> None:
 
 
 def test_views_reach_the_command_and_the_objectives() -> None:
-    from worker.evaluation.run import objective_weights
+    from worker.evaluation.run import steering_settings
 
     assert "--views" not in EvalConfig().command()
-    assert objective_weights(EvalConfig()).views == ObjectiveWeights().views
+    assert steering_settings(EvalConfig()).views == ObjectiveWeights().views
     config = EvalConfig(views=4)
-    assert "--views 4" in config.command() and objective_weights(config).views == 4
+    assert "--views 4" in config.command() and steering_settings(config).views == 4
 
 
 def test_soft_pad_keeps_the_image_and_fades_to_its_mean() -> None:

@@ -75,7 +75,7 @@ def landmark_cache(config: EvalConfig) -> Path:
     return config.cache / f"landmarks_utkface_{tag}.pt"
 
 
-def objective_weights(config: EvalConfig) -> ObjectiveWeights:
+def steering_settings(config: EvalConfig) -> ObjectiveWeights:
     """The steered searches' settings: ObjectiveWeights' defaults, and --views if given."""
     if config.views is None:
         return ObjectiveWeights()
@@ -95,7 +95,7 @@ def run_searches(models: Models, config: EvalConfig, plan: list[tuple[Samples, S
         for samples, strategy in plan:
             outputs[samples.dataset, strategy.name] = run_strategy(
                 models, samples, strategy, config.steps, config.restarts, config.batch,
-                config.cache, on_progress, objective_weights(config))
+                config.cache, on_progress, steering_settings(config))
     return outputs
 
 
@@ -212,7 +212,7 @@ def evaluate(config: EvalConfig, *, progress: bool = True, log: Log = print) -> 
                              "search_seconds": o.search_seconds, "batches": o.batches,
                              "cached_batches": o.cached_batches}
                 for (d, s), o in outputs.items()}
-    weights = objective_weights(config).model_dump()
+    weights = steering_settings(config).model_dump()
     weights.pop("threshold_deg")  # each extractor brings its own
     results: dict[str, Any] = {
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),

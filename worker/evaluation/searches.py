@@ -106,7 +106,7 @@ def batch_key(models: Models, samples: Samples, rows: Sequence[int], strategy: S
     if strategy.extractor is not None:
         _, theta, sha = models.extractor(strategy.extractor)
         spec["extractor"] = sha
-        spec["objective"] = objective_weights(weights, theta).model_dump(mode="json")
+        spec["objective"] = with_threshold(weights, theta).model_dump(mode="json")
     h = hashlib.sha256(json.dumps(spec, sort_keys=True).encode())
     h.update(np.ascontiguousarray(samples.thumbnails[list(rows)]).tobytes())
     if strategy.identity:
@@ -115,7 +115,7 @@ def batch_key(models: Models, samples: Samples, rows: Sequence[int], strategy: S
     return h.hexdigest()
 
 
-def objective_weights(weights: ObjectiveWeights | None, theta: float) -> ObjectiveWeights:
+def with_threshold(weights: ObjectiveWeights | None, theta: float) -> ObjectiveWeights:
     """``weights`` (default: ObjectiveWeights' documented defaults) with the steering
     extractor's own θ_t."""
     return (weights or ObjectiveWeights()).model_copy(update={"threshold_deg": theta})
@@ -137,7 +137,7 @@ def build_objective(models: Models, samples: Samples, rows: Sequence[int],
         targets = build_targets(extractor, races, attrs, references, models.device)
     except KeyError as e:
         raise LikenessError("bad_weights", f"F cannot steer this target: {e.args[0]}") from None
-    return Objective(extractor, targets, objective_weights(weights, theta))
+    return Objective(extractor, targets, with_threshold(weights, theta))
 
 
 def _save(path: Path, payload: dict[str, Any]) -> None:
