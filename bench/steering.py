@@ -48,6 +48,8 @@ def parse_variant(text: str) -> tuple[str, ObjectiveWeights]:
 def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--data-root", type=Path, default=Path("../shared/data"))
+    p.add_argument("--weights", default=None,
+                   help="generator: manifest name or file (default: the manifest's default)")
     p.add_argument("--f0", type=Path,
                    default=Path("../shared/weights/mobilefacenet_casia_068.ckpt"))
     p.add_argument("--utkface", type=int, default=16, help="held-out UTKFace thumbnails (0: none)")
@@ -125,6 +127,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     variants = [parse_variant(v) for v in (args.variant or ["plain:"])]
     config = EvalConfig(data_root=args.data_root, f0=args.f0, cache=args.cache,
+                        weights=args.weights,
                         celeba=max(args.celeba, 2), utkface=max(args.utkface, 1),
                         steps=args.steps, restarts=args.restarts, batch=args.batch,
                         seed=args.seed, device="cpu", threads=args.threads or None)
@@ -162,6 +165,7 @@ def main() -> None:
                   flush=True)
     report = {
         "bench": "steering", "date": time.strftime("%Y-%m-%d"), "machine": platform.machine(),
+        "generator": {"name": models.weights[0].name, "sha256": models.generator.sha256},
         "threads": torch.get_num_threads(), "steps": args.steps, "restarts": args.restarts,
         "seconds": time.perf_counter() - started, "results": results,
     }
