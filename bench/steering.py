@@ -36,7 +36,7 @@ from worker.evaluation.measures import BATCH, attribute_predictions, race_predic
 from worker.evaluation.models import load_models
 from worker.evaluation.run import landmark_cache
 from worker.evaluation.samples import celeba_samples, utkface_samples
-from worker.evaluation.searches import ATTRIBUTES, NONE, RACE, Outputs, run_strategy
+from worker.evaluation.searches import ATTRIBUTES, NONE, RACE, run_strategy
 
 
 def parse_variant(text: str) -> tuple[str, ObjectiveWeights]:
@@ -95,29 +95,25 @@ def resampled(photos: torch.Tensor, side: int) -> torch.Tensor:
                                            align_corners=False).clamp(0, 1)
 
 
-def race_scores(models: Any, out: Outputs, labels: np.ndarray) -> dict[str, Any]:
-    judge = race_predictions(models.race_judge, out.images)
-    seen_by_f = f_race(models, out.images)
+def race_scores(models: Any, images: torch.Tensor, labels: np.ndarray) -> dict[str, Any]:
+    judge = race_predictions(models.race_judge, images)
+    seen_by_f = f_race(models, images)
     return {
         "judge_accuracy": float(np.mean(judge == labels)),
         "f_accuracy": float(np.mean(seen_by_f == labels)),
         "judge_per_race": {r: float(np.mean(judge[labels == i] == i))
                            for i, r in enumerate(UTKFACE_RACES) if (labels == i).any()},
-        "accepted": float(np.mean(out.accepted)),
-        "search_seconds": out.search_seconds,
     }
 
 
-def attribute_scores(models: Any, out: Outputs, labels: np.ndarray) -> dict[str, Any]:
-    judge = attribute_predictions(models.attribute_judge, out.images, TABLE3_ATTRIBUTES)
-    seen_by_f = f_attributes(models, out.images)
+def attribute_scores(models: Any, images: torch.Tensor, labels: np.ndarray) -> dict[str, Any]:
+    judge = attribute_predictions(models.attribute_judge, images, TABLE3_ATTRIBUTES)
+    seen_by_f = f_attributes(models, images)
     return {
         "judge_accuracy": float(np.mean(judge == labels)),
         "f_accuracy": float(np.mean(seen_by_f == labels)),
         "judge_per_attribute": {a: float(np.mean(judge[:, j] == labels[:, j]))
                                 for j, a in enumerate(TABLE3_ATTRIBUTES)},
-        "accepted": float(np.mean(out.accepted)),
-        "search_seconds": out.search_seconds,
     }
 
 
@@ -145,22 +141,19 @@ def main() -> None:
     for samples, strategy, score in sets:
         run = {"none": ObjectiveWeights()} | {name: w for name, w in variants}
         results[samples.dataset] = {"n": len(samples), "strategy": strategy.name, "variants": {}}
-        photos = score(models, Outputs(samples.photos, np.ones(len(samples), bool),
-                                       np.zeros(len(samples)), [], 0.0), samples.labels)
-        results[samples.dataset]["photos"] = photos
+        results[samples.dataset]["photos"] = score(models, samples.photos, samples.labels)
         # How the judges read the same photos at the sharpness of a blurry generator's faces:
         # bicubic down to `side` px and back up.
         results[samples.dataset]["photos_resampled"] = {
-            side: score(models, Outputs(resampled(samples.photos, side),
-                                        np.ones(len(samples), bool), np.zeros(len(samples)),
-                                        [], 0.0), samples.labels)
+            side: score(models, resampled(samples.photos, side), samples.labels)
             for side in (64, 32, 16)}
         for name, weights in run.items():
             out = run_strategy(models, samples, NONE if name == "none" else strategy, args.steps,
                                args.restarts, args.batch, args.cache, weights=weights)
             results[samples.dataset]["variants"][name] = {
                 "weights": weights.model_dump(exclude={"threshold_deg"}),
-                **score(models, out, samples.labels)}
+                **score(models, out.images, samples.labels),
+                "accepted": float(np.mean(out.accepted)), "search_seconds": out.search_seconds}
             print(name, samples.dataset, json.dumps(results[samples.dataset]["variants"][name]),
                   flush=True)
     report = {
