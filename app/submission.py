@@ -22,6 +22,7 @@ from likeness.settings import Settings
 MAX_SEED = 2**63 - 1
 MAX_WEIGHT = 1000.0
 MAX_EPS = 1.0
+MAX_VIEWS = 16  # ObjectiveWeights.views' bound: each view costs a pass of F
 MAX_IDEMPOTENCY_KEY = 255
 
 
@@ -46,6 +47,7 @@ class UpscaleForm:
     race_weight: float | None = None
     attr_weight: float | None = None
     eps: float | None = None
+    views: int | None = None
 
 
 class OutOfRange(LikenessError):
@@ -139,6 +141,8 @@ def check_options(form: UpscaleForm, settings: Settings) -> None:
             _in_range(name, value, 0.0, MAX_WEIGHT)
     if form.eps is not None:
         _in_range("eps", form.eps, 0.0, MAX_EPS, low_open=True)
+    if form.views is not None:
+        _in_range("views", form.views, 1, MAX_VIEWS)
 
 
 def _input_file(upload: Upload, image: DecodedImage) -> InputFile:
@@ -182,6 +186,7 @@ def build_job(
         race_weight=form.race_weight,
         attr_weight=form.attr_weight,
         eps=form.eps,
+        views=form.views,
     )
     inputs = {"thumbnail": _input_file(thumbnail, thumb)}
     blobs = {"thumbnail": thumbnail.data}

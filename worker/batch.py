@@ -195,7 +195,7 @@ def group_compatible(jobs: list[Job]) -> list[list[Job]]:
     for job in jobs:
         o = job.record.options
         key = (job.pixels.shape, o.steps, o.restarts, o.eps, o.identity_weight, o.race_weight,
-               o.attr_weight)
+               o.attr_weight, o.views)
         groups.setdefault(key, []).append(job)
     return list(groups.values())
 
@@ -353,6 +353,7 @@ def build_objective(batch: Batch, group: list[Job]) -> tuple[list[Job], Objectiv
         race=defaults.race if o.race_weight is None else o.race_weight,
         attributes=defaults.attributes if o.attr_weight is None else o.attr_weight,
         threshold_deg=batch.ctx.threshold_deg,
+        views=defaults.views if o.views is None else o.views,
     )
     targets = build_targets(ext, [job.record.options.race for job in kept],
                             [job.record.options.attributes for job in kept], references, device)

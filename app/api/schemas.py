@@ -54,6 +54,7 @@ class PublicOptions(BaseModel):
     race_weight: float | None = Field(default=None, description="None: the engine's default.")
     attr_weight: float | None = Field(default=None, description="None: the engine's default.")
     eps: float | None = Field(default=None, description="None: the engine's default.")
+    views: int | None = Field(default=None, description="None: the engine's default (1).")
 
     @classmethod
     def of(cls, options: JobOptions) -> PublicOptions:

@@ -96,7 +96,7 @@ function buildForm() {
   for (const select of document.querySelectorAll("#attributes select")) {
     if (select.value) form.append("attribute", `${select.dataset.attribute}:${select.value}`);
   }
-  for (const id of ["steps", "restarts", "seed"]) {
+  for (const id of ["steps", "restarts", "views", "seed"]) {
     if ($(id).value !== "") form.append(id, $(id).value);
   }
   return form;

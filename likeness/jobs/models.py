@@ -90,6 +90,11 @@ class JobOptions(BaseModel):
         gt=0,
         description="Downscaling MSE at which a search counts as converged; None: engine default.",
     )
+    views: int | None = Field(
+        default=None,
+        ge=1,
+        description="Views F sees of each candidate (steered searches); None: engine default.",
+    )
     batch_key: str = Field(
         default="",
         description="Jobs with equal batch keys can share one batched search; claim() "
@@ -179,7 +184,8 @@ def batch_key(options: JobOptions, thumbnail_side: int) -> str:
     attributes, seed and reference are per-element and do not split batches.
     """
     shared = options.model_dump(
-        include={"steps", "restarts", "identity_weight", "race_weight", "attr_weight", "eps"}
+        include={"steps", "restarts", "identity_weight", "race_weight", "attr_weight", "eps",
+                 "views"}
     )
     shared["thumbnail_side"] = thumbnail_side
     return hashlib.sha256(_canonical(shared)).hexdigest()[:16]

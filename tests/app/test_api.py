@@ -203,6 +203,7 @@ def test_submit_answers_202_with_links_and_the_job_is_queued(client: TestClient)
         ("steps", "20"),
         ("restarts", "2"),
         ("eps", "0.002"),
+        ("views", "4"),
     ]
     r = submit(client, data=form)
     assert r.status_code == 202, r.text
@@ -216,6 +217,7 @@ def test_submit_answers_202_with_links_and_the_job_is_queued(client: TestClient)
     assert job["options"]["race"] == "Asian"
     assert job["options"]["attributes"] == {"Smiling": 1, "Eyeglasses": 0}
     assert (job["options"]["steps"], job["options"]["restarts"]) == (20, 2)
+    assert job["options"]["views"] == 4
     assert isinstance(job["options"]["seed"], int), "a seed is chosen so results reproduce"
     assert job["progress"] == {"step": 0, "steps": 20, "best_mse": None}
     assert job["inputs"]["thumbnail"]["size"] == len(THUMB)
@@ -290,6 +292,8 @@ BAD_REQUESTS: list[tuple[str, dict[str, Any], int, str]] = [
     ("restarts 33", {"data": {"restarts": "33"}}, 422, "out_of_range"),
     ("seed negative", {"data": {"seed": "-1"}}, 422, "out_of_range"),
     ("eps 0", {"data": {"eps": "0"}}, 422, "out_of_range"),
+    ("views 0", {"data": {"views": "0"}}, 422, "out_of_range"),
+    ("views 17", {"data": {"views": "17"}}, 422, "out_of_range"),
     ("eps nan", {"data": {"eps": "nan"}}, 422, "out_of_range"),
     ("weight negative", {"data": {"race_weight": "-0.5"}}, 422, "out_of_range"),
     ("steps not a number", {"data": {"steps": "many"}}, 422, "invalid_request"),

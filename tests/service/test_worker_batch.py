@@ -330,6 +330,13 @@ def test_targets_go_through_the_extractor_per_job(store, model, tmp_path) -> Non
     assert done["batch_size"] == other["batch_size"] == 2, "one search for both"
     assert "constraints" in other and other["constraints"]["race"]["value"] == 0.0
 
+    # more views are a batch of their own (they change every step), and the job gets them
+    viewed = add_job(store, png(8, 6), race="Black", views=3)
+    assert store.get(viewed).options.batch_key != store.get(black).options.batch_key
+    assert worker.run(once=True) == EXIT_OK
+    seen = store.get(viewed).result
+    assert seen["views"] == 3 and seen["batch_size"] == 1
+
     later = add_job(store, png(8, 5), race="Black")
     bare = Worker(store, model, "tiny", torch.device("cpu"), settings(tmp_path),
                   worker_id="w-bare", stop=StopFlag())

@@ -9,7 +9,7 @@ from fastapi import APIRouter, File, Form, Header, Request, Response, UploadFile
 from app.api.deps import LabelsDep, OwnerDep, ReferenceCheckerDep, SettingsDep, StoreDep
 from app.api.errors import ERROR_RESPONSES, ErrorBody
 from app.api.schemas import JobLinks, SubmitResponse
-from app.submission import MAX_EPS, MAX_WEIGHT, Upload, UpscaleForm, build_job
+from app.submission import MAX_EPS, MAX_VIEWS, MAX_WEIGHT, Upload, UpscaleForm, build_job
 from likeness.errors import LikenessError
 
 router = APIRouter(tags=["upscale"])
@@ -134,6 +134,15 @@ def submit_upscale(
             "omitted: the engine's default."
         ),
     ] = None,
+    views: Annotated[
+        int | None,
+        Form(
+            description=f"Views F sees of each candidate when steering (race, attributes, "
+            f"reference), 1..{MAX_VIEWS}: each a shifted, scaled, rotated, mirrored or blurred "
+            "copy, averaged; more views steer by what survives such changes, at about that "
+            "many times the cost. Omitted: the engine's default (1)."
+        ),
+    ] = None,
     idempotency_key: Annotated[
         str | None,
         Header(
@@ -169,6 +178,7 @@ def submit_upscale(
             race_weight=race_weight,
             attr_weight=attr_weight,
             eps=eps,
+            views=views,
         ),
         owner=owner,
         idempotency_key=idempotency_key,
