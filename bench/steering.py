@@ -62,6 +62,10 @@ def parse() -> argparse.Namespace:
     p.add_argument("--cache", type=Path, default=Path("runs/evaluate/cache"))
     p.add_argument("--variant", action="append", default=[],
                    help="name:field=value,... (ObjectiveWeights); repeatable; default: plain:")
+    p.add_argument("--search", action="append", default=[], metavar="FIELD=VALUE",
+                   help="search setting over the generator's own (as `likeness weights "
+                        "set-search` records for a bundled one), e.g. geocross_weight=0.01 "
+                        "for a --weights file; repeatable")
     p.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     return p.parse_args()
 
@@ -128,6 +132,14 @@ def main() -> None:
                         steps=args.steps, restarts=args.restarts, batch=args.batch,
                         seed=args.seed, device="cpu", threads=args.threads or None)
     models = load_models(config, torch.device("cpu"))
+    for item in args.search:
+        key, _, value = item.partition("=")
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            parsed = value  # a word (a schedule's name); SearchConfig checks it below
+        models.generator.search_defaults[key.replace("-", "_")] = parsed
+    models.generator.search_config(steps=args.steps, restarts=args.restarts)  # checks the fields
     sets = []
     if args.utkface:
         utk = utkface_samples(args.data_root / "utkface", args.utkface, THUMBNAIL, args.seed,
@@ -159,6 +171,7 @@ def main() -> None:
     report = {
         "bench": "steering", "date": time.strftime("%Y-%m-%d"), "machine": platform.machine(),
         "generator": {"name": models.weights[0].name, "sha256": models.generator.sha256},
+        "search": dict(models.generator.search_defaults),
         "threads": torch.get_num_threads(), "steps": args.steps, "restarts": args.restarts,
         "seconds": time.perf_counter() - started, "results": results,
     }

@@ -614,11 +614,15 @@ def serve_command(
 
 # Training is heavy; its module is torch-free at import, like this one.
 from worker.training.extractor_cli import train_extractor  # noqa: E402
-from worker.training.generator_cli import train_generator  # noqa: E402
+from worker.training.generator_cli import prepare_generator_data, train_generator  # noqa: E402
 
 app.command(
     "train-generator", help="Train a StyleGAN2 face generator on a zip of images (resumable)."
 )(train_generator)
+app.command(
+    "prepare-generator-data",
+    help="Build a generator training set: CelebA-HQ plus UTKFace re-framed, race-balanced.",
+)(prepare_generator_data)
 app.command(
     "train-extractor", help="Train the face extractor F with ArcFace, race and attribute heads."
 )(train_extractor)

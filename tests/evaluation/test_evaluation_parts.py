@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from likeness.labels import UTKFACE_RACES
+from worker.engine.face.ffhq_frame import soft_pad
 from worker.engine.objectives import ObjectiveWeights
 from worker.evaluation.config import QUICK, EvalConfig
-from worker.evaluation.samples import make_thumbnails, soft_pad, thumbnail_seed
+from worker.evaluation.samples import make_thumbnails, thumbnail_seed
 from worker.evaluation.tables import angle_stats, table1, table2, table3, threshold_options
 
 

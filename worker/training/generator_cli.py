@@ -165,3 +165,51 @@ def train_generator(
 
         parts = split_into_parts(result.checkpoint, save_parts)
         err.print(f"wrote {len(parts)} parts of it beside {save_parts}", highlight=False)
+
+
+def prepare_generator_data(
+    out: Annotated[Path, typer.Option(help="the zip to write (for train-generator --data)")]
+    = Path("runs/generator-data/images.zip"),
+    data_root: Annotated[Path, typer.Option(help="folder holding celebahq/ and utkface/")]
+    = Path("../shared/data"),
+    celeba: Annotated[int, typer.Option(
+        min=0, help="held-in CelebA-HQ photos (a fixed hash-ordered choice)")] = 8000,
+    utkface_per_race: Annotated[int, typer.Option(
+        min=0, help="held-in UTKFace chips per race (fewer where a race has fewer)")] = 2000,
+    size: Annotated[int, typer.Option(min=16, help="image side in pixels")] = 128,
+    cache: Annotated[Path, typer.Option(help="MTCNN landmark cache for the UTKFace chips")]
+    = Path("runs/generator-data/utkface_landmarks.pt"),
+    threads: Annotated[int | None, typer.Option(min=1, help="CPU threads for torch")] = None,
+) -> None:
+    """Build a generator training set from the train splits only: CelebA-HQ photos plus
+    race-balanced UTKFace chips warped into the FFHQ frame, one zip with provenance.json."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    try:
+        import torch
+
+        from worker.training.generator_data import plan_mix, write_mix
+
+        if threads is not None:
+            torch.set_num_threads(threads)
+        plan = plan_mix(data_root, celeba, utkface_per_race)
+        per_race = ", ".join(f"{len(g)}" for g in plan.utkface)
+        err.print(f"{len(plan.celeba)} CelebA-HQ photos and UTKFace chips per race "
+                  f"({per_race}) → {out}", highlight=False)
+        with Progress(TextColumn("framing"), BarColumn(), MofNCompleteColumn(),
+                      TimeRemainingColumn(), console=err) as bar:
+            task = bar.add_task("framing", total=plan.total)
+            summary = write_mix(data_root, out, plan, size, cache,
+                                advance=lambda n: bar.advance(task, n))
+    except LikenessError as e:
+        err.print(f"[bold red]error:[/] {e.message}", highlight=False)
+        raise typer.Exit(2) from None
+    err.print(f"wrote {out}: {summary.images} images ({summary.celeba} CelebA-HQ, UTKFace "
+              f"{summary.utkface_per_race}; {summary.skipped_no_face} chips without a face "
+              f"left out) in {summary.seconds:.0f} s", highlight=False)
