@@ -11,7 +11,10 @@ the photo's true values) on held-out CelebA-HQ thumbnails, as in
 read twice: by F itself (its plain crop, what the search optimised) and by
 the judges, which the search never sees. A wide gap between the two means the
 search met F's target with changes that do not make the face that race or
-attribute to anyone else.
+attribute to anyone else. ``--identity N`` runs the identity objective through
+F on N held-out people (reference I', another photo of the person) and reports
+the angle to the photo I under F and F0: Table 1's Lookalike-Ours, with the
+references' own angle (CelebA-Same) as the "photos" entry.
 
 Needs ../shared (the photos, F0's checkpoint); nothing here is a test.
 """
@@ -32,11 +35,17 @@ from likeness.labels import UTKFACE_RACES
 from worker.engine.face.alignment import fallback_landmarks
 from worker.engine.objectives import ObjectiveWeights
 from worker.evaluation.config import TABLE3_ATTRIBUTES, THUMBNAIL, EvalConfig
-from worker.evaluation.measures import BATCH, attribute_predictions, race_predictions
+from worker.evaluation.measures import (
+    BATCH,
+    angles_deg,
+    attribute_predictions,
+    embed,
+    race_predictions,
+)
 from worker.evaluation.models import load_models
 from worker.evaluation.run import landmark_cache
 from worker.evaluation.samples import celeba_samples, utkface_samples
-from worker.evaluation.searches import ATTRIBUTES, NONE, RACE, run_strategy
+from worker.evaluation.searches import ATTRIBUTES, IDENTITY_F, NONE, RACE, run_strategy
 
 
 def parse_variant(text: str) -> tuple[str, ObjectiveWeights]:
@@ -54,6 +63,9 @@ def parse() -> argparse.Namespace:
                    default=Path("../shared/weights/mobilefacenet_casia_068.ckpt"))
     p.add_argument("--utkface", type=int, default=16, help="held-out UTKFace thumbnails (0: none)")
     p.add_argument("--celeba", type=int, default=16, help="held-out CelebA-HQ thumbnails (0: none)")
+    p.add_argument("--identity", type=int, default=0,
+                   help="held-out CelebA-HQ people for the identity objective through F, "
+                        "reference I' (Table 1's Lookalike-Ours; 0: none)")
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--restarts", type=int, default=4)
     p.add_argument("--batch", type=int, default=8)
@@ -121,6 +133,16 @@ def attribute_scores(models: Any, images: torch.Tensor, labels: np.ndarray) -> d
     }
 
 
+def identity_scores(models: Any, images: torch.Tensor, photos: torch.Tensor) -> dict[str, Any]:
+    """Angles under F (which the identity objective steers by) and under F0 (which it
+    does not) between each image and the person's photo I, as Table 1 measures them."""
+    out: dict[str, Any] = {}
+    for name, extractor in (("f", models.f), ("f0", models.f0)):
+        a = angles_deg(embed(extractor, images), embed(extractor, photos))
+        out[f"{name}_angle_mean"], out[f"{name}_angle_sd"] = float(a.mean()), float(a.std())
+    return out
+
+
 def main() -> None:
     args = parse()
     if args.threads:
@@ -128,7 +150,7 @@ def main() -> None:
     variants = [parse_variant(v) for v in (args.variant or ["plain:"])]
     config = EvalConfig(data_root=args.data_root, f0=args.f0, cache=args.cache,
                         weights=args.weights,
-                        celeba=max(args.celeba, 2), utkface=max(args.utkface, 1),
+                        celeba=max(args.celeba, args.identity, 2), utkface=max(args.utkface, 1),
                         steps=args.steps, restarts=args.restarts, batch=args.batch,
                         seed=args.seed, device="cpu", threads=args.threads or None)
     models = load_models(config, torch.device("cpu"))
@@ -144,29 +166,36 @@ def main() -> None:
     if args.utkface:
         utk = utkface_samples(args.data_root / "utkface", args.utkface, THUMBNAIL, args.seed,
                               landmark_cache(config))
-        sets.append((utk, RACE, race_scores))
+        sets.append((utk.dataset, utk, RACE, race_scores, utk.photos))
     if args.celeba:
         celeba = celeba_samples(args.data_root / "celebahq", args.celeba, THUMBNAIL, args.seed)
-        sets.append((celeba, ATTRIBUTES, attribute_scores))
+        sets.append((celeba.dataset, celeba, ATTRIBUTES, attribute_scores, celeba.photos))
+    if args.identity:
+        people = celeba_samples(args.data_root / "celebahq", args.identity, THUMBNAIL, args.seed)
+        # "photos" here are the references I': their angle to I is Table 1's CelebA-Same;
+        # "photos_resampled" are I itself, blurred: what the generator's blur alone costs
+        sets.append(("identity", people, IDENTITY_F,
+                     lambda m, images, _labels, photos=people.photos:
+                     identity_scores(m, images, photos), people.references))
     started = time.perf_counter()
     results: dict[str, Any] = {}
-    for samples, strategy, score in sets:
+    for key, samples, strategy, score, real in sets:
         run = {"none": ObjectiveWeights()} | {name: w for name, w in variants}
-        results[samples.dataset] = {"n": len(samples), "strategy": strategy.name, "variants": {}}
-        results[samples.dataset]["photos"] = score(models, samples.photos, samples.labels)
+        results[key] = {"n": len(samples), "strategy": strategy.name, "variants": {}}
+        results[key]["photos"] = score(models, real, samples.labels)
         # How the judges read the same photos at the sharpness of a blurry generator's faces:
         # bicubic down to `side` px and back up.
-        results[samples.dataset]["photos_resampled"] = {
+        results[key]["photos_resampled"] = {
             side: score(models, resampled(samples.photos, side), samples.labels)
             for side in (64, 32, 16)}
         for name, weights in run.items():
             out = run_strategy(models, samples, NONE if name == "none" else strategy, args.steps,
                                args.restarts, args.batch, args.cache, weights=weights)
-            results[samples.dataset]["variants"][name] = {
+            results[key]["variants"][name] = {
                 "weights": weights.model_dump(exclude={"threshold_deg"}),
                 **score(models, out.images, samples.labels),
                 "accepted": float(np.mean(out.accepted)), "search_seconds": out.search_seconds}
-            print(name, samples.dataset, json.dumps(results[samples.dataset]["variants"][name]),
+            print(name, key, json.dumps(results[key]["variants"][name]),
                   flush=True)
     report = {
         "bench": "steering", "date": time.strftime("%Y-%m-%d"), "machine": platform.machine(),
