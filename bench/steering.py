@@ -46,6 +46,7 @@ from worker.evaluation.models import load_models
 from worker.evaluation.run import landmark_cache
 from worker.evaluation.samples import celeba_samples, utkface_samples
 from worker.evaluation.searches import ATTRIBUTES, IDENTITY_F, NONE, RACE, run_strategy
+from worker.training.generator_ship import checked_search
 
 
 def parse_variant(text: str) -> tuple[str, ObjectiveWeights]:
@@ -154,14 +155,9 @@ def main() -> None:
                         steps=args.steps, restarts=args.restarts, batch=args.batch,
                         seed=args.seed, device="cpu", threads=args.threads or None)
     models = load_models(config, torch.device("cpu"))
-    for item in args.search:
-        key, _, value = item.partition("=")
-        try:
-            parsed = json.loads(value)
-        except json.JSONDecodeError:
-            parsed = value  # a word (a schedule's name); SearchConfig checks it below
-        models.generator.search_defaults[key.replace("-", "_")] = parsed
-    models.generator.search_config(steps=args.steps, restarts=args.restarts)  # checks the fields
+    given = dict(item.partition("=")[::2] for item in args.search)
+    models.generator.search_defaults = checked_search(
+        models.generator.search_defaults, {k.replace("-", "_"): v for k, v in given.items()})
     sets = []
     if args.utkface:
         utk = utkface_samples(args.data_root / "utkface", args.utkface, THUMBNAIL, args.seed,

@@ -17,6 +17,7 @@ from likeness.cli import app
 from likeness.errors import LikenessError
 from likeness.splits import split_of
 from tests.evaluation.synthetic import write_data_root
+from worker.engine.downscale import downscale
 from worker.engine.face.alignment import detect_landmarks
 from worker.engine.face.ffhq_frame import to_ffhq_frame
 from worker.training.extractor_data import read_image
@@ -68,8 +69,7 @@ def test_zip_holds_framed_faces_and_provenance(data_root: Path, tmp_path: Path) 
     with zipfile.ZipFile(data_root / "utkface" / "images.zip") as zf:
         original = read_image(zf, chip)[None]
     expected = to_ffhq_frame(original, detect_landmarks(original)[0])
-    expected = torch.nn.functional.interpolate(expected, size=(64, 64), mode="bicubic",
-                                               antialias=True, align_corners=False)[0]
+    expected = downscale(expected, 64)[0]
     assert (framed - expected.clamp(0, 1)).abs().max() <= 1 / 255 + 1e-6
     # the tight chip (face fills it) shrinks into the generator's frame: more background
     assert not torch.allclose(framed, torch.nn.functional.interpolate(

@@ -19,16 +19,17 @@ import os
 import time
 import zipfile
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from likeness.errors import LikenessError
 from likeness.labels import UTKFACE_RACES
 from likeness.splits import members, read_rows, unit_hash
+from worker.engine.downscale import downscale
 from worker.engine.face.ffhq_frame import to_ffhq_frame
 from worker.evaluation.samples import race_balanced_order, require_set
 from worker.training.extractor_data import cached_landmarks, read_image
@@ -88,14 +89,28 @@ def plan_mix(data_root: Path, celeba: int, utkface_per_race: int) -> MixPlan:
 
 
 def encode(image: torch.Tensor, size: int) -> bytes:
-    """(3, S, S) in [0, 1] → a ``size``-px lossless WebP (the trainer reads it as is)."""
+    """(3, S, S) in [0, 1] → a ``size``-px lossless WebP (the trainer reads it as is),
+    resized with the engine's bicubic (PIL's, as the trainer would resize it)."""
     if image.shape[-1] != size:
-        image = F.interpolate(image[None], size=(size, size), mode="bicubic",
-                              antialias=True, align_corners=False)[0]
+        image = downscale(image[None], size)[0]
     pixels = image.clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).numpy()
     buf = io.BytesIO()
     Image.fromarray(pixels).save(buf, format="WEBP", lossless=True)
     return buf.getvalue()
+
+
+def write_framed(dst: zipfile.ZipFile, src: zipfile.ZipFile, src_path: Path,
+                 chunk: list[str], size: int, landmark_cache: Path) -> int:
+    """Warp the chips of ``chunk`` in which MTCNN finds a face into the FFHQ frame and
+    store them as ``utkface/<name>``; returns how many it stored."""
+    landmarks, found = cached_landmarks(src_path, chunk, landmark_cache)
+    chosen = [i for i, ok in enumerate(found.tolist()) if ok]
+    if not chosen:
+        return 0
+    chips = torch.stack([read_image(src, chunk[i]) for i in chosen])
+    for i, image in zip(chosen, to_ffhq_frame(chips, landmarks[chosen]), strict=True):
+        dst.writestr(f"utkface/{chunk[i]}", encode(image, size))
+    return len(chosen)
 
 
 def write_mix(data_root: Path, out: Path, plan: MixPlan, size: int, landmark_cache: Path,
@@ -111,7 +126,6 @@ def write_mix(data_root: Path, out: Path, plan: MixPlan, size: int, landmark_cac
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     kept = {race: 0 for race in UTKFACE_RACES}
-    skipped = 0
     try:
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as dst:
             if plan.celeba:
@@ -125,20 +139,14 @@ def write_mix(data_root: Path, out: Path, plan: MixPlan, size: int, landmark_cac
                                      raw if as_is else encode(read_image(src, name), size))
                         advance(1)
             utk_zip = data_root / "utkface" / "images.zip"
-            for race, group in zip(UTKFACE_RACES, plan.utkface, strict=True):
-                for at in range(0, len(group), CHUNK):
-                    chunk = group[at : at + CHUNK]
-                    landmarks, found = cached_landmarks(utk_zip, chunk, landmark_cache)
-                    chosen = [i for i, ok in enumerate(found.tolist()) if ok]
-                    skipped += len(chunk) - len(chosen)
-                    if chosen:
-                        with zipfile.ZipFile(utk_zip) as src:
-                            chips = torch.stack([read_image(src, chunk[i]) for i in chosen])
-                        framed = to_ffhq_frame(chips, landmarks[chosen])
-                        for i, image in zip(chosen, framed, strict=True):
-                            dst.writestr(f"utkface/{chunk[i]}", encode(image, size))
-                        kept[race] += len(chosen)
-                    advance(len(chunk))
+            with zipfile.ZipFile(utk_zip) if any(plan.utkface) else nullcontext() as src:
+                for race, group in zip(UTKFACE_RACES, plan.utkface, strict=True):
+                    for at in range(0, len(group), CHUNK):
+                        chunk = group[at : at + CHUNK]
+                        kept[race] += write_framed(dst, src, utk_zip, chunk, size,
+                                                   landmark_cache)
+                        advance(len(chunk))
+            skipped = sum(map(len, plan.utkface)) - sum(kept.values())
             summary = MixSummary(
                 out=str(out), size=size, celeba=len(plan.celeba), utkface_per_race=kept,
                 skipped_no_face=skipped, seconds=round(time.monotonic() - start, 1),

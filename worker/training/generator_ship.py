@@ -83,25 +83,31 @@ def set_search(name: str, settings: dict[str, str], *, clear: bool = False,
                manifest_path: Path = MANIFEST_PATH) -> WeightsEntry:
     """Store search settings (SearchConfig fields, values as text) measured to suit a
     generator in its manifest entry, on top of what it has unless ``clear``."""
+    entry = _generator_entry(name, manifest_path)
+    values = checked_search({} if clear else dict(entry.search), settings)
+    updated = entry.model_copy(update={"search": values})
+    register(updated, manifest_path)
+    return updated
+
+
+def checked_search(base: dict[str, Any], settings: dict[str, str]) -> dict[str, Any]:
+    """``base`` search settings with ``settings`` (SearchConfig fields, values as text) on
+    top, checked and converted; unknown fields and bad values are errors."""
     from pydantic import ValidationError
 
     from worker.engine.search import SearchConfig
 
-    entry = _generator_entry(name, manifest_path)
     unknown = sorted(set(settings) - set(SearchConfig.model_fields))
     if unknown:
         raise LikenessError("bad_option", f"not search settings: {', '.join(unknown)} (valid: "
                             f"{', '.join(SearchConfig.model_fields)})")
-    merged = ({} if clear else dict(entry.search)) | settings
+    merged = base | settings
     try:
         checked = SearchConfig.model_validate(merged)
     except ValidationError as e:
         first = e.errors()[0]
         raise LikenessError("bad_option", f"{first['loc'][0]}: {first['msg']}") from None
-    values = checked.model_dump(mode="json", include=set(merged))
-    updated = entry.model_copy(update={"search": values})
-    register(updated, manifest_path)
-    return updated
+    return checked.model_dump(mode="json", include=set(merged))
 
 
 def _generator_entry(name: str, manifest_path: Path) -> WeightsEntry:
