@@ -90,6 +90,40 @@ def test_ship_writes_fp16_generator_with_fit_and_manifest_entry(run_folder: Path
         add_quality("nope", {"sha256": entry.sha256}, manifest_path=manifest)
 
 
+def test_a_warm_started_run_on_prepared_data_says_both(run_folder: Path,
+                                                      tmp_path: Path) -> None:
+    """Provenance of a run on a prepare-generator-data zip, warm-started from the
+    shipped generator that it replaces: the mix's own summary and the start's sha256
+    and provenance, kept although the file is overwritten."""
+    import json
+    import shutil
+    import zipfile
+
+    manifest = tmp_path / "weights" / "manifest.json"
+    manifest.parent.mkdir()
+    # fp32 here, so the second (fp16) ship's bytes differ from the file it overwrites
+    first = ship_generator(run_folder, manifest_path=manifest, half=False)
+    mix = tmp_path / "mix.zip"
+    with zipfile.ZipFile(mix, "w") as zf:
+        zf.writestr("provenance.json", json.dumps(
+            {"size": 32, "celeba": 3, "utkface_per_race": {"Black": 2}, "skipped_no_face": 1,
+             "sources": {"celebahq": "train split"}, "seconds": 9.0}))
+    warm = tmp_path / "warm"
+    shutil.copytree(run_folder, warm)
+    ckpt = torch.load(warm / "checkpoint.pt", weights_only=True)
+    ckpt["train_config"] |= {"data": str(mix),
+                             "init_generator": str(manifest.parent / "generator.pt")}
+    torch.save(ckpt, warm / "checkpoint.pt")
+
+    second = ship_generator(warm, manifest_path=manifest).provenance
+    assert second["data"] == {"built_by": "likeness prepare-generator-data", "size": 32,
+                              "celeba": 3, "utkface_per_race": {"Black": 2},
+                              "skipped_no_face": 1, "sources": {"celebahq": "train split"}}
+    assert second["init_generator"] == {"file": "generator.pt", "sha256": first.sha256,
+                                        "provenance": first.provenance}
+    assert "init_generator" not in first.provenance
+
+
 def test_search_settings_go_into_the_entry_and_reach_every_search(run_folder: Path,
                                                                    tmp_path: Path) -> None:
     manifest = tmp_path / "manifest.json"

@@ -4,14 +4,23 @@ mapping fit, and a manifest entry saying what it is and where it came from."""
 from __future__ import annotations
 
 import json
+import zipfile
 from pathlib import Path
 from typing import Any
 
 from likeness.errors import LikenessError
-from likeness.manifest import MANIFEST_PATH, WeightsEntry, entry_path, load_manifest, register
+from likeness.manifest import (
+    MANIFEST_PATH,
+    WeightsEntry,
+    entry_path,
+    load_manifest,
+    register,
+    sha256_file,
+)
 from worker.engine.checkpoints import load_generator, save_generator
 from worker.engine.mapping_fit import fit_mapping
 from worker.training.gan import CHECKPOINT_NAME, GENERATOR_NAME, mean_w, read_checkpoint
+from worker.training.generator_data import PROVENANCE_MEMBER
 
 # The search reads only this fit's mean and std; 100k samples pin them well.
 FIT_SAMPLES = 100_000
@@ -39,6 +48,8 @@ def ship_generator(run: Path, *, quality: dict[str, Any] | None = None, name: st
         # fit and average what will be loaded: the fp16-rounded weights
         G.half().float()
     train = dict(_train_info(g_path))
+    # before the file it started from (often dest itself) is overwritten
+    warm_start = _warm_start_provenance(train_config.get("init_generator"), manifest_path)
     fit = fit_mapping(G, samples=FIT_SAMPLES, seed=int(train_config.get("seed", 0)))
     dest = manifest_path.parent / f"{name}.pt"
     sha = save_generator(dest, G, latent_avg=mean_w(G, FIT_SAMPLES), mapping_fit=fit, half=half,
@@ -50,8 +61,8 @@ def ship_generator(run: Path, *, quality: dict[str, Any] | None = None, name: st
         name=name, kind="generator", file=dest.name, sha256=sha, default=default,
         config=G.config.model_dump(mode="json") | {"dtype": "float16" if half else "float32"},
         provenance={
-            "data": f"{Path(str(train_config.get('data'))).parent.name} train split "
-                    "(likeness/splits.py, salt likeness-v1)",
+            "data": _data_provenance(train_config.get("data")),
+            **warm_start,
             "objective": train_config.get("objective", "gan"),
             "kimg": round(float(train.get("kimg", 0.0)), 2), "steps": train.get("step"),
             "batch": train_config.get("batch"), "device_hours": round(seconds / 3600, 2),
@@ -124,6 +135,37 @@ def _check_measured(quality: dict[str, Any], sha: str, dest: Path) -> None:
             "quality_mismatch", f"the quality report measured a file with sha256 "
             f"{str(quality.get('sha256'))[:12]}…, not the shipped {sha[:12]}…: measure "
             f"{dest} with bench/generator_quality.py and pass that report")
+
+
+def _data_provenance(data: str | None) -> str | dict[str, Any]:
+    """What the run trained on: a prepare-generator-data zip says so itself (its
+    provenance.json); a data set's own zip is named by its folder."""
+    if data is None:
+        return "synthetic images (smoke run)"
+    path = Path(str(data))
+    if path.is_file() and zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as zf:
+            if PROVENANCE_MEMBER in zf.namelist():
+                made = json.loads(zf.read(PROVENANCE_MEMBER))
+                return {"built_by": "likeness prepare-generator-data"} | {
+                    k: made[k] for k in ("size", "celeba", "utkface_per_race",
+                                         "skipped_no_face", "sources") if k in made}
+    return f"{path.parent.name} train split (likeness/splits.py, salt likeness-v1)"
+
+
+def _warm_start_provenance(init: str | None, manifest_path: Path) -> dict[str, Any]:
+    """A warm-started run inherits what its start had learned: name that file by its
+    sha256 and keep its manifest provenance (the file itself is usually replaced)."""
+    if init is None:
+        return {}
+    path = Path(str(init))
+    if not path.is_file():
+        return {"init_generator": {"file": str(init)}}
+    sha = sha256_file(path)
+    before = [e for e in load_manifest(manifest_path).models
+              if e.kind == "generator" and e.sha256 == sha] if manifest_path.is_file() else []
+    return {"init_generator": {"file": path.name, "sha256": sha}
+            | ({"provenance": before[0].provenance} if before else {})}
 
 
 def _train_info(g_path: Path) -> dict[str, Any]:
