@@ -147,9 +147,9 @@ def _data_provenance(data: str | None) -> str | dict[str, Any]:
         with zipfile.ZipFile(path) as zf:
             if PROVENANCE_MEMBER in zf.namelist():
                 made = json.loads(zf.read(PROVENANCE_MEMBER))
+                # where and how fast it was built say nothing about the weights
                 return {"built_by": "likeness prepare-generator-data"} | {
-                    k: made[k] for k in ("size", "celeba", "utkface_per_race",
-                                         "skipped_no_face", "sources") if k in made}
+                    k: v for k, v in made.items() if k not in ("out", "seconds")}
     return f"{path.parent.name} train split (likeness/splits.py, salt likeness-v1)"
 
 
