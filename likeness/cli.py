@@ -540,6 +540,15 @@ def evaluate_command(
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N (default: auto)")]
     = None,
     threads: Annotated[int | None, typer.Option(min=1, help="CPU threads for torch")] = None,
+    identity_weight: Annotated[float | None, typer.Option(
+        min=0, help="weight of the identity objective in the steered searches "
+        "(default: the objectives' default)")] = None,
+    race_weight: Annotated[float | None, typer.Option(
+        min=0, help="weight of the race objective (default: the objectives' default)")]
+    = None,
+    attr_weight: Annotated[float | None, typer.Option(
+        min=0, help="weight of the attribute objective (default: the objectives' default)")]
+    = None,
     views: Annotated[int | None, typer.Option(
         min=1, max=16, help="views F sees of each candidate in the steered searches "
         "(default: the objectives' default)")] = None,
@@ -553,7 +562,8 @@ def evaluate_command(
         quick, celeba=celeba, utkface=utkface, steps=steps, restarts=restarts, batch=batch,
         seed=seed, weights=weights, extractor=extractor, f0=f0, race_judge=race_judge,
         attribute_judge=attribute_judge, data_root=data_root, out=out, cache=cache,
-        device=device, threads=threads, views=views)
+        device=device, threads=threads, identity_weight=identity_weight,
+        race_weight=race_weight, attr_weight=attr_weight, views=views)
     try:
         results = evaluate(config, log=lambda line: err.print(line, highlight=False))
     except LikenessError as e:

@@ -67,13 +67,17 @@ def test_quick_sizes_apply_only_where_no_option_is_given() -> None:
     assert "--steps 7" in quick.command() and "--celeba 4" in quick.command()
 
 
-def test_views_reach_the_command_and_the_objectives() -> None:
+def test_steering_options_reach_the_command_and_the_objectives() -> None:
     from worker.evaluation.run import steering_settings
 
-    assert "--views" not in EvalConfig().command()
-    assert steering_settings(EvalConfig()).views == ObjectiveWeights().views
-    config = EvalConfig(views=4)
-    assert "--views 4" in config.command() and steering_settings(config).views == 4
+    plain = EvalConfig()
+    assert not any(o in plain.command() for o in ("--views", "-weight"))
+    assert steering_settings(plain) == ObjectiveWeights()
+    config = EvalConfig(views=4, identity_weight=20.0, attr_weight=0.5)
+    command = config.command()
+    assert "--views 4" in command and "--identity-weight 20.0" in command
+    assert "--attr-weight 0.5" in command and "--race-weight" not in command
+    assert steering_settings(config) == ObjectiveWeights(views=4, identity=20.0, attributes=0.5)
 
 
 def test_soft_pad_keeps_the_image_and_fades_to_its_mean() -> None:

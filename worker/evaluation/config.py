@@ -48,6 +48,10 @@ class EvalConfig(BaseModel):
     attribute_judge: str = Field(ATTRIBUTE_JUDGE, description="attribute judge: name or file")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
     threads: int | None = Field(None, ge=1, description="CPU threads for torch")
+    # The steered searches' settings; None keeps ObjectiveWeights' default.
+    identity_weight: float | None = Field(None, ge=0, description="weight of L_s")
+    race_weight: float | None = Field(None, ge=0, description="weight of L_r")
+    attr_weight: float | None = Field(None, ge=0, description="weight of L_a")
     views: int | None = Field(None, ge=1, le=16, description="views F sees of each candidate "
                               "in the steered searches (default: ObjectiveWeights')")
     quick: bool = Field(False, description="tiny sizes (QUICK) for CI and smoke checks")
@@ -74,6 +78,12 @@ class EvalConfig(BaseModel):
             parts += ["--extractor", self.extractor]
         if self.threads is not None:
             parts += ["--threads", str(self.threads)]
-        if self.views is not None:
-            parts += ["--views", str(self.views)]
+        for option, value in self.objective_options().items():
+            parts += [f"--{option.replace('_', '-')}", str(value)]
         return shlex.join(parts)
+
+    def objective_options(self) -> dict[str, float | int]:
+        """The steering settings given (by option name), the rest left to the defaults."""
+        given = {"identity_weight": self.identity_weight, "race_weight": self.race_weight,
+                 "attr_weight": self.attr_weight, "views": self.views}
+        return {k: v for k, v in given.items() if v is not None}

@@ -76,10 +76,10 @@ def landmark_cache(config: EvalConfig) -> Path:
 
 
 def steering_settings(config: EvalConfig) -> ObjectiveWeights:
-    """The steered searches' settings: ObjectiveWeights' defaults, and --views if given."""
-    if config.views is None:
-        return ObjectiveWeights()
-    return ObjectiveWeights(views=config.views)
+    """The steered searches' settings: ObjectiveWeights' defaults but for the options given."""
+    fields = {"identity_weight": "identity", "race_weight": "race", "attr_weight": "attributes",
+              "views": "views"}
+    return ObjectiveWeights(**{fields[k]: v for k, v in config.objective_options().items()})
 
 
 def run_searches(models: Models, config: EvalConfig, plan: list[tuple[Samples, Strategy]],
