@@ -19,6 +19,7 @@ from worker.training.extractor import (
     ArcFace,
     ExtractorConfig,
     average_precision,
+    blurred,
     build_model,
     export,
     fit_heads,
@@ -97,20 +98,23 @@ def test_splits_are_deterministic_and_disjoint_by_identity(tmp_path: Path) -> No
                                       if split_of(f"{i}.webp") == "train"]
 
 
-def _config(out: Path, steps: int) -> ExtractorConfig:
+def _config(out: Path, steps: int, blur_fraction: float = 0.0) -> ExtractorConfig:
     return ExtractorConfig.smoke(out=str(out), steps=steps, batch=4, synthetic_count=16,
-                                 synthetic_classes=4, eval_limit=8, device="cpu")
+                                 synthetic_classes=4, eval_limit=8, device="cpu",
+                                 blur_fraction=blur_fraction)
 
 
-def test_smoke_training_resumes_exactly_after_the_head_fit_and_mid_run(tmp_path: Path) -> None:
+@pytest.mark.parametrize("blur", [0.0, 0.5], ids=["sharp", "half-blurred"])
+def test_smoke_training_resumes_exactly_after_the_head_fit_and_mid_run(
+        tmp_path: Path, blur: float) -> None:
     full: list[float] = []
-    train(_config(tmp_path / "full", 3), progress=False, evaluate_at_end=False,
+    train(_config(tmp_path / "full", 3, blur), progress=False, evaluate_at_end=False,
           on_step=lambda s, m: full.append(m["loss"]))
-    heads = train(_config(tmp_path / "split", 0), progress=False, evaluate_at_end=False)
+    heads = train(_config(tmp_path / "split", 0, blur), progress=False, evaluate_at_end=False)
     assert heads.step == 0 and torch.load(heads.checkpoint, weights_only=True)["heads_fitted"]
     resumed: list[float] = []
     for steps in (2, 3):  # the first resume starts right after the head fit
-        again = train(_config(tmp_path / "split", steps), resume=heads.checkpoint,
+        again = train(_config(tmp_path / "split", steps, blur), resume=heads.checkpoint,
                       progress=False, evaluate_at_end=False,
                       on_step=lambda s, m: resumed.append(m["loss"]))
         assert again.step == steps
@@ -119,6 +123,22 @@ def test_smoke_training_resumes_exactly_after_the_head_fit_and_mid_run(tmp_path:
     assert [e["reason"] for e in log].count("heads") == 1, "a resumed run does not refit"
     fit = next(e["head_fit"] for e in log if e["reason"] == "heads")
     assert fit["epochs"] == 2 and fit["faces"] == {"identity": 16, "race": 16, "attributes": 16}
+
+
+def test_blurred_resamples_the_chosen_share_of_a_batch_and_nothing_else() -> None:
+    crops = torch.rand(64, 3, 112, 96)
+    assert blurred(crops, 0.0, (20, 64)) is crops
+    torch.manual_seed(0)
+    out = blurred(crops, 0.5, (20, 64))
+    changed = (out - crops).abs().flatten(1).amax(1) > 0
+    assert 16 < int(changed.sum()) < 48, "about half the batch"
+    # the chosen ones lost their finest detail: neighbouring pixels differ less
+    def roughness(x: torch.Tensor) -> torch.Tensor:
+        return (x[..., 1:] - x[..., :-1]).abs().mean((1, 2, 3))
+    assert bool((roughness(out[changed]) < 0.5 * roughness(crops[changed])).all())
+    torch.manual_seed(0)
+    assert torch.equal(blurred(crops, 0.5, (20, 64)), out), "the global RNG decides"
+    assert bool(((blurred(crops, 1.0, (20, 64)) - crops).abs().flatten(1).amax(1) > 0).all())
 
 
 def _batchnorms(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:

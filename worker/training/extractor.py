@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader, Dataset
 from likeness.errors import LikenessError
 from likeness.splits import DEFAULT_SALT
 from worker.engine.checkpoints import LoadedGenerator
-from worker.engine.downscale import downscale_factor
+from worker.engine.downscale import downscale_factor, resample_through
 from worker.engine.face.alignment import Template
 from worker.engine.face.extractor import ARCHITECTURES, FaceExtractor, angle
 from worker.engine.face.heads import UTKFACE_RACES, AttributeHead, RaceHead
@@ -95,6 +95,12 @@ class ExtractorConfig(BaseModel):
     checkpoint_minutes: float = 10.0
     export_fp16: bool = False
     eval_limit: int = 2_000
+    # The generator's faces are blurrier than photos, and an F that reads blur as another
+    # person or race steers the search to sharpen, which it cannot, instead of to the person.
+    blur_fraction: float = Field(0.0, ge=0, le=1, description="share of each joint-training "
+                                 "batch seen through a lower resolution first")
+    blur_sides: tuple[int, int] = Field((20, 64), description="the lower resolution: the "
+                                        "crop's longer edge in pixels, drawn uniformly")
     # the lookalike stage (PAPER.md §3 item 2), after the joint steps; 0 meta-epochs: off
     meta_epochs: int = Field(0, ge=0, description="generate lookalikes → train → regenerate "
                              "cycles (paper: 5)")
@@ -332,16 +338,30 @@ def losses(state: TrainState, batches: tuple[Item, Item, Item],
            siamese: Item | None = None) -> dict[str, Tensor]:
     """The joint losses; with ``siamese`` (lookalikes, their photos) L_siamese too, weighted."""
     ext = state.model.extractor
+    c = state.config
+    if c.blur_fraction > 0 and state.model.training:
+        batches = tuple((blurred(x, c.blur_fraction, c.blur_sides), y) for x, y in batches)  # type: ignore[assignment]
     (xi, yi), (xr, yr), (xa, ya) = batches
     parts = head_losses(state, ((ext.crop_features(xi), yi), (ext.crop_features(xr), yr),
                                 (ext.crop_features(xa), ya)))
     if siamese is not None:
         if state.threshold_deg is None:
             raise ValueError("L_siamese needs θ_t: measure F before the Siamese steps")
-        c = state.config
         parts["loss_siamese"] = c.siamese_weight * looks.siamese_loss(
             ext, *siamese, state.threshold_deg, c.temperature_deg)
     return parts
+
+
+def blurred(crops: Tensor, fraction: float, sides: tuple[int, int]) -> Tensor:
+    """Each crop, with probability ``fraction``, resampled through a random lower resolution
+    (the global RNG draws, so a resumed run blurs as it would have)."""
+    chosen = torch.rand(crops.shape[0]) < fraction
+    if not chosen.any():
+        return crops
+    longer = max(crops.shape[-2:])
+    side = torch.randint(sides[0], sides[1] + 1, (crops.shape[0],))
+    return resample_through(crops, [int(v) if c else longer
+                                    for v, c in zip(side, chosen, strict=True)])
 
 
 def freeze_batchnorm(module: nn.Module) -> None:

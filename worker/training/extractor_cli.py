@@ -58,6 +58,10 @@ def train_extractor(
                     "~55 ms each on one CPU thread)")] = None,
     eval_limit: Annotated[int | None, typer.Option(
         help="held-out images per evaluation set (default 2000)")] = None,
+    blur_fraction: Annotated[float | None, typer.Option(
+        min=0, max=1, help="share of each joint-training batch resampled through a lower "
+        "resolution first (crop's longer edge 20-64 px), so F reads a blurry face like a "
+        "sharp one (default 0: off)")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")] = "auto",
     workers: Annotated[int | None, typer.Option(
         help="data-loading processes (default 0 on CPU, 4 on CUDA)")] = None,
@@ -109,7 +113,7 @@ def train_extractor(
                    head_epochs=head_epochs,
                    optimizer=optimizer, lr=lr, head_lr=head_lr, max_minutes=max_minutes,
                    checkpoint_minutes=checkpoint_minutes, eval_limit=eval_limit,
-                   max_images=max_images,
+                   max_images=max_images, blur_fraction=blur_fraction,
                    workers=workers, seed=seed, meta_epochs=meta_epochs,
                    lookalike_pairs=lookalike_pairs, siamese_steps=siamese_steps,
                    siamese_batch=siamese_batch, siamese_weight=siamese_weight,
