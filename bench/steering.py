@@ -24,6 +24,8 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shlex
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -32,6 +34,7 @@ import numpy as np
 import torch
 
 from likeness.labels import UTKFACE_RACES
+from worker.engine.downscale import resample_through
 from worker.engine.face.alignment import fallback_landmarks
 from worker.engine.objectives import ObjectiveWeights
 from worker.evaluation.config import TABLE3_ATTRIBUTES, THUMBNAIL, EvalConfig
@@ -60,6 +63,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--data-root", type=Path, default=Path("../shared/data"))
     p.add_argument("--weights", default=None,
                    help="generator: manifest name or file (default: the manifest's default)")
+    p.add_argument("--extractor", default=None,
+                   help="F: manifest name or file (default: the manifest's default)")
     p.add_argument("--f0", type=Path,
                    default=Path("../shared/weights/mobilefacenet_casia_068.ckpt"))
     p.add_argument("--utkface", type=int, default=16, help="held-out UTKFace thumbnails (0: none)")
@@ -104,14 +109,6 @@ def f_attributes(models: Any, images: torch.Tensor) -> np.ndarray:
     return (f_logits(models, images, "attribute")[:, columns] > 0).long().numpy()
 
 
-def resampled(photos: torch.Tensor, side: int) -> torch.Tensor:
-    size = photos.shape[-1]
-    small = torch.nn.functional.interpolate(photos, size=(side, side), mode="bicubic",
-                                            antialias=True)
-    return torch.nn.functional.interpolate(small, size=(size, size), mode="bicubic",
-                                           align_corners=False).clamp(0, 1)
-
-
 def race_scores(models: Any, images: torch.Tensor, labels: np.ndarray) -> dict[str, Any]:
     judge = race_predictions(models.race_judge, images)
     seen_by_f = f_race(models, images)
@@ -134,13 +131,17 @@ def attribute_scores(models: Any, images: torch.Tensor, labels: np.ndarray) -> d
     }
 
 
-def identity_scores(models: Any, images: torch.Tensor, photos: torch.Tensor) -> dict[str, Any]:
+def identity_scores(models: Any, images: torch.Tensor, photos: torch.Tensor,
+                    references: torch.Tensor) -> dict[str, Any]:
     """Angles under F (which the identity objective steers by) and under F0 (which it
-    does not) between each image and the person's photo I, as Table 1 measures them."""
+    does not) between each image and the person's photo I, as Table 1 measures them,
+    and under F to the reference I', which the objective pulls towards."""
     out: dict[str, Any] = {}
     for name, extractor in (("f", models.f), ("f0", models.f0)):
         a = angles_deg(embed(extractor, images), embed(extractor, photos))
         out[f"{name}_angle_mean"], out[f"{name}_angle_sd"] = float(a.mean()), float(a.std())
+    out["f_reference_angle_mean"] = float(
+        angles_deg(embed(models.f, images), embed(models.f, references)).mean())
     return out
 
 
@@ -150,7 +151,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     variants = [parse_variant(v) for v in (args.variant or ["plain:"])]
     config = EvalConfig(data_root=args.data_root, f0=args.f0, cache=args.cache,
-                        weights=args.weights,
+                        weights=args.weights, extractor=args.extractor,
                         celeba=max(args.celeba, args.identity, 2), utkface=max(args.utkface, 1),
                         steps=args.steps, restarts=args.restarts, batch=args.batch,
                         seed=args.seed, device="cpu", threads=args.threads or None)
@@ -171,8 +172,8 @@ def main() -> None:
         # "photos" here are the references I': their angle to I is Table 1's CelebA-Same;
         # "photos_resampled" are I itself, blurred: what the generator's blur alone costs
         sets.append(("identity", people, IDENTITY_F,
-                     lambda m, images, _labels, photos=people.photos:
-                     identity_scores(m, images, photos), people.references))
+                     lambda m, images, _labels, photos=people.photos, refs=people.references:
+                     identity_scores(m, images, photos, refs), people.references))
     started = time.perf_counter()
     results: dict[str, Any] = {}
     for key, samples, strategy, score, real in sets:
@@ -182,7 +183,8 @@ def main() -> None:
         # How the judges read the same photos at the sharpness of a blurry generator's faces:
         # bicubic down to `side` px and back up.
         results[key]["photos_resampled"] = {
-            side: score(models, resampled(samples.photos, side), samples.labels)
+            side: score(models, resample_through(samples.photos, [side] * len(samples)),
+                        samples.labels)
             for side in (64, 32, 16)}
         for name, weights in run.items():
             out = run_strategy(models, samples, NONE if name == "none" else strategy, args.steps,
@@ -193,12 +195,15 @@ def main() -> None:
                 "accepted": float(np.mean(out.accepted)), "search_seconds": out.search_seconds}
             print(name, key, json.dumps(results[key]["variants"][name]),
                   flush=True)
+    f_weights = next(w for w in models.weights if w.role == "F")
     report = {
         "bench": "steering", "date": time.strftime("%Y-%m-%d"), "machine": platform.machine(),
         "generator": {"name": models.weights[0].name, "sha256": models.generator.sha256},
+        "extractor": {"name": f_weights.name, "sha256": f_weights.sha256},
         "search": dict(models.generator.search_defaults),
         "threads": torch.get_num_threads(), "steps": args.steps, "restarts": args.restarts,
         "seconds": time.perf_counter() - started, "results": results,
+        "command": shlex.join(["python", "bench/steering.py", *sys.argv[1:]]),
     }
     text = json.dumps(report, indent=2)
     print(text)
