@@ -79,7 +79,6 @@ def downscale_factor(resolution: int, thumb_size: int) -> int:
     return int(factor)
 
 
-
 def resample_through(images: Tensor, sides: Sequence[int]) -> Tensor:
     """(B, C, H, W) images in [0, 1], each downscaled to ``sides[i]`` pixels on its longer
     edge and enlarged back (bicubic): the same face at a lower sharpness. A side at or

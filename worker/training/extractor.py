@@ -339,9 +339,9 @@ def losses(state: TrainState, batches: tuple[Item, Item, Item],
     """The joint losses; with ``siamese`` (lookalikes, their photos) L_siamese too, weighted."""
     ext = state.model.extractor
     c = state.config
-    if c.blur_fraction > 0 and state.model.training:
-        batches = tuple((blurred(x, c.blur_fraction, c.blur_sides), y) for x, y in batches)  # type: ignore[assignment]
     (xi, yi), (xr, yr), (xa, ya) = batches
+    if c.blur_fraction > 0 and state.model.training:
+        xi, xr, xa = (blurred(x, c.blur_fraction, c.blur_sides) for x in (xi, xr, xa))
     parts = head_losses(state, ((ext.crop_features(xi), yi), (ext.crop_features(xr), yr),
                                 (ext.crop_features(xa), ya)))
     if siamese is not None:
