@@ -34,8 +34,8 @@ import numpy as np
 import torch
 
 from likeness.labels import UTKFACE_RACES
-from worker.engine.downscale import resample_through
 from worker.engine.face.alignment import fallback_landmarks
+from worker.engine.face.views import resample
 from worker.engine.objectives import ObjectiveWeights
 from worker.evaluation.config import TABLE3_ATTRIBUTES, THUMBNAIL, EvalConfig
 from worker.evaluation.measures import (
@@ -181,9 +181,9 @@ def main() -> None:
         results[key] = {"n": len(samples), "strategy": strategy.name, "variants": {}}
         results[key]["photos"] = score(models, real, samples.labels)
         # How the judges read the same photos at the sharpness of a blurry generator's faces:
-        # bicubic down to `side` px and back up.
+        # down to `side` px and back up, as the views and F's blur training do.
         results[key]["photos_resampled"] = {
-            side: score(models, resample_through(samples.photos, [side] * len(samples)),
+            side: score(models, resample(samples.photos, side / samples.photos.shape[-1]),
                         samples.labels)
             for side in (64, 32, 16)}
         for name, weights in run.items():

@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 from skimage import data
 
-from worker.engine.downscale import downscale, downscale_factor, resample_through, resize_matrix
+from worker.engine.downscale import downscale, downscale_factor, resize_matrix
 
 
 @pytest.fixture(scope="module")
@@ -47,20 +47,3 @@ def test_factor() -> None:
     with pytest.raises(ValueError):
         downscale_factor(128, 128)
 
-
-def test_resample_through_blurs_each_image_to_its_own_side(astronaut: np.ndarray) -> None:
-    x = torch.from_numpy(astronaut).permute(2, 0, 1)[None].float() / 255
-    x = torch.nn.functional.interpolate(x, size=(128, 96), mode="area")
-    batch = x.repeat(3, 1, 1, 1)
-    out = resample_through(batch, [128, 48, 16])
-    assert out.shape == batch.shape and torch.equal(out[0], x[0]), "at full size: untouched"
-    assert float(out.min()) >= 0.0 and float(out.max()) <= 1.0
-    # each image as if alone, and the smaller side keeps less of the original
-    assert torch.allclose(out[2], resample_through(x, [16])[0], atol=1e-6)
-    # what is left is the small image's content (bicubic up and down again blurs it a little)
-    kept = (downscale(out[2:3], (16, 12)) - downscale(x, (16, 12))).abs().mean()
-    assert float(kept) < 0.04
-    errors = [float((out[i] - x[0]).abs().mean()) for i in (1, 2)]
-    assert 0 < errors[0] < errors[1]
-    with pytest.raises(ValueError, match="one side per image"):
-        resample_through(batch, [16])

@@ -70,6 +70,21 @@ def test_resample_blurs_and_keeps_the_size() -> None:
     assert y.shape == x.shape and y.std() < x.std()
 
 
+def test_resample_through_a_smaller_size_keeps_less_and_stays_in_range() -> None:
+    # what F's blur training and bench/steering.py use: a photo through 48 and 16 px
+    x = torch.from_numpy(data.astronaut()).permute(2, 0, 1)[None].float() / 255
+    x = torch.nn.functional.interpolate(x, size=(128, 96), mode="area")
+    out = [resample(x, side / 128) for side in (128, 48, 16)]
+    assert torch.equal(out[0], x), "at full size: untouched"
+    assert all(float(y.min()) >= 0.0 and float(y.max()) <= 1.0 for y in out)
+    # what is left is the small image's content
+    small = torch.nn.functional.interpolate
+    kept = (small(out[2], size=(16, 12), mode="area") - small(x, size=(16, 12), mode="area"))
+    assert float(kept.abs().mean()) < 0.05  # bilinear up, area down again: a little blur
+    errors = [float((y - x).abs().mean()) for y in out[1:]]
+    assert 0 < errors[0] < errors[1]
+
+
 def test_view_crops_put_the_plain_crop_first(extractor: FaceExtractor) -> None:
     images = faces(4)
     lm = fallback_landmarks(4, 64, 64)

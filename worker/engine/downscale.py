@@ -9,7 +9,6 @@ differentiable, batched, device-agnostic, and agrees with
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from functools import lru_cache
 
 import torch
@@ -78,19 +77,3 @@ def downscale_factor(resolution: int, thumb_size: int) -> int:
         )
     return int(factor)
 
-
-def resample_through(images: Tensor, sides: Sequence[int]) -> Tensor:
-    """(B, C, H, W) images in [0, 1], each downscaled to ``sides[i]`` pixels on its longer
-    edge and enlarged back (bicubic): the same face at a lower sharpness. A side at or
-    above the longer edge leaves its image as it is."""
-    h, w = images.shape[-2:]
-    if len(sides) != images.shape[0]:
-        raise ValueError("one side per image")
-    out = images.clone()
-    for side in sorted({s for s in sides if s < max(h, w)}):
-        chosen = [i for i, s in enumerate(sides) if s == side]
-        small = downscale(images[chosen], (max(1, round(h * side / max(h, w))),
-                                           max(1, round(w * side / max(h, w)))))
-        out[chosen] = torch.nn.functional.interpolate(
-            small, size=(h, w), mode="bicubic", align_corners=False).clamp(0.0, 1.0)
-    return out

@@ -40,11 +40,12 @@ from torch.utils.data import DataLoader, Dataset
 from likeness.errors import LikenessError
 from likeness.splits import DEFAULT_SALT
 from worker.engine.checkpoints import LoadedGenerator
-from worker.engine.downscale import downscale_factor, resample_through
+from worker.engine.downscale import downscale_factor
 from worker.engine.face.alignment import Template
 from worker.engine.face.extractor import ARCHITECTURES, FaceExtractor, angle
 from worker.engine.face.heads import UTKFACE_RACES, AttributeHead, RaceHead
 from worker.engine.face.verification import best_angle_threshold, threshold_accuracy
+from worker.engine.face.views import resample
 from worker.engine.objectives import DEFAULT_THRESHOLD_DEG, ObjectiveWeights
 from worker.engine.search import SearchConfig
 from worker.training import lookalikes as looks
@@ -360,8 +361,10 @@ def blurred(crops: Tensor, fraction: float, sides: tuple[int, int]) -> Tensor:
         return crops
     longer = max(crops.shape[-2:])
     side = torch.randint(sides[0], sides[1] + 1, (crops.shape[0],))
-    return resample_through(crops, [int(v) if c else longer
-                                    for v, c in zip(side, chosen, strict=True)])
+    out = crops.clone()
+    for i in chosen.nonzero().flatten().tolist():
+        out[i] = resample(crops[i : i + 1], int(side[i]) / longer)[0]
+    return out
 
 
 def freeze_batchnorm(module: nn.Module) -> None:
