@@ -25,6 +25,10 @@ TABLE3_ATTRIBUTES: tuple[str, ...] = (
     "Arched_Eyebrows", "Male", "Narrow_Eyes", "Smiling", "Wearing_Lipstick")
 THUMBNAIL = 16  # the paper's smallest thumbnail: the most ambiguous, the hardest case
 
+# evaluate's steering options and the ObjectiveWeights fields they set.
+STEERING_OPTIONS = {"identity_weight": "identity", "race_weight": "race",
+                    "attr_weight": "attributes", "views": "views"}
+
 # --quick: a few images and steps, for CI and a smoke check on ../shared.
 QUICK = {"celeba": 4, "utkface": 5, "steps": 5, "restarts": 2, "batch": 8}
 
@@ -84,6 +88,5 @@ class EvalConfig(BaseModel):
 
     def objective_options(self) -> dict[str, float | int]:
         """The steering settings given (by option name), the rest left to the defaults."""
-        given = {"identity_weight": self.identity_weight, "race_weight": self.race_weight,
-                 "attr_weight": self.attr_weight, "views": self.views}
+        given = {k: getattr(self, k) for k in STEERING_OPTIONS}
         return {k: v for k, v in given.items() if v is not None}

@@ -16,7 +16,7 @@ import torch
 
 from likeness.labels import UTKFACE_RACES
 from worker.engine.objectives import ObjectiveWeights
-from worker.evaluation.config import TABLE3_ATTRIBUTES, THUMBNAIL, EvalConfig
+from worker.evaluation.config import STEERING_OPTIONS, TABLE3_ATTRIBUTES, THUMBNAIL, EvalConfig
 from worker.evaluation.measures import (
     angles_deg,
     attribute_predictions,
@@ -77,9 +77,8 @@ def landmark_cache(config: EvalConfig) -> Path:
 
 def steering_settings(config: EvalConfig) -> ObjectiveWeights:
     """The steered searches' settings: ObjectiveWeights' defaults but for the options given."""
-    fields = {"identity_weight": "identity", "race_weight": "race", "attr_weight": "attributes",
-              "views": "views"}
-    return ObjectiveWeights(**{fields[k]: v for k, v in config.objective_options().items()})
+    return ObjectiveWeights(**{STEERING_OPTIONS[k]: v
+                               for k, v in config.objective_options().items()})
 
 
 def run_searches(models: Models, config: EvalConfig, plan: list[tuple[Samples, Strategy]],
