@@ -381,3 +381,42 @@ def test_vae_export_uses_the_encoded_faces_prior(tmp_path: Path) -> None:
     assert shipped.mapping_fit is not None
     # (the fit at export uses latent_avg_samples=256 draws: standard error ~0.1)
     assert torch.allclose(shipped.mapping_fit.mean.double(), mean, atol=0.4)
+
+
+def test_perceptual_distance_is_zero_on_itself_grows_with_blur_and_has_gradients() -> None:
+    import torch.nn.functional as F
+
+    from worker.engine.face.extractor import FaceExtractor
+    from worker.engine.face.mobilefacenet import MobileFaceNet
+    from worker.training.perceptual import perceptual_distance
+
+    torch.manual_seed(0)
+    face = FaceExtractor.with_backbone(MobileFaceNet()).eval().requires_grad_(False)
+    real = torch.rand(2, 3, 64, 64) * 2 - 1
+    assert torch.allclose(perceptual_distance(face, real, real), torch.zeros(2), atol=1e-6)
+    fake = F.avg_pool2d(real, 5, 1, 2).requires_grad_(True)
+    d = perceptual_distance(face, fake, real)
+    assert d.shape == (2,) and bool((d > 0.01).all())
+    d.sum().backward()
+    assert fake.grad is not None and float(fake.grad.abs().sum()) > 0
+
+
+def test_adversarial_updates_wait_for_adv_start_then_ramp_in(tmp_path: Path) -> None:
+    from worker.training.gan import build_state
+
+    face = random_mobilefacenet(tmp_path / "mfn.ckpt")
+    # batch 4: steps 1-2 start at 0 and 0.004 kimg (before the start), step 3 at 0.008
+    config = tiny(tmp_path / "run", steps=5, objective="vae-gan", face_weights=face,
+                  perceptual_weight=1.0, adv_start_kimg=0.008, adv_ramp_kimg=0.008)
+    losses = run(config)
+    assert all("loss_D" not in losses[s] and "rec_adv" not in losses[s] for s in (1, 2))
+    assert all("loss_D" in losses[s] for s in (3, 4, 5))
+    assert "rec_perceptual" in losses[1] and math.isfinite(losses[1]["rec_perceptual"])
+    state = build_state(config, torch.device("cpu"))
+    weights = []
+    for step in (0, 2, 3, 4, 6):
+        state.step = step
+        weights.append(state.adv_weight_now)
+    assert weights == pytest.approx([0.0, 0.0, 0.5, 1.0, 1.0])
+    state.config = config.model_copy(update={"objective": "vae"})
+    assert state.adv_weight_now == 0.0

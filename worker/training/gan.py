@@ -29,7 +29,6 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from pydantic import BaseModel, Field
 from torch import Tensor, nn
@@ -42,6 +41,12 @@ from worker.engine.generator import Generator, GeneratorConfig
 from worker.engine.mapping_fit import fit_mapping
 from worker.training.diffaugment import diff_augment, parse_policy
 from worker.training.discriminator import Discriminator
+from worker.training.gan_losses import (
+    d_logistic_loss,
+    g_nonsaturating_loss,
+    path_lengths,
+    r1_penalty,
+)
 from worker.training.images_zip import (
     ImagesZip,
     StepSampler,
@@ -90,7 +95,16 @@ class TrainConfig(BaseModel):
         0, ge=0, description="at every checkpoint, the FD between the MobileFaceNet embeddings "
         "of this many samples of G_ema and as many held-out photos (val + test people of the "
         "labels.csv beside the zip), in the log: progress across checkpoints; 0: off")
+    perceptual_weight: float = Field(
+        0.0, ge=0, description="vae: weight of the distance of MobileFaceNet's feature maps "
+        "(worker/training/perceptual.py; needs face_weights); 0: off")
     adv_weight: float = Field(1.0, ge=0, description="weight of G's adversarial loss")
+    adv_start_kimg: float = Field(
+        0.0, ge=0, description="vae-gan: no adversarial updates before this many kimg, so "
+        "that reconstructions are good before D judges them")
+    adv_ramp_kimg: float = Field(
+        0.0, ge=0, description="then raise G's adversarial weight linearly from 0 to "
+        "adv_weight over this many kimg")
     batch: int = Field(8, ge=1)
     lr: float = Field(0.002, gt=0, description="Adam lr before the lazy-reg correction")
     r1_gamma: float = Field(0.5, ge=0, description="R1 weight; ~0.0002·res²/batch suits small data")
@@ -153,7 +167,8 @@ class TrainConfig(BaseModel):
 RUN_FIELDS = frozenset({"data", "members", "out", "total_kimg", "max_minutes",
                         "checkpoint_minutes", "device", "workers", "synthetic_count",
                         "face_weights", "kl_weight", "lowres_weight", "identity_weight",
-                        "adv_weight", "fd_samples"})
+                        "adv_weight", "fd_samples", "perceptual_weight", "adv_start_kimg",
+                        "adv_ramp_kimg"})
 
 
 def merge_resume_config(saved: TrainConfig, overrides: dict[str, Any]) -> TrainConfig:
@@ -164,30 +179,6 @@ def merge_resume_config(saved: TrainConfig, overrides: dict[str, Any]) -> TrainC
                 "resume_mismatch", f"cannot change {name} when resuming "
                 f"(the checkpoint has {getattr(saved, name)!r}, asked for {value!r})")
     return saved.model_copy(update={k: v for k, v in overrides.items() if k in RUN_FIELDS})
-
-
-# ---------------------------------------------------------------- losses
-
-
-def d_logistic_loss(real_pred: Tensor, fake_pred: Tensor) -> Tensor:
-    return F.softplus(-real_pred).mean() + F.softplus(fake_pred).mean()
-
-
-def g_nonsaturating_loss(fake_pred: Tensor) -> Tensor:
-    return F.softplus(-fake_pred).mean()
-
-
-def r1_penalty(real_pred: Tensor, real: Tensor) -> Tensor:
-    """Mean squared norm of dD/dx on reals (the x that required grad)."""
-    (grad,) = torch.autograd.grad(real_pred.sum(), real, create_graph=True)
-    return grad.pow(2).flatten(1).sum(1).mean()
-
-
-def path_lengths(fake: Tensor, w_plus: Tensor) -> Tensor:
-    """|J_w^T y| per sample for a random image-space y (the PPL regulariser's quantity)."""
-    noise = torch.randn_like(fake) / math.sqrt(fake.shape[2] * fake.shape[3])
-    (grad,) = torch.autograd.grad((fake * noise).sum(), w_plus, create_graph=True)
-    return grad.pow(2).sum(2).mean(1).sqrt()
 
 
 # ---------------------------------------------------------------- state
@@ -216,6 +207,17 @@ class TrainState:
     @property
     def kimg(self) -> float:
         return self.step * self.config.batch / 1000
+
+    @property
+    def adv_weight_now(self) -> float:
+        """G's adversarial weight at this step: 0 before ``adv_start_kimg``, then ramped."""
+        c = self.config
+        if c.objective == "vae":
+            return 0.0
+        since = self.kimg - c.adv_start_kimg
+        if since < 0:
+            return 0.0
+        return c.adv_weight * (min(1.0, since / c.adv_ramp_kimg) if c.adv_ramp_kimg > 0 else 1.0)
 
 
 def amp_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:
@@ -339,7 +341,8 @@ def g_step(state: TrainState, batch: int) -> dict[str, float]:
     D.requires_grad_(False)
     with _autocast(state):
         fake = G.synthesis(sample_w_plus(G, batch, c.mixing, state.device))
-        loss = c.adv_weight * g_nonsaturating_loss(D(diff_augment(fake, state.augment)).float())
+        loss = state.adv_weight_now * g_nonsaturating_loss(
+            D(diff_augment(fake, state.augment)).float())
     _step(loss, state.opt_G, state.scaler_G)
     out = {"loss_G": loss.item()}
     if c.pl_weight > 0 and state.step % c.pl_every == 0:
@@ -375,12 +378,13 @@ def update_ema(state: TrainState) -> None:
 def train_step(state: TrainState, real: Tensor) -> dict[str, float]:
     """The objective's updates (D, the autoencoder, G), the EMA; advances ``state.step``."""
     objective = state.config.objective
+    adversarial = objective != "vae" and state.kimg >= state.config.adv_start_kimg
     metrics: dict[str, float] = {}
-    if objective != "vae":
+    if adversarial:
         metrics |= d_step(state, real)
     if objective != "gan":
         metrics |= vae_step(state, real)
-    if objective != "vae":
+    if adversarial:
         metrics |= g_step(state, real.shape[0])
     update_ema(state)
     state.step += 1
@@ -658,6 +662,7 @@ PLAIN_LINE_SECONDS = 60.0
 # What the progress line shows, when the objective produces it.
 STATUS_METRICS = (("loss_G", "G", 3), ("loss_D", "D", 3), ("r1", "R1", 4),
                   ("rec_l1", "L1", 4), ("rec_lowres", "lowres", 5), ("rec_identity", "id", 3),
+                  ("rec_perceptual", "perc", 3),
                   ("kl", "KL", 0))
 
 

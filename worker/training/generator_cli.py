@@ -72,8 +72,16 @@ def train_generator(
         help="vae: weight of the 16/32-px downscale MSE (default 10)")] = None,
     identity_weight: Annotated[float | None, typer.Option(
         help="vae: weight of the identity term (default 0.1)")] = None,
+    perceptual_weight: Annotated[float | None, typer.Option(
+        help="vae: weight of the face-feature perceptual loss, the sharpener (needs "
+             "--face-weights; default 0: off)")] = None,
     adv_weight: Annotated[float | None, typer.Option(
         help="weight of G's adversarial loss (default 1)")] = None,
+    adv_start_kimg: Annotated[float | None, typer.Option(
+        help="vae-gan: adversarial updates begin after this many kimg (default 0)")] = None,
+    adv_ramp_kimg: Annotated[float | None, typer.Option(
+        help="then G's adversarial weight rises from 0 to --adv-weight over this many kimg "
+             "(default 0: at once)")] = None,
     batch: Annotated[int | None, typer.Option(min=1, help="batch size (default 8)")] = None,
     kimg: Annotated[float | None, typer.Option(
         help="train until this many thousand images seen (default 1000)")] = None,
@@ -122,6 +130,8 @@ def train_generator(
         objective=objective, face_weights=face_weights, fd_samples=fd_samples,
         kl_weight=kl_weight,
         lowres_weight=lowres_weight, identity_weight=identity_weight, adv_weight=adv_weight,
+        perceptual_weight=perceptual_weight, adv_start_kimg=adv_start_kimg,
+        adv_ramp_kimg=adv_ramp_kimg,
         init_generator=init_generator,
     )
     overrides = {k: v for k, v in options.items() if v is not None}

@@ -36,7 +36,10 @@ from worker.engine.face.alignment import fallback_landmarks
 from worker.engine.face.extractor import FaceExtractor
 from worker.engine.generator import ACT_GAIN, EqualLinear, Generator, GeneratorConfig
 from worker.engine.mapping_fit import undo_activation
+from worker.training.diffaugment import diff_augment
 from worker.training.discriminator import Discriminator
+from worker.training.gan_losses import g_nonsaturating_loss
+from worker.training.perceptual import perceptual_distance
 
 if TYPE_CHECKING:
     from worker.training.gan import TrainState
@@ -149,10 +152,11 @@ def face_embedding(face: FaceExtractor, images: Tensor) -> Tensor:
     return face.embed((images + 1) / 2, landmarks)
 
 
-def reconstruction_terms(fake: Tensor, real: Tensor,
-                         face: FaceExtractor | None) -> dict[str, Tensor]:
+def reconstruction_terms(fake: Tensor, real: Tensor, face: FaceExtractor | None,
+                         perceptual: bool = False) -> dict[str, Tensor]:
     """Unweighted per-batch terms: pixel L1 (in [-1, 1]), MSE of the downscales
-    (in [0, 1], as the search measures), and 1 - cos of the face embeddings."""
+    (in [0, 1], as the search measures), 1 - cos of the face embeddings and, with
+    ``perceptual``, the distance of the face network's feature maps."""
     terms = {"l1": (fake - real).abs().mean()}
     fake01, real01 = (fake + 1) / 2, (real + 1) / 2
     # (a smoke run smaller than a thumbnail has no downscale term: zero)
@@ -163,6 +167,8 @@ def reconstruction_terms(fake: Tensor, real: Tensor,
         with torch.no_grad():
             target = face_embedding(face, real)
         terms["identity"] = 1.0 - (face_embedding(face, fake) * target).sum(1).mean()
+        if perceptual:
+            terms["perceptual"] = perceptual_distance(face, fake, real).mean()
     return terms
 
 
@@ -178,19 +184,19 @@ def vae_step(state: TrainState, real: Tensor) -> dict[str, float]:
     fake, w = decode(G, z)
     if state.codes is not None:
         state.codes.update(w)
-    terms = reconstruction_terms(fake, real, state.face)
+    terms = reconstruction_terms(fake, real, state.face, perceptual=c.perceptual_weight > 0)
     kl = kl_divergence(mu, logvar).mean()
     loss = terms["l1"] + c.lowres_weight * terms["lowres"] + c.kl_weight * kl
     if "identity" in terms:
         loss = loss + c.identity_weight * terms["identity"]
+    if "perceptual" in terms:
+        loss = loss + c.perceptual_weight * terms["perceptual"]
     out = {f"rec_{name}": float(t.item()) for name, t in terms.items()} | {"kl": kl.item()}
-    if c.objective == "vae-gan":
-        from worker.training.diffaugment import diff_augment
-        from worker.training.gan import g_nonsaturating_loss
-
+    adv_weight = state.adv_weight_now
+    if c.objective == "vae-gan" and adv_weight > 0:
         state.D.requires_grad_(False)
         adv = g_nonsaturating_loss(state.D(diff_augment(fake, state.augment)))
-        loss = loss + c.adv_weight * adv
+        loss = loss + adv_weight * adv
         out["rec_adv"] = adv.item()
     state.opt_G.zero_grad(set_to_none=True)
     state.opt_E.zero_grad(set_to_none=True)
