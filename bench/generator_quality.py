@@ -8,7 +8,22 @@
   of N samples and of N real held-out CelebA-HQ photos (val + test people);
 - search fit: fraction of held-out people's 16x16 thumbnails (bicubic from
   128 px, one photo per person) for which a 100-step, 4-restart search finds a
-  candidate within eps = 2e-3.
+  candidate within eps = 2e-3;
+- upscale: how upscales compare with a plain bicubic enlargement of the same
+  16x16 thumbnails, on held-out people (``likeness evaluate``'s samples, searches
+  and cache, at --steps/--restarts and the generator's manifest search settings;
+  --eps and --geocross-weight apply to the fit only):
+  sharpness (mean Sobel gradient of the luminance at 128 px) of photos, outputs
+  and enlargements of --celeba people; identity carried: cosine distance, in the
+  attribute judge's pooled features, from output and from enlargement to the
+  person's other photo (and from the photo itself: the floor); race carried: the
+  race judge's accuracy on --utkface photos, enlargements, plain outputs and
+  race-objective outputs; per search, acceptance, downscale MSE and seconds per
+  thumbnail. --grid draws thumbnail, bicubic, ours, ours with the race objective
+  and the photo for the first people of each set:
+
+    python bench/generator_quality.py --weights weights/generator.pt \
+        --skip face fd fit --celeba 64 --utkface 64 --grid docs/upscale_grid.png
 
 Needs ../shared (the photos and the MobileFaceNet); nothing here is a test.
 """
@@ -20,22 +35,40 @@ import json
 import platform
 import time
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
+import torch.nn.functional as F
+from rich.console import Console
 from rich.progress import Progress
+from torch import Tensor
 
 from likeness.errors import LikenessError
+from likeness.labels import UTKFACE_RACES
 from worker.engine.face.extractor import FaceExtractor
+from worker.evaluation.config import THUMBNAIL, EvalConfig
+from worker.evaluation.measures import judge_features, race_predictions
+from worker.evaluation.models import Models, load_models
+from worker.evaluation.plots import GridRow, qualitative_grid
+from worker.evaluation.run import landmark_cache, to_pixels
+from worker.evaluation.samples import Samples, celeba_samples, utkface_samples
+from worker.evaluation.searches import NONE, RACE, Outputs, Strategy, run_strategy, search_config
 from worker.pipeline import load_search_model
 from worker.training.generator_quality import (
     FACE_PROBABILITY,
+    bicubic_upscale,
     face_probabilities,
     held_out_photos,
     photo_embeddings,
     sample_fd,
     samples,
     search_fit,
+    sharpness,
 )
+
+GRID_ROWS = 8  # people per set in --grid
+GRID_COLUMNS = ("bicubic", "ours", "ours, race objective", "photo")
 
 
 def parse() -> argparse.Namespace:
@@ -57,7 +90,18 @@ def parse() -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=8, help="thumbnails per search batch")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--skip", nargs="*", default=[], choices=["face", "fd", "fit"])
+    p.add_argument("--skip", nargs="*", default=[], choices=["face", "fd", "fit", "upscale"])
+    p.add_argument("--celeba", type=int, default=64,
+                   help="upscale: held-out CelebA-HQ people with two photos (0: none)")
+    p.add_argument("--utkface", type=int, default=64,
+                   help="upscale: race-balanced held-out UTKFace thumbnails (0: none)")
+    p.add_argument("--cache", type=Path, default=Path("runs/eval-cache"),
+                   help="upscale: search results per batch (likeness evaluate's format)")
+    p.add_argument("--grid", type=Path, default=None,
+                   help="upscale: also draw a PNG of the first people (thumbnail, bicubic, ours)")
+    p.add_argument("--grid-photos", action="store_true",
+                   help="upscale: add the held-out photo to the grid, for looking at here; "
+                        "such a grid stays out of the repository (it shows the data sets)")
     p.add_argument("--out", type=Path, help="also write the JSON here")
     return p.parse_args()
 
@@ -78,7 +122,8 @@ def main() -> None:
         "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d"),
     }
     started = time.monotonic()
-    with Progress() as bar:
+    # the bars on stderr: stdout is the JSON alone, for `> file` and pipes
+    with Progress(console=Console(stderr=True)) as bar:
         if "face" not in args.skip:
             task = bar.add_task("face rate", total=args.face_samples)
             probs = []
@@ -120,12 +165,148 @@ def main() -> None:
                 "output_face_rate": float((faces >= FACE_PROBABILITY).float().mean()),
                 "seconds_per_thumbnail": (time.monotonic() - t0) / len(photos),
                 "per_photo": {k: out[k] for k in ("mse", "accepted", "face_probability")}}
+        if "upscale" not in args.skip:
+            report["upscale"] = upscale_section(args, bar)
     report["seconds"] = round(time.monotonic() - started, 1)
     text = json.dumps(report, indent=2)
     print(text)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text + "\n")
+
+
+def upscale_section(args: argparse.Namespace, bar: Progress) -> dict[str, Any]:
+    """Upscales against a plain bicubic enlargement of the same thumbnails (see above)."""
+    config = EvalConfig(data_root=args.data_root, f0=args.face_weights, cache=args.cache,
+                        weights=args.weights, celeba=max(args.celeba, 2),
+                        utkface=max(args.utkface, 1), steps=args.steps, restarts=args.restarts,
+                        batch=args.batch, seed=args.seed, device="cpu",
+                        threads=args.threads or None)
+    models = load_models(config, torch.device("cpu"))
+    sets: dict[str, Samples] = {}
+    if args.celeba:
+        sets["celebahq"] = celeba_samples(args.data_root / "celebahq", args.celeba, THUMBNAIL,
+                                          args.seed)
+    if args.utkface:
+        sets["utkface"] = utkface_samples(args.data_root / "utkface", args.utkface, THUMBNAIL,
+                                          args.seed, landmark_cache(config))
+    plan = [(s, NONE) for s in sets.values()] + [(s, RACE) for s in sets.values()
+                                                  if s.dataset == "utkface"]
+    outputs = search_all(models, plan, args, bar)
+    bicubic = {k: bicubic_upscale(s.thumbnails, models.resolution) for k, s in sets.items()}
+    report: dict[str, Any] = {
+        "models": {w.role: {"name": w.name, "sha256": w.sha256} for w in models.weights},
+        "search": search_config(models, args.steps, args.restarts).model_dump(mode="json"),
+        "batch": args.batch,
+        "searches": {f"{d}/{s}": search_scores(out) for (d, s), out in outputs.items()},
+    }
+    if "celebahq" in sets:
+        celeba, plain = sets["celebahq"], outputs["celebahq", NONE.name]
+        report["sharpness"] = sharpness_scores(celeba, plain, bicubic["celebahq"])
+        report["identity"] = identity_scores(models, celeba, plain, bicubic["celebahq"])
+    if "utkface" in sets:
+        report["race"] = race_scores(models, sets["utkface"], bicubic["utkface"],
+                                     outputs["utkface", NONE.name], outputs["utkface", RACE.name])
+    if args.grid is not None:
+        args.grid.parent.mkdir(parents=True, exist_ok=True)
+        columns = GRID_COLUMNS if args.grid_photos else GRID_COLUMNS[:-1]
+        qualitative_grid(grid_rows(sets, bicubic, outputs, args.grid_photos), columns, args.grid)
+        report["grid"] = str(args.grid)
+    return report
+
+
+def search_all(models: Models, plan: list[tuple[Samples, Strategy]], args: argparse.Namespace,
+               bar: Progress) -> dict[tuple[str, str], Outputs]:
+    """Each (set, strategy) through evaluate's cached batched searches."""
+    total = sum(-(-len(s) // args.batch) * args.steps for s, _ in plan)
+    task = bar.add_task("upscale: searches", total=total)
+
+    def on_progress(steps: int, status: str) -> None:
+        bar.update(task, advance=steps, description=f"upscale: {status}")
+
+    return {(s.dataset, strategy.name): run_strategy(models, s, strategy, args.steps,
+                                                     args.restarts, args.batch, args.cache,
+                                                     on_progress=on_progress)
+            for s, strategy in plan}
+
+
+def ratio(a: float, b: float) -> float | None:
+    return a / b if b else None
+
+
+def search_scores(out: Outputs) -> dict[str, Any]:
+    n = len(out.accepted)
+    scores: dict[str, Any] = {
+        "n": n, "accepted": float(np.mean(out.accepted)), "mse_mean": float(np.mean(out.mse)),
+        "seconds_per_thumbnail": out.search_seconds / n,
+        "batches": out.batches, "cached_batches": out.cached_batches}
+    if out.cached_batches:
+        # a cached batch keeps the seconds of the run that searched it, wherever that ran
+        scores["note"] = (f"{out.cached_batches} of {out.batches} batches came from the cache: "
+                          "their seconds are those of the run that searched them")
+    return scores
+
+
+def sharpness_scores(celeba: Samples, plain: Outputs, bicubic: Tensor) -> dict[str, Any]:
+    """Mean sharpness of photos, outputs and enlargements; ratios of the means."""
+    means = {name: float(sharpness(images).mean()) for name, images in
+             (("photos", celeba.photos), ("outputs", plain.images), ("bicubic", bicubic))}
+    return {**means, "outputs_over_photos": ratio(means["outputs"], means["photos"]),
+            "bicubic_over_photos": ratio(means["bicubic"], means["photos"]), "n": len(celeba)}
+
+
+def identity_scores(models: Models, celeba: Samples, plain: Outputs, bicubic: Tensor
+                    ) -> dict[str, Any]:
+    """Cosine distance (1 - cos) to the person's other photo I' in an embedding the search
+    never saw (neither F nor F0): does an upscale carry more of the person than a blur?"""
+    judge = models.attribute_judge
+    reference = judge_features(judge, celeba.references)
+
+    def distance(images: Tensor) -> Tensor:
+        return 1 - F.cosine_similarity(judge_features(judge, images), reference, dim=1)
+
+    ours, blurred, photos = distance(plain.images), distance(bicubic), distance(celeba.photos)
+    return {
+        "embedding": "attribute judge's pooled features, its 64-px ArcFace-aligned crops",
+        "output_mean": float(ours.mean()), "bicubic_mean": float(blurred.mean()),
+        "photo_mean": float(photos.mean()),  # the floor: the person's own photo I
+        "output_closer_than_bicubic": float((ours < blurred).float().mean()),
+        "n": len(celeba)}
+
+
+def race_scores(models: Models, utk: Samples, bicubic: Tensor, plain: Outputs, race: Outputs
+                ) -> dict[str, Any]:
+    """The race judge's accuracy on photos, enlargements and both searches' outputs."""
+    def accuracy(images: Tensor) -> float:
+        return float(np.mean(race_predictions(models.race_judge, images) == utk.labels))
+
+    acc = {"photos": accuracy(utk.photos), "bicubic": accuracy(bicubic),
+           "none": accuracy(plain.images), "race": accuracy(race.images)}
+    return {"judge_accuracy": acc,
+            "over_photos": {k: ratio(v, acc["photos"]) for k, v in acc.items() if k != "photos"},
+            "n": len(utk), "skipped": utk.skipped}
+
+
+def grid_rows(sets: dict[str, Samples], bicubic: dict[str, Tensor],
+              outputs: dict[tuple[str, str], Outputs], photos: bool) -> list[GridRow]:
+    """The first GRID_ROWS people of each set, UTKFace first; the race objective ran on
+    UTKFace only, so CelebA-HQ rows leave its column blank."""
+    rows = []
+    for dataset in ("utkface", "celebahq"):
+        if dataset not in sets:
+            continue
+        samples = sets[dataset]
+        for i in range(min(GRID_ROWS, len(samples))):
+            images = {"bicubic": bicubic[dataset][i], "ours": outputs[dataset, NONE.name].images[i]}
+            if photos:
+                images["photo"] = samples.photos[i]
+            if (dataset, RACE.name) in outputs:
+                images["ours, race objective"] = outputs[dataset, RACE.name].images[i]
+            label = (f"UTKFace #{i + 1} {UTKFACE_RACES[int(samples.labels[i])]}"
+                     if dataset == "utkface" else f"CelebA-HQ #{i + 1}")
+            rows.append(GridRow(label, samples.thumbnails[i],
+                                {k: to_pixels(v) for k, v in images.items()}))
+    return rows
 
 
 if __name__ == "__main__":

@@ -41,14 +41,36 @@ def angles_deg(a: Tensor, b: Tensor) -> np.ndarray:
 
 
 @torch.no_grad()
-def judge_logits(judge: JudgeNet, images: Tensor) -> Tensor:
-    """The judge's logits (N, labels) on the CPU, through its own path: 64-px
-    ArcFace-aligned crops, rounded to 8 bits as in its training."""
+def judge_crops(judge: JudgeNet, images: Tensor) -> Tensor:
+    """What a judge sees of FFHQ-framed images: 64-px ArcFace-aligned crops on its
+    device, rounded to 8 bits as in its training."""
     device = _device(judge)
-    crops = torch.cat([
+    return torch.cat([
         aligned_crops(chunk.to(device), None).mul(255).round().clamp(0, 255).byte()
         for chunk in images.split(BATCH)])
-    return predict(judge, crops).cpu()
+
+
+@torch.no_grad()
+def judge_logits(judge: JudgeNet, images: Tensor) -> Tensor:
+    """The judge's logits (N, labels) on the CPU, through its own path (judge_crops)."""
+    return predict(judge, judge_crops(judge, images)).cpu()
+
+
+@torch.no_grad()
+def judge_features(judge: JudgeNet, images: Tensor) -> Tensor:
+    """The judge's pooled features (N, C) on the CPU, of the crops judge_logits reads:
+    an embedding that neither F nor F0 had a hand in.
+
+    Taken as its head's input, so forward's own normalisation and pooling apply
+    (no second copy of them to drift).
+    """
+    pooled: list[Tensor] = []
+    hook = judge.head.register_forward_pre_hook(lambda _m, args: pooled.append(args[0].cpu()))
+    try:
+        predict(judge, judge_crops(judge, images))
+    finally:
+        hook.remove()
+    return torch.cat(pooled)
 
 
 def race_predictions(judge: JudgeNet, images: Tensor) -> np.ndarray:

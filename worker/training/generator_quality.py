@@ -6,7 +6,10 @@
   aligned through the one alignment path) of samples and of real photos;
 - search fit: the fraction of real thumbnails for which the latent search
   finds a candidate within eps — whether the generator can express the faces
-  it will be asked for.
+  it will be asked for;
+- sharpness: the mean Sobel gradient of the luminance, to compare upscales with
+  photos and with the plain bicubic enlargement (``bicubic_upscale``) that an
+  upscaler has to beat.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from worker.engine.downscale import downscale
@@ -25,8 +29,12 @@ from worker.engine.face.extractor import FaceExtractor
 from worker.engine.generator import Generator
 from worker.engine.mapping_fit import MappingFit
 from worker.engine.search import SearchConfig, run_search
+from worker.pipeline import to_tensor
 
 FACE_PROBABILITY = 0.95
+SHARPNESS_SIZE = 128  # one pixel grid for every image compared: gradients scale with it
+LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601, as PIL's convert("L")
+SOBEL_X = ((-1.0, 0.0, 1.0), (-2.0, 0.0, 2.0), (-1.0, 0.0, 1.0))
 
 Progress = Callable[[int], None]
 
@@ -135,3 +143,32 @@ def search_fit(G: Generator, fit: MappingFit, photos: Tensor, thumb: int = 16,
         if progress is not None:
             progress(len(chunk))
     return {"mse": mse, "accepted": accepted, "face_probability": face}
+
+
+def bicubic_upscale(thumbnails: np.ndarray, size: int) -> Tensor:
+    """(N, t, t, 3) uint8 thumbnails → (N, 3, size, size) in [0, 1]: the plain enlargement
+    an upscaler has to beat (torch's bicubic, clamped: the cubic overshoots at edges)."""
+    small = to_tensor(list(thumbnails), torch.device("cpu"))
+    big = F.interpolate(small, size=(size, size), mode="bicubic", align_corners=False)
+    return big.clamp(0, 1)
+
+
+def sharpness(images: Tensor, size: int = SHARPNESS_SIZE) -> Tensor:
+    """Mean Sobel gradient magnitude of the luminance of (N, 3, H, W) images in [0, 1]: (N,).
+
+    Images are first brought to ``size`` px, so photos, outputs and enlargements of
+    any size are measured on one grid: area when shrinking (it averages, adding no
+    edges of its own), bicubic when enlarging. Only interior pixels count (no
+    padding), so the border adds no false edge.
+    """
+    x = images.float()
+    if x.shape[-2:] != (size, size):
+        if x.shape[-1] > size:
+            x = F.interpolate(x, size=(size, size), mode="area")
+        else:
+            x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False)
+        x = x.clamp(0, 1)
+    luma = (x * torch.tensor(LUMA, device=x.device).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    kx = torch.tensor(SOBEL_X, device=x.device).view(1, 1, 3, 3)
+    gx, gy = F.conv2d(luma, kx), F.conv2d(luma, kx.transpose(2, 3))
+    return (gx.square() + gy.square()).sqrt().mean((1, 2, 3))
