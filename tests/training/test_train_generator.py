@@ -420,3 +420,20 @@ def test_adversarial_updates_wait_for_adv_start_then_ramp_in(tmp_path: Path) -> 
     assert weights == pytest.approx([0.0, 0.0, 0.5, 1.0, 1.0])
     state.config = config.model_copy(update={"objective": "vae"})
     assert state.adv_weight_now == 0.0
+
+
+def test_training_time_is_kept_by_device_type_across_resumes(tmp_path: Path) -> None:
+    config = tiny(tmp_path, steps=2)
+    run(config)
+    ckpt = read_checkpoint(tmp_path / "checkpoint.pt")
+    assert set(ckpt["device_seconds"]) == {"cpu"}
+    assert ckpt["device_seconds"]["cpu"] == pytest.approx(ckpt["train_seconds"])
+    # a checkpoint from before the split, written by a run pinned to a GPU
+    ckpt.pop("device_seconds")
+    ckpt["train_config"]["device"] = "cuda:0"
+    torch.save(ckpt, tmp_path / "old.pt")
+    run(tiny(tmp_path, steps=3), resume=tmp_path / "old.pt")
+    after = read_checkpoint(tmp_path / "checkpoint.pt")
+    assert after["device_seconds"]["cuda"] == pytest.approx(ckpt["train_seconds"])
+    assert after["device_seconds"]["cpu"] > 0
+    assert sum(after["device_seconds"].values()) == pytest.approx(after["train_seconds"])

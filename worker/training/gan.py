@@ -202,6 +202,8 @@ class TrainState:
     step: int = 0
     mean_path_length: float = 0.0
     train_seconds: float = 0.0  # device time over all sessions (for the weights manifest)
+    # the same time by device type ("cpu", "cuda"): a run may move between machines
+    device_seconds: dict[str, float] = field(default_factory=dict)
     augment: list[str] = field(default_factory=list)
 
     @property
@@ -433,7 +435,8 @@ def save_checkpoint(state: TrainState, path: Path) -> None:
         "G": state.G.state_dict(), "D": state.D.state_dict(), "G_ema": state.G_ema.state_dict(),
         "opt_G": state.opt_G.state_dict(), "opt_D": state.opt_D.state_dict(),
         "step": state.step, "kimg": state.kimg, "mean_path_length": state.mean_path_length,
-        "train_seconds": state.train_seconds, "rng": rng_state(),
+        "train_seconds": state.train_seconds, "device_seconds": state.device_seconds,
+        "rng": rng_state(),
         "train_config": state.config.model_dump(mode="json"),
         "generator_config": state.G.config.model_dump(mode="json"),
     }
@@ -484,6 +487,11 @@ def load_checkpoint(state: TrainState, ckpt: dict[str, Any]) -> None:
     state.step = int(ckpt["step"])
     state.mean_path_length = float(ckpt["mean_path_length"])
     state.train_seconds = float(ckpt.get("train_seconds", 0.0))
+    # checkpoints from before the split: a run pinned to one device type spent it there
+    pinned = str(ckpt["train_config"].get("device", "auto")).split(":")[0]
+    state.device_seconds = {k: float(v) for k, v in ckpt.get(
+        "device_seconds", {pinned if pinned != "auto" else "unrecorded": state.train_seconds}
+    ).items()}
     set_rng_state(ckpt["rng"])
 
 
@@ -536,7 +544,9 @@ def export(state: TrainState, out: Path, G: Generator | None = None) -> dict[str
     latent_avg = mean_w(G, c.latent_avg_samples, seed=c.seed)
     fit = fit_mapping(G, samples=c.latent_avg_samples, batch=10_000, seed=c.seed)
     extra = {"train": {"kimg": state.kimg, "step": state.step,
-                       "train_seconds": state.train_seconds, "data": str(c.data or "synthetic")}}
+                       "train_seconds": state.train_seconds,
+                       "device_seconds": state.device_seconds,
+                       "data": str(c.data or "synthetic")}}
     save_generator(out / GENERATOR_NAME, G, latent_avg=latent_avg, mapping_fit=fit, extra=extra)
     grid_path = out / f"samples_kimg{int(state.kimg):04d}.png"
     tmp = grid_path.with_name(grid_path.name + ".tmp")
@@ -720,6 +730,8 @@ def train(config: TrainConfig, *, resume: Path | None = None, progress: bool = T
         nonlocal last_save, last_log_step
         now = time.monotonic()
         state.train_seconds += now - last_save
+        kind = state.device.type
+        state.device_seconds[kind] = state.device_seconds.get(kind, 0.0) + now - last_save
         save_checkpoint(state, out / CHECKPOINT_NAME)
         G = exported_generator(state)
         files = export(state, out, G)

@@ -66,6 +66,8 @@ def ship_generator(run: Path, *, quality: dict[str, Any] | None = None, name: st
             "objective": train_config.get("objective", "gan"),
             "kimg": round(float(train.get("kimg", 0.0)), 2), "steps": train.get("step"),
             "batch": train_config.get("batch"), "device_hours": round(seconds / 3600, 2),
+            "device_hours_by_type": {k: round(float(v) / 3600, 2)
+                                     for k, v in train.get("device_seconds", {}).items()},
             "train_config": train_config, "command": "likeness train-generator",
         },
         metrics=_metrics(quality) if quality else {},
