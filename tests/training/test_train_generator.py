@@ -437,3 +437,13 @@ def test_training_time_is_kept_by_device_type_across_resumes(tmp_path: Path) -> 
     assert after["device_seconds"]["cuda"] == pytest.approx(ckpt["train_seconds"])
     assert after["device_seconds"]["cpu"] > 0
     assert sum(after["device_seconds"].values()) == pytest.approx(after["train_seconds"])
+
+
+def test_a_perceptual_weight_without_a_face_network_is_refused(tmp_path: Path) -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="perceptual_weight needs face_weights"):
+        tiny(tmp_path, steps=1, objective="vae-gan", perceptual_weight=1.0)
+    face = random_mobilefacenet(tmp_path / "mfn.ckpt")
+    with pytest.raises(ValidationError, match="a vae objective"):
+        tiny(tmp_path, steps=1, objective="gan", perceptual_weight=1.0, face_weights=face)

@@ -30,7 +30,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from PIL import Image
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -135,6 +135,13 @@ class TrainConfig(BaseModel):
     workers: int | None = Field(None, ge=0, description="DataLoader workers; None: 0 CPU, 4 CUDA")
     grid_seed: int = 0
     latent_avg_samples: int = Field(10_000, ge=1)
+
+    @model_validator(mode="after")
+    def _perceptual_needs_a_face_network(self) -> TrainConfig:
+        # a weight that silently does nothing would cost hours of training
+        if self.perceptual_weight > 0 and (self.face_weights is None or self.objective == "gan"):
+            raise ValueError("perceptual_weight needs face_weights and a vae objective")
+        return self
 
     def generator_config(self) -> GeneratorConfig:
         return GeneratorConfig.slim(self.resolution, channel_max=self.channel_max,

@@ -153,8 +153,9 @@ def train_generator(
             config = build_config(smoke, overrides, resume_path)
         except ValidationError as e:
             first = e.errors()[0]
-            raise LikenessError("bad_option", f"{'.'.join(map(str, first['loc']))}: "
-                                f"{first['msg']}") from None
+            where = ".".join(map(str, first["loc"]))
+            message = first["msg"].removeprefix("Value error, ")
+            raise LikenessError("bad_option", f"{where}: {message}" if where else message) from None
         if resume_path is not None:
             err.print(f"resuming from {resume_path}", highlight=False)
         elif resume == "auto":
