@@ -66,6 +66,7 @@ from worker.training.generator_quality import (
     search_fit,
     sharpness,
 )
+from worker.training.generator_ship import checked_search
 
 GRID_ROWS = 8  # people per set in --grid
 GRID_COLUMNS = ("bicubic", "ours", "ours, race objective", "photo")
@@ -88,6 +89,9 @@ def parse() -> argparse.Namespace:
     p.add_argument("--geocross-weight", type=float, default=None,
                    help="default: the generator's manifest setting, else PULSE's 0.05")
     p.add_argument("--batch", type=int, default=8, help="thumbnails per search batch")
+    p.add_argument("--search", action="append", default=[], metavar="FIELD=VALUE",
+                   help="a search setting over the generator's manifest ones (SearchConfig "
+                        "fields, e.g. geocross_weight=0.01), for a --weights file without them")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip", nargs="*", default=[], choices=["face", "fd", "fit", "upscale"])
@@ -114,6 +118,7 @@ def main() -> None:
         loaded, _ = load_search_model(args.weights, torch.device("cpu"))
     except LikenessError as e:
         raise SystemExit(e.message) from None
+    loaded.search_defaults = search_settings(loaded.search_defaults, args.search)
     G, fit = loaded.generator, loaded.mapping_fit
     face = FaceExtractor.mobilefacenet(args.face_weights).eval()
     report: dict = {
@@ -175,6 +180,12 @@ def main() -> None:
         args.out.write_text(text + "\n")
 
 
+def search_settings(base: dict[str, Any], given: list[str]) -> dict[str, Any]:
+    """``--search`` on top of the manifest's settings, checked as set-search checks them."""
+    pairs = dict(item.partition("=")[::2] for item in given)
+    return checked_search(base, {k.replace("-", "_"): v for k, v in pairs.items()})
+
+
 def upscale_section(args: argparse.Namespace, bar: Progress) -> dict[str, Any]:
     """Upscales against a plain bicubic enlargement of the same thumbnails (see above)."""
     config = EvalConfig(data_root=args.data_root, f0=args.face_weights, cache=args.cache,
@@ -183,6 +194,8 @@ def upscale_section(args: argparse.Namespace, bar: Progress) -> dict[str, Any]:
                         batch=args.batch, seed=args.seed, device="cpu",
                         threads=args.threads or None)
     models = load_models(config, torch.device("cpu"))
+    models.generator.search_defaults = search_settings(models.generator.search_defaults,
+                                                       args.search)
     sets: dict[str, Samples] = {}
     if args.celeba:
         sets["celebahq"] = celeba_samples(args.data_root / "celebahq", args.celeba, THUMBNAIL,

@@ -447,3 +447,32 @@ def test_a_perceptual_weight_without_a_face_network_is_refused(tmp_path: Path) -
     face = random_mobilefacenet(tmp_path / "mfn.ckpt")
     with pytest.raises(ValidationError, match="a vae objective"):
         tiny(tmp_path, steps=1, objective="gan", perceptual_weight=1.0, face_weights=face)
+
+
+def test_vae_export_fits_the_prior_to_the_listed_members(tmp_path: Path) -> None:
+    from worker.engine.mapping_fit import undo_activation
+    from worker.training.gan import build_state, exported_generator, load_checkpoint
+    from worker.training.vae import encoded_codes
+
+    data = tmp_path / "faces.zip"
+    with zipfile.ZipFile(data, "w") as zf:
+        for i in range(8):
+            buf = io.BytesIO()
+            level = 20 + 5 * i if i < 4 else 200 + 5 * i
+            Image.new("RGB", (16, 16), (level, level // 2, 255 - level)).save(buf, "PNG")
+            zf.writestr(f"{'dark' if i < 4 else 'light'}/{i}.png", buf.getvalue())
+    (tmp_path / "dark.txt").write_text("".join(f"dark/{i}.png\n" for i in range(4)))
+    run(tiny(tmp_path / "run", steps=3, objective="vae", data=data))
+    ckpt = read_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    config = TrainConfig(**ckpt["train_config"]).model_copy(
+        update={"prior_members": tmp_path / "dark.txt"})
+    state = build_state(config, torch.device("cpu"))
+    load_checkpoint(state, ckpt)
+    dark = torch.stack([ImagesZip(data, 16)[i] for i in range(4)])
+    expected = encoded_codes(state.E, state.G, [dark], seed=config.seed).double().mean(0)
+    G = exported_generator(state)
+    with torch.no_grad():
+        x = undo_activation(G.mapping(torch.randn(20_000, 16))).double()
+    assert torch.allclose(x.mean(0), expected, atol=0.05)
+    running, _ = state.codes.gaussian()
+    assert not torch.allclose(running, expected, atol=0.05)  # the listed faces, not the batches

@@ -57,6 +57,7 @@ from worker.training.parts import has_parts, join_parts
 from worker.training.vae import (
     CodeMoments,
     build_encoder,
+    encoded_codes,
     load_face_model,
     set_mapping_to_gaussian,
     vae_step,
@@ -123,6 +124,10 @@ class TrainConfig(BaseModel):
     # data and run control
     data: Path | None = Field(None, description="zip of images; None: synthetic (smoke only)")
     members: Path | None = Field(None, description="split file: member names, one per line")
+    prior_members: Path | None = Field(
+        None, description="vae objectives: fit the exported prior to the encoded faces of "
+        "these members of the data zip (a split file), not to the running moments of the "
+        "training batches: a prior that is, say, race-balanced where the training data is not")
     init_generator: Path | None = Field(
         None, description="start G and G_ema from this generator checkpoint (same config): "
                           "a warm start, e.g. from weights/generator.pt when a run is gone")
@@ -175,7 +180,7 @@ RUN_FIELDS = frozenset({"data", "members", "out", "total_kimg", "max_minutes",
                         "checkpoint_minutes", "device", "workers", "synthetic_count",
                         "face_weights", "kl_weight", "lowres_weight", "identity_weight",
                         "adv_weight", "fd_samples", "perceptual_weight", "adv_start_kimg",
-                        "adv_ramp_kimg"})
+                        "adv_ramp_kimg", "prior_members"})
 
 
 def merge_resume_config(saved: TrainConfig, overrides: dict[str, Any]) -> TrainConfig:
@@ -535,11 +540,18 @@ def sample_grid(G: Generator, seed: int, columns: int = GRID_COLUMNS,
 
 def exported_generator(state: TrainState) -> Generator:
     """G_ema as it ships: for the vae objectives, with the mapping set to the
-    Gaussian of the encoded faces (worker/training/vae.py explains why)."""
-    if state.codes is None or state.codes.weight <= 0:
+    Gaussian of the encoded faces (worker/training/vae.py explains why): of the
+    ``prior_members`` when given, else of the training batches seen lately."""
+    c = state.config
+    codes = state.codes
+    if state.E is not None and c.prior_members is not None and c.data is not None:
+        faces = ImagesZip(c.data, c.resolution, members=read_member_list(c.prior_members))
+        loader = DataLoader(faces, batch_size=64)
+        codes = CodeMoments.exact(encoded_codes(state.E, state.G, loader, c.seed))
+    if codes is None or codes.weight <= 0:
         return state.G_ema
     G = copy.deepcopy(state.G_ema)
-    set_mapping_to_gaussian(G, *state.codes.gaussian())
+    set_mapping_to_gaussian(G, *codes.gaussian())
     return G
 
 

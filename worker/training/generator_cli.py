@@ -96,6 +96,9 @@ def train_generator(
         help="when training stops, also write the checkpoint as ≤15 MiB parts at this path "
              "(<path>.partNNN + <path>.parts.json), small enough to commit; resume with "
              "--resume <path>")] = None,
+    prior_members: Annotated[Path | None, typer.Option(
+        help="vae objectives: fit the exported prior to these members of --data (a split "
+             "file, e.g. a race-balanced list) instead of the recent training batches")] = None,
     init_generator: Annotated[Path | None, typer.Option(
         help="start G from this generator checkpoint of the same config (e.g. "
              "weights/generator.pt): a warm start when a run's checkpoint is gone")] = None,
@@ -132,7 +135,7 @@ def train_generator(
         lowres_weight=lowres_weight, identity_weight=identity_weight, adv_weight=adv_weight,
         perceptual_weight=perceptual_weight, adv_start_kimg=adv_start_kimg,
         adv_ramp_kimg=adv_ramp_kimg,
-        init_generator=init_generator,
+        init_generator=init_generator, prior_members=prior_members,
     )
     overrides = {k: v for k, v in options.items() if v is not None}
     overrides["device"] = device

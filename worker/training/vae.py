@@ -25,6 +25,7 @@ search's mapping fit then all live where the encoded faces do.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -101,6 +102,14 @@ class CodeMoments:
         cov = self.second / self.weight - torch.outer(mean, mean)
         return mean, (cov + cov.T) / 2
 
+    @classmethod
+    def exact(cls, codes: Tensor) -> CodeMoments:
+        """Moments of these codes (N, dim), each weighing the same: no decay."""
+        x = codes.double()
+        moments = cls(x.shape[1])
+        moments.mean, moments.second, moments.weight = x.mean(0), x.T @ x / len(x), 1.0
+        return moments
+
     def state_dict(self) -> dict[str, object]:
         return {"mean": self.mean, "second": self.second, "weight": self.weight,
                 "decay": self.decay}
@@ -108,6 +117,21 @@ class CodeMoments:
     def load_state_dict(self, state: dict) -> None:
         self.mean, self.second = state["mean"].double(), state["second"].double()
         self.weight, self.decay = float(state["weight"]), float(state["decay"])
+
+
+@torch.no_grad()
+def encoded_codes(E: Discriminator, G: Generator, images: Iterable[Tensor], seed: int) -> Tensor:
+    """The w (before the mapping's last activation) that the encoder gives these
+    faces, one posterior draw each as in training, from its own seeded generator so
+    that a training run's random streams stay untouched: (N, style_dim) on the CPU."""
+    rng = torch.Generator().manual_seed(seed)
+    device = next(E.parameters()).device
+    out = []
+    for real in images:
+        mu, logvar = encode(E, real.to(device))
+        noise = torch.randn(mu.shape, generator=rng).to(device)
+        out.append(undo_activation(G.mapping(mu + noise * (0.5 * logvar).exp())).cpu())
+    return torch.cat(out)
 
 
 @torch.no_grad()
