@@ -1,4 +1,4 @@
-"""Quality of a face generator (issue 3, deliverable 4); prints one JSON object.
+"""Quality of a face generator; prints one JSON object.
 
     python bench/generator_quality.py --weights weights/generator.pt \
         --out docs/bench/generator_quality.json

@@ -1,4 +1,4 @@
-"""How good a face generator is, measured the ways issue 3 asks for.
+"""How good a face generator is: its samples, its fit to real thumbnails, its upscales.
 
 - face rate: the fraction of random samples in which MTCNN finds a face with
   probability ≥ 0.95;
