@@ -38,28 +38,25 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
+from likeness.errors import LikenessError
 from worker.engine.downscale import downscale
 from worker.engine.face.alignment import FFHQ_FRAME_LANDMARKS
 from worker.engine.generator import Generator
 from worker.engine.search import run_search
 from worker.pipeline import load_search_model
-from worker.training.generator_quality import held_out_photos
-from worker.training.generator_ship import checked_search
+from worker.training.generator_quality import held_out_photos, luminance
+from worker.training.generator_ship import checked_search, search_pairs
 
 EYE_BOX = (0.07, 0.04)  # half width, half height of an eye box (fractions of the side)
 CHEEK_BOX = ((0.30, 0.58), (0.40, 0.66))  # (x0, y0), (x1, y1): below the left eye
 TOP_FRACTION = 0.10
 
 
-def luminance(images: Tensor) -> Tensor:
-    return 0.299 * images[:, 0] + 0.587 * images[:, 1] + 0.114 * images[:, 2]
-
-
 def eye_contrast(images: Tensor) -> tuple[Tensor, Tensor]:
     """(N, 3, S, S) in [0, 1], FFHQ-framed → (highlight, darkness), each (N,): the mean of
     the brightest and of the darkest 10% of the eye boxes' luminance, minus the cheek's
     median (see the module text)."""
-    y = luminance(images.clamp(0, 1))
+    y = luminance(images.clamp(0, 1))[:, 0]
     s = y.shape[-1]
     eyes = []
     for cx, cy in FFHQ_FRAME_LANDMARKS[:2]:
@@ -130,8 +127,10 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     started = time.perf_counter()
     loaded, _ = load_search_model(args.weights, torch.device("cpu"))
-    pairs = dict(item.partition("=")[::2] for item in args.search)
-    loaded.search_defaults = checked_search(loaded.search_defaults, pairs)
+    try:
+        loaded.search_defaults = checked_search(loaded.search_defaults, search_pairs(args.search))
+    except LikenessError as e:
+        raise SystemExit(e.message) from None
     G, fit = loaded.generator, loaded.mapping_fit
     rows: dict[str, Tensor] = {}
     photos = held_out_photos(args.data_root / "celebahq", max(args.samples, args.thumbnails),

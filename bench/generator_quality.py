@@ -66,7 +66,7 @@ from worker.training.generator_quality import (
     search_fit,
     sharpness,
 )
-from worker.training.generator_ship import checked_search
+from worker.training.generator_ship import checked_search, search_pairs
 
 GRID_ROWS = 8  # people per set in --grid
 GRID_COLUMNS = ("bicubic", "ours", "ours, race objective", "photo")
@@ -116,9 +116,9 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     try:
         loaded, _ = load_search_model(args.weights, torch.device("cpu"))
+        loaded.search_defaults = search_settings(loaded.search_defaults, args.search)
     except LikenessError as e:
         raise SystemExit(e.message) from None
-    loaded.search_defaults = search_settings(loaded.search_defaults, args.search)
     G, fit = loaded.generator, loaded.mapping_fit
     face = FaceExtractor.mobilefacenet(args.face_weights).eval()
     report: dict = {
@@ -182,8 +182,7 @@ def main() -> None:
 
 def search_settings(base: dict[str, Any], given: list[str]) -> dict[str, Any]:
     """``--search`` on top of the manifest's settings, checked as set-search checks them."""
-    pairs = dict(item.partition("=")[::2] for item in given)
-    return checked_search(base, {k.replace("-", "_"): v for k, v in pairs.items()})
+    return checked_search(base, search_pairs(given))
 
 
 def upscale_section(args: argparse.Namespace, bar: Progress) -> dict[str, Any]:

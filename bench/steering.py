@@ -49,7 +49,7 @@ from worker.evaluation.models import load_models
 from worker.evaluation.run import landmark_cache
 from worker.evaluation.samples import celeba_samples, utkface_samples
 from worker.evaluation.searches import ATTRIBUTES, IDENTITY_F, NONE, RACE, run_strategy
-from worker.training.generator_ship import checked_search
+from worker.training.generator_ship import checked_search, search_pairs
 
 
 def parse_variant(text: str) -> tuple[str, ObjectiveWeights]:
@@ -156,9 +156,8 @@ def main() -> None:
                         steps=args.steps, restarts=args.restarts, batch=args.batch,
                         seed=args.seed, device="cpu", threads=args.threads or None)
     models = load_models(config, torch.device("cpu"))
-    given = dict(item.partition("=")[::2] for item in args.search)
-    models.generator.search_defaults = checked_search(
-        models.generator.search_defaults, {k.replace("-", "_"): v for k, v in given.items()})
+    models.generator.search_defaults = checked_search(models.generator.search_defaults,
+                                                      search_pairs(args.search))
     sets = []
     if args.utkface:
         utk = utkface_samples(args.data_root / "utkface", args.utkface, THUMBNAIL, args.seed,

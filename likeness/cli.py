@@ -392,17 +392,12 @@ def weights_set_search(
     """Record search settings measured to suit a generator: every search in it (upscale,
     the worker, evaluate, the benches) starts from them; explicit options still win."""
     from likeness.manifest import MANIFEST_PATH
-    from worker.training.generator_ship import set_search
+    from worker.training.generator_ship import search_pairs, set_search
 
-    pairs: dict[str, str] = {}
-    for item in settings or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key or not value:
-            fail(f"expected FIELD=VALUE, got '{item}'")
-        pairs[key.replace("-", "_")] = value
     manifest_path = into / "manifest.json" if into is not None else MANIFEST_PATH
     try:
-        entry = set_search(name, pairs, clear=clear, manifest_path=manifest_path)
+        entry = set_search(name, search_pairs(settings or []), clear=clear,
+                           manifest_path=manifest_path)
     except LikenessError as e:
         fail(e.message)
     typer.echo(json.dumps(entry.search, indent=2))

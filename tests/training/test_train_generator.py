@@ -411,6 +411,7 @@ def test_adversarial_updates_wait_for_adv_start_then_ramp_in(tmp_path: Path) -> 
     losses = run(config)
     assert all("loss_D" not in losses[s] and "rec_adv" not in losses[s] for s in (1, 2))
     assert all("loss_D" in losses[s] for s in (3, 4, 5))
+    assert "rec_adv" not in losses[3] and "rec_adv" in losses[4]  # weight 0, then ramped
     assert "rec_perceptual" in losses[1] and math.isfinite(losses[1]["rec_perceptual"])
     state = build_state(config, torch.device("cpu"))
     weights = []
@@ -447,6 +448,15 @@ def test_a_perceptual_weight_without_a_face_network_is_refused(tmp_path: Path) -
     face = random_mobilefacenet(tmp_path / "mfn.ckpt")
     with pytest.raises(ValidationError, match="a vae objective"):
         tiny(tmp_path, steps=1, objective="gan", perceptual_weight=1.0, face_weights=face)
+    with pytest.raises(ValidationError, match="for the vae-gan objective"):
+        tiny(tmp_path, steps=1, objective="gan", adv_start_kimg=1.0)
+    with pytest.raises(ValidationError, match="prior_members needs data"):
+        tiny(tmp_path, steps=1, objective="vae", prior_members=tmp_path / "list.txt")
+    # a resume is checked too: a gan run cannot take a perceptual weight on the way
+    run(tiny(tmp_path / "gan", steps=1))
+    with pytest.raises(ValidationError, match="a vae objective"):
+        run(tiny(tmp_path / "gan", steps=2, perceptual_weight=1.0, face_weights=face),
+            resume=tmp_path / "gan" / "checkpoint.pt")
 
 
 def test_vae_export_fits_the_prior_to_the_listed_members(tmp_path: Path) -> None:
@@ -476,3 +486,8 @@ def test_vae_export_fits_the_prior_to_the_listed_members(tmp_path: Path) -> None
     assert torch.allclose(x.mean(0), expected, atol=0.05)
     running, _ = state.codes.gaussian()
     assert not torch.allclose(running, expected, atol=0.05)  # the listed faces, not the batches
+    # fitting the prior at every checkpoint draws nothing from the run's random streams
+    listed = dict(objective="vae", data=data, checkpoint_minutes=1e-6)
+    plain = run(tiny(tmp_path / "plain", steps=3, **listed))
+    fitted = run(tiny(tmp_path / "fitted", steps=3, prior_members=tmp_path / "dark.txt", **listed))
+    assert fitted == plain

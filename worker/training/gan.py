@@ -127,7 +127,8 @@ class TrainConfig(BaseModel):
     prior_members: Path | None = Field(
         None, description="vae objectives: fit the exported prior to the encoded faces of "
         "these members of the data zip (a split file), not to the running moments of the "
-        "training batches: a prior that is, say, race-balanced where the training data is not")
+        "training batches: a prior that is, say, race-balanced where the training data is not; "
+        "costs one encoder pass over them at every checkpoint")
     init_generator: Path | None = Field(
         None, description="start G and G_ema from this generator checkpoint (same config): "
                           "a warm start, e.g. from weights/generator.pt when a run is gone")
@@ -142,10 +143,14 @@ class TrainConfig(BaseModel):
     latent_avg_samples: int = Field(10_000, ge=1)
 
     @model_validator(mode="after")
-    def _perceptual_needs_a_face_network(self) -> TrainConfig:
-        # a weight that silently does nothing would cost hours of training
+    def _no_setting_that_does_nothing(self) -> TrainConfig:
+        # a setting that silently does nothing would cost hours of training
         if self.perceptual_weight > 0 and (self.face_weights is None or self.objective == "gan"):
             raise ValueError("perceptual_weight needs face_weights and a vae objective")
+        if (self.adv_start_kimg > 0 or self.adv_ramp_kimg > 0) and self.objective != "vae-gan":
+            raise ValueError("adv_start_kimg and adv_ramp_kimg are for the vae-gan objective")
+        if self.prior_members is not None and (self.objective == "gan" or self.data is None):
+            raise ValueError("prior_members needs data and a vae objective")
         return self
 
     def generator_config(self) -> GeneratorConfig:
@@ -190,7 +195,9 @@ def merge_resume_config(saved: TrainConfig, overrides: dict[str, Any]) -> TrainC
             raise LikenessError(
                 "resume_mismatch", f"cannot change {name} when resuming "
                 f"(the checkpoint has {getattr(saved, name)!r}, asked for {value!r})")
-    return saved.model_copy(update={k: v for k, v in overrides.items() if k in RUN_FIELDS})
+    # validated again: a run-control change can make a setting do nothing
+    return TrainConfig.model_validate(
+        saved.model_dump() | {k: v for k, v in overrides.items() if k in RUN_FIELDS})
 
 
 # ---------------------------------------------------------------- state
@@ -223,14 +230,17 @@ class TrainState:
         return self.step * self.config.batch / 1000
 
     @property
+    def adversarial_now(self) -> bool:
+        """Whether this step updates D and G adversarially (from ``adv_start_kimg`` on)."""
+        return self.config.objective != "vae" and self.kimg >= self.config.adv_start_kimg
+
+    @property
     def adv_weight_now(self) -> float:
         """G's adversarial weight at this step: 0 before ``adv_start_kimg``, then ramped."""
         c = self.config
-        if c.objective == "vae":
+        if not self.adversarial_now:
             return 0.0
         since = self.kimg - c.adv_start_kimg
-        if since < 0:
-            return 0.0
         return c.adv_weight * (min(1.0, since / c.adv_ramp_kimg) if c.adv_ramp_kimg > 0 else 1.0)
 
 
@@ -392,7 +402,7 @@ def update_ema(state: TrainState) -> None:
 def train_step(state: TrainState, real: Tensor) -> dict[str, float]:
     """The objective's updates (D, the autoencoder, G), the EMA; advances ``state.step``."""
     objective = state.config.objective
-    adversarial = objective != "vae" and state.kimg >= state.config.adv_start_kimg
+    adversarial = state.adversarial_now
     metrics: dict[str, float] = {}
     if adversarial:
         metrics |= d_step(state, real)
@@ -499,7 +509,8 @@ def load_checkpoint(state: TrainState, ckpt: dict[str, Any]) -> None:
     state.step = int(ckpt["step"])
     state.mean_path_length = float(ckpt["mean_path_length"])
     state.train_seconds = float(ckpt.get("train_seconds", 0.0))
-    # checkpoints from before the split: a run pinned to one device type spent it there
+    # checkpoints from before the split: counted as the device the last session was pinned
+    # to (a run that moved between devices before then is misattributed)
     pinned = str(ckpt["train_config"].get("device", "auto")).split(":")[0]
     state.device_seconds = {k: float(v) for k, v in ckpt.get(
         "device_seconds", {pinned if pinned != "auto" else "unrecorded": state.train_seconds}
@@ -546,7 +557,8 @@ def exported_generator(state: TrainState) -> Generator:
     codes = state.codes
     if state.E is not None and c.prior_members is not None and c.data is not None:
         faces = ImagesZip(c.data, c.resolution, members=read_member_list(c.prior_members))
-        loader = DataLoader(faces, batch_size=64)
+        # its own generator: otherwise creating the iterator draws from the run's RNG
+        loader = DataLoader(faces, batch_size=64, generator=torch.Generator().manual_seed(c.seed))
         codes = CodeMoments.exact(encoded_codes(state.E, state.G, loader, c.seed))
     if codes is None or codes.weight <= 0:
         return state.G_ema

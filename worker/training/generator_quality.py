@@ -147,10 +147,14 @@ def search_fit(G: Generator, fit: MappingFit, photos: Tensor, thumb: int = 16,
 
 def bicubic_upscale(thumbnails: np.ndarray, size: int) -> Tensor:
     """(N, t, t, 3) uint8 thumbnails → (N, 3, size, size) in [0, 1]: the plain enlargement
-    an upscaler has to beat (torch's bicubic, clamped: the cubic overshoots at edges)."""
-    small = to_tensor(list(thumbnails), torch.device("cpu"))
-    big = F.interpolate(small, size=(size, size), mode="bicubic", align_corners=False)
-    return big.clamp(0, 1)
+    an upscaler has to beat, by the engine's one bicubic (PIL's, as an image editor
+    would enlarge)."""
+    return downscale(to_tensor(list(thumbnails), torch.device("cpu")), (size, size))
+
+
+def luminance(images: Tensor) -> Tensor:
+    """(N, 3, H, W) → (N, 1, H, W): the BT.601 luma."""
+    return (images * torch.tensor(LUMA, device=images.device).view(1, 3, 1, 1)).sum(1, keepdim=True)
 
 
 def sharpness(images: Tensor, size: int = SHARPNESS_SIZE) -> Tensor:
@@ -168,7 +172,7 @@ def sharpness(images: Tensor, size: int = SHARPNESS_SIZE) -> Tensor:
         else:
             x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False)
         x = x.clamp(0, 1)
-    luma = (x * torch.tensor(LUMA, device=x.device).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    luma = luminance(x)
     kx = torch.tensor(SOBEL_X, device=x.device).view(1, 1, 3, 3)
     gx, gy = F.conv2d(luma, kx), F.conv2d(luma, kx.transpose(2, 3))
     return (gx.square() + gy.square()).sqrt().mean((1, 2, 3))

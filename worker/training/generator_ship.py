@@ -103,6 +103,18 @@ def set_search(name: str, settings: dict[str, str], *, clear: bool = False,
     return updated
 
 
+def search_pairs(items: list[str]) -> dict[str, str]:
+    """``FIELD=VALUE`` words (as the command lines take them) → {field: value}; dashes in a
+    field name read as underscores."""
+    pairs: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key or not value:
+            raise LikenessError("bad_option", f"expected FIELD=VALUE, got '{item}'")
+        pairs[key.replace("-", "_")] = value
+    return pairs
+
+
 def checked_search(base: dict[str, Any], settings: dict[str, str]) -> dict[str, Any]:
     """``base`` search settings with ``settings`` (SearchConfig fields, values as text) on
     top, checked and converted; unknown fields and bad values are errors."""

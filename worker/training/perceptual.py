@@ -17,6 +17,7 @@ covers eyes, nose and mouth, where the artifacts are.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from worker.engine.face.alignment import fallback_landmarks
@@ -47,7 +48,7 @@ def face_feature_maps(face: FaceExtractor, images: Tensor) -> list[Tensor]:
 def _unit(x: Tensor) -> Tensor:
     # LPIPS's channel normalisation: every position's feature vector to unit length,
     # so each layer weighs the same whatever its activation scale
-    return x / (x.pow(2).sum(1, keepdim=True).sqrt() + 1e-8)
+    return F.normalize(x, dim=1)
 
 
 def perceptual_distance(face: FaceExtractor, fake: Tensor, real: Tensor) -> Tensor:
