@@ -122,6 +122,9 @@ def test_a_warm_started_run_on_prepared_data_says_both(run_folder: Path,
     assert second["init_generator"] == {"file": "generator.pt", "sha256": first.sha256,
                                         "provenance": first.provenance}
     assert "init_generator" not in first.provenance
+    # ship, measure, ship again: the file it started from is now its own first ship
+    again = ship_generator(warm, manifest_path=manifest).provenance
+    assert again["init_generator"] == second["init_generator"]
 
 
 def test_search_settings_go_into_the_entry_and_reach_every_search(run_folder: Path,

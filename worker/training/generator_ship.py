@@ -49,7 +49,8 @@ def ship_generator(run: Path, *, quality: dict[str, Any] | None = None, name: st
         G.half().float()
     train = dict(_train_info(g_path))
     # before the file it started from (often dest itself) is overwritten
-    warm_start = _warm_start_provenance(train_config.get("init_generator"), manifest_path)
+    warm_start = _warm_start_provenance(train_config.get("init_generator"), manifest_path,
+                                        train_config)
     fit = fit_mapping(G, samples=FIT_SAMPLES, seed=int(train_config.get("seed", 0)))
     dest = manifest_path.parent / f"{name}.pt"
     sha = save_generator(dest, G, latent_avg=mean_w(G, FIT_SAMPLES), mapping_fit=fit, half=half,
@@ -167,7 +168,8 @@ def _data_provenance(data: str | None) -> str | dict[str, Any]:
     return f"{path.parent.name} train split (likeness/splits.py, salt likeness-v1)"
 
 
-def _warm_start_provenance(init: str | None, manifest_path: Path) -> dict[str, Any]:
+def _warm_start_provenance(init: str | None, manifest_path: Path,
+                           train_config: dict[str, Any]) -> dict[str, Any]:
     """A warm-started run inherits what its start had learned: name that file by its
     sha256 and keep its manifest provenance (the file itself is usually replaced)."""
     if init is None:
@@ -178,6 +180,10 @@ def _warm_start_provenance(init: str | None, manifest_path: Path) -> dict[str, A
     sha = sha256_file(path)
     before = [e for e in load_manifest(manifest_path).models
               if e.kind == "generator" and e.sha256 == sha] if manifest_path.is_file() else []
+    if before and before[0].provenance.get("train_config") == train_config:
+        # the start was overwritten by this very run's first ship (ship, measure, ship
+        # again): what that ship recorded of the start still holds
+        return {k: v for k, v in before[0].provenance.items() if k == "init_generator"}
     return {"init_generator": {"file": path.name, "sha256": sha}
             | ({"provenance": before[0].provenance} if before else {})}
 
