@@ -19,7 +19,7 @@ from app.api.errors import install_exception_handlers
 from app.api.routes import api_router
 from app.api.routes.web import STATIC_DIR
 from likeness.jobs import JobStore, open_store_from_settings
-from likeness.manifest import MANIFEST_PATH
+from likeness.manifest import BUNDLED_MANIFEST_PATH
 from likeness.settings import Settings, get_settings
 
 # Room for the form fields and multipart framing beside two files at the size limit.
@@ -47,7 +47,7 @@ def reference_checker(settings: Settings) -> ReferenceChecker:
     # manifest even when LIKENESS_WEIGHTS_DIR points at a folder of other weights.
     return FaceReferenceChecker(
         settings.max_pixels,
-        (settings.manifest_path, MANIFEST_PATH),
+        (settings.manifest_path, BUNDLED_MANIFEST_PATH),
         settings.reference_min_face_prob,
     )
 

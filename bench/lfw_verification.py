@@ -39,9 +39,9 @@ sys.path.insert(0, str(ROOT))
 
 from likeness.splits import split_of  # noqa: E402
 from worker.engine.face.alignment import warp_affine  # noqa: E402
+from worker.engine.face.export import load_export  # noqa: E402
 from worker.engine.face.extractor import FaceExtractor, angle  # noqa: E402
 from worker.engine.face.verification import best_angle_threshold, threshold_accuracy  # noqa: E402
-from worker.training.extractor import load_export  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
 

@@ -19,6 +19,7 @@ COPY likeness/ likeness/
 COPY app/ app/
 # Torch-free at import; the `likeness` command loads it (the API itself never does).
 COPY worker/ worker/
+COPY cli/ cli/
 COPY weights/ weights/
 # Editable, so the package stays at /app beside weights/ (likeness.manifest finds the
 # manifest and the bundled weights next to the package). Only the core dependencies:

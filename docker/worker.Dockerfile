@@ -30,6 +30,7 @@ COPY pyproject.toml README.md ./
 COPY likeness/ likeness/
 COPY app/ app/
 COPY worker/ worker/
+COPY cli/ cli/
 COPY weights/ weights/
 # Editable, so the package stays at /app beside weights/. The torch pins above
 # already satisfy the extra, so this adds only the rest of it.

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from likeness.errors import LikenessError
-from likeness.manifest import MANIFEST_PATH, entry_path, load_manifest
+from likeness.manifest import default_manifest, entry_path, load_manifest
 
 STAGES = ("pnet", "rnet", "onet")
 # facenet-pytorch's defaults, so both detectors see the same faces.
@@ -175,8 +175,9 @@ class OnnxMTCNN:
         return all(f"mtcnn-{s}" in names for s in STAGES)
 
     @classmethod
-    def from_manifest(cls, manifest_path: Path = MANIFEST_PATH, *, threads: int = 1) -> OnnxMTCNN:
+    def from_manifest(cls, manifest_path: Path | None = None, *, threads: int = 1) -> OnnxMTCNN:
         """The detector files named ``mtcnn-<stage>`` in a weights manifest."""
+        manifest_path = default_manifest(manifest_path)
         entries = {e.name: e for e in load_manifest(manifest_path).models if e.kind == "detector"}
         missing = [s for s in STAGES if f"mtcnn-{s}" not in entries]
         if missing:

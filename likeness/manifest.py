@@ -14,9 +14,21 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from likeness.errors import LikenessError
+from likeness.settings import BUNDLED_WEIGHTS_DIR, get_settings
 
-WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
-MANIFEST_PATH = WEIGHTS_DIR / "manifest.json"
+# The manifest that ships with the code; LIKENESS_WEIGHTS_DIR may point elsewhere.
+BUNDLED_MANIFEST_PATH = BUNDLED_WEIGHTS_DIR / "manifest.json"
+
+
+def default_manifest(path: Path | None = None) -> Path:
+    """``path``, else the settings' manifest (in LIKENESS_WEIGHTS_DIR): the one place every
+    process (API, worker, CLI, training) learns where the weights are."""
+    return path if path is not None else get_settings().manifest_path
+
+
+def manifest_in(folder: Path | None = None) -> Path:
+    """The manifest in ``folder`` (a command's --into), else the settings' manifest."""
+    return default_manifest(folder / "manifest.json" if folder is not None else None)
 
 
 class WeightsEntry(BaseModel):
@@ -60,13 +72,15 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def load_manifest(path: Path = MANIFEST_PATH) -> Manifest:
+def load_manifest(path: Path | None = None) -> Manifest:
+    path = default_manifest(path)
     if not path.is_file():
         return Manifest()
     return Manifest.model_validate(json.loads(path.read_text()))
 
 
-def save_manifest(manifest: Manifest, path: Path = MANIFEST_PATH) -> None:
+def save_manifest(manifest: Manifest, path: Path | None = None) -> None:
+    path = default_manifest(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")
     data = manifest.model_dump()
@@ -77,7 +91,7 @@ def save_manifest(manifest: Manifest, path: Path = MANIFEST_PATH) -> None:
     tmp.replace(path)
 
 
-def register(entry: WeightsEntry, manifest_path: Path = MANIFEST_PATH) -> Manifest:
+def register(entry: WeightsEntry, manifest_path: Path | None = None) -> Manifest:
     """Add ``entry`` to the manifest, replacing one of the same name in its place (a new
     version replaces the old, never sits beside it); a default entry unsets its kind's
     others."""
@@ -96,14 +110,15 @@ def register(entry: WeightsEntry, manifest_path: Path = MANIFEST_PATH) -> Manife
     return manifest
 
 
-def entry_path(entry: WeightsEntry, manifest_path: Path = MANIFEST_PATH) -> Path:
+def entry_path(entry: WeightsEntry, manifest_path: Path | None = None) -> Path:
     p = Path(entry.file)
-    return p if p.is_absolute() else manifest_path.parent / p
+    return p if p.is_absolute() else default_manifest(manifest_path).parent / p
 
 
-def resolve_weights(spec: str | None, kind: str, manifest_path: Path = MANIFEST_PATH
+def resolve_weights(spec: str | None, kind: str, manifest_path: Path | None = None
                     ) -> tuple[Path, WeightsEntry | None]:
     """``spec`` is a manifest name, a file path, or None for the default of ``kind``."""
+    manifest_path = default_manifest(manifest_path)
     manifest = load_manifest(manifest_path)
     of_kind = [e for e in manifest.models if e.kind == kind]
     if spec is None:

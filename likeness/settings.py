@@ -16,6 +16,7 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+BUNDLED_WEIGHTS_DIR = REPO_ROOT / "weights"
 
 
 def default_data_dir() -> Path:
@@ -52,9 +53,10 @@ class Settings(BaseSettings):
         "Empty (the default) disables authentication; every caller is then 'anonymous'.",
     )
     weights_dir: Path = Field(
-        default=REPO_ROOT / "weights",
-        description="Directory holding manifest.json and bundled weights; the API reads "
-        "race and attribute label names from the manifest when it lists them.",
+        default=BUNDLED_WEIGHTS_DIR,
+        description="Directory holding manifest.json and the weights it lists; every process "
+        "reads it: the API for race and attribute label names, the worker and the CLI for "
+        "the generator and face extractor to load.",
     )
     max_upload_bytes: int = Field(
         default=10 * 1024 * 1024,

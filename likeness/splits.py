@@ -12,6 +12,9 @@ import hashlib
 from pathlib import Path
 from typing import Literal
 
+from likeness.errors import LikenessError
+from likeness.labels import UTKFACE_RACES
+
 Split = Literal["train", "val", "test"]
 SPLITS: tuple[Split, ...] = ("train", "val", "test")
 DEFAULT_SALT = "likeness-v1"
@@ -50,3 +53,23 @@ def members(
     rows = read_rows(labels_csv)
     key = column if rows and column in rows[0] else "file"
     return [r["file"] for r in rows if split_of(r[key], salt) == split]
+
+
+# The hash order held-out people are taken in (not the split's salt).
+ORDER_SALT = "evaluate"
+
+
+def require_set(root: Path) -> None:
+    for name in ("images.zip", "labels.csv"):
+        if not (root / name).is_file():
+            raise LikenessError(
+                "data_not_found", f"no {root / name}: --data-root must be the folder holding "
+                "celebahq/ and utkface/ in the ../shared/data format", status=404)
+
+
+def race_balanced_order(names: list[str], race: dict[str, int]) -> list[list[str]]:
+    """Per race (UTKFace's five), its names in a fixed hash order."""
+    by_race: list[list[str]] = [[] for _ in UTKFACE_RACES]
+    for n in names:
+        by_race[race[n]].append(n)
+    return [sorted(group, key=lambda n: (unit_hash(n, ORDER_SALT), n)) for group in by_race]

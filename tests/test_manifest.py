@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from likeness.manifest import MANIFEST_PATH, entry_path, load_manifest, sha256_file
+from likeness.manifest import BUNDLED_MANIFEST_PATH, entry_path, load_manifest, sha256_file
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLED_LIMIT_BYTES = 40 * 2**20
@@ -20,13 +20,13 @@ def test_every_bundled_file_matches_its_sha256() -> None:
     names = [e.name for e in entries]
     assert len(names) == len(set(names)), "one entry per name: a new version replaces the old"
     for e in entries:
-        path = entry_path(e, MANIFEST_PATH)
+        path = entry_path(e, BUNDLED_MANIFEST_PATH)
         assert path.is_file(), f"{e.name}: {path} is missing"
         assert sha256_file(path) == e.sha256, f"{e.name}: {path} does not match its sha256"
 
 
 def test_bundled_weights_stay_small() -> None:
-    total = sum(p.stat().st_size for p in MANIFEST_PATH.parent.rglob("*") if p.is_file())
+    total = sum(p.stat().st_size for p in BUNDLED_MANIFEST_PATH.parent.rglob("*") if p.is_file())
     assert total <= BUNDLED_LIMIT_BYTES, f"weights/ holds {total / 2**20:.1f} MiB"
 
 

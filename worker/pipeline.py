@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -17,6 +18,7 @@ from torch import Tensor
 from likeness.errors import LikenessError
 from likeness.manifest import resolve_weights, sha256_file
 from worker.engine.checkpoints import LoadedGenerator, load_generator
+from worker.engine.face.export import load_export
 from worker.engine.face.extractor import FaceExtractor
 from worker.engine.objectives import (
     DEFAULT_THRESHOLD_DEG,
@@ -42,9 +44,12 @@ def pick_device(spec: str = "auto") -> torch.device:
     return device
 
 
-def load_search_model(weights: str | None, device: torch.device) -> tuple[LoadedGenerator, str]:
-    """The generator to search in, with its mapping fit; returns it and its display name."""
-    path, entry = resolve_weights(weights, "generator")
+def load_search_model(weights: str | None, device: torch.device,
+                      manifest_path: Path | None = None) -> tuple[LoadedGenerator, str]:
+    """The generator to search in, with its mapping fit; returns it and its display name.
+    ``weights`` is a name in the manifest (default: the settings'), a file, or None for
+    the manifest's default generator."""
+    path, entry = resolve_weights(weights, "generator", manifest_path)
     loaded = load_generator(path, device)
     if loaded.mapping_fit is None:
         raise LikenessError(
@@ -89,15 +94,14 @@ class Objective:
     weights: ObjectiveWeights
 
 
-def load_extractor(spec: str | None, device: torch.device) -> tuple[FaceExtractor, float, str]:
+def load_extractor(spec: str | None, device: torch.device, manifest_path: Path | None = None
+                   ) -> tuple[FaceExtractor, float, str]:
     """F with its race and attribute heads, its threshold angle θ_t, and its display name.
 
     ``spec`` None: the manifest's default extractor. θ_t comes from the export itself
     (fitted when F was trained); older exports without one get ``DEFAULT_THRESHOLD_DEG``.
     """
-    from worker.training.extractor import load_export
-
-    path, entry = resolve_weights(spec, "extractor")
+    path, entry = resolve_weights(spec, "extractor", manifest_path)
     if entry is not None and sha256_file(path) != entry.sha256:
         raise LikenessError(
             "weights_corrupt", f"{path} does not match its manifest sha256 (re-checkout weights/)"

@@ -190,16 +190,7 @@ def main(
     stop.install()  # before the slow model load, so Ctrl-C during it exits cleanly
     settings = get_settings()
     device = pick_device(settings.device)
-    try:
-        model, name = load_search_model(settings.generator, device)
-    except LikenessError as exc:
-        if exc.code != "no_default_weights":
-            raise
-        raise LikenessError(
-            exc.code,
-            "no generator weights are bundled yet; set "
-            "LIKENESS_GENERATOR to a checkpoint path or a manifest name",
-        ) from None
+    model, name = load_worker_generator(settings, device)
     extractor, threshold = load_worker_extractor(settings, device)
     store = open_store_from_settings(settings)
     try:
@@ -211,12 +202,29 @@ def main(
         store.close()
 
 
+def load_worker_generator(settings: Settings, device: torch.device
+                          ) -> tuple[LoadedGenerator, str]:
+    """LIKENESS_GENERATOR, else the default generator of the manifest in
+    LIKENESS_WEIGHTS_DIR, as every other process finds it."""
+    try:
+        return load_search_model(settings.generator, device, settings.manifest_path)
+    except LikenessError as exc:
+        if exc.code != "no_default_weights":
+            raise
+        raise LikenessError(
+            exc.code,
+            f"{settings.manifest_path} lists no generator; set LIKENESS_GENERATOR to a "
+            "checkpoint path or a manifest name, or LIKENESS_WEIGHTS_DIR to a folder with one",
+        ) from None
+
+
 def load_worker_extractor(settings: Settings, device: torch.device
                           ) -> tuple[FaceExtractor | None, float]:
     """F for race, attribute and reference targets. With none bundled and none named,
     the worker still runs: it matches thumbnails only and says so in each report."""
     try:
-        extractor, threshold, name = load_extractor(settings.extractor, device)
+        extractor, threshold, name = load_extractor(settings.extractor, device,
+                                                   settings.manifest_path)
     except LikenessError as exc:
         if exc.code != "no_default_weights" or settings.extractor is not None:
             raise

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from likeness.errors import LikenessError
-from likeness.manifest import MANIFEST_PATH, WeightsEntry, load_manifest, register, sha256_file
+from likeness.manifest import WeightsEntry, default_manifest, load_manifest, register, sha256_file
 from worker.engine.checkpoints import load_generator, save_generator
 from worker.engine.face import iresnet
 from worker.engine.generator import Generator
@@ -71,7 +71,7 @@ def import_weights(
     fmt: str = "auto",
     name: str | None = None,
     into: str | Path | None = None,
-    manifest_path: Path = MANIFEST_PATH,
+    manifest_path: Path | None = None,
     default: bool = False,
     fit: bool = True,
     fit_samples: int = 100_000,
@@ -81,6 +81,7 @@ def import_weights(
     force: bool = False,
     progress: Callable[[int], None] | None = None,
 ) -> ImportResult:
+    manifest_path = default_manifest(manifest_path)
     source = Path(source).expanduser()
     if not source.is_file():
         raise LikenessError("weights_not_found", f"no such file: {source}", status=404)

@@ -365,8 +365,8 @@ def test_dockerfile_parser_joins_continuations_and_drops_comments(tmp_path: Path
 def test_dockerignore_matching_follows_docker() -> None:
     assert dockerignored(".git") and dockerignored(".git/HEAD")
     assert dockerignored("runs") and dockerignored("runs/smoke/log.jsonl")
-    assert dockerignored("likeness/__pycache__/cli.cpython-311.pyc")
-    assert not dockerignored("likeness/cli.py")
+    assert dockerignored("cli/__pycache__/main.cpython-311.pyc")
+    assert not dockerignored("cli/main.py")
     assert not dockerignored("weights/manifest.json")
 
 
@@ -686,7 +686,7 @@ def test_api_runs_uvicorn_and_its_healthcheck_asks_healthz() -> None:
 def test_worker_runs_likeness_worker_and_checks_its_own_heartbeat() -> None:
     import typer.main
 
-    from likeness.cli import app
+    from cli.main import app
 
     assert command_of("worker") == ["likeness", "worker"]
     test = service("worker")["healthcheck"]["test"]

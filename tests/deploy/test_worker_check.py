@@ -123,7 +123,7 @@ CHECK = """
 import runpy, sys
 sys.argv = ["likeness", "worker", "--check"]
 try:
-    runpy.run_module("likeness.cli", run_name="__main__")
+    runpy.run_module("cli", run_name="__main__")
 except SystemExit as exc:
     print("exit", exc.code)
 print("torch", "torch" in sys.modules)

@@ -14,7 +14,7 @@ import torch
 from typer.testing import CliRunner
 
 import worker.evaluation.searches as searches
-from likeness.cli import app
+from cli.main import app
 from likeness.labels import UTKFACE_RACES
 from likeness.manifest import load_manifest
 from tests.conftest import SHARED

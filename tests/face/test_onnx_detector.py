@@ -13,7 +13,7 @@ from PIL import Image
 from skimage import data
 
 from likeness.face_detect import OnnxMTCNN, area_resize
-from likeness.manifest import MANIFEST_PATH, entry_path, load_manifest, sha256_file
+from likeness.manifest import BUNDLED_MANIFEST_PATH, entry_path, load_manifest, sha256_file
 from tests.conftest import SHARED
 from worker.engine.face.alignment import get_mtcnn
 from worker.engine.face.detector_export import export_mtcnn, mtcnn_networks
@@ -115,7 +115,7 @@ def test_bundled_detector_files_match_the_manifest() -> None:
     entries = [e for e in load_manifest().models if e.kind == "detector"]
     assert {e.name for e in entries} == {"mtcnn-pnet", "mtcnn-rnet", "mtcnn-onet"}
     for e in entries:
-        assert sha256_file(entry_path(e, MANIFEST_PATH)) == e.sha256, e.name
+        assert sha256_file(entry_path(e, BUNDLED_MANIFEST_PATH)) == e.sha256, e.name
 
 
 @pytest.mark.data

@@ -177,7 +177,7 @@ class Service:
         env = subprocess_env(**{k: str(v) for k, v in self.values(**overrides).items()})
         name = f"worker-{len(self.procs)}.log"
         proc = Proc.start(
-            [sys.executable, "-m", "likeness.cli", "worker", *args], env, self.dir / name
+            [sys.executable, "-m", "cli", "worker", *args], env, self.dir / name
         )
         self.procs.append(proc)
         return proc
@@ -262,7 +262,7 @@ def running_serve(weights: Path, tmp_path: Path, **settings: str) -> Iterator[tu
     port = free_port()
     env = subprocess_env(data_dir=str(tmp_path / "data"), generator=str(weights), device="cpu",
                          worker_poll_seconds="0.2", **settings)
-    proc = Proc.start([sys.executable, "-m", "likeness.cli", "serve", "--port", str(port)],
+    proc = Proc.start([sys.executable, "-m", "cli", "serve", "--port", str(port)],
                       env, tmp_path / "serve.log")
     try:
         yield proc, f"http://127.0.0.1:{port}"

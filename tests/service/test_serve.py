@@ -94,7 +94,7 @@ def test_serve_takes_20_concurrent_clients_then_stops_cleanly_on_ctrl_c(
 def test_the_cli_serve_and_worker_stats_stay_torch_free() -> None:
     """`likeness --help`, `serve` and the API's /metrics must not pay for importing torch."""
     code = (
-        "import sys, likeness.cli, likeness.serve, likeness.worker_stats, app.main; "
+        "import sys, cli.main, cli.serve, likeness.worker_stats, app.main; "
         "sys.exit('torch' in sys.modules)"
     )
     assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0

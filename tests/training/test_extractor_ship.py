@@ -12,9 +12,10 @@ import torch
 
 from likeness.errors import LikenessError
 from likeness.manifest import WeightsEntry, load_manifest, register, resolve_weights, sha256_file
+from worker.engine.face.export import export, load_export
 from worker.engine.face.heads import CELEBA_ATTRIBUTES, UTKFACE_RACES
 from worker.engine.objectives import DEFAULT_THRESHOLD_DEG
-from worker.training.extractor import ExtractorConfig, export, load_export, train
+from worker.training.extractor import ExtractorConfig, train
 from worker.training.extractor_ship import ship_extractor
 
 COMMAND = "likeness train-extractor --smoke --ship"
@@ -90,8 +91,9 @@ def test_ship_refuses_an_export_without_its_evaluation(run: Path, tmp_path: Path
 
 def test_cli_and_worker_use_the_default_extractor_and_its_threshold(
         run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import worker.pipeline as pipeline
     from likeness.cli import build_objective
+
+    import worker.pipeline as pipeline
     from likeness.settings import Settings
     from worker.process import load_worker_extractor
 

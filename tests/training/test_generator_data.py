@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from likeness.cli import app
+from cli.main import app
 from likeness.errors import LikenessError
 from likeness.splits import split_of
 from tests.evaluation.synthetic import write_data_root

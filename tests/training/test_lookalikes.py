@@ -15,12 +15,13 @@ import torch.nn.functional as F
 from likeness.errors import LikenessError
 from worker.engine.checkpoints import load_generator, save_generator
 from worker.engine.face.alignment import SPHEREFACE_112x96
+from worker.engine.face.export import load_export
 from worker.engine.generator import Generator, GeneratorConfig
 from worker.engine.mapping_fit import fit_mapping
 from worker.engine.objectives import ObjectiveWeights
 from worker.engine.search import SearchConfig
 from worker.training import lookalikes as looks
-from worker.training.extractor import ExtractorConfig, build_model, load_export, train
+from worker.training.extractor import ExtractorConfig, build_model, train
 from worker.training.extractor_data import SyntheticFaces
 
 
@@ -225,7 +226,7 @@ def test_the_stage_fails_at_once_without_a_generator(
 def test_cli_passes_the_stage_options(tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
-    from likeness.cli import app
+    from cli.main import app
 
     r = CliRunner().invoke(app, [
         "train-extractor", "--smoke", "--out", str(tmp_path), "--meta-epochs", "2",

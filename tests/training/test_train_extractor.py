@@ -13,6 +13,7 @@ from torch import nn
 
 from likeness.errors import LikenessError
 from likeness.splits import SPLITS, members, split_of
+from worker.engine.face.export import export, load_export
 from worker.engine.face.heads import CELEBA_ATTRIBUTES, UTKFACE_RACES
 from worker.engine.face.iresnet import get_backbone
 from worker.training.extractor import (
@@ -21,11 +22,9 @@ from worker.training.extractor import (
     average_precision,
     blurred,
     build_model,
-    export,
     fit_heads,
     frozen_features,
     head_losses,
-    load_export,
     make_data,
     new_state,
     stream,
@@ -261,7 +260,7 @@ def test_iresnet_init_from_arcface_torch_weights_round_trips(tmp_path: Path) -> 
 def test_cli_refuses_iresnet_without_weights() -> None:
     from typer.testing import CliRunner
 
-    from likeness.cli import app
+    from cli.main import app
 
     r = CliRunner().invoke(app, ["train-extractor", "--architecture", "iresnet"])
     assert r.exit_code == 2 and "needs --weights" in r.output

@@ -146,7 +146,7 @@ def test_signal_and_time_limit_stop_with_a_checkpoint(tmp_path: Path) -> None:
 def test_cli_smoke_and_resume_guard(tmp_path: Path) -> None:
     import typer
 
-    from worker.training.generator_cli import train_generator
+    from cli.train_generator import train_generator
 
     app = typer.Typer()
     app.command()(train_generator)

@@ -23,6 +23,13 @@ from worker.engine.mapping_fit import MappingFit
 from worker.engine.search import SearchConfig
 
 
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    """Write through a temporary file, so a crash never leaves half a checkpoint."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)
+
+
 @dataclass
 class LoadedGenerator:
     generator: Generator

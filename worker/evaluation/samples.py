@@ -18,14 +18,18 @@ import torch
 from torch import Tensor
 
 from likeness.errors import LikenessError
-from likeness.labels import UTKFACE_RACES
-from likeness.splits import members, read_rows, unit_hash
+from likeness.splits import (
+    ORDER_SALT,
+    members,
+    race_balanced_order,
+    read_rows,
+    require_set,
+    unit_hash,
+)
 from worker.engine.downscale import downscale
 from worker.engine.face.ffhq_frame import to_ffhq_frame
 from worker.evaluation.config import TABLE3_ATTRIBUTES
 from worker.training.extractor_data import cached_landmarks, read_image
-
-ORDER_SALT = "evaluate"  # the hash order people are taken in (not the split's salt)
 
 
 @dataclass
@@ -65,14 +69,6 @@ def make_thumbnails(photos: Tensor, size: int) -> np.ndarray:
     return small.mul(255).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
 
 
-def require_set(root: Path) -> None:
-    for name in ("images.zip", "labels.csv"):
-        if not (root / name).is_file():
-            raise LikenessError(
-                "data_not_found", f"no {root / name}: --data-root must be the folder holding "
-                "celebahq/ and utkface/ in the ../shared/data format", status=404)
-
-
 def read_images(zip_path: Path, names: list[str]) -> Tensor:
     with zipfile.ZipFile(zip_path) as zf:
         return torch.stack([read_image(zf, n) for n in names])
@@ -104,14 +100,6 @@ def celeba_samples(root: Path, count: int, thumbnail: int, seed: int) -> Samples
         thumbnails=make_thumbnails(photos, thumbnail),
         seeds=[thumbnail_seed(seed, "celebahq", n) for n in names],
         labels=np.array([[int(rows[n][a]) for a in TABLE3_ATTRIBUTES] for n in names]))
-
-
-def race_balanced_order(names: list[str], race: dict[str, int]) -> list[list[str]]:
-    """Per race (UTKFace's five), its names in a fixed hash order."""
-    by_race: list[list[str]] = [[] for _ in UTKFACE_RACES]
-    for n in names:
-        by_race[race[n]].append(n)
-    return [sorted(group, key=lambda n: (unit_hash(n, ORDER_SALT), n)) for group in by_race]
 
 
 def utkface_samples(root: Path, count: int, thumbnail: int, seed: int,

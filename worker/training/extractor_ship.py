@@ -8,16 +8,17 @@ from pathlib import Path
 from typing import Any
 
 from likeness.errors import LikenessError
-from likeness.manifest import MANIFEST_PATH, WeightsEntry, json_safe, register, sha256_file
+from likeness.manifest import WeightsEntry, default_manifest, json_safe, register, sha256_file
+from worker.engine.face.export import export, load_export, read_export
 from worker.engine.face.extractor import FaceExtractor
 from worker.engine.face.iresnet import layers_of
-from worker.training.extractor import export, load_export, read_export
 
 
 def ship_extractor(export_path: Path, *, command: str, name: str = "extractor",
-                   manifest_path: Path = MANIFEST_PATH, default: bool = True) -> WeightsEntry:
+                   manifest_path: Path | None = None, default: bool = True) -> WeightsEntry:
     """Write a train-extractor export as ``<name>.pt`` (float16) beside the manifest and
     register it, replacing an older file and entry of that name."""
+    manifest_path = default_manifest(manifest_path)
     raw = read_export(export_path)
     if raw.get("threshold_deg") is None:
         raise LikenessError("not_evaluated", f"{export_path} has no θ_t: it was written without "

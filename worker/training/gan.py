@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from likeness.errors import LikenessError
-from worker.engine.checkpoints import load_generator, save_generator
+from worker.engine.checkpoints import atomic_torch_save, load_generator, save_generator
 from worker.engine.face.extractor import FaceExtractor
 from worker.engine.generator import Generator, GeneratorConfig
 from worker.engine.mapping_fit import fit_mapping
@@ -446,12 +446,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def save_checkpoint(state: TrainState, path: Path) -> None:
     ckpt = {
         "G": state.G.state_dict(), "D": state.D.state_dict(), "G_ema": state.G_ema.state_dict(),
@@ -470,7 +464,7 @@ def save_checkpoint(state: TrainState, path: Path) -> None:
         if scaler is not None:
             ckpt[name] = scaler.state_dict()
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_torch_save(ckpt, path)
+    atomic_torch_save(ckpt, path)
 
 
 def read_checkpoint(path: Path) -> dict[str, Any]:

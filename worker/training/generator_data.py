@@ -28,10 +28,9 @@ from PIL import Image
 
 from likeness.errors import LikenessError
 from likeness.labels import UTKFACE_RACES
-from likeness.splits import members, read_rows, unit_hash
+from likeness.splits import members, race_balanced_order, read_rows, require_set, unit_hash
 from worker.engine.downscale import downscale
 from worker.engine.face.ffhq_frame import to_ffhq_frame
-from worker.evaluation.samples import race_balanced_order, require_set
 from worker.training.extractor_data import cached_landmarks, read_image
 
 PROVENANCE_MEMBER = "provenance.json"

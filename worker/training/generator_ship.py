@@ -10,8 +10,8 @@ from typing import Any
 
 from likeness.errors import LikenessError
 from likeness.manifest import (
-    MANIFEST_PATH,
     WeightsEntry,
+    default_manifest,
     entry_path,
     load_manifest,
     register,
@@ -29,7 +29,7 @@ QUALITY_MEASURES = ("face_rate", "fd", "search_fit")
 
 
 def ship_generator(run: Path, *, quality: dict[str, Any] | None = None, name: str = "generator",
-                   manifest_path: Path = MANIFEST_PATH, half: bool = True,
+                   manifest_path: Path | None = None, half: bool = True,
                    default: bool = True) -> WeightsEntry:
     """``run`` is a train-generator folder (checkpoint.pt + g_ema.pt); ``quality``
     the JSON of bench/generator_quality.py for the shipped file, if measured.
@@ -37,6 +37,7 @@ def ship_generator(run: Path, *, quality: dict[str, Any] | None = None, name: st
     Shipping is deterministic (same run → same bytes), so the order is: ship,
     measure the shipped file, ship again with the measurement, which must name
     the shipped file's sha256."""
+    manifest_path = default_manifest(manifest_path)
     ckpt_path, g_path = run / CHECKPOINT_NAME, run / GENERATOR_NAME
     for path in (ckpt_path, g_path):
         if not path.is_file():
@@ -78,11 +79,12 @@ def ship_generator(run: Path, *, quality: dict[str, Any] | None = None, name: st
 
 
 def add_quality(name: str, quality: dict[str, Any], *,
-                manifest_path: Path = MANIFEST_PATH) -> WeightsEntry:
+                manifest_path: Path | None = None) -> WeightsEntry:
     """Put the measures of a report on an already shipped generator into its manifest
     entry (the run folder need not exist any more), beside the measures it has: a report
     of the search fit alone keeps the face rate and FD. The report must have measured
     that file."""
+    manifest_path = default_manifest(manifest_path)
     entry = _generator_entry(name, manifest_path)
     _check_measured(quality, entry.sha256, entry_path(entry, manifest_path))
     # measures from before they carried their own date get the entry's
@@ -94,9 +96,10 @@ def add_quality(name: str, quality: dict[str, Any], *,
 
 
 def set_search(name: str, settings: dict[str, str], *, clear: bool = False,
-               manifest_path: Path = MANIFEST_PATH) -> WeightsEntry:
+               manifest_path: Path | None = None) -> WeightsEntry:
     """Store search settings (SearchConfig fields, values as text) measured to suit a
     generator in its manifest entry, on top of what it has unless ``clear``."""
+    manifest_path = default_manifest(manifest_path)
     entry = _generator_entry(name, manifest_path)
     values = checked_search({} if clear else dict(entry.search), settings)
     updated = entry.model_copy(update={"search": values})

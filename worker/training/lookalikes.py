@@ -30,7 +30,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from likeness.errors import LikenessError
-from worker.engine.checkpoints import LoadedGenerator
+from worker.engine.checkpoints import LoadedGenerator, atomic_torch_save
 from worker.engine.downscale import downscale
 from worker.engine.face.alignment import fallback_landmarks
 from worker.engine.face.extractor import FaceExtractor, angle
@@ -42,7 +42,6 @@ from worker.engine.objectives import (
     similarity_loss,
 )
 from worker.engine.search import SearchConfig, SearchStep, SearchStopped, run_search
-from worker.training.gan import _atomic_torch_save
 
 LOOKALIKE_DIR = "lookalikes"
 FORMAT = "likeness-lookalikes/1"
@@ -264,7 +263,7 @@ def generate_lookalikes(
             made.angle_deg[rows] = angle(embed_framed(extractor, from_uint8(images)),
                                           embed_framed(extractor, mine), degrees=True).cpu()
             made.done = int(rows[-1]) + 1
-            _atomic_torch_save(made.to_dict(), path)
+            atomic_torch_save(made.to_dict(), path)
             if should_stop():
                 return made
     return made

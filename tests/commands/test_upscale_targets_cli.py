@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from skimage import data
 
-from tests.cli.test_upscale_cli import likeness
+from tests.commands.test_upscale_cli import likeness
 from worker.engine.checkpoints import save_generator
 from worker.engine.face.alignment import SPHEREFACE_112x96
 from worker.engine.face.extractor import FaceExtractor

@@ -1,7 +1,6 @@
 """``likeness train-extractor``: the command-line face of ``worker.training.extractor``.
 
-Torch loads inside the command, so importing this module (as ``likeness``
-does to register the command) stays cheap.
+Torch loads inside the command, so registering it keeps ``likeness --help`` fast.
 """
 
 from __future__ import annotations
@@ -12,11 +11,9 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 
+from cli.output import err
 from likeness.errors import LikenessError
-
-err = Console(stderr=True, soft_wrap=True)
 
 
 def train_extractor(
@@ -99,7 +96,8 @@ def train_extractor(
         "--ship", help="then put the export (float16) in weights/extractor.pt as the default "
                        "extractor of the manifest")] = False,
     into: Annotated[Path | None, typer.Option(
-        help="with --ship: folder of the manifest to ship into (default: weights/)")] = None,
+        help="with --ship: folder of the manifest to ship into "
+             "(default: LIKENESS_WEIGHTS_DIR)")] = None,
 ) -> None:
     """Train F jointly with ArcFace, race and attribute heads (after fitting the heads on
     frozen features), then optionally with the Siamese loss on lookalikes (--meta-epochs);
@@ -205,10 +203,10 @@ def print_stage(history: list[dict[str, Any]]) -> None:
 
 
 def ship_export(export: Path, into: Path | None) -> None:
-    from likeness.manifest import MANIFEST_PATH
+    from likeness.manifest import manifest_in
     from worker.training.extractor_ship import ship_extractor
 
-    manifest = into / "manifest.json" if into is not None else MANIFEST_PATH
+    manifest = manifest_in(into)
     entry = ship_extractor(export, manifest_path=manifest,
                            command=shlex.join(["likeness", *sys.argv[1:]]))
     err.print(f"shipped as the default extractor '{entry.name}' → "

@@ -1,7 +1,6 @@
 """``likeness train-generator``: the command-line face of ``worker.training.gan``.
 
-Torch loads inside the command, so importing this module (as ``likeness``
-does to register the command) stays cheap.
+Torch loads inside the command, so registering it keeps ``likeness --help`` fast.
 """
 
 from __future__ import annotations
@@ -10,11 +9,9 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 
+from cli.output import err
 from likeness.errors import LikenessError
-
-err = Console(stderr=True, soft_wrap=True)
 
 
 def resolve_resume(resume: str | None, out: Path) -> Path | None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from likeness.cli import app
+from cli.main import app
 from likeness.manifest import load_manifest, sha256_file
 from tests.engine.fake_nvidia import fake_generator, write_network_pickle
 from worker.engine.checkpoints import load_generator

@@ -27,7 +27,7 @@ EXIT_WORKER_DIED = 1
 
 def start_worker(env: dict[str, str]) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
-        [sys.executable, "-m", "likeness.cli", "worker", "--parent-pid", str(os.getpid())],
+        [sys.executable, "-m", "cli", "worker", "--parent-pid", str(os.getpid())],
         env=env,
         start_new_session=True,  # terminal signals go to us; we decide what the worker gets
     )

@@ -18,7 +18,7 @@ from worker.engine.generator import Generator, GeneratorConfig
 
 def likeness(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "likeness.cli", *map(str, args)],
+        [sys.executable, "-m", "cli", *map(str, args)],
         capture_output=True,
         text=True,
         timeout=300,

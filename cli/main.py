@@ -1,0 +1,52 @@
+"""The ``likeness`` command: every capability reachable from the shell.
+
+Torch-heavy modules load inside the commands, so ``likeness --help`` and the
+torch-free commands (serve, worker --check, weights list) start fast.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from cli.evaluate import evaluate_command
+from cli.output import EXIT_ERROR, err
+from cli.service import serve_command, worker_command
+from cli.train_extractor import train_extractor
+from cli.train_generator import prepare_generator_data, train_generator
+from cli.train_judges import train_judges
+from cli.upscale import upscale
+from cli.weights import weights_app
+from likeness.errors import LikenessError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Identity- and attribute-preserving face thumbnail upscaling.")
+app.add_typer(weights_app, name="weights")
+app.command("upscale")(upscale)
+app.command(
+    "train-generator", help="Train a StyleGAN2 face generator on a zip of images (resumable)."
+)(train_generator)
+app.command(
+    "prepare-generator-data",
+    help="Build a generator training set: CelebA-HQ plus UTKFace re-framed, race-balanced.",
+)(prepare_generator_data)
+app.command(
+    "train-extractor", help="Train the face extractor F with ArcFace, race and attribute heads."
+)(train_extractor)
+app.command("train-judges")(train_judges)
+app.command("evaluate")(evaluate_command)
+app.command("worker")(worker_command)
+app.command("serve")(serve_command)
+
+
+def main() -> None:
+    try:
+        app()
+    except LikenessError as e:  # anything a command forgot to catch still reads well
+        err.print(f"[bold red]error:[/] {e.message}", highlight=False)
+        sys.exit(EXIT_ERROR)
+
+
+if __name__ == "__main__":
+    main()
