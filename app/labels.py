@@ -9,7 +9,7 @@ which are what the default heads are trained on. Read as raw JSON (not through
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -30,19 +30,6 @@ class Labels:
     races: tuple[str, ...] = DEFAULT_RACES
     attributes: tuple[str, ...] = DEFAULT_ATTRIBUTES
     source: str = "defaults"
-    _race_index: dict[str, str] = field(init=False, repr=False, compare=False)
-    _attr_index: dict[str, str] = field(init=False, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        # Case-insensitive lookups: 'smiling' means 'Smiling'; the canonical name is stored.
-        object.__setattr__(self, "_race_index", {n.casefold(): n for n in self.races})
-        object.__setattr__(self, "_attr_index", {n.casefold(): n for n in self.attributes})
-
-    def race(self, name: str) -> str | None:
-        return self._race_index.get(name.strip().casefold())
-
-    def attribute(self, name: str) -> str | None:
-        return self._attr_index.get(name.strip().casefold())
 
 
 def _names(container: dict[str, Any], keys: tuple[str, ...]) -> tuple[str, ...] | None:

@@ -5,46 +5,49 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
 from cli.output import EXIT_NOT_ACCEPTED, err, fail, progress_bar
+from cli.request_options import request_option
 from likeness.errors import LikenessError
 
 
 def upscale(
-    thumbnail: Annotated[Path, typer.Argument(help="thumbnail image (PNG/JPEG/WebP/BMP/GIF)")],
-    output: Annotated[Path | None, typer.Option("-o", "--output",
-                      help="output PNG (default: <thumbnail>_likeness.png)")] = None,
-    steps: Annotated[int, typer.Option(min=1, max=10_000, help="optimiser steps")] = 100,
-    restarts: Annotated[int, typer.Option(min=1, max=64, help="random restarts")] = 4,
-    seed: Annotated[int | None, typer.Option(help="seed (default: random, reported)")] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")] = "auto",
-    weights: Annotated[str | None, typer.Option(help="generator: manifest name or file")] = None,
-    eps: Annotated[float, typer.Option(min=0.0, help="max downscale MSE to accept")] = 2e-3,
+    thumbnail: Annotated[Path, typer.Argument(help="Thumbnail image (PNG, JPEG, WebP, BMP, "
+                                              "GIF).", show_default=False)],
+    output: Annotated[Path | None, typer.Option(
+        "-o", "--output", help="Output PNG. Default: <thumbnail>_likeness.png.")] = None,
+    steps: Annotated[int | None, request_option(
+        "steps", help="Optimiser steps. Default: LIKENESS_STEPS_DEFAULT (100).")] = None,
+    restarts: Annotated[int | None, request_option(
+        "restarts", help="Random restarts. Default: LIKENESS_RESTARTS_DEFAULT (4).")] = None,
+    seed: Annotated[int | None, request_option("seed")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    weights: Annotated[str | None, typer.Option(
+        help="Generator: a manifest name or a file. Default: the manifest's default.")] = None,
+    eps: Annotated[float | None, request_option("eps")] = None,
     geocross_weight: Annotated[float | None, typer.Option(
-        min=0.0, help="weight of GEOCROSS, which keeps the W+ rows together (default: the "
-        "generator's manifest setting, else PULSE's 0.05)")] = None,
+        min=0.0, help="Weight of GEOCROSS, which keeps the W+ rows together. Default: the "
+        "generator's manifest setting, else PULSE's 0.05.")] = None,
     precision: Annotated[str, typer.Option(
-        help="fp32, or bf16 (bfloat16 generator: fast on GPUs, slow on most CPUs)")] = "fp32",
+        help="fp32, or bf16 (bfloat16 generator: fast on GPUs, slow on most CPUs).")] = "fp32",
     race: Annotated[str | None, typer.Option(
-        help="target race, a name of F's race head (e.g. Black)")] = None,
+        help="Target race, a name of F's race head (e.g. Black).")] = None,
     attr: Annotated[list[str] | None, typer.Option(
-        help="target attribute NAME=0|1, a CelebA name (repeatable: --attr Smiling=1 "
-             "--attr Eyeglasses=0)")] = None,
+        help="Target attribute Name=0|1, a CelebA name; repeat for several: --attr Smiling=1 "
+             "--attr Eyeglasses=0.", show_default=False)] = None,
     reference: Annotated[Path | None, typer.Option(
-        help="a photo of the same person: the search keeps the identity F sees in it")] = None,
+        help="A photo of the same person: the search keeps the identity F sees in it.")]
+    = None,
     extractor: Annotated[str | None, typer.Option(
-        help="face extractor F with heads: manifest name or file (default: the bundled one)")]
-    = None,
-    identity_weight: Annotated[float, typer.Option(min=0.0, help="weight of L_s")] = 5.0,
-    race_weight: Annotated[float, typer.Option(min=0.0, help="weight of L_r")] = 2.0,
-    attr_weight: Annotated[float, typer.Option(min=0.0, help="weight of L_a")] = 2.0,
-    views: Annotated[int | None, typer.Option(
-        min=1, max=16, help="views F sees of each candidate, averaged: more views steer by "
-        "what any observer sees, at F's cost per view (default: the objectives' default)")]
-    = None,
+        help="Face extractor F with heads: a manifest name or a file. Default: the "
+        "manifest's default.")] = None,
+    identity_weight: Annotated[float | None, request_option("identity_weight")] = None,
+    race_weight: Annotated[float | None, request_option("race_weight")] = None,
+    attr_weight: Annotated[float | None, request_option("attr_weight")] = None,
+    views: Annotated[int | None, request_option("views")] = None,
 ) -> None:
     """Upscale a face thumbnail by latent search; writes OUTPUT and OUTPUT.json.
 
@@ -52,9 +55,21 @@ def upscale(
     targets through the face extractor F, and rejects candidates whose final
     race or attribute loss exceeds 0.1.
     """
-    from likeness.images import prepare_thumbnail
+    from likeness.images import decode_image, prepare_thumbnail
+    from likeness.labels import parse_attribute_pairs
+    from likeness.request import choose_seed, settle, validate_request
+    from likeness.settings import get_settings
 
-    wanted_attrs = parse_attr_options(attr or [])
+    try:
+        request = settle(validate_request({
+            "steps": steps, "restarts": restarts, "seed": seed, "race": race,
+            "attributes": parse_attribute_pairs(attr or []), "identity_weight": identity_weight,
+            "race_weight": race_weight, "attr_weight": attr_weight, "eps": eps, "views": views,
+        }), get_settings(), capped=False)
+    except LikenessError as e:
+        fail(e.message)
+    if request.seed is None:
+        request.seed = choose_seed()
     reference_bytes = None
     if reference is not None:
         try:
@@ -74,24 +89,40 @@ def upscale(
     try:
         from PIL import Image
 
-        from worker.pipeline import load_search_model, pick_device
+        from worker.pipeline import (
+            build_objective,
+            load_extractor,
+            load_search_model,
+            objective_weights,
+            pick_device,
+            reference_embedding,
+            resolve_search,
+        )
         from worker.pipeline import upscale as run_upscale
 
         dev = pick_device(device)
         model, name = load_search_model(weights, dev)
         res = model.generator.config.resolution
         thumb = prepare_thumbnail(data, res)
-        config = model.search_config(steps=steps, restarts=restarts, seed=seed, eps=eps,
-                                     geocross_weight=geocross_weight, precision=precision)
+        config = resolve_search(request, model, geocross_weight=geocross_weight,
+                                precision=precision)
         objective = None
-        if race is not None or wanted_attrs or reference_bytes is not None:
-            objective = build_objective(extractor, dev, race, wanted_attrs, reference_bytes,
-                                        identity_weight, race_weight, attr_weight, views)
+        if request.has_targets or reference_bytes is not None:
+            ext, threshold, _ = load_extractor(extractor, dev)
+            embedding = None
+            if reference_bytes is not None:
+                try:
+                    embedding = reference_embedding(ext, decode_image(reference_bytes).pixels)
+                except LikenessError as e:
+                    fail(f"reference: {e.message}")
+            objective = build_objective(ext, objective_weights(request, threshold),
+                                        [request.race], [request.attributes], [embedding])
         for note in thumb.notes:
             err.print(f"note: {note}", highlight=False)
         started = time.perf_counter()
         with progress_bar() as bar:
-            task = bar.add_task(f"searching {thumb.size}px → {res}px", total=steps, status="")
+            task = bar.add_task(f"searching {thumb.size}px → {res}px", total=config.steps,
+                                status="")
 
             shown = [-float("inf")]  # when the MSE was last read back
 
@@ -113,7 +144,7 @@ def upscale(
     report = {
         **result.report,
         "input": str(thumbnail),
-        "input_notes": thumb.notes,
+        "notes": thumb.notes,
         "thumbnail_size": thumb.size,
         "resolution": res,
         "output": str(output),
@@ -127,49 +158,3 @@ def upscale(
         fail(f"{result.report['reason']}; best attempt written to {output}", EXIT_NOT_ACCEPTED)
     err.print(f"wrote {output} and {sidecar.name} (downscale MSE "
               f"{result.report['downscale_mse']:.5f}, {seconds:.1f} s)", highlight=False)
-
-
-def parse_attr_options(values: list[str]) -> dict[str, int]:
-    """``["Smiling=1", "Male=0"]`` → ``{"Smiling": 1, "Male": 0}``; a bad form fails."""
-    wanted: dict[str, int] = {}
-    for item in values:
-        name, sep, value = item.partition("=")
-        if not sep or not name.strip() or value.strip() not in ("0", "1"):
-            fail(f"--attr must look like NAME=0 or NAME=1, got '{item}'")
-        wanted[name.strip()] = int(value)
-    return wanted
-
-
-def build_objective(spec: str | None, device: Any, race: str | None, attrs: dict[str, int],
-                    reference: bytes | None, identity_weight: float, race_weight: float,
-                    attr_weight: float, views: int | None = None) -> Any:
-    """F, the targets of one thumbnail (names checked against F's heads), and weights."""
-    from likeness.images import decode_image
-    from worker.engine.objectives import ObjectiveWeights, build_targets
-    from worker.pipeline import Objective, load_extractor, reference_embedding
-
-    ext, threshold, _ = load_extractor(spec, device)
-    races = ext.race_head.labels if ext.race_head is not None else ()
-    names = ext.attribute_head.labels if ext.attribute_head is not None else ()
-    by_fold = {n.casefold(): n for n in names}
-    if race is not None:
-        match = {r.casefold(): r for r in races}.get(race.casefold())
-        if match is None:
-            fail(f"unknown race '{race}'; F knows: {', '.join(races)}")
-        race = match
-    canonical: dict[str, int] = {}
-    for name, value in attrs.items():
-        if name.casefold() not in by_fold:
-            fail(f"unknown attribute '{name}'; F knows: {', '.join(names)}")
-        canonical[by_fold[name.casefold()]] = value
-    embedding = None
-    if reference is not None:
-        try:
-            embedding = reference_embedding(ext, decode_image(reference).pixels)
-        except LikenessError as e:
-            fail(f"reference: {e.message}")
-    weights = ObjectiveWeights(identity=identity_weight, race=race_weight,
-                               attributes=attr_weight, threshold_deg=threshold,
-                               **({} if views is None else {"views": views}))
-    targets = build_targets(ext, [race], [canonical], [embedding], device)
-    return Objective(ext, targets, weights)

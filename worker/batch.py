@@ -39,13 +39,23 @@ from likeness.jobs import (
     JobStore,
     Progress,
 )
+from likeness.request import choose_seed
 from likeness.settings import Settings
 from likeness.worker_stats import WorkerStats
 from worker.engine.checkpoints import LoadedGenerator
 from worker.engine.face.extractor import FaceExtractor
-from worker.engine.objectives import DEFAULT_THRESHOLD_DEG, ObjectiveWeights, build_targets
+from worker.engine.objectives import DEFAULT_THRESHOLD_DEG
 from worker.engine.search import SearchConfig, SearchStep, SearchStopped
-from worker.pipeline import Objective, Upscaled, reference_embedding, upscale
+from worker.pipeline import (
+    Objective,
+    Upscaled,
+    build_objective,
+    canonical_targets,
+    objective_weights,
+    reference_embedding,
+    resolve_search,
+    upscale,
+)
 
 log = logging.getLogger("likeness.worker")
 
@@ -201,19 +211,11 @@ def group_compatible(jobs: list[Job]) -> list[list[Job]]:
 
 
 def search_config(job: Job, settings: Settings, model: LoadedGenerator) -> SearchConfig:
-    """The job's options on top of the generator's search settings, run the way this
-    worker's settings say (precision, layout, compile)."""
-    o = job.record.options
-    fields: dict[str, Any] = {
-        "steps": o.steps,
-        "restarts": o.restarts,
-        "precision": settings.search_precision,
-        "channels_last": settings.search_channels_last,
-        "compile": settings.search_compile,
-    }
-    if o.eps is not None:  # None: the generator's, else the engine's default
-        fields["eps"] = o.eps
-    return model.search_config(**fields)
+    """The job's search, run the way this worker's settings say (precision, layout,
+    compile)."""
+    return resolve_search(job.record.options, model, precision=settings.search_precision,
+                          channels_last=settings.search_channels_last,
+                          compile=settings.search_compile)
 
 
 class StepWatch:
@@ -313,22 +315,18 @@ def has_targets(job: Job) -> bool:
     return bool(o.race or o.attributes or REFERENCE_BLOB in job.record.inputs)
 
 
-def build_objective(batch: Batch, group: list[Job]) -> tuple[list[Job], Objective | None]:
+def group_objective(batch: Batch, group: list[Job]) -> tuple[list[Job], Objective | None]:
     """The group's targets through F; a job whose targets F cannot use fails alone."""
     ext = batch.ctx.extractor
     if ext is None or not any(has_targets(job) for job in group):
         return group, None
-    device = next(ext.parameters()).device
-    races = ext.race_head.labels if ext.race_head is not None else ()
-    names = ext.attribute_head.labels if ext.attribute_head is not None else ()
-    kept, references = [], []
+    kept, targets, references = [], [], []
     for job in group:
         o = job.record.options
-        unknown = ([o.race] if o.race and o.race not in races else []) + [
-            a for a in o.attributes if a not in names]
-        if unknown:
-            batch.fail(job.id, "unknown_label", f"this worker's face extractor does not know "
-                       f"{', '.join(unknown)}")
+        try:
+            wanted = canonical_targets(ext, o.race, o.attributes)
+        except LikenessError as exc:
+            batch.fail(job.id, exc.code, exc.message)
             continue
         embedding = None
         if REFERENCE_BLOB in job.record.inputs:
@@ -343,27 +341,19 @@ def build_objective(batch: Batch, group: list[Job]) -> tuple[list[Job], Objectiv
                 batch.fail(job.id, exc.code, f"reference: {exc.message}")
                 continue
         kept.append(job)
+        targets.append(wanted)
         references.append(embedding)
     if not kept:
         return kept, None
-    o = kept[0].record.options
-    defaults = ObjectiveWeights()
-    weights = ObjectiveWeights(
-        identity=defaults.identity if o.identity_weight is None else o.identity_weight,
-        race=defaults.race if o.race_weight is None else o.race_weight,
-        attributes=defaults.attributes if o.attr_weight is None else o.attr_weight,
-        threshold_deg=batch.ctx.threshold_deg,
-        views=defaults.views if o.views is None else o.views,
-    )
-    targets = build_targets(ext, [job.record.options.race for job in kept],
-                            [job.record.options.attributes for job in kept], references, device)
-    return kept, Objective(ext, targets, weights)
+    weights = objective_weights(kept[0].record.options, batch.ctx.threshold_deg)
+    return kept, build_objective(ext, weights, [r for r, _ in targets],
+                                 [a for _, a in targets], references)
 
 
 def run_group(batch: Batch, group: list[Job]) -> None:
     """One batched search over compatible jobs, then each job's result and status."""
     ctx = batch.ctx
-    group, objective = build_objective(batch, group)
+    group, objective = group_objective(batch, group)
     if not group:
         return
     config = search_config(group[0], ctx.settings, ctx.model)
@@ -422,7 +412,7 @@ def run_group(batch: Batch, group: list[Job]) -> None:
 def _seed(job: Job) -> int:
     # The API always records a seed; a job written some other way gets one now, reported.
     seed = job.record.options.seed
-    return seed if seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
+    return seed if seed is not None else choose_seed()
 
 
 def encode_png(pixels: np.ndarray) -> bytes:

@@ -6,7 +6,7 @@ line give the same result for the same inputs, seed, weights and device.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,7 +16,9 @@ import torch
 from torch import Tensor
 
 from likeness.errors import LikenessError
+from likeness.labels import canonical_attributes, canonical_race
 from likeness.manifest import resolve_weights, sha256_file
+from likeness.request import UpscaleRequest
 from worker.engine.checkpoints import LoadedGenerator, load_generator
 from worker.engine.face.export import load_export
 from worker.engine.face.extractor import FaceExtractor
@@ -24,6 +26,7 @@ from worker.engine.objectives import (
     DEFAULT_THRESHOLD_DEG,
     ObjectiveWeights,
     Targets,
+    build_targets,
     describe,
     objective_loss,
 )
@@ -92,6 +95,64 @@ class Objective:
     extractor: FaceExtractor
     targets: Targets
     weights: ObjectiveWeights
+
+
+def resolve_search(request: UpscaleRequest, model: LoadedGenerator, **run: Any) -> SearchConfig:
+    """The search a request runs: the request's fields, then the generator's manifest
+    settings (``likeness weights set-search``), then the engine's defaults. ``run`` holds
+    how this process runs it (precision, layout, compile) and options only the command
+    line has; None there means not given."""
+    return model.search_config(steps=request.steps, restarts=request.restarts,
+                               seed=request.seed, eps=request.eps, **run)
+
+
+def objective_weights(request: UpscaleRequest | None = None,
+                      threshold_deg: float = DEFAULT_THRESHOLD_DEG) -> ObjectiveWeights:
+    """The request's objective weights, the engine's defaults where it has none, with the
+    steering extractor's θ_t."""
+    given = {} if request is None else {
+        "identity": request.identity_weight, "race": request.race_weight,
+        "attributes": request.attr_weight, "views": request.views}
+    return ObjectiveWeights(threshold_deg=threshold_deg,
+                            **{k: v for k, v in given.items() if v is not None})
+
+
+def extractor_labels(extractor: FaceExtractor) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The race and attribute names F's heads know."""
+    races = extractor.race_head.labels if extractor.race_head is not None else ()
+    names = extractor.attribute_head.labels if extractor.attribute_head is not None else ()
+    return tuple(races), tuple(names)
+
+
+def canonical_targets(extractor: FaceExtractor, race: str | None,
+                      attributes: Mapping[str, int]) -> tuple[str | None, dict[str, int]]:
+    """A thumbnail's race and attribute targets as F's heads spell them; a name F does not
+    know is a LikenessError (code unknown_label) that lists what it knows."""
+    races, names = extractor_labels(extractor)
+    try:
+        return canonical_race(race, races), dict(canonical_attributes(attributes, names))
+    except LikenessError as exc:
+        if exc.code == "invalid_attribute":
+            raise
+        raise LikenessError("unknown_label", exc.message, status=422) from None
+
+
+def build_objective(
+    extractor: FaceExtractor,
+    weights: ObjectiveWeights,
+    races: Sequence[str | None],
+    attributes: Sequence[Mapping[str, int]],
+    references: Sequence[Tensor | None],
+) -> Objective:
+    """The steering objective of B thumbnails, the one way the CLI, the worker, the
+    evaluation and the lookalike stage assemble it: each thumbnail's race, attributes and
+    reference embedding (or None), names checked against F's heads, and the weights
+    (``objective_weights``) with F's θ_t."""
+    device = next(extractor.parameters()).device
+    checked = [canonical_targets(extractor, r, a) for r, a in zip(races, attributes, strict=True)]
+    targets = build_targets(extractor, [r for r, _ in checked], [a for _, a in checked],
+                            list(references), device)
+    return Objective(extractor, targets, weights)
 
 
 def load_extractor(spec: str | None, device: torch.device, manifest_path: Path | None = None

@@ -94,7 +94,7 @@ function buildForm() {
   if (ref) form.append("reference", ref, ref.name);
   if ($("race").value) form.append("race", $("race").value);
   for (const select of document.querySelectorAll("#attributes select")) {
-    if (select.value) form.append("attribute", `${select.dataset.attribute}:${select.value}`);
+    if (select.value) form.append("attribute", `${select.dataset.attribute}=${select.value}`);
   }
   for (const id of ["steps", "restarts", "views", "seed"]) {
     if ($(id).value !== "") form.append(id, $(id).value);

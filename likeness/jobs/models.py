@@ -8,9 +8,11 @@ import secrets
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, Field
+
+from likeness.request import Restarts, Steps, UpscaleRequest
 
 
 class JobStatus(StrEnum):
@@ -64,37 +66,12 @@ class InputFile(BaseModel):
     height: int | None = Field(default=None, description="Height in pixels as decoded.")
 
 
-class JobOptions(BaseModel):
-    """Everything about the search except the images."""
+class JobOptions(UpscaleRequest):
+    """The request as the job stores it: steps, restarts and seed settled, race and
+    attribute names as the labels spell them."""
 
-    steps: int = Field(..., ge=1, description="Optimisation steps of the latent search.")
-    restarts: int = Field(..., ge=1, description="Independent random starts per thumbnail.")
-    seed: int | None = Field(default=None, ge=0, description="Random seed; same seed, same output.")
-    race: str | None = Field(default=None, description="Race label to steer towards, if any.")
-    attributes: dict[str, Literal[0, 1]] = Field(
-        default_factory=dict, description="Attribute name -> wanted value (0 absent, 1 present)."
-    )
-    identity_weight: float | None = Field(
-        default=None,
-        ge=0,
-        description="Weight of the reference-identity objective; None: engine default.",
-    )
-    race_weight: float | None = Field(
-        default=None, ge=0, description="Weight of the race objective; None: engine default."
-    )
-    attr_weight: float | None = Field(
-        default=None, ge=0, description="Weight of the attribute objective; None: engine default."
-    )
-    eps: float | None = Field(
-        default=None,
-        gt=0,
-        description="Downscaling MSE at which a search counts as converged; None: engine default.",
-    )
-    views: int | None = Field(
-        default=None,
-        ge=1,
-        description="Views F sees of each candidate (steered searches); None: engine default.",
-    )
+    steps: Steps
+    restarts: Restarts
     batch_key: str = Field(
         default="",
         description="Jobs with equal batch keys can share one batched search; claim() "

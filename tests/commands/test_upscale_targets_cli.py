@@ -70,12 +70,12 @@ def test_views_are_an_option_and_reported(workdir: Path) -> None:
 
 def test_unknown_names_and_bad_forms_fail_with_the_valid_ones(workdir: Path) -> None:
     r = run(workdir, "--race", "Martian")
-    assert r.returncode == 2 and "unknown race 'Martian'" in r.stderr and "Asian" in r.stderr
+    assert r.returncode == 2 and "Unknown race 'Martian'" in r.stderr and "Asian" in r.stderr
     r = run(workdir, "--attr", "Wings=1")
-    assert r.returncode == 2 and "unknown attribute 'Wings'" in r.stderr
+    assert r.returncode == 2 and "Unknown attribute 'Wings'" in r.stderr
     assert "Wearing_Lipstick" in r.stderr
     r = run(workdir, "--attr", "Smiling=2")
-    assert r.returncode == 2 and "NAME=0 or NAME=1" in r.stderr
+    assert r.returncode == 2 and "Name=0 or Name=1" in r.stderr
     r = run(workdir, "--reference", workdir / "coffee.jpg")
     assert r.returncode == 2 and "reference: no face" in r.stderr
     assert "Traceback" not in r.stderr

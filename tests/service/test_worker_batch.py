@@ -270,14 +270,14 @@ def test_the_search_runs_as_the_worker_settings_say() -> None:
     from worker.batch import search_config
 
     job = SimpleNamespace(record=SimpleNamespace(
-        options=SimpleNamespace(steps=7, restarts=3, eps=None)))
+        options=JobOptions(steps=7, restarts=3, seed=1)))
     settings = Settings(search_precision="bf16", search_channels_last=True,
                         search_compile="reduce-overhead")
     model = LoadedGenerator(None, None, None, Path("g.pt"), "0" * 64,  # type: ignore[arg-type]
                             search_defaults={"geocross_weight": 0.02, "steps": 50})
     config = search_config(job, settings, model)  # type: ignore[arg-type]
     # the job's steps win over the generator's; its other settings stay
-    assert (config.steps, config.restarts, config.eps) == (7, 3, 2e-3)
+    assert (config.steps, config.restarts, config.eps, config.seed) == (7, 3, 2e-3, 1)
     assert config.geocross_weight == 0.02
     assert (config.precision, config.channels_last, config.compile) == (
         "bf16", True, "reduce-overhead")

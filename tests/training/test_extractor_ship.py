@@ -3,7 +3,6 @@ CLI and the worker picking that default extractor (with its θ_t) up unasked."""
 
 from __future__ import annotations
 
-import functools
 import json
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import pytest
 import torch
 
 from likeness.errors import LikenessError
-from likeness.manifest import WeightsEntry, load_manifest, register, resolve_weights, sha256_file
+from likeness.manifest import WeightsEntry, load_manifest, register, sha256_file
 from worker.engine.face.export import export, load_export
 from worker.engine.face.heads import CELEBA_ATTRIBUTES, UTKFACE_RACES
 from worker.engine.objectives import DEFAULT_THRESHOLD_DEG
@@ -90,25 +89,25 @@ def test_ship_refuses_an_export_without_its_evaluation(run: Path, tmp_path: Path
 
 
 def test_cli_and_worker_use_the_default_extractor_and_its_threshold(
-        run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from likeness.cli import build_objective
-
+        run: Path, tmp_path: Path) -> None:
     import worker.pipeline as pipeline
+    from likeness.request import UpscaleRequest
     from likeness.settings import Settings
     from worker.process import load_worker_extractor
 
     manifest = tmp_path / "weights" / "manifest.json"
     theta = ship_extractor(run, command=COMMAND, manifest_path=manifest).config["threshold_deg"]
-    monkeypatch.setattr(pipeline, "resolve_weights",
-                        functools.partial(resolve_weights, manifest_path=manifest))
     cpu = torch.device("cpu")
 
-    ext, threshold, name = pipeline.load_extractor(None, cpu)
+    ext, threshold, name = pipeline.load_extractor(None, cpu, manifest)
     assert (threshold, name) == (theta, "extractor") and theta != DEFAULT_THRESHOLD_DEG
-    objective = build_objective(None, cpu, "black", {"smiling": 1}, None, 5.0, 2.0, 2.0)
+    request = UpscaleRequest(race="black", attributes={"smiling": 1})
+    objective = pipeline.build_objective(ext, pipeline.objective_weights(request, threshold),
+                                         [request.race], [request.attributes], [None])
     assert objective.weights.threshold_deg == theta
     assert bool(objective.targets.has_race[0])
-    worker_ext, worker_threshold = load_worker_extractor(Settings(data_dir=tmp_path), cpu)
+    settings = Settings(data_dir=tmp_path, weights_dir=manifest.parent)
+    worker_ext, worker_threshold = load_worker_extractor(settings, cpu)
     assert worker_ext is not None and worker_threshold == theta
 
     # An export without θ_t (written before it was fitted) falls back to the default.
@@ -119,5 +118,5 @@ def test_cli_and_worker_use_the_default_extractor_and_its_threshold(
     with open(manifest.parent / "extractor.pt", "ab") as f:
         f.write(b"\0")
     with pytest.raises(LikenessError, match="sha256") as e:
-        pipeline.load_extractor(None, cpu)
+        pipeline.load_extractor(None, cpu, manifest)
     assert e.value.code == "weights_corrupt"

@@ -212,7 +212,7 @@ def test_stage_from_a_finished_run_resumed_mid_meta_epoch_is_exact(
 
 def test_the_stage_fails_at_once_without_a_generator(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    def no_default(spec: str | None, kind: str) -> None:
+    def no_default(spec: str | None, kind: str, manifest_path: Path | None = None) -> None:
         raise LikenessError("no_default_weights", f"no {kind} weights are bundled")
 
     monkeypatch.setattr("worker.pipeline.resolve_weights", no_default)

@@ -21,15 +21,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from likeness.errors import LikenessError
 from likeness.labels import UTKFACE_RACES
-from worker.engine.objectives import ObjectiveWeights, build_targets
+from worker.engine.objectives import ObjectiveWeights
 from worker.engine.search import SearchConfig, SearchStep
 from worker.evaluation.config import TABLE3_ATTRIBUTES
 from worker.evaluation.measures import embed
 from worker.evaluation.models import Models
 from worker.evaluation.samples import Samples
-from worker.pipeline import Objective
+from worker.pipeline import Objective, build_objective
 from worker.pipeline import upscale as run_upscale
 
 CACHE_VERSION = 1  # bump when what a cached batch holds or means changes
@@ -121,9 +120,9 @@ def with_threshold(weights: ObjectiveWeights | None, theta: float) -> ObjectiveW
     return (weights or ObjectiveWeights()).model_copy(update={"threshold_deg": theta})
 
 
-def build_objective(models: Models, samples: Samples, rows: Sequence[int],
-                    strategy: Strategy, weights: ObjectiveWeights | None = None
-                    ) -> Objective | None:
+def strategy_objective(models: Models, samples: Samples, rows: Sequence[int],
+                       strategy: Strategy, weights: ObjectiveWeights | None = None
+                       ) -> Objective | None:
     """The strategy's targets for these thumbnails, weighted by ``weights`` (default:
     ObjectiveWeights' documented defaults) with the extractor's own θ_t."""
     if strategy.extractor is None:
@@ -133,11 +132,7 @@ def build_objective(models: Models, samples: Samples, rows: Sequence[int],
     if strategy.identity:
         references = list(embed(extractor, samples.references[list(rows)]))
     races, attrs = _targets(strategy, samples, rows)
-    try:
-        targets = build_targets(extractor, races, attrs, references, models.device)
-    except KeyError as e:
-        raise LikenessError("bad_weights", f"F cannot steer this target: {e.args[0]}") from None
-    return Objective(extractor, targets, with_threshold(weights, theta))
+    return build_objective(extractor, with_threshold(weights, theta), races, attrs, references)
 
 
 def _save(path: Path, payload: dict[str, Any]) -> None:
@@ -162,7 +157,7 @@ def search_batch(models: Models, samples: Samples, rows: Sequence[int], strategy
     """One batched search through worker/pipeline.py (the worker's path): 8-bit outputs,
     acceptance, downscale MSE and the per-thumbnail reports."""
     started = time.perf_counter()
-    objective = build_objective(models, samples, rows, strategy, weights)
+    objective = strategy_objective(models, samples, rows, strategy, weights)
     results = run_upscale(models.generator, list(samples.thumbnails[list(rows)]), config,
                           on_step=on_step, seeds=[samples.seeds[i] for i in rows],
                           objective=objective)

@@ -37,11 +37,11 @@ from worker.engine.face.extractor import FaceExtractor, angle
 from worker.engine.face.verification import threshold_accuracy
 from worker.engine.objectives import (
     ObjectiveWeights,
-    build_targets,
     objective_loss,
     similarity_loss,
 )
 from worker.engine.search import SearchConfig, SearchStep, SearchStopped, run_search
+from worker.pipeline import build_objective
 
 LOOKALIKE_DIR = "lookalikes"
 FORMAT = "likeness-lookalikes/1"
@@ -240,9 +240,9 @@ def generate_lookalikes(
             rows = torch.arange(made.done, min(made.done + settings.batch, len(made.photo)))
             mine = read_photos(photos, made.photo[rows]).to(device)
             refs = embed_framed(extractor, read_photos(photos, made.reference[rows]))
-            targets = build_targets(extractor, [None] * len(rows), [{}] * len(rows), list(refs),
-                                    device)
-            loss = objective_loss(extractor, targets, settings.objective,
+            objective = build_objective(extractor, settings.objective, [None] * len(rows),
+                                        [{}] * len(rows), list(refs))
+            loss = objective_loss(extractor, objective.targets, objective.weights,
                                   settings.search.restarts)
 
             def step(s: SearchStep, done: int = made.done) -> bool:

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
-from fastapi import APIRouter, File, Form, Header, Request, Response, UploadFile
+from fastapi import APIRouter, Depends, File, Header, Request, Response, UploadFile
 
 from app.api.deps import LabelsDep, OwnerDep, ReferenceCheckerDep, SettingsDep, StoreDep
 from app.api.errors import ERROR_RESPONSES, ErrorBody
+from app.api.request_form import request_form
 from app.api.schemas import JobLinks, SubmitResponse
-from app.submission import MAX_EPS, MAX_VIEWS, MAX_WEIGHT, Upload, UpscaleForm, build_job
+from app.submission import Upload, build_job
 from likeness.errors import LikenessError
 
 router = APIRouter(tags=["upscale"])
@@ -67,81 +68,10 @@ def submit_upscale(
             "LIKENESS_MAX_PIXELS pixels."
         ),
     ],
-    race: Annotated[
-        str | None,
-        Form(
-            description="Race label to steer the face towards (see the manifest's labels; "
-            "default set: White, Black, Asian, Indian, Others). Case-insensitive."
-        ),
-    ] = None,
-    attribute: Annotated[
-        list[str] | None,
-        Form(
-            description="Wanted attribute as Name:0 or Name:1 (CelebA names such as "
-            "Smiling, Eyeglasses, Male). Repeat the field for several."
-        ),
-    ] = None,
+    form: Annotated[dict[str, Any], Depends(request_form)],
     reference: Annotated[
         UploadFile | None,
         File(description="Optional photo of the same person; the search keeps its identity."),
-    ] = None,
-    steps: Annotated[
-        int | None,
-        Form(
-            description="Optimisation steps, LIKENESS_STEPS_MIN..LIKENESS_STEPS_MAX "
-            "(default 1..1000); omitted: LIKENESS_STEPS_DEFAULT (100)."
-        ),
-    ] = None,
-    restarts: Annotated[
-        int | None,
-        Form(
-            description="Independent random starts, LIKENESS_RESTARTS_MIN.."
-            "LIKENESS_RESTARTS_MAX (default 1..32); omitted: LIKENESS_RESTARTS_DEFAULT (4)."
-        ),
-    ] = None,
-    seed: Annotated[
-        int | None,
-        Form(
-            description="Random seed, 0..2^63-1. Omitted: one is chosen and reported, so "
-            "the result can be reproduced."
-        ),
-    ] = None,
-    identity_weight: Annotated[
-        float | None,
-        Form(
-            description=f"Weight of keeping the reference's identity, 0..{MAX_WEIGHT:g}; "
-            "omitted: the engine's default."
-        ),
-    ] = None,
-    race_weight: Annotated[
-        float | None,
-        Form(
-            description=f"Weight of the race objective, 0..{MAX_WEIGHT:g}; omitted: the "
-            "engine's default."
-        ),
-    ] = None,
-    attr_weight: Annotated[
-        float | None,
-        Form(
-            description=f"Weight of the attribute objectives, 0..{MAX_WEIGHT:g}; omitted: "
-            "the engine's default."
-        ),
-    ] = None,
-    eps: Annotated[
-        float | None,
-        Form(
-            description=f"Downscaling MSE at which the search stops, in (0, {MAX_EPS:g}]; "
-            "omitted: the engine's default."
-        ),
-    ] = None,
-    views: Annotated[
-        int | None,
-        Form(
-            description=f"Views F sees of each candidate when steering (race, attributes, "
-            f"reference), 1..{MAX_VIEWS}: each a shifted, scaled, rotated, mirrored or blurred "
-            "copy, averaged; more views steer by what survives such changes, at about that "
-            "many times the cost. Omitted: the engine's default (1)."
-        ),
     ] = None,
     idempotency_key: Annotated[
         str | None,
@@ -168,18 +98,7 @@ def submit_upscale(
     record, blobs = build_job(
         thumbnail=thumb_upload,
         reference=ref_upload,
-        form=UpscaleForm(
-            race=race,
-            attributes=attribute or [],
-            steps=steps,
-            restarts=restarts,
-            seed=seed,
-            identity_weight=identity_weight,
-            race_weight=race_weight,
-            attr_weight=attr_weight,
-            eps=eps,
-            views=views,
-        ),
+        form=form,
         owner=owner,
         idempotency_key=idempotency_key,
         settings=settings,
