@@ -71,7 +71,7 @@ from worker.engine.search import SearchConfig, latent_search  # noqa: E402
 CONFIGS: dict[str, Callable[[], GeneratorConfig]] = {
     # The official FFHQ model's shapes (30 M parameters).
     "ffhq1024": lambda: GeneratorConfig.stylegan2(1024, channel_multiplier=2),
-    # The bundled generator's shapes: worker/training/gan.py TrainConfig's defaults.
+    # The bundled generator's shapes: worker/training/generator/config.py TrainConfig's defaults.
     "bundled128": lambda: GeneratorConfig.slim(128, channel_max=128, channel_base=2048,
                                                style_dim=256, n_mlp=4),
     # The tests' tiny generator, for --quick.

@@ -31,7 +31,8 @@ from likeness.splits import members, read_rows
 from worker.engine.face.alignment import align_faces, detect_landmarks, fallback_landmarks
 from worker.engine.face.extractor import FaceExtractor, angle
 from worker.engine.face.heads import CELEBA_ATTRIBUTES, AttributeHead, RaceHead
-from worker.training.extractor import attribute_pos_weight, average_precision, same_diff_pairs
+from worker.training.extractor.losses import attribute_pos_weight
+from worker.training.extractor.measures import average_precision, same_diff_pairs
 from worker.training.extractor_data import subset
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -127,7 +127,8 @@ def train_extractor(
         import torch
         from pydantic import ValidationError
 
-        from worker.training.extractor import CHECKPOINT_NAME, ExtractorConfig, train
+        from worker.training.extractor.config import CHECKPOINT_NAME, ExtractorConfig
+        from worker.training.extractor.loop import train
 
         threads = threads or (1 if smoke else None)
         if threads is not None:

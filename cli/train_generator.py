@@ -1,4 +1,4 @@
-"""``likeness train-generator``: the command-line face of ``worker.training.gan``.
+"""``likeness train-generator``: the command-line face of ``worker.training.generator``.
 
 Torch loads inside the command, so registering it keeps ``likeness --help`` fast.
 """
@@ -17,7 +17,7 @@ from likeness.errors import LikenessError
 def resolve_resume(resume: str | None, out: Path) -> Path | None:
     """'auto' → ``<out>/checkpoint.pt`` when it exists (else a fresh start); else a path
     to a checkpoint or to committed parts of one (``<path>.parts.json``)."""
-    from worker.training.gan import CHECKPOINT_NAME
+    from worker.training.generator.config import CHECKPOINT_NAME
 
     if resume is None:
         return None
@@ -33,7 +33,8 @@ def resolve_resume(resume: str | None, out: Path) -> Path | None:
 
 
 def build_config(smoke: bool, overrides: dict[str, Any], resume: Path | None) -> Any:
-    from worker.training.gan import TrainConfig, merge_resume_config, read_checkpoint
+    from worker.training.generator.config import TrainConfig, merge_resume_config
+    from worker.training.generator.state import read_checkpoint
 
     if resume is not None:
         saved = TrainConfig(**read_checkpoint(resume)["train_config"])
@@ -142,7 +143,7 @@ def train_generator(
         import torch
         from pydantic import ValidationError
 
-        from worker.training.gan import train
+        from worker.training.generator.loop import train
 
         # tiny nets lose more to thread hand-offs than they gain, worst on a busy machine
         threads = threads or (1 if smoke else None)

@@ -13,11 +13,11 @@ from skimage import data
 from tests.commands.test_upscale_cli import likeness
 from worker.engine.checkpoints import save_generator
 from worker.engine.face.alignment import SPHEREFACE_112x96
+from worker.engine.face.export import export
 from worker.engine.face.extractor import FaceExtractor
 from worker.engine.face.heads import AttributeHead, RaceHead
 from worker.engine.face.mobilefacenet import MobileFaceNet
 from worker.engine.generator import Generator, GeneratorConfig
-from worker.training.extractor import export
 
 
 @pytest.fixture(scope="module")

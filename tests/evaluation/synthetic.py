@@ -21,12 +21,12 @@ from likeness.labels import CELEBA_ATTRIBUTES, UTKFACE_RACES
 from likeness.splits import split_of
 from worker.engine.checkpoints import save_generator
 from worker.engine.face.alignment import SPHEREFACE_112x96
+from worker.engine.face.export import export
 from worker.engine.face.extractor import FaceExtractor
 from worker.engine.face.heads import AttributeHead, RaceHead
 from worker.engine.face.mobilefacenet import MobileFaceNet
 from worker.engine.generator import Generator, GeneratorConfig
 from worker.engine.mapping_fit import fit_mapping
-from worker.training.extractor import export
 from worker.training.judges import JudgeNet, save_judge
 
 SMALL_JUDGE = (8, 8, 16, 16)

@@ -14,7 +14,8 @@ from likeness.manifest import WeightsEntry, load_manifest, register, sha256_file
 from worker.engine.face.export import export, load_export
 from worker.engine.face.heads import CELEBA_ATTRIBUTES, UTKFACE_RACES
 from worker.engine.objectives import DEFAULT_THRESHOLD_DEG
-from worker.training.extractor import ExtractorConfig, train
+from worker.training.extractor.config import ExtractorConfig
+from worker.training.extractor.loop import train
 from worker.training.extractor_ship import ship_extractor
 
 COMMAND = "likeness train-extractor --smoke --ship"

@@ -13,7 +13,8 @@ from skimage import data
 from likeness.errors import LikenessError
 from likeness.manifest import load_manifest, resolve_weights, sha256_file
 from worker.engine.checkpoints import load_generator
-from worker.training.gan import TrainConfig, train
+from worker.training.generator.config import TrainConfig
+from worker.training.generator.loop import train
 from worker.training.generator_quality import (
     face_probabilities,
     frechet_distance,

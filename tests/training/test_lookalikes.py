@@ -21,7 +21,9 @@ from worker.engine.mapping_fit import fit_mapping
 from worker.engine.objectives import ObjectiveWeights
 from worker.engine.search import SearchConfig
 from worker.training import lookalikes as looks
-from worker.training.extractor import ExtractorConfig, build_model, train
+from worker.training.extractor.config import ExtractorConfig
+from worker.training.extractor.loop import train
+from worker.training.extractor.model import build_model
 from worker.training.extractor_data import SyntheticFaces
 
 

@@ -16,23 +16,21 @@ from likeness.splits import SPLITS, members, split_of
 from worker.engine.face.export import export, load_export
 from worker.engine.face.heads import CELEBA_ATTRIBUTES, UTKFACE_RACES
 from worker.engine.face.iresnet import get_backbone
-from worker.training.extractor import (
-    ArcFace,
-    ExtractorConfig,
-    average_precision,
+from worker.training.extractor.config import ExtractorConfig
+from worker.training.extractor.data import make_data
+from worker.training.extractor.loop import train
+from worker.training.extractor.losses import ArcFace
+from worker.training.extractor.losses import attribute_pos_weight as pos_weight_of
+from worker.training.extractor.measures import average_precision
+from worker.training.extractor.model import build_model
+from worker.training.extractor.state import new_state
+from worker.training.extractor.steps import (
     blurred,
-    build_model,
     fit_heads,
     frozen_features,
     head_losses,
-    make_data,
-    new_state,
     stream,
-    train,
     train_step,
-)
-from worker.training.extractor import (
-    attribute_pos_weight as pos_weight_of,
 )
 
 

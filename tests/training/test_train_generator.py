@@ -22,9 +22,11 @@ from typer.testing import CliRunner
 from likeness.errors import LikenessError
 from worker.engine.checkpoints import load_generator
 from worker.engine.generator import Generator, GeneratorConfig
-from worker.training.diffaugment import diff_augment, parse_policy
-from worker.training.discriminator import Discriminator
-from worker.training.gan import TrainConfig, read_checkpoint, train
+from worker.training.generator.config import TrainConfig
+from worker.training.generator.diffaugment import diff_augment, parse_policy
+from worker.training.generator.discriminator import Discriminator
+from worker.training.generator.loop import train
+from worker.training.generator.state import read_checkpoint
 from worker.training.images_zip import ImagesZip, StepSampler
 
 
@@ -110,7 +112,7 @@ def test_resume_from_committed_parts_is_exact_and_checks_them(tmp_path: Path) ->
 
 
 def test_warm_start_from_a_shipped_generator(tmp_path: Path) -> None:
-    from worker.training.gan import build_state
+    from worker.training.generator.state import build_state
 
     run(tiny(tmp_path / "first", steps=2, objective="vae"))
     shipped = tmp_path / "first" / "g_ema.pt"
@@ -307,7 +309,8 @@ def test_fd_at_every_checkpoint_is_logged_and_leaves_training_alone(tmp_path: Pa
 
 def test_vae_reconstruction_improves_on_a_fixed_batch(tmp_path: Path) -> None:
     # the autoencoder must actually learn: repeated steps on the same 4 images
-    from worker.training.gan import build_state, train_step
+    from worker.training.generator.state import build_state
+    from worker.training.generator.steps import train_step
 
     config = tiny(tmp_path, steps=40, objective="vae", synthetic_count=4, mirror=False,
                   lr=0.005)
@@ -321,7 +324,7 @@ def test_vae_reconstruction_improves_on_a_fixed_batch(tmp_path: Path) -> None:
 
 
 def test_encoder_is_the_discriminator_trunk_without_batch_statistics() -> None:
-    from worker.training.vae import build_encoder, encode, kl_divergence
+    from worker.training.generator.vae import build_encoder, encode, kl_divergence
 
     config = GeneratorConfig.slim(16, channel_max=16, channel_base=128, style_dim=8, n_mlp=2)
     encoder = build_encoder(config)
@@ -337,7 +340,7 @@ def test_encoder_is_the_discriminator_trunk_without_batch_statistics() -> None:
 
 def test_mapping_set_to_a_gaussian_samples_it() -> None:
     from worker.engine.mapping_fit import undo_activation
-    from worker.training.vae import CodeMoments, set_mapping_to_gaussian
+    from worker.training.generator.vae import CodeMoments, set_mapping_to_gaussian
 
     config = GeneratorConfig.slim(16, channel_max=16, channel_base=128, style_dim=8, n_mlp=3)
     G = Generator(config)
@@ -363,7 +366,8 @@ def test_mapping_set_to_a_gaussian_samples_it() -> None:
 
 def test_vae_export_uses_the_encoded_faces_prior(tmp_path: Path) -> None:
     from worker.engine.mapping_fit import undo_activation
-    from worker.training.gan import build_state, exported_generator, load_checkpoint
+    from worker.training.generator.export import exported_generator
+    from worker.training.generator.state import build_state, load_checkpoint
 
     run(tiny(tmp_path, steps=3, objective="vae"))
     ckpt = read_checkpoint(tmp_path / "checkpoint.pt")
@@ -388,7 +392,7 @@ def test_perceptual_distance_is_zero_on_itself_grows_with_blur_and_has_gradients
 
     from worker.engine.face.extractor import FaceExtractor
     from worker.engine.face.mobilefacenet import MobileFaceNet
-    from worker.training.perceptual import perceptual_distance
+    from worker.training.generator.perceptual import perceptual_distance
 
     torch.manual_seed(0)
     face = FaceExtractor.with_backbone(MobileFaceNet()).eval().requires_grad_(False)
@@ -402,7 +406,7 @@ def test_perceptual_distance_is_zero_on_itself_grows_with_blur_and_has_gradients
 
 
 def test_adversarial_updates_wait_for_adv_start_then_ramp_in(tmp_path: Path) -> None:
-    from worker.training.gan import build_state
+    from worker.training.generator.state import build_state
 
     face = random_mobilefacenet(tmp_path / "mfn.ckpt")
     # batch 4: steps 1-2 start at 0 and 0.004 kimg (before the start), step 3 at 0.008
@@ -461,8 +465,9 @@ def test_a_perceptual_weight_without_a_face_network_is_refused(tmp_path: Path) -
 
 def test_vae_export_fits_the_prior_to_the_listed_members(tmp_path: Path) -> None:
     from worker.engine.mapping_fit import undo_activation
-    from worker.training.gan import build_state, exported_generator, load_checkpoint
-    from worker.training.vae import encoded_codes
+    from worker.training.generator.export import exported_generator
+    from worker.training.generator.state import build_state, load_checkpoint
+    from worker.training.generator.vae import encoded_codes
 
     data = tmp_path / "faces.zip"
     with zipfile.ZipFile(data, "w") as zf:

@@ -41,7 +41,7 @@ from worker.evaluation.searches import (
 )
 from worker.evaluation.tables import table1, table2, table3
 from worker.pipeline import pick_device
-from worker.training.extractor import same_diff_pairs
+from worker.training.extractor.measures import same_diff_pairs
 
 GRID_ROWS = 3  # per data set
 # The grid's columns: strategy name → column title.

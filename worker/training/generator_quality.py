@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from likeness.splits import members, read_rows, split_of
 from worker.engine.downscale import downscale
 from worker.engine.face.alignment import detect_landmarks
 from worker.engine.face.extractor import FaceExtractor
@@ -30,6 +31,7 @@ from worker.engine.generator import Generator
 from worker.engine.mapping_fit import MappingFit
 from worker.engine.search import SearchConfig, run_search
 from worker.pipeline import to_tensor
+from worker.training.extractor_data import read_image, subset
 
 FACE_PROBABILITY = 0.95
 SHARPNESS_SIZE = 128  # one pixel grid for every image compared: gradients scale with it
@@ -85,9 +87,6 @@ def frechet_distance(a: Tensor | np.ndarray, b: Tensor | np.ndarray) -> float:
 def held_out_photos(dataset: Path, limit: int, one_per_person: bool) -> Tensor:
     """Photos of a data set's val + test people (``dataset`` holds images.zip and
     labels.csv with an ``identity`` column) in [0, 1], a fixed hash-ordered choice."""
-    from likeness.splits import members, read_rows, split_of
-    from worker.training.extractor_data import read_image, subset
-
     labels = dataset / "labels.csv"
     names = members(labels, "val") + members(labels, "test")
     if one_per_person:

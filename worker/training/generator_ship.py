@@ -19,7 +19,10 @@ from likeness.manifest import (
 )
 from worker.engine.checkpoints import load_generator, save_generator
 from worker.engine.mapping_fit import fit_mapping
-from worker.training.gan import CHECKPOINT_NAME, GENERATOR_NAME, mean_w, read_checkpoint
+from worker.engine.search import SearchConfig
+from worker.training.generator.config import CHECKPOINT_NAME, GENERATOR_NAME
+from worker.training.generator.export import mean_w
+from worker.training.generator.state import read_checkpoint
 from worker.training.generator_data import PROVENANCE_MEMBER
 
 # The search reads only this fit's mean and std; 100k samples pin them well.
@@ -123,8 +126,6 @@ def checked_search(base: dict[str, Any], settings: dict[str, str]) -> dict[str, 
     """``base`` search settings with ``settings`` (SearchConfig fields, values as text) on
     top, checked and converted; unknown fields and bad values are errors."""
     from pydantic import ValidationError
-
-    from worker.engine.search import SearchConfig
 
     unknown = sorted(set(settings) - set(SearchConfig.model_fields))
     if unknown:

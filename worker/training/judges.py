@@ -21,7 +21,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from likeness.labels import CELEBA_ATTRIBUTES, UTKFACE_RACES
+from likeness.splits import members, read_rows
 from worker.engine.face.alignment import ARCFACE_112, align_faces, fallback_landmarks
+from worker.training.extractor.measures import average_precision
+from worker.training.extractor_data import cached_landmarks, read_image, subset
 
 Task = Literal["race", "attributes"]
 INPUT_SIZE = 64
@@ -155,8 +158,6 @@ def predict(net: JudgeNet, x: Tensor, batch: int = 512) -> Tensor:
 
 
 def evaluate_judge(net: JudgeNet, task: Task, x: Tensor, y: Tensor) -> dict[str, Any]:
-    from worker.training.extractor import average_precision
-
     logits = predict(net, x)
     if task == "race":
         pred = logits.argmax(1)
@@ -203,9 +204,6 @@ def prepare(root: Path, task: Task, split: str, limit: int | None, cache: Path,
     """Aligned 64-px crops (uint8) and labels of one split of ../shared's UTKFace (race)
     or CelebA-HQ (attributes); at most ``limit`` images, a fixed hash-ordered choice."""
     import zipfile
-
-    from likeness.splits import members, read_rows
-    from worker.training.extractor_data import cached_landmarks, read_image, subset
 
     rows = {r["file"]: r for r in read_rows(root / "labels.csv")}
     names = subset(members(root / "labels.csv", split), limit)  # type: ignore[arg-type]

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -37,13 +36,8 @@ from worker.engine.face.alignment import fallback_landmarks
 from worker.engine.face.extractor import FaceExtractor
 from worker.engine.generator import ACT_GAIN, EqualLinear, Generator, GeneratorConfig
 from worker.engine.mapping_fit import undo_activation
-from worker.training.diffaugment import diff_augment
-from worker.training.discriminator import Discriminator
-from worker.training.gan_losses import g_nonsaturating_loss
-from worker.training.perceptual import perceptual_distance
-
-if TYPE_CHECKING:
-    from worker.training.gan import TrainState
+from worker.training.generator.discriminator import Discriminator
+from worker.training.generator.perceptual import perceptual_distance
 
 # Downscaled sizes whose MSE the reconstruction loss includes: the thumbnails
 # the product upscales.
@@ -194,38 +188,3 @@ def reconstruction_terms(fake: Tensor, real: Tensor, face: FaceExtractor | None,
         if perceptual:
             terms["perceptual"] = perceptual_distance(face, fake, real).mean()
     return terms
-
-
-def vae_step(state: TrainState, real: Tensor) -> dict[str, float]:
-    """One joint update of the encoder and G on a batch of reals (plus, for
-    vae-gan, the adversarial loss of the reconstructions)."""
-    c, G, E = state.config, state.G, state.E
-    assert E is not None and state.opt_E is not None
-    G.requires_grad_(True)
-    E.requires_grad_(True)
-    mu, logvar = encode(E, real)
-    z = mu + torch.randn_like(mu) * (0.5 * logvar).exp()
-    fake, w = decode(G, z)
-    if state.codes is not None:
-        state.codes.update(w)
-    terms = reconstruction_terms(fake, real, state.face, perceptual=c.perceptual_weight > 0)
-    kl = kl_divergence(mu, logvar).mean()
-    loss = terms["l1"] + c.lowres_weight * terms["lowres"] + c.kl_weight * kl
-    if "identity" in terms:
-        loss = loss + c.identity_weight * terms["identity"]
-    if "perceptual" in terms:
-        loss = loss + c.perceptual_weight * terms["perceptual"]
-    out = {f"rec_{name}": float(t.item()) for name, t in terms.items()} | {"kl": kl.item()}
-    adv_weight = state.adv_weight_now
-    if c.objective == "vae-gan" and adv_weight > 0:
-        state.D.requires_grad_(False)
-        adv = g_nonsaturating_loss(state.D(diff_augment(fake, state.augment)))
-        loss = loss + adv_weight * adv
-        out["rec_adv"] = adv.item()
-    state.opt_G.zero_grad(set_to_none=True)
-    state.opt_E.zero_grad(set_to_none=True)
-    loss.backward()
-    state.opt_G.step()
-    state.opt_E.step()
-    out["loss_VAE"] = loss.item()
-    return out

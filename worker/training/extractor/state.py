@@ -1,0 +1,69 @@
+"""What a training step changes, and its checkpoints."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from likeness.errors import LikenessError
+from worker.engine.checkpoints import atomic_torch_save
+from worker.training.common import rng_state
+from worker.training.extractor.config import ExtractorConfig
+from worker.training.extractor.data import Data, dataset_targets
+from worker.training.extractor.losses import attribute_pos_weight
+from worker.training.extractor.model import ExtractorModel, build_model, build_optimizer
+
+
+@dataclass
+class TrainState:
+    config: ExtractorConfig
+    model: ExtractorModel
+    opt: torch.optim.Optimizer
+    pos_weight: Tensor
+    device: torch.device
+    step: int = 0
+    train_seconds: float = 0.0
+    heads_fitted: bool = False
+    meta_epoch: int = 0  # lookalike meta-epochs completed
+    meta_step: int = 0  # Siamese steps taken in the current meta-epoch
+    threshold_deg: float | None = None  # θ_t of the last measurement: L_siamese's and the search's
+    meta_history: list[dict[str, Any]] = field(default_factory=list)  # one entry per measurement
+
+
+def new_state(config: ExtractorConfig, data: Data, device: torch.device) -> TrainState:
+    """A run's start: the model (pretrained backbone, fresh heads), its optimizer and the
+    attribute weights of its training set."""
+    model = build_model(config, data.classes).to(device)
+    pos_weight = attribute_pos_weight(dataset_targets(data.attributes)).to(device)
+    return TrainState(config, model, build_optimizer(config, model), pos_weight, device,
+                      heads_fitted=config.head_epochs == 0)
+
+
+def save_checkpoint(state: TrainState, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_torch_save({
+        "model": state.model.state_dict(), "opt": state.opt.state_dict(),
+        "pos_weight": state.pos_weight.cpu(), "step": state.step,
+        "heads_fitted": state.heads_fitted, "meta_epoch": state.meta_epoch,
+        "meta_step": state.meta_step, "threshold_deg": state.threshold_deg,
+        "meta_history": state.meta_history,
+        "classes": state.model.arcface.weight.shape[0], "train_seconds": state.train_seconds,
+        "rng": rng_state(), "train_config": state.config.model_dump(mode="json"),
+    }, path)
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise LikenessError("checkpoint_not_found", f"no such checkpoint: {path}",
+                            status=404) from None
+    except Exception as e:  # torch raises many types for a bad file
+        raise LikenessError("bad_checkpoint", f"cannot read {path}: {e}") from None
+    if not isinstance(ckpt, dict) or "train_config" not in ckpt or "pos_weight" not in ckpt:
+        raise LikenessError("bad_checkpoint", f"{path} is not a train-extractor checkpoint")
+    return ckpt
