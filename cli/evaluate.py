@@ -38,7 +38,7 @@ def evaluate_command(
     data_root: Annotated[Path | None, typer.Option(
         help="folder holding celebahq/ and utkface/ (default: ../shared/data)")] = None,
     out: Annotated[Path | None, typer.Option(
-        help="where README.md, results.json and the PNGs go (default: docs/results)")] = None,
+        help="where README.md, results.json and the PNGs go (default: runs/evaluate)")] = None,
     cache: Annotated[Path | None, typer.Option(
         help="search results per batch, reused by later runs (default: runs/evaluate/cache)")]
     = None,

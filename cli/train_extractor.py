@@ -19,34 +19,34 @@ from likeness.errors import LikenessError
 def train_extractor(
     data_root: Annotated[Path | None, typer.Option(
         help="folder holding celebahq/, utkface/ (and lfw/) in the ../shared format "
-             "(default ../shared/data; ignored with --smoke)")] = None,
+             "(default: ../shared/data; ignored with --smoke)")] = None,
     architecture: Annotated[str, typer.Option(
         help="mobilefacenet (112x96 SphereFace crops) or iresnet (112x112 ArcFace crops)")]
     = "mobilefacenet",
     weights: Annotated[Path | None, typer.Option(
-        help="pretrained backbone: a MobileFaceNet .ckpt (default "
+        help="pretrained backbone: a MobileFaceNet .ckpt (default: "
              "../shared/weights/mobilefacenet_casia_068.ckpt) or, with --architecture iresnet, "
              "an insightface arcface_torch backbone.pth (required)")] = None,
     out: Annotated[Path | None, typer.Option(
-        help="run folder (default runs/extractor, runs/extractor-smoke)")] = None,
+        help="run folder (default: runs/extractor, runs/extractor-smoke)")] = None,
     lfw: Annotated[bool, typer.Option("--lfw", help="add LFW identities to the ArcFace set")]
     = False,
     steps: Annotated[int | None, typer.Option(
-        min=0, help="joint training steps (default 20000; 0: fit the heads only)")] = None,
+        min=0, help="joint training steps (default: 20000; 0: fit the heads only)")] = None,
     head_epochs: Annotated[int | None, typer.Option(
         min=0, help="epochs fitting the heads and ArcFace centres on frozen features before "
-                    "joint training (default 30; 0: skip)")] = None,
-    batch: Annotated[int | None, typer.Option(min=2, help="batch per data set (default 64)")]
+                    "joint training (default: 30; 0: skip)")] = None,
+    batch: Annotated[int | None, typer.Option(min=2, help="batch per data set (default: 64)")]
     = None,
-    optimizer: Annotated[str | None, typer.Option(help="adam or sgd (default adam)")] = None,
-    lr: Annotated[float | None, typer.Option(help="backbone learning rate (default 1e-4)")]
+    optimizer: Annotated[str | None, typer.Option(help="adam or sgd (default: adam)")] = None,
+    lr: Annotated[float | None, typer.Option(help="backbone learning rate (default: 1e-4)")]
     = None,
     head_lr: Annotated[float | None, typer.Option(
-        help="heads and ArcFace centres learning rate (default 1e-3)")] = None,
+        help="heads and ArcFace centres learning rate (default: 1e-3)")] = None,
     max_minutes: Annotated[float | None, typer.Option(
-        help="stop (with a checkpoint and an export) after this long in this session")] = None,
+        help="stop (with a checkpoint and an export) after this long in this run")] = None,
     checkpoint_minutes: Annotated[float | None, typer.Option(
-        help="minutes between checkpoints (default 10)")] = None,
+        help="minutes between checkpoints (default: 10)")] = None,
     resume: Annotated[str | None, typer.Option(
         help="checkpoint file, or 'auto' for <out>/checkpoint.pt if present")] = None,
     fp16: Annotated[bool, typer.Option("--fp16", help="export weights as float16")] = False,
@@ -54,39 +54,39 @@ def train_extractor(
         min=2, help="cap images per data set (quick runs; MTCNN runs once per image, "
                     "~55 ms each on one CPU thread)")] = None,
     eval_limit: Annotated[int | None, typer.Option(
-        help="held-out images per evaluation set (default 2000)")] = None,
+        help="held-out images per evaluation set (default: 2000)")] = None,
     blur_fraction: Annotated[float | None, typer.Option(
         min=0, max=1, help="share of each joint-training batch resampled through a lower "
         "resolution first (crop's longer edge 20-64 px), so F reads a blurry face like a "
-        "sharp one (default 0: off)")] = None,
+        "sharp one (default: 0, off)")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")] = "auto",
     workers: Annotated[int | None, typer.Option(
-        help="data-loading processes (default 0 on CPU, 4 on CUDA)")] = None,
-    seed: Annotated[int | None, typer.Option(help="seed (default 0)")] = None,
+        help="data-loading processes (default: 0 on CPU, 4 on CUDA)")] = None,
+    seed: Annotated[int | None, typer.Option(help="seed (default: 0)")] = None,
     meta_epochs: Annotated[int | None, typer.Option(
         min=0, help="lookalike stage after the joint steps: meta-epochs of generate lookalikes "
-                    "with the current F → train with L_siamese → re-fit θ_t (paper: 5; default "
+                    "with the current F → train with L_siamese → re-fit θ_t (paper: 5; default: "
                     "0: off)")] = None,
     lookalike_pairs: Annotated[int | None, typer.Option(
         min=1, help="people per meta-epoch, two photos each: two searches per person "
-                    "(default 24)")] = None,
+                    "(default: 24)")] = None,
     siamese_steps: Annotated[int | None, typer.Option(
-        min=0, help="joint steps with L_siamese per meta-epoch (default 50)")] = None,
+        min=0, help="joint steps with L_siamese per meta-epoch (default: 50)")] = None,
     siamese_batch: Annotated[int | None, typer.Option(
-        min=1, help="lookalikes per step (default 16)")] = None,
+        min=1, help="lookalikes per step (default: 16)")] = None,
     siamese_weight: Annotated[float | None, typer.Option(
-        min=0, help="weight of L_siamese (default 1)")] = None,
+        min=0, help="weight of L_siamese (default: 1)")] = None,
     generator: Annotated[str | None, typer.Option(
         help="generator of the lookalike searches: manifest name or checkpoint (default: the "
              "manifest's default generator)")] = None,
     search_steps: Annotated[int | None, typer.Option(
-        min=1, help="steps per lookalike search (default 50; PULSE: 100)")] = None,
+        min=1, help="steps per lookalike search (default: 50; PULSE: 100)")] = None,
     search_restarts: Annotated[int | None, typer.Option(
-        min=1, help="restarts per lookalike search (default 4)")] = None,
+        min=1, help="restarts per lookalike search (default: 4)")] = None,
     lookalike_thumbnail: Annotated[int | None, typer.Option(
-        min=2, help="thumbnail side the photos are downscaled to (default 16)")] = None,
+        min=2, help="thumbnail side the photos are downscaled to (default: 16)")] = None,
     lookalike_batch: Annotated[int | None, typer.Option(
-        min=1, help="thumbnails per search batch (default 8)")] = None,
+        min=1, help="thumbnails per search batch (default: 8)")] = None,
     smoke: Annotated[bool, typer.Option(
         "--smoke", help="synthetic data, random init, 4 steps: runs on CPU in under a minute")]
     = False,

@@ -49,51 +49,51 @@ def train_generator(
         help="zip of 128-px images (the ../shared format); --smoke without it uses synthetic "
              "images")] = None,
     out: Annotated[Path | None, typer.Option(
-        help="run folder (default runs/generator, runs/smoke)")] = None,
-    resolution: Annotated[int | None, typer.Option(help="image side (default 128)")] = None,
-    channel_max: Annotated[int | None, typer.Option(help="widest layer (default 128)")] = None,
+        help="run folder (default: runs/generator, runs/smoke)")] = None,
+    resolution: Annotated[int | None, typer.Option(help="image side (default: 128)")] = None,
+    channel_max: Annotated[int | None, typer.Option(help="widest layer (default: 128)")] = None,
     channel_base: Annotated[int | None, typer.Option(
-        help="width at res r = min(channel_max, base / r) (default 2048)")] = None,
-    style_dim: Annotated[int | None, typer.Option(help="width of z and w (default 256)")] = None,
-    n_mlp: Annotated[int | None, typer.Option(help="mapping depth (default 4)")] = None,
+        help="width at res r = min(channel_max, base / r) (default: 2048)")] = None,
+    style_dim: Annotated[int | None, typer.Option(help="width of z and w (default: 256)")] = None,
+    n_mlp: Annotated[int | None, typer.Option(help="mapping depth (default: 4)")] = None,
     objective: Annotated[str | None, typer.Option(
         help="gan (StyleGAN2, for GPUs), vae (G as an autoencoder's decoder: faces after a few "
-             "epochs, the CPU path) or vae-gan (default gan)")] = None,
+             "epochs, the CPU path) or vae-gan (default: gan)")] = None,
     face_weights: Annotated[Path | None, typer.Option(
         help="MobileFaceNet checkpoint for the vae identity term and --fd-samples "
              "(../shared/weights/mobilefacenet_casia_068.ckpt)")] = None,
     fd_samples: Annotated[int | None, typer.Option(
         min=0, help="at every checkpoint, log the FD of this many samples vs as many "
-                    "held-out photos (needs --face-weights; default 0: off)")] = None,
-    kl_weight: Annotated[float | None, typer.Option(help="vae: KL weight (default 5e-5)")] = None,
+                    "held-out photos (needs --face-weights; default: 0, off)")] = None,
+    kl_weight: Annotated[float | None, typer.Option(help="vae: KL weight (default: 5e-5)")] = None,
     lowres_weight: Annotated[float | None, typer.Option(
-        help="vae: weight of the 16/32-px downscale MSE (default 10)")] = None,
+        help="vae: weight of the 16/32-px downscale MSE (default: 10)")] = None,
     identity_weight: Annotated[float | None, typer.Option(
-        help="vae: weight of the identity term (default 0.1)")] = None,
+        help="vae: weight of the identity term (default: 0.1)")] = None,
     perceptual_weight: Annotated[float | None, typer.Option(
         help="vae: weight of the face-feature perceptual loss, the sharpener (needs "
-             "--face-weights; default 0: off)")] = None,
+             "--face-weights; default: 0, off)")] = None,
     adv_weight: Annotated[float | None, typer.Option(
-        help="weight of G's adversarial loss (default 1)")] = None,
+        help="weight of G's adversarial loss (default: 1)")] = None,
     adv_start_kimg: Annotated[float | None, typer.Option(
-        help="vae-gan: adversarial updates begin after this many kimg (default 0)")] = None,
+        help="vae-gan: adversarial updates begin after this many kimg (default: 0)")] = None,
     adv_ramp_kimg: Annotated[float | None, typer.Option(
         help="then G's adversarial weight rises from 0 to --adv-weight over this many kimg "
-             "(default 0: at once)")] = None,
-    batch: Annotated[int | None, typer.Option(min=1, help="batch size (default 8)")] = None,
+             "(default: 0, at once)")] = None,
+    batch: Annotated[int | None, typer.Option(min=1, help="batch size (default: 8)")] = None,
     kimg: Annotated[float | None, typer.Option(
-        help="train until this many thousand images seen (default 1000)")] = None,
+        help="train until this many thousand images seen (default: 1000)")] = None,
     max_minutes: Annotated[float | None, typer.Option(
-        help="stop (with a checkpoint) after this long in this session")] = None,
+        help="stop (with a checkpoint) after this long in this run")] = None,
     checkpoint_minutes: Annotated[float | None, typer.Option(
-        help="minutes between checkpoints (default 10)")] = None,
+        help="minutes between checkpoints (default: 10)")] = None,
     resume: Annotated[str | None, typer.Option(
         help="checkpoint file (or committed parts of one: <file>.parts.json), or 'auto' "
              "for <out>/checkpoint.pt if present")] = None,
     save_parts: Annotated[Path | None, typer.Option(
         help="when training stops, also write the checkpoint as ≤15 MiB parts at this path "
-             "(<path>.partNNN + <path>.parts.json), small enough to commit; resume with "
-             "--resume <path>")] = None,
+             "(PATH.partNNN + PATH.parts.json), small enough to commit; resume with "
+             "--resume PATH")] = None,
     prior_members: Annotated[Path | None, typer.Option(
         help="vae objectives: fit the exported prior to these members of --data (a split "
              "file, e.g. a race-balanced list) instead of the recent training batches")] = None,
@@ -103,20 +103,20 @@ def train_generator(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")] = "auto",
     smoke: Annotated[bool, typer.Option(
         "--smoke", help="tiny 32-px config that runs on CPU in under a minute")] = False,
-    seed: Annotated[int | None, typer.Option(help="seed (default 0)")] = None,
-    r1_gamma: Annotated[float | None, typer.Option(help="R1 weight (default 0.5)")] = None,
+    seed: Annotated[int | None, typer.Option(help="seed (default: 0)")] = None,
+    r1_gamma: Annotated[float | None, typer.Option(help="R1 weight (default: 0.5)")] = None,
     augment: Annotated[str | None, typer.Option(
         help="DiffAugment policy: comma list of color, translation, cutout; or 'none'")] = None,
     members: Annotated[Path | None, typer.Option(
         help="split file: the zip members to train on, one per line")] = None,
     mirror: Annotated[bool | None, typer.Option(
-        "--mirror/--no-mirror", help="add horizontal flips (default on)")] = None,
+        "--mirror/--no-mirror", help="add horizontal flips (default: on)")] = None,
     pl_weight: Annotated[float | None, typer.Option(
-        help="path-length regularisation weight (default 0 = off)")] = None,
+        help="path-length regularisation weight (default: 0 = off)")] = None,
     ema_kimg: Annotated[float | None, typer.Option(
-        help="EMA half-life in kimg (default batch·10/32)")] = None,
+        help="EMA half-life in kimg (default: batch·10/32)")] = None,
     workers: Annotated[int | None, typer.Option(
-        help="data-loading processes (default 0 on CPU, 4 on CUDA)")] = None,
+        help="data-loading processes (default: 0 on CPU, 4 on CUDA)")] = None,
     threads: Annotated[int | None, typer.Option(
         min=1, help="CPU threads for torch (default: torch's; 1 with --smoke). Keep it fixed "
                     "across resumes for bit-exact continuation")] = None,

@@ -14,7 +14,7 @@ def train_judges(
     data_root: Annotated[Path, typer.Option(help="folder holding celebahq/ and utkface/")]
     = Path("../shared/data"),
     task: Annotated[list[str] | None, typer.Option(
-        help="race and/or attributes (default both)")] = None,
+        help="race and/or attributes (default: both)")] = None,
     epochs: Annotated[int, typer.Option(min=1, help="passes over the training split")] = 8,
     max_minutes: Annotated[float | None, typer.Option(
         help="stop a judge's training after this long (per judge)")] = None,
@@ -29,7 +29,7 @@ def train_judges(
         "the rarest is still predicted")] = True,
     threads: Annotated[int | None, typer.Option(min=1, help="CPU threads for torch")] = None,
 ) -> None:
-    """Train the race and attribute judges (issue 5): small ResNets from scratch on
+    """Train the race and attribute judges: small ResNets from scratch on
     held-in people, scored on held-out ones; the search never sees them."""
     import torch
 

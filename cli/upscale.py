@@ -15,35 +15,35 @@ from likeness.errors import LikenessError
 
 
 def upscale(
-    thumbnail: Annotated[Path, typer.Argument(help="Thumbnail image (PNG, JPEG, WebP, BMP, "
-                                              "GIF).", show_default=False)],
+    thumbnail: Annotated[Path, typer.Argument(help="thumbnail image (PNG, JPEG, WebP, BMP, "
+                                              "GIF)", show_default=False)],
     output: Annotated[Path | None, typer.Option(
-        "-o", "--output", help="Output PNG. Default: <thumbnail>_likeness.png.")] = None,
+        "-o", "--output", help="output PNG (default: <thumbnail>_likeness.png)")] = None,
     steps: Annotated[int | None, request_option(
-        "steps", help="Optimiser steps. Default: LIKENESS_STEPS_DEFAULT (100).")] = None,
+        "steps", help="optimiser steps (default: LIKENESS_STEPS_DEFAULT, 100)")] = None,
     restarts: Annotated[int | None, request_option(
-        "restarts", help="Random restarts. Default: LIKENESS_RESTARTS_DEFAULT (4).")] = None,
+        "restarts", help="random restarts (default: LIKENESS_RESTARTS_DEFAULT, 4)")] = None,
     seed: Annotated[int | None, request_option("seed")] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N")] = "auto",
     weights: Annotated[str | None, typer.Option(
-        help="Generator: a manifest name or a file. Default: the manifest's default.")] = None,
+        help="generator: a manifest name or a file (default: the manifest's default)")] = None,
     eps: Annotated[float | None, request_option("eps")] = None,
     geocross_weight: Annotated[float | None, typer.Option(
-        min=0.0, help="Weight of GEOCROSS, which keeps the W+ rows together. Default: the "
-        "generator's manifest setting, else PULSE's 0.05.")] = None,
+        min=0.0, help="weight of GEOCROSS, which keeps the W+ rows together (default: the "
+        "generator's manifest setting, else PULSE's 0.05)")] = None,
     precision: Annotated[str, typer.Option(
-        help="fp32, or bf16 (bfloat16 generator: fast on GPUs, slow on most CPUs).")] = "fp32",
+        help="fp32, or bf16 (bfloat16 generator: fast on GPUs, slow on most CPUs)")] = "fp32",
     race: Annotated[str | None, typer.Option(
-        help="Target race, a name of F's race head (e.g. Black).")] = None,
+        help="target race, a name of F's race head (e.g. Black)")] = None,
     attr: Annotated[list[str] | None, typer.Option(
-        help="Target attribute Name=0|1, a CelebA name; repeat for several: --attr Smiling=1 "
-             "--attr Eyeglasses=0.", show_default=False)] = None,
+        help="target attribute Name=0|1, a CelebA name; repeat for several: --attr "
+             "Smiling=1 --attr Eyeglasses=0", show_default=False)] = None,
     reference: Annotated[Path | None, typer.Option(
-        help="A photo of the same person: the search keeps the identity F sees in it.")]
+        help="a photo of the same person: the search keeps the identity F sees in it")]
     = None,
     extractor: Annotated[str | None, typer.Option(
-        help="Face extractor F with heads: a manifest name or a file. Default: the "
-        "manifest's default.")] = None,
+        help="face extractor F with heads: a manifest name or a file (default: the "
+        "manifest's default)")] = None,
     identity_weight: Annotated[float | None, request_option("identity_weight")] = None,
     race_weight: Annotated[float | None, request_option("race_weight")] = None,
     attr_weight: Annotated[float | None, request_option("attr_weight")] = None,

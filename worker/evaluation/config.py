@@ -37,7 +37,7 @@ class EvalConfig(BaseModel):
     """Everything that decides what ``evaluate`` computes and where it writes."""
 
     data_root: Path = Field(Path("../shared/data"), description="holds celebahq/ and utkface/")
-    out: Path = Field(Path("docs/results"), description="README.md, results.json, PNGs")
+    out: Path = Field(Path("runs/evaluate"), description="README.md, results.json, PNGs")
     cache: Path = Field(Path("runs/evaluate/cache"), description="search results per batch")
     celeba: int = Field(25, ge=2, description="held-out CelebA-HQ people (Tables 1 and 3)")
     utkface: int = Field(25, ge=1, description="held-out UTKFace images (Table 2)")

@@ -218,7 +218,7 @@ def write_readme(results: dict[str, Any], path: Path) -> None:
         "",
         "## Targets",
         "",
-        "The paper's claims as issue 5 states them for our scale, checked on the tables above "
+        "The paper's claims as scaled to this project, checked on the tables above "
         "(the last rows of Tables 2 and 3, the judges on the held-out photos themselves, show "
         "how far the judges can be trusted at this N):",
         "",

@@ -1,4 +1,4 @@
-"""Judges: race and attribute classifiers that the search never sees (issue 5).
+"""Judges: race and attribute classifiers that the search never sees.
 
 They stand in for the paper's off-the-shelf classifiers when scoring
 re-identification: a small ResNet trained from scratch (F is a pretrained

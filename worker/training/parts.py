@@ -1,7 +1,7 @@
 """A training checkpoint as parts small enough to commit (≤ 15 MiB each).
 
 Git hosts refuse large files, and a CPU-trained generator has to carry its
-full state (G, D, EMA, optimisers, RNG) from one session to the next. The
+full state (G, D, EMA, optimisers, RNG) from one run to the next. The
 bytes are split verbatim, with an index holding every part's sha256, so the
 joined file is the very checkpoint that was saved: resuming stays exact.
 """

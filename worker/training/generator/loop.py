@@ -51,7 +51,7 @@ from worker.training.images_zip import (
 @dataclass
 class FDProbe:
     """What the FD at a checkpoint compares against: the embeddings of held-out photos,
-    computed once per session."""
+    computed once per run."""
 
     face: FaceExtractor
     reference: Tensor  # (N, D)
