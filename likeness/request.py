@@ -9,7 +9,6 @@ a job records what it ran with.
 
 from __future__ import annotations
 
-import math
 import secrets
 from typing import Annotated, Any, Literal
 
@@ -124,11 +123,10 @@ def settle(request: UpscaleRequest, settings: Settings, *, capped: bool = True
     """Steps and restarts from the settings where the request has none. ``capped`` (the
     API): also within the settings' limits, a service's own caps inside the model's
     bounds; the command line has the model's bounds only."""
-    for name, given, low, high in () if not capped else (
-        ("steps", request.steps, settings.steps_min, settings.steps_max),
-        ("restarts", request.restarts, settings.restarts_min, settings.restarts_max),
-    ):
-        if given is not None and not (math.isfinite(given) and low <= given <= high):
+    limits = (("steps", request.steps, settings.steps_min, settings.steps_max),
+              ("restarts", request.restarts, settings.restarts_min, settings.restarts_max))
+    for name, given, low, high in limits if capped else ():
+        if given is not None and not low <= given <= high:
             raise out_of_range(name, given, low, high)
     return request.model_copy(update={
         "steps": request.steps if request.steps is not None else settings.steps_default,

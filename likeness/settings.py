@@ -104,15 +104,22 @@ class Settings(BaseSettings):
         gt=0,
         description="/readyz answers 503 unless some worker heartbeated within this window.",
     )
-    steps_min: int = Field(default=1, ge=1, description="Smallest accepted 'steps'.")
-    steps_max: int = Field(default=1000, ge=1, description="Largest accepted 'steps'.")
+    # The API's own caps, inside the request model's bounds (likeness/request.py), which
+    # are all the command line has: a shared service keeps each job's cost in check.
+    steps_min: int = Field(default=1, ge=1, description="Smallest 'steps' the API accepts.")
+    steps_max: int = Field(
+        default=1000, ge=1, description="Largest 'steps' the API accepts (at most the request "
+        "model's 10000).")
     steps_default: int = Field(
         default=100,
         ge=1,
-        description="Optimisation steps of the latent search when the request gives none.",
+        description="Optimisation steps of the latent search when the request gives none "
+        "(API and command line).",
     )
-    restarts_min: int = Field(default=1, ge=1, description="Smallest accepted 'restarts'.")
-    restarts_max: int = Field(default=32, ge=1, description="Largest accepted 'restarts'.")
+    restarts_min: int = Field(default=1, ge=1, description="Smallest 'restarts' the API accepts.")
+    restarts_max: int = Field(
+        default=32, ge=1, description="Largest 'restarts' the API accepts (at most the request "
+        "model's 64).")
     restarts_default: int = Field(
         default=4,
         ge=1,
