@@ -59,7 +59,8 @@ def _area_pool(x: np.ndarray, n_out: int, axis: int) -> np.ndarray:
     shape = [1] * x.ndim
     shape[axis] = n_out
     sums = np.take(csum, end, axis=axis) - np.take(csum, start, axis=axis)
-    return sums / (end - start).reshape(shape)
+    pooled: np.ndarray = sums / (end - start).reshape(shape)
+    return pooled
 
 
 def area_resize(image: np.ndarray, height: int, width: int) -> np.ndarray:

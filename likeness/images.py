@@ -46,7 +46,8 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decode
         with warnings.catch_warnings():
             # Pillow warns (and only past 2x errors) on decompression bombs; we decide ourselves.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data), formats=FORMATS)
+            # Typed as the base class: exif_transpose below may hand back a plain Image.
+            img: Image.Image = Image.open(io.BytesIO(data), formats=FORMATS)
             width, height = img.size
             if width * height > max_pixels:
                 raise InvalidImage(
