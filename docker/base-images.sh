@@ -101,7 +101,7 @@ stand_in() {
   if [ -d "$extra_ca_dir" ]; then
     find "$extra_ca_dir" -maxdepth 1 -name '*.crt' -exec cp {} "$context/ca-certificates/" \;
   fi
-  docker build --build-arg "DEBIAN_IMAGE=$debian_local" -t "$image" "$context" >&2
+  docker build --force-rm --build-arg "DEBIAN_IMAGE=$debian_local" -t "$image" "$context" >&2
   rm -rf "$context"
   trap - EXIT
 }
