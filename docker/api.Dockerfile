@@ -1,7 +1,9 @@
-# syntax=docker/dockerfile:1
 # The HTTP API (app/): FastAPI under uvicorn, no torch. Build from the repository root:
 #   docker build -f docker/api.Dockerfile -t likeness-api .
-FROM python:3.11-slim-bookworm
+# PYTHON_IMAGE names the base image; where no registry can be reached,
+# docker/base-images.sh builds a stand-in from Debian's packages and names it.
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+FROM ${PYTHON_IMAGE}
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -14,17 +16,24 @@ RUN groupadd --system --gid 10001 likeness \
     && useradd --system --uid 10001 --gid likeness --create-home --home-dir /home/likeness likeness
 
 WORKDIR /app
-COPY pyproject.toml README.md ./
-COPY likeness/ likeness/
-COPY app/ app/
-# Torch-free at import; the `likeness` command loads it (the API itself never does).
-COPY worker/ worker/
-COPY cli/ cli/
-COPY weights/ weights/
+# The dependencies in a layer of their own that only pyproject.toml invalidates: the
+# project is installed once without its source (an empty README stands in for the
+# real one), which brings in its dependencies, and then removed again.
+# Only the core dependencies: no extras, no torch.
+COPY pyproject.toml ./
+RUN touch README.md \
+    && pip install . \
+    && pip uninstall -y likeness \
+    && rm -rf README.md build ./*.egg-info
+
+# The whole context, so a new top-level package comes along; .dockerignore keeps
+# tests, docs, runs and caches out. Torch-free at import; the `likeness` command
+# loads it (the API itself never does).
+COPY . .
 # Editable, so the package stays at /app beside weights/ (likeness.manifest finds the
-# manifest and the bundled weights next to the package). Only the core dependencies:
-# no extras, no torch. The source stays root-owned and read-only for the user.
-RUN pip install -e . \
+# manifest and the bundled weights next to the package). The source stays root-owned
+# and read-only for the user.
+RUN pip install --no-deps -e . \
     && mkdir -p /data \
     && chown likeness:likeness /data
 

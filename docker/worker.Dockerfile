@@ -1,12 +1,16 @@
-# syntax=docker/dockerfile:1
 # The worker and trainer: `likeness worker` by default, and every other `likeness`
 # command (train-generator, train-extractor, weights ...) from the same image.
 # CUDA comes with the torch wheels (the NVIDIA driver comes from the host through
 # the NVIDIA Container Toolkit). Build from the repository root:
 #   docker build -f docker/worker.Dockerfile -t likeness-worker .
 # CUDA 13.0 wheels need an NVIDIA driver >= 580; for an older driver pick another
-# wheel index, e.g. --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
-FROM python:3.11-slim-bookworm
+# wheel index, e.g. --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128.
+# Where the PyTorch index cannot be reached, PyPI's torch wheels are CUDA 13.0 builds
+# too: --build-arg TORCH_INDEX_URL=https://pypi.org/simple.
+# PYTHON_IMAGE names the base image; where no registry can be reached,
+# docker/base-images.sh builds a stand-in from Debian's packages and names it.
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+FROM ${PYTHON_IMAGE}
 
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu130
 
@@ -26,15 +30,21 @@ RUN groupadd --system --gid 10001 likeness \
 RUN pip install --index-url ${TORCH_INDEX_URL} torch==2.14.1 torchvision==0.29.1
 
 WORKDIR /app
-COPY pyproject.toml README.md ./
-COPY likeness/ likeness/
-COPY app/ app/
-COPY worker/ worker/
-COPY cli/ cli/
-COPY weights/ weights/
-# Editable, so the package stays at /app beside weights/. The torch pins above
-# already satisfy the extra, so this adds only the rest of it.
-RUN pip install -e ".[worker]" \
+# The rest of the [worker] dependencies in a layer that only pyproject.toml invalidates
+# (see api.Dockerfile). The torch pins above already satisfy the extra.
+# onnxruntime-gpu replaces the core dependency's onnxruntime (both own the same
+# module): the ONNX face detector then runs on the CUDA provider where a GPU is
+# visible and on the CPU provider elsewhere.
+COPY pyproject.toml ./
+RUN touch README.md \
+    && pip install ".[worker]" \
+    && pip uninstall -y likeness onnxruntime \
+    && pip install "onnxruntime-gpu>=1.20" \
+    && rm -rf README.md build ./*.egg-info
+
+COPY . .
+# Editable, so the package stays at /app beside weights/.
+RUN pip install --no-deps -e . \
     && mkdir -p /data /app/runs \
     && chown likeness:likeness /data /app/runs
 

@@ -142,6 +142,23 @@ def _crops(image: np.ndarray, boxes: np.ndarray, size: int) -> tuple[np.ndarray,
     return _normalise(stacked), ok
 
 
+# Where the NVIDIA driver lists the GPUs it sees (in a container too, through the
+# NVIDIA Container Toolkit): cheaper than asking CUDA, and torch-free.
+NVIDIA_GPUS = Path("/proc/driver/nvidia/gpus")
+
+
+def session_providers(available: list[str], gpus: Path = NVIDIA_GPUS) -> list[str]:
+    """CUDA first where onnxruntime-gpu is installed and a GPU is visible, else the CPU.
+
+    onnxruntime-gpu also offers CUDA on a host without a GPU, and then prints an error
+    for every session before it falls back: ask for CUDA only where it can work.
+    """
+    has_gpu = gpus.is_dir() and any(gpus.iterdir())
+    if "CUDAExecutionProvider" in available and has_gpu:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
 class OnnxMTCNN:
     """The MTCNN cascade on three onnxruntime sessions; thread-safe for ``detect``."""
 
@@ -156,6 +173,7 @@ class OnnxMTCNN:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         self._sessions: dict[str, Any] = {}
+        providers = session_providers(ort.get_available_providers())
         for stage in STAGES:
             path = paths[stage]
             if not Path(path).is_file():
@@ -165,9 +183,7 @@ class OnnxMTCNN:
                     "run `likeness weights export-detector`",
                     status=503,
                 )
-            self._sessions[stage] = ort.InferenceSession(
-                str(path), options, providers=["CPUExecutionProvider"]
-            )
+            self._sessions[stage] = ort.InferenceSession(str(path), options, providers=providers)
         self._lock = threading.Lock()
 
     @staticmethod

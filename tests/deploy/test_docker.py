@@ -509,7 +509,8 @@ def test_no_secrets_in_compose_or_dockerfiles() -> None:
 
 
 def test_nothing_refers_to_the_shared_folder() -> None:
-    for path in [COMPOSE_FILE, DOCKERIGNORE, *sorted((ROOT / "docker").iterdir())]:
+    docker_files = sorted(p for p in (ROOT / "docker").rglob("*") if p.is_file())
+    for path in [COMPOSE_FILE, ROOT / "docker-compose.cpu.yml", DOCKERIGNORE, *docker_files]:
         assert "../shared" not in path.read_text(), path
 
 
@@ -596,9 +597,77 @@ def test_images_run_as_a_non_root_user() -> None:
 
 
 def _project_install(name: str) -> PipInstall:
-    installs = [p for p in pip_installs(image_instructions(name)) if p.project_extras is not None]
+    """The install of the project that brings its dependencies (not a --no-deps one)."""
+    installs = [
+        p
+        for p in pip_installs(image_instructions(name))
+        if p.project_extras is not None and "--no-deps" not in p.options
+    ]
     assert len(installs) == 1, f"{name}: expected one `pip install .[...]` of the project"
     return installs[0]
+
+
+def test_dependencies_are_installed_before_the_source_is_copied() -> None:
+    # Layer caching: a change to the source must not reinstall the dependencies.
+    for name in ("api", "worker"):
+        ins = image_instructions(name)
+        deps = _project_install(name)
+        copies = [i for i in ins if i.keyword == "COPY" and not i.flags]
+        source = [c for c in copies if c.words[0] == "."]
+        assert source, f"{name}: the context is not copied (`COPY . .`)"
+        assert deps.line < source[0].line, f"{name}: dependencies installed after the source"
+        before = [c for c in copies if c.line < deps.line]
+        assert all(c.words[:-1] == ["pyproject.toml"] for c in before), (
+            f"{name}: only pyproject.toml may reach the dependency layer"
+        )
+        final = [
+            p
+            for p in pip_installs(ins)
+            if p.project_extras is not None and "--no-deps" in p.options
+        ]
+        assert len(final) == 1 and final[0].editable, f"{name}: one `pip install --no-deps -e .`"
+        assert final[0].line > source[0].line
+
+
+def test_base_images_default_to_the_registry_s_and_can_be_replaced() -> None:
+    official = "python:3.11-slim-bookworm"
+    for name in ("api", "worker"):
+        ins = image_instructions(name)
+        assert ins[0].keyword == "ARG" and ins[0].rest == f"PYTHON_IMAGE={official}", name
+        assert ins[1].keyword == "FROM" and ins[1].rest == "${PYTHON_IMAGE}", name
+        args = service(name)["build"]["args"]
+        assert interpolate(args["PYTHON_IMAGE"]) == official, name
+        assert "${LIKENESS_PYTHON_IMAGE" in args["PYTHON_IMAGE"], name
+    image = service("redis")["image"]
+    assert "${LIKENESS_REDIS_IMAGE" in image and interpolate(image) == "redis:7.4-alpine"
+
+
+def test_worker_image_runs_onnxruntime_gpu_and_the_api_image_onnxruntime() -> None:
+    def swaps(name: str) -> tuple[bool, bool]:
+        """(onnxruntime uninstalled, onnxruntime-gpu installed), the first before the second."""
+        ins = image_instructions(name)
+        uninstall_lines = [
+            i.line
+            for i in ins
+            if i.keyword == "RUN"
+            for segment in re.split(r"&&|;", i.rest)
+            if shlex.split(segment)[:2] == ["pip", "uninstall"]
+            and "onnxruntime" in shlex.split(segment)
+        ]
+        gpu_lines = [
+            pip.line
+            for pip in pip_installs(ins)
+            if any(canonicalize_name(r.name) == "onnxruntime-gpu" for r in pip.requirements)
+        ]
+        if uninstall_lines and gpu_lines:
+            assert uninstall_lines[0] <= gpu_lines[0]
+        return bool(uninstall_lines), bool(gpu_lines)
+
+    assert "onnxruntime" in {
+        canonicalize_name(r.name) for r in project_requirements(set())
+    }, "the core dependencies no longer name onnxruntime"
+    assert swaps("worker") == (True, True)
+    assert swaps("api") == (False, False)
 
 
 def test_api_image_installs_the_core_dependencies_without_torch() -> None:
@@ -722,6 +791,51 @@ def test_docker_compose_config_accepts_the_file() -> None:
         pytest.skip("neither `docker compose` nor `docker-compose` is installed")
     result = subprocess.run(
         [*cli, "--file", str(COMPOSE_FILE), "config", "--quiet"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+
+
+# -- the CPU profile ----------------------------------------------------------------------
+
+CPU_COMPOSE_FILE = ROOT / "docker-compose.cpu.yml"
+
+
+def _without_gpu(svc: dict[str, Any]) -> dict[str, Any]:
+    stripped = {k: v for k, v in svc.items() if k != "deploy"}
+    deploy = {k: v for k, v in svc.get("deploy", {}).items() if k != "resources"}
+    if deploy:
+        stripped["deploy"] = deploy
+    return stripped
+
+
+def test_cpu_profile_is_the_gpu_stack_without_gpus() -> None:
+    cpu = yaml.safe_load(CPU_COMPOSE_FILE.read_text())
+    def top(data: dict[str, Any]) -> set[str]:
+        return {k for k in data if not k.startswith("x-")}  # x-: the files' YAML anchors
+
+    assert top(cpu) == top(compose())
+    assert cpu["volumes"] == compose()["volumes"]
+    assert cpu["services"].keys() == services().keys()
+    for name, svc in cpu["services"].items():
+        assert "devices" not in json.dumps(svc.get("deploy", {})), f"{name} reserves a device"
+        gpu = _without_gpu(service(name))
+        if "environment" in gpu and "LIKENESS_DEVICE" in gpu["environment"]:
+            assert interpolate(svc["environment"]["LIKENESS_DEVICE"]) == "cpu", name
+            svc = {**svc, "environment": {**svc["environment"]}}
+            svc["environment"]["LIKENESS_DEVICE"] = gpu["environment"]["LIKENESS_DEVICE"]
+        assert svc == gpu, f"{name} differs between the GPU and the CPU compose files"
+
+
+def test_docker_compose_config_accepts_the_cpu_profile() -> None:
+    cli = _compose_cli()
+    if cli is None:
+        pytest.skip("neither `docker compose` nor `docker-compose` is installed")
+    result = subprocess.run(
+        [*cli, "--file", str(CPU_COMPOSE_FILE), "config", "--quiet"],
         cwd=ROOT,
         capture_output=True,
         text=True,
