@@ -24,7 +24,7 @@ import redis
 from PIL import Image
 
 from app.main import create_app
-from likeness.settings import Settings
+from likeness.settings import BUNDLED_WEIGHTS_DIR, Settings
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # Starlette prefers the httpx2 fork; httpx works the same
@@ -157,6 +157,8 @@ class Service:
             "redis_key_prefix": self.prefix,
             "weights_dir": self.dir / "no-weights",  # the default label lists
             "generator": str(self.weights),
+            # LIKENESS_WEIGHTS_DIR lists none, so the bundled F is named by its file.
+            "extractor": str(BUNDLED_WEIGHTS_DIR / "extractor.pt"),
             "device": "cpu",
             "worker_poll_seconds": 0.2,
         }
