@@ -79,10 +79,13 @@ def build_job(
     values = dict(form)
     values["attributes"] = parse_attribute_pairs(values.get("attributes") or [])
     wanted = settle(validate_request(values), settings)
-    options = JobOptions.model_validate(wanted.model_dump() | {
-        "race": canonical_race(wanted.race, labels.races),
-        "attributes": canonical_attributes(wanted.attributes, labels.attributes),
-    })
+    options = JobOptions.model_validate(
+        wanted.model_dump()
+        | {
+            "race": canonical_race(wanted.race, labels.races),
+            "attributes": canonical_attributes(wanted.attributes, labels.attributes),
+        }
+    )
     inputs = {"thumbnail": _input_file(thumbnail, thumb)}
     blobs = {"thumbnail": thumbnail.data}
     if reference is not None and ref is not None:

@@ -80,9 +80,13 @@ async def bench(base: str, clients: int, total: int) -> dict[str, object]:
     ids: list[str] = []
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with httpx.AsyncClient(base_url=base, limits=limits, timeout=30) as http:
+
         async def post(i: int) -> int:
-            r = await http.post("/upscale", files={"thumbnail": ("t.png", png, "image/png")},
-                                data={"steps": "100", "attribute": ["Smiling:1"]})
+            r = await http.post(
+                "/upscale",
+                files={"thumbnail": ("t.png", png, "image/png")},
+                data={"steps": "100", "attribute": ["Smiling:1"]},
+            )
             if r.status_code == 202:
                 ids.append(r.json()["id"])
             return r.status_code
@@ -93,8 +97,10 @@ async def bench(base: str, clients: int, total: int) -> dict[str, object]:
 
         post_lat, post_s, post_st = await run_phase(clients, total, post)
         get_lat, get_s, get_st = await run_phase(clients, total, get)
-    return {"post_upscale": summary(post_lat, post_s, post_st),
-            "get_job": summary(get_lat, get_s, get_st)}
+    return {
+        "post_upscale": summary(post_lat, post_s, post_st),
+        "get_job": summary(get_lat, get_s, get_st),
+    }
 
 
 def main() -> None:
@@ -112,8 +118,21 @@ def main() -> None:
             env.update(LIKENESS_STORE=args.redis_url, LIKENESS_REDIS_KEY_PREFIX=prefix)
         port = free_port()
         server = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1",
-             "--port", str(port), "--log-level", "warning"], cwd=ROOT, env=env)
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "app.main:app",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--log-level",
+                "warning",
+            ],
+            cwd=ROOT,
+            env=env,
+        )
         base = f"http://127.0.0.1:{port}"
         try:
             deadline = time.monotonic() + 60
@@ -136,8 +155,12 @@ def main() -> None:
                 keys = list(r.scan_iter(f"{prefix}*"))
                 if keys:
                     r.delete(*keys)
-    print(json.dumps({"store": args.store, "clients": args.clients, **result,
-                      "cpu_count": os.cpu_count()}, indent=2))
+    print(
+        json.dumps(
+            {"store": args.store, "clients": args.clients, **result, "cpu_count": os.cpu_count()},
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -72,11 +72,13 @@ CONFIGS: dict[str, Callable[[], GeneratorConfig]] = {
     # The official FFHQ model's shapes (30 M parameters).
     "ffhq1024": lambda: GeneratorConfig.stylegan2(1024, channel_multiplier=2),
     # The bundled generator's shapes: worker/training/generator/config.py TrainConfig's defaults.
-    "bundled128": lambda: GeneratorConfig.slim(128, channel_max=128, channel_base=2048,
-                                               style_dim=256, n_mlp=4),
+    "bundled128": lambda: GeneratorConfig.slim(
+        128, channel_max=128, channel_base=2048, style_dim=256, n_mlp=4
+    ),
     # The tests' tiny generator, for --quick.
-    "tiny32": lambda: GeneratorConfig.slim(32, channel_max=32, channel_base=512,
-                                           style_dim=32, n_mlp=2),
+    "tiny32": lambda: GeneratorConfig.slim(
+        32, channel_max=32, channel_base=512, style_dim=32, n_mlp=2
+    ),
 }
 THUMB = {"ffhq1024": 16, "bundled128": 16, "tiny32": 8}  # thumbnail side per config
 SEARCH_STEPS = 100  # a full search, for the seconds per image
@@ -95,20 +97,31 @@ class Case:
 
     @property
     def name(self) -> str:
-        extras = [("nhwc", self.channels_last), (f"compile={self.compile}", self.compile != "off"),
-                  ("cudnn-bench", self.cudnn_benchmark)]
-        return " ".join([f"{self.config} b{self.batch} {self.precision}",
-                         *(text for text, on in extras if on)])
+        extras = [
+            ("nhwc", self.channels_last),
+            (f"compile={self.compile}", self.compile != "off"),
+            ("cudnn-bench", self.cudnn_benchmark),
+        ]
+        return " ".join(
+            [f"{self.config} b{self.batch} {self.precision}", *(text for text, on in extras if on)]
+        )
 
 
 def plan(quick: bool) -> tuple[list[Case], list[Case]]:
     """(cases run in this process, torch.compile cases run in children), most wanted first."""
     if quick:  # every code path once, not a measurement
-        eager = [Case("tiny32", 1, "fp32"), Case("tiny32", 2, "bf16"),
-                 Case("tiny32", 2, "bf16", channels_last=True)]
+        eager = [
+            Case("tiny32", 1, "fp32"),
+            Case("tiny32", 2, "bf16"),
+            Case("tiny32", 2, "bf16", channels_last=True),
+        ]
         return eager, [Case("tiny32", 2, "bf16", compile="default")]
-    eager = [Case(c, b, p) for c in ("ffhq1024", "bundled128") for p in ("bf16", "fp32")
-             for b in (1, 8, 32)]
+    eager = [
+        Case(c, b, p)
+        for c in ("ffhq1024", "bundled128")
+        for p in ("bf16", "fp32")
+        for b in (1, 8, 32)
+    ]
     eager += [
         Case("ffhq1024", 8, channels_last=True),
         Case("ffhq1024", 32, channels_last=True),
@@ -206,8 +219,9 @@ def matmul_precision(value: str) -> Iterator[None]:
         torch.set_float32_matmul_precision(before)
 
 
-def matmul_tflops(device: torch.device, dtype: torch.dtype, n: int, reps: int,
-                  precision: str = "highest") -> float:
+def matmul_tflops(
+    device: torch.device, dtype: torch.dtype, n: int, reps: int, precision: str = "highest"
+) -> float:
     """TFLOP/s of n×n×n products (``precision`` "high" lets fp32 use TF32)."""
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     out = torch.empty(n, n, device=device, dtype=dtype)
@@ -251,16 +265,22 @@ def build(name: str, device: torch.device, quick: bool) -> Model:
 
 
 def search_config(case: Case, steps: int) -> SearchConfig:
-    return SearchConfig(steps=steps, restarts=1, seed=0, precision=case.precision,
-                        channels_last=case.channels_last, compile=case.compile)
+    return SearchConfig(
+        steps=steps,
+        restarts=1,
+        seed=0,
+        precision=case.precision,
+        channels_last=case.channels_last,
+        compile=case.compile,
+    )
 
 
-def time_case(model: Model, case: Case, device: torch.device, warmup: int,
-              steps: int) -> dict[str, Any]:
+def time_case(
+    model: Model, case: Case, device: torch.device, warmup: int, steps: int
+) -> dict[str, Any]:
     """Seconds per step of one search, timed on the device after warm-up steps."""
     thumbs = torch.rand(case.batch, 3, THUMB[case.config], THUMB[case.config], device=device)
-    search = latent_search(model.generator, model.fit, thumbs,
-                           search_config(case, warmup + steps))
+    search = latent_search(model.generator, model.fit, thumbs, search_config(case, warmup + steps))
     try:
         started = time.perf_counter()
         for _ in range(warmup):
@@ -293,8 +313,9 @@ def time_case(model: Model, case: Case, device: torch.device, warmup: int,
     }
 
 
-def run_case(model: Model, case: Case, device: torch.device, warmup: int,
-             steps: int) -> dict[str, Any]:
+def run_case(
+    model: Model, case: Case, device: torch.device, warmup: int, steps: int
+) -> dict[str, Any]:
     """One case, with its memory peak; running out of memory is a result, not a crash."""
     before = torch.backends.cudnn.benchmark
     torch.backends.cudnn.benchmark = case.cudnn_benchmark
@@ -304,8 +325,7 @@ def run_case(model: Model, case: Case, device: torch.device, warmup: int,
         out = time_case(model, case, device, warmup, steps)
     except Exception as exc:  # one broken case must not lose the others' numbers
         oom = isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc)
-        out = {"status": "oom" if oom else "error",
-               "error": f"{type(exc).__name__}: {exc}"[:2000]}
+        out = {"status": "oom" if oom else "error", "error": f"{type(exc).__name__}: {exc}"[:2000]}
     finally:
         torch.backends.cudnn.benchmark = before
     gc.collect()
@@ -318,13 +338,24 @@ def run_case(model: Model, case: Case, device: torch.device, warmup: int,
 def run_child(case: Case, args: argparse.Namespace, timeout: float) -> dict[str, Any]:
     """A torch.compile case in a fresh process: its compile time is bounded, and its
     compiled code and memory go away with it."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--case", json.dumps(asdict(case)),
-           "--device", args.device, "--warmup", str(args.warmup), "--steps", str(args.steps)]
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--case",
+        json.dumps(asdict(case)),
+        "--device",
+        args.device,
+        "--warmup",
+        str(args.warmup),
+        "--steps",
+        str(args.steps),
+    ]
     if args.quick:
         cmd.append("--quick")
     # Its own process group, so a timeout also ends inductor's compile workers.
-    child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             start_new_session=True)
+    child = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     try:
         stdout, stderr = child.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -364,8 +395,7 @@ def sync_check(model: Model, name: str, device: torch.device) -> dict[str, Any]:
         finally:
             torch.cuda.set_sync_debug_mode(0)
             search.close()
-    return {"status": "ok", "sync_free": all(v == "no sync" for v in results.values()),
-            **results}
+    return {"status": "ok", "sync_free": all(v == "no sync" for v in results.values()), **results}
 
 
 # ---------------------------------------------------------------- report
@@ -381,10 +411,14 @@ def environment(device: torch.device) -> dict[str, Any]:
     }
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        env.update(name=props.name, memory_gib=round(props.total_memory / 2**30, 1),
-                   multiprocessors=props.multi_processor_count,
-                   capability=f"{props.major}.{props.minor}", cuda=torch.version.cuda,
-                   cudnn=torch.backends.cudnn.version())
+        env.update(
+            name=props.name,
+            memory_gib=round(props.total_memory / 2**30, 1),
+            multiprocessors=props.multi_processor_count,
+            capability=f"{props.major}.{props.minor}",
+            cuda=torch.version.cuda,
+            cudnn=torch.backends.cudnn.version(),
+        )
     else:
         env["name"] = platform.processor() or platform.machine()
     return env
@@ -400,26 +434,31 @@ def summarize(report: dict[str, Any]) -> dict[str, Any]:
         "goal_image_seconds": GOAL_IMAGE_SECONDS,
         "best_1024_image_seconds": best_image and best_image["image_seconds_100_steps"],
         "best_1024_image_case": best_image and best_image["name"],
-        "meets_image_goal": bool(best_image) and (
-            best_image["image_seconds_100_steps"] <= GOAL_IMAGE_SECONDS),
+        "meets_image_goal": bool(best_image)
+        and (best_image["image_seconds_100_steps"] <= GOAL_IMAGE_SECONDS),
         "goal_fraction_of_bf16_peak": GOAL_PEAK_FRACTION,
         "best_1024_fraction_of_bf16_peak": best_rate and best_rate["fraction_of_bf16_peak"],
         "best_1024_rate_case": best_rate and best_rate["name"],
-        "meets_throughput_goal": bool(best_rate) and (
-            best_rate["fraction_of_bf16_peak"] >= GOAL_PEAK_FRACTION),
+        "meets_throughput_goal": bool(best_rate)
+        and (best_rate["fraction_of_bf16_peak"] >= GOAL_PEAK_FRACTION),
     }
 
 
 def markdown(report: dict[str, Any]) -> str:
     """The cases as rows of the GPU table in docs/benchmarks.md."""
-    rows = ["| case | s / step | s / image (100 steps) | TFLOP/s | of bf16 matmul peak "
-            "| peak GiB | note |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    rows = [
+        "| case | s / step | s / image (100 steps) | TFLOP/s | of bf16 matmul peak "
+        "| peak GiB | note |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for c in report["cases"]:
         if c.get("status") == "ok":
-            rows.append(f"| {c['name']} | {c['step_seconds']:.4f} | "
-                        f"{c['image_seconds_100_steps']:.3f} | {c['tflops']:.1f} | "
-                        f"{100 * (c['fraction_of_bf16_peak'] or 0):.1f}% | "
-                        f"{c.get('peak_memory_gib', '')} | |")
+            rows.append(
+                f"| {c['name']} | {c['step_seconds']:.4f} | "
+                f"{c['image_seconds_100_steps']:.3f} | {c['tflops']:.1f} | "
+                f"{100 * (c['fraction_of_bf16_peak'] or 0):.1f}% | "
+                f"{c.get('peak_memory_gib', '')} | |"
+            )
         else:
             rows.append(f"| {c['name']} | | | | | | {c.get('status')} |")
     return "\n".join(rows)
@@ -435,16 +474,22 @@ def write(report: dict[str, Any], out: Path) -> None:
 def print_table(report: dict[str, Any]) -> None:
     """What matters, short enough to survive a truncated console."""
     mm = report["matmul"]
-    print(f"\n{report['environment'].get('name')}: matmul bf16 {mm['bf16_tflops']} / fp32 "
-          f"{mm['fp32_tflops']} / tf32 {mm['tf32_tflops']} TFLOP/s; sync check "
-          f"{report['sync_check']}")
-    print(f"{'case':52s} {'status':8s} {'s/step':>9s} {'s/img@100':>10s} {'TFLOP/s':>8s} "
-          f"{'%bf16':>6s} {'GiB':>6s}")
+    print(
+        f"\n{report['environment'].get('name')}: matmul bf16 {mm['bf16_tflops']} / fp32 "
+        f"{mm['fp32_tflops']} / tf32 {mm['tf32_tflops']} TFLOP/s; sync check "
+        f"{report['sync_check']}"
+    )
+    print(
+        f"{'case':52s} {'status':8s} {'s/step':>9s} {'s/img@100':>10s} {'TFLOP/s':>8s} "
+        f"{'%bf16':>6s} {'GiB':>6s}"
+    )
     for c in report["cases"]:
         if c.get("status") == "ok":
-            print(f"{c['name']:52s} ok       {c['step_seconds']:9.4f} "
-                  f"{c['image_seconds_100_steps']:10.3f} {c['tflops']:8.2f} "
-                  f"{100 * c['fraction_of_bf16_peak']:6.1f} {c.get('peak_memory_gib', 0):6.1f}")
+            print(
+                f"{c['name']:52s} ok       {c['step_seconds']:9.4f} "
+                f"{c['image_seconds_100_steps']:10.3f} {c['tflops']:8.2f} "
+                f"{100 * c['fraction_of_bf16_peak']:6.1f} {c.get('peak_memory_gib', 0):6.1f}"
+            )
         else:
             print(f"{c['name']:52s} {c.get('status', '?'):8s} {c.get('error', '')[:60]}")
     print(json.dumps(report["summary"]))
@@ -455,23 +500,48 @@ def print_table(report: dict[str, Any]) -> None:
 
 def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    default_out = Path(os.environ["OUT"]) / "device_search.json" if os.environ.get("OUT") \
+    default_out = (
+        Path(os.environ["OUT"]) / "device_search.json"
+        if os.environ.get("OUT")
         else Path("device_search.json")
-    p.add_argument("--out", type=Path, default=default_out,
-                   help="JSON file (default: $OUT/device_search.json, else ./device_search.json)")
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=default_out,
+        help="JSON file (default: $OUT/device_search.json, else ./device_search.json)",
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--quick", action="store_true",
-                   help="tiny generator, 1 + 2 steps, small matmul: checks the script, on CPU too")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny generator, 1 + 2 steps, small matmul: checks the script, on CPU too",
+    )
     p.add_argument("--warmup", type=int, default=None, help="untimed steps (default 5; quick 1)")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 20; quick 2)")
-    p.add_argument("--budget-s", type=float, default=400.0,
-                   help="start no case after this many seconds; compile children get what is left")
-    p.add_argument("--compile-timeout-s", type=float, default=150.0,
-                   help="most seconds one torch.compile case may take, compiling included")
-    p.add_argument("--only", metavar="REGEX",
-                   help="run only the cases whose name matches, e.g. 'ffhq1024 b(8|32) bf16'")
-    p.add_argument("--markdown", type=Path, metavar="JSON",
-                   help="print a written report as docs/benchmarks.md table rows, then exit")
+    p.add_argument(
+        "--budget-s",
+        type=float,
+        default=400.0,
+        help="start no case after this many seconds; compile children get what is left",
+    )
+    p.add_argument(
+        "--compile-timeout-s",
+        type=float,
+        default=150.0,
+        help="most seconds one torch.compile case may take, compiling included",
+    )
+    p.add_argument(
+        "--only",
+        metavar="REGEX",
+        help="run only the cases whose name matches, e.g. 'ffhq1024 b(8|32) bf16'",
+    )
+    p.add_argument(
+        "--markdown",
+        type=Path,
+        metavar="JSON",
+        help="print a written report as docs/benchmarks.md table rows, then exit",
+    )
     p.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case, print its JSON
     args = p.parse_args()
     args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 5)

@@ -42,16 +42,19 @@ SHARED = ROOT.parent / "shared"
 def load_images(zip_path: Path, names: list[str]) -> torch.Tensor:
     with zipfile.ZipFile(zip_path) as z:
         arrays = [
-            torch.frombuffer(bytearray(Image.open(io.BytesIO(z.read(n))).convert("RGB").tobytes()),
-                             dtype=torch.uint8).view(128, 128, 3)
+            torch.frombuffer(
+                bytearray(Image.open(io.BytesIO(z.read(n))).convert("RGB").tobytes()),
+                dtype=torch.uint8,
+            ).view(128, 128, 3)
             for n in names
         ]
     return torch.stack(arrays).permute(0, 3, 1, 2)
 
 
 @torch.no_grad()
-def features(ext: FaceExtractor, images: torch.Tensor, detect: bool, batch: int = 128
-             ) -> tuple[torch.Tensor, float]:
+def features(
+    ext: FaceExtractor, images: torch.Tensor, detect: bool, batch: int = 128
+) -> tuple[torch.Tensor, float]:
     """F0 features of each image and the fraction MTCNN found a face in (1.0 when fixed)."""
     out, found = [], 0
     for i in range(0, len(images), batch):
@@ -77,8 +80,14 @@ def cached(cache: Path, name: str, make):  # type: ignore[no-untyped-def]
     return value
 
 
-def train_head(head: torch.nn.Module, x: torch.Tensor, loss_fn, epochs: int = 40,  # type: ignore[no-untyped-def]
-               batch: int = 256, seed: int = 0) -> torch.nn.Module:
+def train_head(
+    head: torch.nn.Module,
+    x: torch.Tensor,
+    loss_fn,
+    epochs: int = 40,  # type: ignore[no-untyped-def]
+    batch: int = 256,
+    seed: int = 0,
+) -> torch.nn.Module:
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(head.parameters(), lr=2e-3, weight_decay=1e-4)
     steps = epochs * ((len(x) + batch - 1) // batch)
@@ -124,9 +133,11 @@ def main() -> None:
     for (dataset, split), names in split_names.items():
         root = celeba if dataset == "celeba" else utk
         feats[dataset, split], detect_rate[f"{dataset}_{split}"] = cached(
-            args.cache, f"{dataset}_{split}_{len(names)}",
+            args.cache,
+            f"{dataset}_{split}_{len(names)}",
             lambda root=root, names=names, d=dataset: features(
-                ext, load_images(root / "images.zip", names), detect=d == "utk"),
+                ext, load_images(root / "images.zip", names), detect=d == "utk"
+            ),
         )
         print(f"{dataset} {split}: {len(names)} images, {time.time() - started:.0f} s", flush=True)
 
@@ -139,25 +150,39 @@ def main() -> None:
     a_diff = angle(emb[diff[:, 0]], emb[diff[:, 1]], degrees=True)
 
     # Race: MLP on frozen F0 features.
-    y_race = {s: torch.tensor([int(u_rows[n]["race"]) for n in split_names["utk", s]])
-              for s in ("train", "test")}
-    race = train_head(RaceHead(in_dim=ext.embedding_dim), feats["utk", "train"],
-                      lambda logits, idx: F.cross_entropy(logits, y_race["train"][idx]))
+    y_race = {
+        s: torch.tensor([int(u_rows[n]["race"]) for n in split_names["utk", s]])
+        for s in ("train", "test")
+    }
+    race = train_head(
+        RaceHead(in_dim=ext.embedding_dim),
+        feats["utk", "train"],
+        lambda logits, idx: F.cross_entropy(logits, y_race["train"][idx]),
+    )
     with torch.no_grad():
         pred = race(feats["utk", "test"]).argmax(1)
-    per_race = {name: float((pred[y_race["test"] == i] == i).float().mean())
-                for i, name in enumerate(race.labels) if (y_race["test"] == i).any()}
+    per_race = {
+        name: float((pred[y_race["test"] == i] == i).float().mean())
+        for i, name in enumerate(race.labels)
+        if (y_race["test"] == i).any()
+    }
 
     # Attributes: with and without inverse class frequency weights.
-    y_attr = {s: torch.tensor([[float(c_rows[n][a]) for a in CELEBA_ATTRIBUTES]
-                               for n in split_names["celeba", s]]) for s in ("train", "test")}
+    y_attr = {
+        s: torch.tensor(
+            [[float(c_rows[n][a]) for a in CELEBA_ATTRIBUTES] for n in split_names["celeba", s]]
+        )
+        for s in ("train", "test")
+    }
     pos_weight = attribute_pos_weight(y_attr["train"])
     attr_results, attr_heads = {}, {}
     for name, weight in (("plain_bce", None), ("inverse_frequency", pos_weight)):
         head = train_head(
-            AttributeHead(in_dim=ext.embedding_dim), feats["celeba", "train"],
+            AttributeHead(in_dim=ext.embedding_dim),
+            feats["celeba", "train"],
             lambda logits, idx, w=weight: F.binary_cross_entropy_with_logits(
-                logits, y_attr["train"][idx], pos_weight=w),
+                logits, y_attr["train"][idx], pos_weight=w
+            ),
         )
         with torch.no_grad():
             scores = head(feats["celeba", "test"])
@@ -174,10 +199,16 @@ def main() -> None:
         "split": "likeness/splits.py salt likeness-v1 (identity-disjoint train/test)",
         "sizes": {f"{d}_{s}": len(n) for (d, s), n in split_names.items()},
         "mtcnn_detection_rate": detect_rate,
-        "celeba_same_angle_deg": {"mean": float(a_same.mean()), "sd": float(a_same.std()),
-                                  "pairs": len(a_same)},
-        "celeba_diff_angle_deg": {"mean": float(a_diff.mean()), "sd": float(a_diff.std()),
-                                  "pairs": len(a_diff)},
+        "celeba_same_angle_deg": {
+            "mean": float(a_same.mean()),
+            "sd": float(a_same.std()),
+            "pairs": len(a_same),
+        },
+        "celeba_diff_angle_deg": {
+            "mean": float(a_diff.mean()),
+            "sd": float(a_diff.std()),
+            "pairs": len(a_diff),
+        },
         "race_top1": float((pred == y_race["test"]).float().mean()),
         "race_top1_per_class": per_race,
         "attributes": attr_results,
@@ -186,8 +217,13 @@ def main() -> None:
         f"torch {torch.__version__}",
     }
     if args.heads_out is not None:
-        torch.save({"race": race.to_checkpoint(),
-                    "attributes": attr_heads["inverse_frequency"].to_checkpoint()}, args.heads_out)
+        torch.save(
+            {
+                "race": race.to_checkpoint(),
+                "attributes": attr_heads["inverse_frequency"].to_checkpoint(),
+            },
+            args.heads_out,
+        )
     text = json.dumps(result, indent=2)
     print(text)
     if args.out is not None:

@@ -68,7 +68,7 @@ def eye_contrast(images: Tensor) -> tuple[Tensor, Tensor]:
     top = eye.topk(k, dim=1).values.mean(1)
     bottom = eye.topk(k, dim=1, largest=False).values.mean(1)
     (a, b), (c, d) = CHEEK_BOX
-    cheek = y[:, int(b * s):int(d * s), int(a * s):int(c * s)].flatten(1).median(1).values
+    cheek = y[:, int(b * s) : int(d * s), int(a * s) : int(c * s)].flatten(1).median(1).values
     return top - cheek, bottom - cheek
 
 
@@ -81,22 +81,38 @@ def level_images(G: Generator, w_plus: Tensor, noise: list[Tensor]) -> list[Tens
     skip = G.to_rgb1(out, w_plus[:, 1])
     levels = [skip]
     i = 1
-    for up_conv, conv, to_rgb, n1, n2 in zip(G.convs[::2], G.convs[1::2], G.to_rgbs,
-                                             noise[1::2], noise[2::2], strict=True):
+    for up_conv, conv, to_rgb, n1, n2 in zip(
+        G.convs[::2], G.convs[1::2], G.to_rgbs, noise[1::2], noise[2::2], strict=True
+    ):
         out = up_conv(out, w_plus[:, i], n1)
         out = conv(out, w_plus[:, i + 1], n2)
         skip = to_rgb(out, w_plus[:, i + 2], skip)
         levels.append(skip)
         i += 2
-    return [((F.interpolate(x, size=(res, res), mode="bilinear", align_corners=False)
-              if x.shape[-1] != res else x) + 1).div(2).clamp(0, 1) for x in levels]
+    return [
+        (
+            (
+                F.interpolate(x, size=(res, res), mode="bilinear", align_corners=False)
+                if x.shape[-1] != res
+                else x
+            )
+            + 1
+        )
+        .div(2)
+        .clamp(0, 1)
+        for x in levels
+    ]
 
 
 def summary(images: Tensor) -> dict[str, float]:
     highlight, darkness = eye_contrast(images)
-    return {"highlight": float(highlight.mean()), "highlight_sd": float(highlight.std()),
-            "darkness": float(darkness.mean()), "darkness_sd": float(darkness.std()),
-            "n": len(images)}
+    return {
+        "highlight": float(highlight.mean()),
+        "highlight_sd": float(highlight.std()),
+        "darkness": float(darkness.mean()),
+        "darkness_sd": float(darkness.std()),
+        "n": len(images),
+    }
 
 
 def to_row(images: Tensor, columns: int) -> np.ndarray:
@@ -107,9 +123,14 @@ def to_row(images: Tensor, columns: int) -> np.ndarray:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--weights", required=True)
-    p.add_argument("--search", action="append", default=[], metavar="FIELD=VALUE",
-                   help="search settings over the generator's manifest ones (a file without "
-                        "them: e.g. geocross_weight=0.01)")
+    p.add_argument(
+        "--search",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="search settings over the generator's manifest ones (a file without "
+        "them: e.g. geocross_weight=0.01)",
+    )
     p.add_argument("--data-root", type=Path, default=Path("../shared/data"))
     p.add_argument("--samples", type=int, default=64)
     p.add_argument("--thumbnails", type=int, default=8)
@@ -119,8 +140,12 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path)
-    p.add_argument("--grid", type=Path, help="a PNG of the rows (the photos' row only with "
-                   "--grid-photos: images of the data sets stay out of the repository)")
+    p.add_argument(
+        "--grid",
+        type=Path,
+        help="a PNG of the rows (the photos' row only with "
+        "--grid-photos: images of the data sets stay out of the repository)",
+    )
     p.add_argument("--grid-photos", action="store_true")
     args = p.parse_args()
     if args.threads:
@@ -133,19 +158,22 @@ def main() -> None:
         raise SystemExit(e.message) from None
     G, fit = loaded.generator, loaded.mapping_fit
     rows: dict[str, Tensor] = {}
-    photos = held_out_photos(args.data_root / "celebahq", max(args.samples, args.thumbnails),
-                             one_per_person=True)
+    photos = held_out_photos(
+        args.data_root / "celebahq", max(args.samples, args.thumbnails), one_per_person=True
+    )
     rows["photos"] = photos[: args.samples]
 
-    z = torch.randn(args.samples, G.config.style_dim,
-                    generator=torch.Generator().manual_seed(args.seed))
+    z = torch.randn(
+        args.samples, G.config.style_dim, generator=torch.Generator().manual_seed(args.seed)
+    )
     with torch.no_grad():
         w_plus = G.mapping(z).unsqueeze(1).expand(-1, G.n_latent, -1)
         stored = G.stored_noise()
         levels = level_images(G, w_plus, stored)
         rows["samples"] = levels[-1]
-        rows["samples, noise off"] = (G.synthesis(w_plus, [torch.zeros_like(n) for n in stored])
-                                      + 1).div(2).clamp(0, 1)
+        rows["samples, noise off"] = (
+            (G.synthesis(w_plus, [torch.zeros_like(n) for n in stored]) + 1).div(2).clamp(0, 1)
+        )
     for k, level in enumerate(levels[:-1]):
         side = 4 * 2**k
         if side >= 16:  # coarser levels hold no eyes yet
@@ -159,19 +187,25 @@ def main() -> None:
     }
     accepted: dict[str, float] = {}
     for name, change in searches.items():
-        config = loaded.search_config(steps=args.steps, restarts=args.restarts, seed=args.seed,
-                                      **change)
+        config = loaded.search_config(
+            steps=args.steps, restarts=args.restarts, seed=args.seed, **change
+        )
         result = run_search(G, fit, thumbs, config)
         rows[name] = result.images.float().clamp(0, 1)
         accepted[name] = float(result.accepted.float().mean())
 
     report = {
-        "bench": "generator_artifacts", "weights": str(args.weights), "sha256": loaded.sha256,
-        "date": time.strftime("%Y-%m-%d"), "machine": platform.machine(),
+        "bench": "generator_artifacts",
+        "weights": str(args.weights),
+        "sha256": loaded.sha256,
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": platform.machine(),
         "measure": "eye highlight / darkness: mean of the brightest / darkest 10% of the "
-                   "luminance in the eye boxes minus the cheek's median luminance (FFHQ frame)",
+        "luminance in the eye boxes minus the cheek's median luminance (FFHQ frame)",
         "rows": {name: summary(images) for name, images in rows.items()},
-        "search_accepted": accepted, "steps": args.steps, "restarts": args.restarts,
+        "search_accepted": accepted,
+        "steps": args.steps,
+        "restarts": args.restarts,
         "seconds": round(time.perf_counter() - started, 1),
         "command": shlex.join(["python", "bench/generator_artifacts.py", *sys.argv[1:]]),
     }

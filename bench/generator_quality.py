@@ -74,38 +74,70 @@ GRID_COLUMNS = ("bicubic", "ours", "ours, race objective", "photo")
 
 def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--weights", required=True,
-                   help="generator: a checkpoint (g_ema.pt) or a manifest name / bundled file, "
-                        "whose manifest search settings then apply")
+    p.add_argument(
+        "--weights",
+        required=True,
+        help="generator: a checkpoint (g_ema.pt) or a manifest name / bundled file, "
+        "whose manifest search settings then apply",
+    )
     p.add_argument("--data-root", type=Path, default=Path("../shared/data"))
-    p.add_argument("--face-weights", type=Path,
-                   default=Path("../shared/weights/mobilefacenet_casia_068.ckpt"))
+    p.add_argument(
+        "--face-weights", type=Path, default=Path("../shared/weights/mobilefacenet_casia_068.ckpt")
+    )
     p.add_argument("--face-samples", type=int, default=1000)
     p.add_argument("--fd-samples", type=int, default=5000)
     p.add_argument("--fit-people", type=int, default=200)
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--restarts", type=int, default=4)
     p.add_argument("--eps", type=float, default=2e-3)
-    p.add_argument("--geocross-weight", type=float, default=None,
-                   help="default: the generator's manifest setting, else PULSE's 0.05")
+    p.add_argument(
+        "--geocross-weight",
+        type=float,
+        default=None,
+        help="default: the generator's manifest setting, else PULSE's 0.05",
+    )
     p.add_argument("--batch", type=int, default=8, help="thumbnails per search batch")
-    p.add_argument("--search", action="append", default=[], metavar="FIELD=VALUE",
-                   help="a search setting over the generator's manifest ones (SearchConfig "
-                        "fields, e.g. geocross_weight=0.01), for a --weights file without them")
+    p.add_argument(
+        "--search",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="a search setting over the generator's manifest ones (SearchConfig "
+        "fields, e.g. geocross_weight=0.01), for a --weights file without them",
+    )
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip", nargs="*", default=[], choices=["face", "fd", "fit", "upscale"])
-    p.add_argument("--celeba", type=int, default=64,
-                   help="upscale: held-out CelebA-HQ people with two photos (0: none)")
-    p.add_argument("--utkface", type=int, default=64,
-                   help="upscale: race-balanced held-out UTKFace thumbnails (0: none)")
-    p.add_argument("--cache", type=Path, default=Path("runs/eval-cache"),
-                   help="upscale: search results per batch (likeness evaluate's format)")
-    p.add_argument("--grid", type=Path, default=None,
-                   help="upscale: also draw a PNG of the first people (thumbnail, bicubic, ours)")
-    p.add_argument("--grid-photos", action="store_true",
-                   help="upscale: add the held-out photo to the grid, for looking at here; "
-                        "such a grid stays out of the repository (it shows the data sets)")
+    p.add_argument(
+        "--celeba",
+        type=int,
+        default=64,
+        help="upscale: held-out CelebA-HQ people with two photos (0: none)",
+    )
+    p.add_argument(
+        "--utkface",
+        type=int,
+        default=64,
+        help="upscale: race-balanced held-out UTKFace thumbnails (0: none)",
+    )
+    p.add_argument(
+        "--cache",
+        type=Path,
+        default=Path("runs/eval-cache"),
+        help="upscale: search results per batch (likeness evaluate's format)",
+    )
+    p.add_argument(
+        "--grid",
+        type=Path,
+        default=None,
+        help="upscale: also draw a PNG of the first people (thumbnail, bicubic, ours)",
+    )
+    p.add_argument(
+        "--grid-photos",
+        action="store_true",
+        help="upscale: add the held-out photo to the grid, for looking at here; "
+        "such a grid stays out of the repository (it shows the data sets)",
+    )
     p.add_argument("--out", type=Path, help="also write the JSON here")
     return p.parse_args()
 
@@ -122,9 +154,12 @@ def main() -> None:
     G, fit = loaded.generator, loaded.mapping_fit
     face = FaceExtractor.mobilefacenet(args.face_weights).eval()
     report: dict = {
-        "weights": str(args.weights), "sha256": loaded.sha256,
-        "config": G.config.model_dump(mode="json"), "machine": platform.machine(),
-        "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d"),
+        "weights": str(args.weights),
+        "sha256": loaded.sha256,
+        "config": G.config.model_dump(mode="json"),
+        "machine": platform.machine(),
+        "threads": torch.get_num_threads(),
+        "date": time.strftime("%Y-%m-%d"),
     }
     started = time.monotonic()
     # the bars on stderr: stdout is the JSON alone, for `> file` and pipes
@@ -136,40 +171,69 @@ def main() -> None:
                 probs.append(face_probabilities(images))
                 bar.advance(task, len(images))
             p = torch.cat(probs)
-            report["face_rate"] = {"value": float((p >= FACE_PROBABILITY).float().mean()),
-                                   "samples": len(p), "threshold": FACE_PROBABILITY,
-                                   "mean_probability": float(p.mean())}
+            report["face_rate"] = {
+                "value": float((p >= FACE_PROBABILITY).float().mean()),
+                "samples": len(p),
+                "threshold": FACE_PROBABILITY,
+                "mean_probability": float(p.mean()),
+            }
         if "fd" not in args.skip:
-            real_photos = held_out_photos(args.data_root / "celebahq", args.fd_samples,
-                                          one_per_person=False)
+            real_photos = held_out_photos(
+                args.data_root / "celebahq", args.fd_samples, one_per_person=False
+            )
             task = bar.add_task("FD: photos", total=len(real_photos))
             real = photo_embeddings(face, real_photos, progress=lambda n: bar.advance(task, n))
             task = bar.add_task("FD: samples", total=args.fd_samples)
-            fd = sample_fd(G, face, real, args.fd_samples, seed=args.seed + 1,
-                           progress=lambda n: bar.advance(task, n))
-            report["fd"] = {"value": fd, "samples": args.fd_samples, "photos": len(real_photos),
-                            "embedding": "MobileFaceNet 128-d, L2-normalised, MTCNN-aligned"}
+            fd = sample_fd(
+                G,
+                face,
+                real,
+                args.fd_samples,
+                seed=args.seed + 1,
+                progress=lambda n: bar.advance(task, n),
+            )
+            report["fd"] = {
+                "value": fd,
+                "samples": args.fd_samples,
+                "photos": len(real_photos),
+                "embedding": "MobileFaceNet 128-d, L2-normalised, MTCNN-aligned",
+            }
         if "fit" not in args.skip:
-            photos = held_out_photos(args.data_root / "celebahq", args.fit_people,
-                                     one_per_person=True)
+            photos = held_out_photos(
+                args.data_root / "celebahq", args.fit_people, one_per_person=True
+            )
             task = bar.add_task("search fit", total=len(photos))
-            config = loaded.search_config(steps=args.steps, restarts=args.restarts,
-                                          eps=args.eps, seed=args.seed,
-                                          geocross_weight=args.geocross_weight)
+            config = loaded.search_config(
+                steps=args.steps,
+                restarts=args.restarts,
+                eps=args.eps,
+                seed=args.seed,
+                geocross_weight=args.geocross_weight,
+            )
             t0 = time.monotonic()
-            out = search_fit(G, fit, photos, config=config, batch=args.batch,
-                             progress=lambda n: bar.advance(task, n))
+            out = search_fit(
+                G,
+                fit,
+                photos,
+                config=config,
+                batch=args.batch,
+                progress=lambda n: bar.advance(task, n),
+            )
             mse = torch.tensor(out["mse"])
             faces = torch.tensor(out["face_probability"])
             report["search_fit"] = {
                 "value": float(torch.tensor(out["accepted"]).float().mean()),
-                "people": len(photos), "steps": args.steps, "restarts": args.restarts,
-                "eps": args.eps, "geocross_weight": config.geocross_weight,
+                "people": len(photos),
+                "steps": args.steps,
+                "restarts": args.restarts,
+                "eps": args.eps,
+                "geocross_weight": config.geocross_weight,
                 "mse_median": float(mse.median()),
                 "mse_p90": float(mse.quantile(0.9)),
                 "output_face_rate": float((faces >= FACE_PROBABILITY).float().mean()),
                 "seconds_per_thumbnail": (time.monotonic() - t0) / len(photos),
-                "per_photo": {k: out[k] for k in ("mse", "accepted", "face_probability")}}
+                "per_photo": {k: out[k] for k in ("mse", "accepted", "face_probability")},
+            }
         if "upscale" not in args.skip:
             report["upscale"] = upscale_section(args, bar)
     report["seconds"] = round(time.monotonic() - started, 1)
@@ -187,23 +251,36 @@ def search_settings(base: dict[str, Any], given: list[str]) -> dict[str, Any]:
 
 def upscale_section(args: argparse.Namespace, bar: Progress) -> dict[str, Any]:
     """Upscales against a plain bicubic enlargement of the same thumbnails (see above)."""
-    config = EvalConfig(data_root=args.data_root, f0=args.face_weights, cache=args.cache,
-                        weights=args.weights, celeba=max(args.celeba, 2),
-                        utkface=max(args.utkface, 1), steps=args.steps, restarts=args.restarts,
-                        batch=args.batch, seed=args.seed, device="cpu",
-                        threads=args.threads or None)
+    config = EvalConfig(
+        data_root=args.data_root,
+        f0=args.face_weights,
+        cache=args.cache,
+        weights=args.weights,
+        celeba=max(args.celeba, 2),
+        utkface=max(args.utkface, 1),
+        steps=args.steps,
+        restarts=args.restarts,
+        batch=args.batch,
+        seed=args.seed,
+        device="cpu",
+        threads=args.threads or None,
+    )
     models = load_models(config, torch.device("cpu"))
-    models.generator.search_defaults = search_settings(models.generator.search_defaults,
-                                                       args.search)
+    models.generator.search_defaults = search_settings(
+        models.generator.search_defaults, args.search
+    )
     sets: dict[str, Samples] = {}
     if args.celeba:
-        sets["celebahq"] = celeba_samples(args.data_root / "celebahq", args.celeba, THUMBNAIL,
-                                          args.seed)
+        sets["celebahq"] = celeba_samples(
+            args.data_root / "celebahq", args.celeba, THUMBNAIL, args.seed
+        )
     if args.utkface:
-        sets["utkface"] = utkface_samples(args.data_root / "utkface", args.utkface, THUMBNAIL,
-                                          args.seed, landmark_cache(config))
-    plan = [(s, NONE) for s in sets.values()] + [(s, RACE) for s in sets.values()
-                                                  if s.dataset == "utkface"]
+        sets["utkface"] = utkface_samples(
+            args.data_root / "utkface", args.utkface, THUMBNAIL, args.seed, landmark_cache(config)
+        )
+    plan = [(s, NONE) for s in sets.values()] + [
+        (s, RACE) for s in sets.values() if s.dataset == "utkface"
+    ]
     outputs = search_all(models, plan, args, bar)
     bicubic = {k: bicubic_upscale(s.thumbnails, models.resolution) for k, s in sets.items()}
     report: dict[str, Any] = {
@@ -217,8 +294,13 @@ def upscale_section(args: argparse.Namespace, bar: Progress) -> dict[str, Any]:
         report["sharpness"] = sharpness_scores(celeba, plain, bicubic["celebahq"])
         report["identity"] = identity_scores(models, celeba, plain, bicubic["celebahq"])
     if "utkface" in sets:
-        report["race"] = race_scores(models, sets["utkface"], bicubic["utkface"],
-                                     outputs["utkface", NONE.name], outputs["utkface", RACE.name])
+        report["race"] = race_scores(
+            models,
+            sets["utkface"],
+            bicubic["utkface"],
+            outputs["utkface", NONE.name],
+            outputs["utkface", RACE.name],
+        )
     if args.grid is not None:
         args.grid.parent.mkdir(parents=True, exist_ok=True)
         columns = GRID_COLUMNS if args.grid_photos else GRID_COLUMNS[:-1]
@@ -227,8 +309,9 @@ def upscale_section(args: argparse.Namespace, bar: Progress) -> dict[str, Any]:
     return report
 
 
-def search_all(models: Models, plan: list[tuple[Samples, Strategy]], args: argparse.Namespace,
-               bar: Progress) -> dict[tuple[str, str], Outputs]:
+def search_all(
+    models: Models, plan: list[tuple[Samples, Strategy]], args: argparse.Namespace, bar: Progress
+) -> dict[tuple[str, str], Outputs]:
     """Each (set, strategy) through evaluate's cached batched searches."""
     total = sum(-(-len(s) // args.batch) * args.steps for s, _ in plan)
     task = bar.add_task("upscale: searches", total=total)
@@ -236,10 +319,19 @@ def search_all(models: Models, plan: list[tuple[Samples, Strategy]], args: argpa
     def on_progress(steps: int, status: str) -> None:
         bar.update(task, advance=steps, description=f"upscale: {status}")
 
-    return {(s.dataset, strategy.name): run_strategy(models, s, strategy, args.steps,
-                                                     args.restarts, args.batch, args.cache,
-                                                     on_progress=on_progress)
-            for s, strategy in plan}
+    return {
+        (s.dataset, strategy.name): run_strategy(
+            models,
+            s,
+            strategy,
+            args.steps,
+            args.restarts,
+            args.batch,
+            args.cache,
+            on_progress=on_progress,
+        )
+        for s, strategy in plan
+    }
 
 
 def ratio(a: float, b: float) -> float | None:
@@ -249,26 +341,43 @@ def ratio(a: float, b: float) -> float | None:
 def search_scores(out: Outputs) -> dict[str, Any]:
     n = len(out.accepted)
     scores: dict[str, Any] = {
-        "n": n, "accepted": float(np.mean(out.accepted)), "mse_mean": float(np.mean(out.mse)),
+        "n": n,
+        "accepted": float(np.mean(out.accepted)),
+        "mse_mean": float(np.mean(out.mse)),
         "seconds_per_thumbnail": out.search_seconds / n,
-        "batches": out.batches, "cached_batches": out.cached_batches}
+        "batches": out.batches,
+        "cached_batches": out.cached_batches,
+    }
     if out.cached_batches:
         # a cached batch keeps the seconds of the run that searched it, wherever that ran
-        scores["note"] = (f"{out.cached_batches} of {out.batches} batches came from the cache: "
-                          "their seconds are those of the run that searched them")
+        scores["note"] = (
+            f"{out.cached_batches} of {out.batches} batches came from the cache: "
+            "their seconds are those of the run that searched them"
+        )
     return scores
 
 
 def sharpness_scores(celeba: Samples, plain: Outputs, bicubic: Tensor) -> dict[str, Any]:
     """Mean sharpness of photos, outputs and enlargements; ratios of the means."""
-    means = {name: float(sharpness(images).mean()) for name, images in
-             (("photos", celeba.photos), ("outputs", plain.images), ("bicubic", bicubic))}
-    return {**means, "outputs_over_photos": ratio(means["outputs"], means["photos"]),
-            "bicubic_over_photos": ratio(means["bicubic"], means["photos"]), "n": len(celeba)}
+    means = {
+        name: float(sharpness(images).mean())
+        for name, images in (
+            ("photos", celeba.photos),
+            ("outputs", plain.images),
+            ("bicubic", bicubic),
+        )
+    }
+    return {
+        **means,
+        "outputs_over_photos": ratio(means["outputs"], means["photos"]),
+        "bicubic_over_photos": ratio(means["bicubic"], means["photos"]),
+        "n": len(celeba),
+    }
 
 
-def identity_scores(models: Models, celeba: Samples, plain: Outputs, bicubic: Tensor
-                    ) -> dict[str, Any]:
+def identity_scores(
+    models: Models, celeba: Samples, plain: Outputs, bicubic: Tensor
+) -> dict[str, Any]:
     """Cosine distance (1 - cos) to the person's other photo I' in an embedding the search
     never saw (neither F nor F0): does an upscale carry more of the person than a blur?"""
     judge = models.attribute_judge
@@ -280,27 +389,42 @@ def identity_scores(models: Models, celeba: Samples, plain: Outputs, bicubic: Te
     ours, blurred, photos = distance(plain.images), distance(bicubic), distance(celeba.photos)
     return {
         "embedding": "attribute judge's pooled features, its 64-px ArcFace-aligned crops",
-        "output_mean": float(ours.mean()), "bicubic_mean": float(blurred.mean()),
+        "output_mean": float(ours.mean()),
+        "bicubic_mean": float(blurred.mean()),
         "photo_mean": float(photos.mean()),  # the floor: the person's own photo I
         "output_closer_than_bicubic": float((ours < blurred).float().mean()),
-        "n": len(celeba)}
+        "n": len(celeba),
+    }
 
 
-def race_scores(models: Models, utk: Samples, bicubic: Tensor, plain: Outputs, race: Outputs
-                ) -> dict[str, Any]:
+def race_scores(
+    models: Models, utk: Samples, bicubic: Tensor, plain: Outputs, race: Outputs
+) -> dict[str, Any]:
     """The race judge's accuracy on photos, enlargements and both searches' outputs."""
+
     def accuracy(images: Tensor) -> float:
         return float(np.mean(race_predictions(models.race_judge, images) == utk.labels))
 
-    acc = {"photos": accuracy(utk.photos), "bicubic": accuracy(bicubic),
-           "none": accuracy(plain.images), "race": accuracy(race.images)}
-    return {"judge_accuracy": acc,
-            "over_photos": {k: ratio(v, acc["photos"]) for k, v in acc.items() if k != "photos"},
-            "n": len(utk), "skipped": utk.skipped}
+    acc = {
+        "photos": accuracy(utk.photos),
+        "bicubic": accuracy(bicubic),
+        "none": accuracy(plain.images),
+        "race": accuracy(race.images),
+    }
+    return {
+        "judge_accuracy": acc,
+        "over_photos": {k: ratio(v, acc["photos"]) for k, v in acc.items() if k != "photos"},
+        "n": len(utk),
+        "skipped": utk.skipped,
+    }
 
 
-def grid_rows(sets: dict[str, Samples], bicubic: dict[str, Tensor],
-              outputs: dict[tuple[str, str], Outputs], photos: bool) -> list[GridRow]:
+def grid_rows(
+    sets: dict[str, Samples],
+    bicubic: dict[str, Tensor],
+    outputs: dict[tuple[str, str], Outputs],
+    photos: bool,
+) -> list[GridRow]:
     """The first GRID_ROWS people of each set, UTKFace first; the race objective ran on
     UTKFace only, so CelebA-HQ rows leave its column blank."""
     rows = []
@@ -314,10 +438,14 @@ def grid_rows(sets: dict[str, Samples], bicubic: dict[str, Tensor],
                 images["photo"] = samples.photos[i]
             if (dataset, RACE.name) in outputs:
                 images["ours, race objective"] = outputs[dataset, RACE.name].images[i]
-            label = (f"UTKFace #{i + 1} {UTKFACE_RACES[int(samples.labels[i])]}"
-                     if dataset == "utkface" else f"CelebA-HQ #{i + 1}")
-            rows.append(GridRow(label, samples.thumbnails[i],
-                                {k: to_pixels(v) for k, v in images.items()}))
+            label = (
+                f"UTKFace #{i + 1} {UTKFACE_RACES[int(samples.labels[i])]}"
+                if dataset == "utkface"
+                else f"CelebA-HQ #{i + 1}"
+            )
+            rows.append(
+                GridRow(label, samples.thumbnails[i], {k: to_pixels(v) for k, v in images.items()})
+            )
     return rows
 
 

@@ -101,11 +101,17 @@ def main() -> None:
     p.add_argument(
         "--weights", type=Path, default=SHARED / "weights" / "mobilefacenet_casia_068.ckpt"
     )
-    p.add_argument("--extractor", type=Path,
-                   help="an F export of train-extractor (e.g. weights/extractor.pt) instead of "
-                        "--weights")
-    p.add_argument("--split", choices=["all", "train", "val", "test"], default="all",
-                   help="only the people of this part of likeness/splits.py's identity split")
+    p.add_argument(
+        "--extractor",
+        type=Path,
+        help="an F export of train-extractor (e.g. weights/extractor.pt) instead of --weights",
+    )
+    p.add_argument(
+        "--split",
+        choices=["all", "train", "val", "test"],
+        default="all",
+        help="only the people of this part of likeness/splits.py's identity split",
+    )
     p.add_argument("--pairs", type=int, default=6000, help="total, half same and half different")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=128)
@@ -155,7 +161,8 @@ def main() -> None:
         json.dumps(
             {
                 "mode": "center_crop" if args.no_align else "mtcnn_aligned",
-                "model": str(args.extractor or args.weights), "split": args.split,
+                "model": str(args.extractor or args.weights),
+                "split": args.split,
                 "accuracy_mean": round(float(np.mean(accs)), 4),
                 "accuracy_std": round(float(np.std(accs)), 4),
                 "n_pairs": len(pairs),

@@ -69,8 +69,9 @@ def main() -> None:
         g, fit, name = loaded.generator, loaded.mapping_fit, args.weights
     else:
         if args.resolution:
-            config = GeneratorConfig.slim(args.resolution, args.channel_max, args.channel_base,
-                                          args.style_dim, args.n_mlp)
+            config = GeneratorConfig.slim(
+                args.resolution, args.channel_max, args.channel_base, args.style_dim, args.n_mlp
+            )
             name = f"slim{args.resolution}-c{args.channel_max}-b{args.channel_base}"
         else:
             config, name = CONFIGS[args.config](), args.config
@@ -81,9 +82,14 @@ def main() -> None:
         fit = fit_mapping(g, samples=10_000, batch=5_000)  # values do not matter for timing
     thumbs = torch.rand(args.batch, 3, args.thumb, args.thumb, device=device)
     total_steps = args.warmup + args.steps
-    config = SearchConfig(steps=total_steps, restarts=args.restarts, seed=0,
-                          precision=args.precision, channels_last=args.channels_last,
-                          compile=args.compile)
+    config = SearchConfig(
+        steps=total_steps,
+        restarts=args.restarts,
+        seed=0,
+        precision=args.precision,
+        channels_last=args.channels_last,
+        compile=args.compile,
+    )
     search = latent_search(g, fit, thumbs, config)
     times = []
     for i in range(total_steps):
@@ -97,29 +103,34 @@ def main() -> None:
             times.append(time.perf_counter() - t0)
     step = statistics.median(times)
     elements = args.batch * args.restarts
-    print(json.dumps({
-        "generator": name,
-        "config": g.config.model_dump(),
-        "parameters": sum(p.numel() for p in g.parameters()),
-        "device": str(device),
-        "cpu": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "threads": torch.get_num_threads(),
-        "batch": args.batch,
-        "restarts": args.restarts,
-        "precision": args.precision,
-        "channels_last": args.channels_last,
-        "compile": args.compile,
-        "elements_per_step": elements,
-        "thumb": args.thumb,
-        "timed_steps": args.steps,
-        "step_seconds_median": round(step, 4),
-        "step_seconds_min": round(min(times), 4),
-        "step_seconds_all": [round(t, 4) for t in times],
-        "search_steps": args.search_steps,
-        "search_seconds": round(step * args.search_steps, 2),
-        "seconds_per_image": round(step * args.search_steps / args.batch, 2),
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "generator": name,
+                "config": g.config.model_dump(),
+                "parameters": sum(p.numel() for p in g.parameters()),
+                "device": str(device),
+                "cpu": platform.processor() or platform.machine(),
+                "cpu_count": os.cpu_count(),
+                "threads": torch.get_num_threads(),
+                "batch": args.batch,
+                "restarts": args.restarts,
+                "precision": args.precision,
+                "channels_last": args.channels_last,
+                "compile": args.compile,
+                "elements_per_step": elements,
+                "thumb": args.thumb,
+                "timed_steps": args.steps,
+                "step_seconds_median": round(step, 4),
+                "step_seconds_min": round(min(times), 4),
+                "step_seconds_all": [round(t, 4) for t in times],
+                "search_steps": args.search_steps,
+                "search_seconds": round(step * args.search_steps, 2),
+                "seconds_per_image": round(step * args.search_steps / args.batch, 2),
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

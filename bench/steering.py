@@ -61,29 +61,49 @@ def parse_variant(text: str) -> tuple[str, ObjectiveWeights]:
 def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--data-root", type=Path, default=Path("../shared/data"))
-    p.add_argument("--weights", default=None,
-                   help="generator: manifest name or file (default: the manifest's default)")
-    p.add_argument("--extractor", default=None,
-                   help="F: manifest name or file (default: the manifest's default)")
-    p.add_argument("--f0", type=Path,
-                   default=Path("../shared/weights/mobilefacenet_casia_068.ckpt"))
+    p.add_argument(
+        "--weights",
+        default=None,
+        help="generator: manifest name or file (default: the manifest's default)",
+    )
+    p.add_argument(
+        "--extractor",
+        default=None,
+        help="F: manifest name or file (default: the manifest's default)",
+    )
+    p.add_argument(
+        "--f0", type=Path, default=Path("../shared/weights/mobilefacenet_casia_068.ckpt")
+    )
     p.add_argument("--utkface", type=int, default=16, help="held-out UTKFace thumbnails (0: none)")
     p.add_argument("--celeba", type=int, default=16, help="held-out CelebA-HQ thumbnails (0: none)")
-    p.add_argument("--identity", type=int, default=0,
-                   help="held-out CelebA-HQ people for the identity objective through F, "
-                        "reference I' (Table 1's Lookalike-Ours; 0: none)")
+    p.add_argument(
+        "--identity",
+        type=int,
+        default=0,
+        help="held-out CelebA-HQ people for the identity objective through F, "
+        "reference I' (Table 1's Lookalike-Ours; 0: none)",
+    )
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--restarts", type=int, default=4)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--cache", type=Path, default=Path("runs/evaluate/cache"))
-    p.add_argument("--variant", action="append", default=[],
-                   help="name:field=value,... (ObjectiveWeights); repeatable; default: plain:")
-    p.add_argument("--search", action="append", default=[], metavar="FIELD=VALUE",
-                   help="search setting over the generator's own (as `likeness weights "
-                        "set-search` records for a bundled one), e.g. geocross_weight=0.01 "
-                        "for a --weights file; repeatable")
+    p.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        help="name:field=value,... (ObjectiveWeights); repeatable; default: plain:",
+    )
+    p.add_argument(
+        "--search",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="search setting over the generator's own (as `likeness weights "
+        "set-search` records for a bundled one), e.g. geocross_weight=0.01 "
+        "for a --weights file; repeatable",
+    )
     p.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     return p.parse_args()
 
@@ -115,8 +135,11 @@ def race_scores(models: Any, images: torch.Tensor, labels: np.ndarray) -> dict[s
     return {
         "judge_accuracy": float(np.mean(judge == labels)),
         "f_accuracy": float(np.mean(seen_by_f == labels)),
-        "judge_per_race": {r: float(np.mean(judge[labels == i] == i))
-                           for i, r in enumerate(UTKFACE_RACES) if (labels == i).any()},
+        "judge_per_race": {
+            r: float(np.mean(judge[labels == i] == i))
+            for i, r in enumerate(UTKFACE_RACES)
+            if (labels == i).any()
+        },
     }
 
 
@@ -126,13 +149,15 @@ def attribute_scores(models: Any, images: torch.Tensor, labels: np.ndarray) -> d
     return {
         "judge_accuracy": float(np.mean(judge == labels)),
         "f_accuracy": float(np.mean(seen_by_f == labels)),
-        "judge_per_attribute": {a: float(np.mean(judge[:, j] == labels[:, j]))
-                                for j, a in enumerate(TABLE3_ATTRIBUTES)},
+        "judge_per_attribute": {
+            a: float(np.mean(judge[:, j] == labels[:, j])) for j, a in enumerate(TABLE3_ATTRIBUTES)
+        },
     }
 
 
-def identity_scores(models: Any, images: torch.Tensor, photos: torch.Tensor,
-                    references: torch.Tensor) -> dict[str, Any]:
+def identity_scores(
+    models: Any, images: torch.Tensor, photos: torch.Tensor, references: torch.Tensor
+) -> dict[str, Any]:
     """Angles under F (which the identity objective steers by) and under F0 (which it
     does not) between each image and the person's photo I, as Table 1 measures them,
     and under F to the reference I', which the objective pulls towards."""
@@ -141,7 +166,8 @@ def identity_scores(models: Any, images: torch.Tensor, photos: torch.Tensor,
         a = angles_deg(embed(extractor, images), embed(extractor, photos))
         out[f"{name}_angle_mean"], out[f"{name}_angle_sd"] = float(a.mean()), float(a.std())
     out["f_reference_angle_mean"] = float(
-        angles_deg(embed(models.f, images), embed(models.f, references)).mean())
+        angles_deg(embed(models.f, images), embed(models.f, references)).mean()
+    )
     return out
 
 
@@ -150,18 +176,30 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     variants = [parse_variant(v) for v in (args.variant or ["plain:"])]
-    config = EvalConfig(data_root=args.data_root, f0=args.f0, cache=args.cache,
-                        weights=args.weights, extractor=args.extractor,
-                        celeba=max(args.celeba, args.identity, 2), utkface=max(args.utkface, 1),
-                        steps=args.steps, restarts=args.restarts, batch=args.batch,
-                        seed=args.seed, device="cpu", threads=args.threads or None)
+    config = EvalConfig(
+        data_root=args.data_root,
+        f0=args.f0,
+        cache=args.cache,
+        weights=args.weights,
+        extractor=args.extractor,
+        celeba=max(args.celeba, args.identity, 2),
+        utkface=max(args.utkface, 1),
+        steps=args.steps,
+        restarts=args.restarts,
+        batch=args.batch,
+        seed=args.seed,
+        device="cpu",
+        threads=args.threads or None,
+    )
     models = load_models(config, torch.device("cpu"))
-    models.generator.search_defaults = checked_search(models.generator.search_defaults,
-                                                      search_pairs(args.search))
+    models.generator.search_defaults = checked_search(
+        models.generator.search_defaults, search_pairs(args.search)
+    )
     sets = []
     if args.utkface:
-        utk = utkface_samples(args.data_root / "utkface", args.utkface, THUMBNAIL, args.seed,
-                              landmark_cache(config))
+        utk = utkface_samples(
+            args.data_root / "utkface", args.utkface, THUMBNAIL, args.seed, landmark_cache(config)
+        )
         sets.append((utk.dataset, utk, RACE, race_scores, utk.photos))
     if args.celeba:
         celeba = celeba_samples(args.data_root / "celebahq", args.celeba, THUMBNAIL, args.seed)
@@ -170,9 +208,17 @@ def main() -> None:
         people = celeba_samples(args.data_root / "celebahq", args.identity, THUMBNAIL, args.seed)
         # "photos" here are the references I': their angle to I is Table 1's CelebA-Same;
         # "photos_resampled" are I itself, blurred: what the generator's blur alone costs
-        sets.append(("identity", people, IDENTITY_F,
-                     lambda m, images, _labels, photos=people.photos, refs=people.references:
-                     identity_scores(m, images, photos, refs), people.references))
+        sets.append(
+            (
+                "identity",
+                people,
+                IDENTITY_F,
+                lambda m, images, _labels, photos=people.photos, refs=people.references: (
+                    identity_scores(m, images, photos, refs)
+                ),
+                people.references,
+            )
+        )
     started = time.perf_counter()
     results: dict[str, Any] = {}
     for key, samples, strategy, score, real in sets:
@@ -182,26 +228,42 @@ def main() -> None:
         # How the judges read the same photos at the sharpness of a blurry generator's faces:
         # down to `side` px and back up, as the views and F's blur training do.
         results[key]["photos_resampled"] = {
-            side: score(models, resample(samples.photos, side / samples.photos.shape[-1]),
-                        samples.labels)
-            for side in (64, 32, 16)}
+            side: score(
+                models, resample(samples.photos, side / samples.photos.shape[-1]), samples.labels
+            )
+            for side in (64, 32, 16)
+        }
         for name, weights in run.items():
-            out = run_strategy(models, samples, NONE if name == "none" else strategy, args.steps,
-                               args.restarts, args.batch, args.cache, weights=weights)
+            out = run_strategy(
+                models,
+                samples,
+                NONE if name == "none" else strategy,
+                args.steps,
+                args.restarts,
+                args.batch,
+                args.cache,
+                weights=weights,
+            )
             results[key]["variants"][name] = {
                 "weights": weights.model_dump(exclude={"threshold_deg"}),
                 **score(models, out.images, samples.labels),
-                "accepted": float(np.mean(out.accepted)), "search_seconds": out.search_seconds}
-            print(name, key, json.dumps(results[key]["variants"][name]),
-                  flush=True)
+                "accepted": float(np.mean(out.accepted)),
+                "search_seconds": out.search_seconds,
+            }
+            print(name, key, json.dumps(results[key]["variants"][name]), flush=True)
     f_weights = next(w for w in models.weights if w.role == "F")
     report = {
-        "bench": "steering", "date": time.strftime("%Y-%m-%d"), "machine": platform.machine(),
+        "bench": "steering",
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": platform.machine(),
         "generator": {"name": models.weights[0].name, "sha256": models.generator.sha256},
         "extractor": {"name": f_weights.name, "sha256": f_weights.sha256},
         "search": dict(models.generator.search_defaults),
-        "threads": torch.get_num_threads(), "steps": args.steps, "restarts": args.restarts,
-        "seconds": time.perf_counter() - started, "results": results,
+        "threads": torch.get_num_threads(),
+        "steps": args.steps,
+        "restarts": args.restarts,
+        "seconds": time.perf_counter() - started,
+        "results": results,
         "command": shlex.join(["python", "bench/steering.py", *sys.argv[1:]]),
     }
     text = json.dumps(report, indent=2)

@@ -21,8 +21,11 @@ from cli.upscale import upscale
 from cli.weights import weights_app
 from likeness.errors import LikenessError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="Identity- and attribute-preserving face thumbnail upscaling.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Identity- and attribute-preserving face thumbnail upscaling.",
+)
 app.add_typer(weights_app, name="weights")
 app.command("upscale")(upscale)
 app.command(
@@ -63,8 +66,11 @@ def plain_help(command: Any) -> Any:
         words = param.help or ""
         literal = param.default not in (None, False, ()) and not callable(param.default)
         if literal and "default" not in words and param.show_default is not False:
-            shown = ", ".join(map(str, param.default)) if isinstance(param.default, list | tuple) \
+            shown = (
+                ", ".join(map(str, param.default))
+                if isinstance(param.default, list | tuple)
                 else str(param.default)
+            )
             param.help = f"{words} (default: {shown})".strip()
         param.show_default = False
     return command

@@ -11,15 +11,22 @@ from likeness.errors import LikenessError
 
 
 def worker_command(
-    once: Annotated[bool, typer.Option("--once", help="run at most one batch, then exit")]
-    = False,
-    batch_size: Annotated[int | None, typer.Option(
-        min=1, help="most jobs per batched search (default: LIKENESS_BATCH_SIZE, 8)")] = None,
-    parent_pid: Annotated[int | None, typer.Option(hidden=True,
-                          help="stop when this process is gone (used by serve)")] = None,
-    check: Annotated[bool, typer.Option(
-        "--check", help="run nothing: exit 0 if a worker on this host heartbeated within "
-        "LIKENESS_WORKER_HEARTBEAT_TIMEOUT_SECONDS, else 1 (a container healthcheck)")] = False,
+    once: Annotated[bool, typer.Option("--once", help="run at most one batch, then exit")] = False,
+    batch_size: Annotated[
+        int | None,
+        typer.Option(min=1, help="most jobs per batched search (default: LIKENESS_BATCH_SIZE, 8)"),
+    ] = None,
+    parent_pid: Annotated[
+        int | None, typer.Option(hidden=True, help="stop when this process is gone (used by serve)")
+    ] = None,
+    check: Annotated[
+        bool,
+        typer.Option(
+            "--check",
+            help="run nothing: exit 0 if a worker on this host heartbeated within "
+            "LIKENESS_WORKER_HEARTBEAT_TIMEOUT_SECONDS, else 1 (a container healthcheck)",
+        ),
+    ] = False,
 ) -> None:
     """Run queued jobs: claim compatible ones, search them as one batch, store results.
 
@@ -41,7 +48,6 @@ def worker_command(
     except LikenessError as e:
         fail(e.message)
     raise typer.Exit(code)
-
 
 
 def serve_command(

@@ -45,95 +45,182 @@ def build_config(smoke: bool, overrides: dict[str, Any], resume: Path | None) ->
 
 
 def train_generator(
-    data: Annotated[Path | None, typer.Option(
-        help="zip of 128-px images (the ../shared format); --smoke without it uses synthetic "
-             "images")] = None,
-    out: Annotated[Path | None, typer.Option(
-        help="run folder (default: runs/generator, runs/smoke)")] = None,
+    data: Annotated[
+        Path | None,
+        typer.Option(
+            help="zip of 128-px images (the ../shared format); --smoke without it uses synthetic "
+            "images"
+        ),
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="run folder (default: runs/generator, runs/smoke)")
+    ] = None,
     resolution: Annotated[int | None, typer.Option(help="image side (default: 128)")] = None,
     channel_max: Annotated[int | None, typer.Option(help="widest layer (default: 128)")] = None,
-    channel_base: Annotated[int | None, typer.Option(
-        help="width at res r = min(channel_max, base / r) (default: 2048)")] = None,
+    channel_base: Annotated[
+        int | None, typer.Option(help="width at res r = min(channel_max, base / r) (default: 2048)")
+    ] = None,
     style_dim: Annotated[int | None, typer.Option(help="width of z and w (default: 256)")] = None,
     n_mlp: Annotated[int | None, typer.Option(help="mapping depth (default: 4)")] = None,
-    objective: Annotated[str | None, typer.Option(
-        help="gan (StyleGAN2, for GPUs), vae (G as an autoencoder's decoder: faces after a few "
-             "epochs, the CPU path) or vae-gan (default: gan)")] = None,
-    face_weights: Annotated[Path | None, typer.Option(
-        help="MobileFaceNet checkpoint for the vae identity term and --fd-samples "
-             "(../shared/weights/mobilefacenet_casia_068.ckpt)")] = None,
-    fd_samples: Annotated[int | None, typer.Option(
-        min=0, help="at every checkpoint, log the FD of this many samples vs as many "
-                    "held-out photos (needs --face-weights; default: 0, off)")] = None,
+    objective: Annotated[
+        str | None,
+        typer.Option(
+            help="gan (StyleGAN2, for GPUs), vae (G as an autoencoder's decoder: faces after a few "
+            "epochs, the CPU path) or vae-gan (default: gan)"
+        ),
+    ] = None,
+    face_weights: Annotated[
+        Path | None,
+        typer.Option(
+            help="MobileFaceNet checkpoint for the vae identity term and --fd-samples "
+            "(../shared/weights/mobilefacenet_casia_068.ckpt)"
+        ),
+    ] = None,
+    fd_samples: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            help="at every checkpoint, log the FD of this many samples vs as many "
+            "held-out photos (needs --face-weights; default: 0, off)",
+        ),
+    ] = None,
     kl_weight: Annotated[float | None, typer.Option(help="vae: KL weight (default: 5e-5)")] = None,
-    lowres_weight: Annotated[float | None, typer.Option(
-        help="vae: weight of the 16/32-px downscale MSE (default: 10)")] = None,
-    identity_weight: Annotated[float | None, typer.Option(
-        help="vae: weight of the identity term (default: 0.1)")] = None,
-    perceptual_weight: Annotated[float | None, typer.Option(
-        help="vae: weight of the face-feature perceptual loss, the sharpener (needs "
-             "--face-weights; default: 0, off)")] = None,
-    adv_weight: Annotated[float | None, typer.Option(
-        help="weight of G's adversarial loss (default: 1)")] = None,
-    adv_start_kimg: Annotated[float | None, typer.Option(
-        help="vae-gan: adversarial updates begin after this many kimg (default: 0)")] = None,
-    adv_ramp_kimg: Annotated[float | None, typer.Option(
-        help="then G's adversarial weight rises from 0 to --adv-weight over this many kimg "
-             "(default: 0, at once)")] = None,
+    lowres_weight: Annotated[
+        float | None, typer.Option(help="vae: weight of the 16/32-px downscale MSE (default: 10)")
+    ] = None,
+    identity_weight: Annotated[
+        float | None, typer.Option(help="vae: weight of the identity term (default: 0.1)")
+    ] = None,
+    perceptual_weight: Annotated[
+        float | None,
+        typer.Option(
+            help="vae: weight of the face-feature perceptual loss, the sharpener (needs "
+            "--face-weights; default: 0, off)"
+        ),
+    ] = None,
+    adv_weight: Annotated[
+        float | None, typer.Option(help="weight of G's adversarial loss (default: 1)")
+    ] = None,
+    adv_start_kimg: Annotated[
+        float | None,
+        typer.Option(help="vae-gan: adversarial updates begin after this many kimg (default: 0)"),
+    ] = None,
+    adv_ramp_kimg: Annotated[
+        float | None,
+        typer.Option(
+            help="then G's adversarial weight rises from 0 to --adv-weight over this many kimg "
+            "(default: 0, at once)"
+        ),
+    ] = None,
     batch: Annotated[int | None, typer.Option(min=1, help="batch size (default: 8)")] = None,
-    kimg: Annotated[float | None, typer.Option(
-        help="train until this many thousand images seen (default: 1000)")] = None,
-    max_minutes: Annotated[float | None, typer.Option(
-        help="stop (with a checkpoint) after this long in this run")] = None,
-    checkpoint_minutes: Annotated[float | None, typer.Option(
-        help="minutes between checkpoints (default: 10)")] = None,
-    resume: Annotated[str | None, typer.Option(
-        help="checkpoint file (or committed parts of one: <file>.parts.json), or 'auto' "
-             "for <out>/checkpoint.pt if present")] = None,
-    save_parts: Annotated[Path | None, typer.Option(
-        help="when training stops, also write the checkpoint as ≤15 MiB parts at this path "
-             "(PATH.partNNN + PATH.parts.json), small enough to commit; resume with "
-             "--resume PATH")] = None,
-    prior_members: Annotated[Path | None, typer.Option(
-        help="vae objectives: fit the exported prior to these members of --data (a split "
-             "file, e.g. a race-balanced list) instead of the recent training batches")] = None,
-    init_generator: Annotated[Path | None, typer.Option(
-        help="start G from this generator checkpoint of the same config (e.g. "
-             "weights/generator.pt): a warm start when a run's checkpoint is gone")] = None,
+    kimg: Annotated[
+        float | None,
+        typer.Option(help="train until this many thousand images seen (default: 1000)"),
+    ] = None,
+    max_minutes: Annotated[
+        float | None, typer.Option(help="stop (with a checkpoint) after this long in this run")
+    ] = None,
+    checkpoint_minutes: Annotated[
+        float | None, typer.Option(help="minutes between checkpoints (default: 10)")
+    ] = None,
+    resume: Annotated[
+        str | None,
+        typer.Option(
+            help="checkpoint file (or committed parts of one: <file>.parts.json), or 'auto' "
+            "for <out>/checkpoint.pt if present"
+        ),
+    ] = None,
+    save_parts: Annotated[
+        Path | None,
+        typer.Option(
+            help="when training stops, also write the checkpoint as ≤15 MiB parts at this path "
+            "(PATH.partNNN + PATH.parts.json), small enough to commit; resume with "
+            "--resume PATH"
+        ),
+    ] = None,
+    prior_members: Annotated[
+        Path | None,
+        typer.Option(
+            help="vae objectives: fit the exported prior to these members of --data (a split "
+            "file, e.g. a race-balanced list) instead of the recent training batches"
+        ),
+    ] = None,
+    init_generator: Annotated[
+        Path | None,
+        typer.Option(
+            help="start G from this generator checkpoint of the same config (e.g. "
+            "weights/generator.pt): a warm start when a run's checkpoint is gone"
+        ),
+    ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")] = "auto",
-    smoke: Annotated[bool, typer.Option(
-        "--smoke", help="tiny 32-px config that runs on CPU in under a minute")] = False,
+    smoke: Annotated[
+        bool, typer.Option("--smoke", help="tiny 32-px config that runs on CPU in under a minute")
+    ] = False,
     seed: Annotated[int | None, typer.Option(help="seed (default: 0)")] = None,
     r1_gamma: Annotated[float | None, typer.Option(help="R1 weight (default: 0.5)")] = None,
-    augment: Annotated[str | None, typer.Option(
-        help="DiffAugment policy: comma list of color, translation, cutout; or 'none'")] = None,
-    members: Annotated[Path | None, typer.Option(
-        help="split file: the zip members to train on, one per line")] = None,
-    mirror: Annotated[bool | None, typer.Option(
-        "--mirror/--no-mirror", help="add horizontal flips (default: on)")] = None,
-    pl_weight: Annotated[float | None, typer.Option(
-        help="path-length regularisation weight (default: 0 = off)")] = None,
-    ema_kimg: Annotated[float | None, typer.Option(
-        help="EMA half-life in kimg (default: batch·10/32)")] = None,
-    workers: Annotated[int | None, typer.Option(
-        help="data-loading processes (default: 0 on CPU, 4 on CUDA)")] = None,
-    threads: Annotated[int | None, typer.Option(
-        min=1, help="CPU threads for torch (default: torch's; 1 with --smoke). Keep it fixed "
-                    "across resumes for bit-exact continuation")] = None,
+    augment: Annotated[
+        str | None,
+        typer.Option(
+            help="DiffAugment policy: comma list of color, translation, cutout; or 'none'"
+        ),
+    ] = None,
+    members: Annotated[
+        Path | None, typer.Option(help="split file: the zip members to train on, one per line")
+    ] = None,
+    mirror: Annotated[
+        bool | None, typer.Option("--mirror/--no-mirror", help="add horizontal flips (default: on)")
+    ] = None,
+    pl_weight: Annotated[
+        float | None, typer.Option(help="path-length regularisation weight (default: 0 = off)")
+    ] = None,
+    ema_kimg: Annotated[
+        float | None, typer.Option(help="EMA half-life in kimg (default: batch·10/32)")
+    ] = None,
+    workers: Annotated[
+        int | None, typer.Option(help="data-loading processes (default: 0 on CPU, 4 on CUDA)")
+    ] = None,
+    threads: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="CPU threads for torch (default: torch's; 1 with --smoke). Keep it fixed "
+            "across resumes for bit-exact continuation",
+        ),
+    ] = None,
 ) -> None:
     """Train the StyleGAN2 generator on a zip of face images; resumable, checkpoints
     to OUT (checkpoint.pt, g_ema.pt, samples_kimgXXXX.png, log.jsonl)."""
     options = dict(
-        data=data, resolution=resolution, channel_max=channel_max, channel_base=channel_base,
-        style_dim=style_dim, n_mlp=n_mlp, batch=batch, total_kimg=kimg, max_minutes=max_minutes,
-        checkpoint_minutes=checkpoint_minutes, seed=seed, r1_gamma=r1_gamma, augment=augment,
-        members=members, mirror=mirror, pl_weight=pl_weight, ema_kimg=ema_kimg, workers=workers,
-        objective=objective, face_weights=face_weights, fd_samples=fd_samples,
+        data=data,
+        resolution=resolution,
+        channel_max=channel_max,
+        channel_base=channel_base,
+        style_dim=style_dim,
+        n_mlp=n_mlp,
+        batch=batch,
+        total_kimg=kimg,
+        max_minutes=max_minutes,
+        checkpoint_minutes=checkpoint_minutes,
+        seed=seed,
+        r1_gamma=r1_gamma,
+        augment=augment,
+        members=members,
+        mirror=mirror,
+        pl_weight=pl_weight,
+        ema_kimg=ema_kimg,
+        workers=workers,
+        objective=objective,
+        face_weights=face_weights,
+        fd_samples=fd_samples,
         kl_weight=kl_weight,
-        lowres_weight=lowres_weight, identity_weight=identity_weight, adv_weight=adv_weight,
-        perceptual_weight=perceptual_weight, adv_start_kimg=adv_start_kimg,
+        lowres_weight=lowres_weight,
+        identity_weight=identity_weight,
+        adv_weight=adv_weight,
+        perceptual_weight=perceptual_weight,
+        adv_start_kimg=adv_start_kimg,
         adv_ramp_kimg=adv_ramp_kimg,
-        init_generator=init_generator, prior_members=prior_members,
+        init_generator=init_generator,
+        prior_members=prior_members,
     )
     overrides = {k: v for k, v in options.items() if v is not None}
     overrides["device"] = device
@@ -162,16 +249,22 @@ def train_generator(
         elif resume == "auto":
             err.print(f"no checkpoint in {out}: starting fresh", highlight=False)
         gconf = config.generator_config()
-        err.print(f"generator {gconf.resolution}px channels {gconf.channels} "
-                  f"style_dim {gconf.style_dim} n_mlp {gconf.n_mlp}; objective "
-                  f"{config.objective}, batch {config.batch}, "
-                  f"data {config.data or 'synthetic'}, out {config.out}", highlight=False)
+        err.print(
+            f"generator {gconf.resolution}px channels {gconf.channels} "
+            f"style_dim {gconf.style_dim} n_mlp {gconf.n_mlp}; objective "
+            f"{config.objective}, batch {config.batch}, "
+            f"data {config.data or 'synthetic'}, out {config.out}",
+            highlight=False,
+        )
         result = train(config, resume=resume_path)
     except LikenessError as e:
         err.print(f"[bold red]error:[/] {e.message}", highlight=False)
         raise typer.Exit(2) from None
-    err.print(f"stopped ({result.reason}) at step {result.step}, {result.kimg:.2f} kimg; "
-              f"checkpoint {result.checkpoint}", highlight=False)
+    err.print(
+        f"stopped ({result.reason}) at step {result.step}, {result.kimg:.2f} kimg; "
+        f"checkpoint {result.checkpoint}",
+        highlight=False,
+    )
     if save_parts is not None:
         from worker.training.parts import split_into_parts
 
@@ -180,17 +273,23 @@ def train_generator(
 
 
 def prepare_generator_data(
-    out: Annotated[Path, typer.Option(help="the zip to write (for train-generator --data)")]
-    = Path("runs/generator-data/images.zip"),
-    data_root: Annotated[Path, typer.Option(help="folder holding celebahq/ and utkface/")]
-    = Path("../shared/data"),
-    celeba: Annotated[int, typer.Option(
-        min=0, help="held-in CelebA-HQ photos (a fixed hash-ordered choice)")] = 8000,
-    utkface_per_race: Annotated[int, typer.Option(
-        min=0, help="held-in UTKFace chips per race (fewer where a race has fewer)")] = 2000,
+    out: Annotated[Path, typer.Option(help="the zip to write (for train-generator --data)")] = Path(
+        "runs/generator-data/images.zip"
+    ),
+    data_root: Annotated[Path, typer.Option(help="folder holding celebahq/ and utkface/")] = Path(
+        "../shared/data"
+    ),
+    celeba: Annotated[
+        int, typer.Option(min=0, help="held-in CelebA-HQ photos (a fixed hash-ordered choice)")
+    ] = 8000,
+    utkface_per_race: Annotated[
+        int,
+        typer.Option(min=0, help="held-in UTKFace chips per race (fewer where a race has fewer)"),
+    ] = 2000,
     size: Annotated[int, typer.Option(min=16, help="image side in pixels")] = 128,
-    cache: Annotated[Path, typer.Option(help="MTCNN landmark cache for the UTKFace chips")]
-    = Path("runs/generator-data/utkface_landmarks.pt"),
+    cache: Annotated[Path, typer.Option(help="MTCNN landmark cache for the UTKFace chips")] = Path(
+        "runs/generator-data/utkface_landmarks.pt"
+    ),
     threads: Annotated[int | None, typer.Option(min=1, help="CPU threads for torch")] = None,
 ) -> None:
     """Build a generator training set from the train splits only: CelebA-HQ photos plus
@@ -212,16 +311,27 @@ def prepare_generator_data(
             torch.set_num_threads(threads)
         plan = plan_mix(data_root, celeba, utkface_per_race)
         per_race = ", ".join(f"{len(g)}" for g in plan.utkface)
-        err.print(f"{len(plan.celeba)} CelebA-HQ photos and UTKFace chips per race "
-                  f"({per_race}) → {out}", highlight=False)
-        with Progress(TextColumn("framing"), BarColumn(), MofNCompleteColumn(),
-                      TimeRemainingColumn(), console=err) as bar:
+        err.print(
+            f"{len(plan.celeba)} CelebA-HQ photos and UTKFace chips per race ({per_race}) → {out}",
+            highlight=False,
+        )
+        with Progress(
+            TextColumn("framing"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            console=err,
+        ) as bar:
             task = bar.add_task("framing", total=plan.total)
-            summary = write_mix(data_root, out, plan, size, cache,
-                                advance=lambda n: bar.advance(task, n))
+            summary = write_mix(
+                data_root, out, plan, size, cache, advance=lambda n: bar.advance(task, n)
+            )
     except LikenessError as e:
         err.print(f"[bold red]error:[/] {e.message}", highlight=False)
         raise typer.Exit(2) from None
-    err.print(f"wrote {out}: {summary.images} images ({summary.celeba} CelebA-HQ, UTKFace "
-              f"{summary.utkface_per_race}; {summary.skipped_no_face} chips without a face "
-              f"left out) in {summary.seconds:.0f} s", highlight=False)
+    err.print(
+        f"wrote {out}: {summary.images} images ({summary.celeba} CelebA-HQ, UTKFace "
+        f"{summary.utkface_per_race}; {summary.skipped_no_face} chips without a face "
+        f"left out) in {summary.seconds:.0f} s",
+        highlight=False,
+    )

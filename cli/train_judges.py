@@ -11,22 +11,34 @@ from cli.output import err, fail
 
 
 def train_judges(
-    data_root: Annotated[Path, typer.Option(help="folder holding celebahq/ and utkface/")]
-    = Path("../shared/data"),
-    task: Annotated[list[str] | None, typer.Option(
-        help="race and/or attributes (default: both)")] = None,
+    data_root: Annotated[Path, typer.Option(help="folder holding celebahq/ and utkface/")] = Path(
+        "../shared/data"
+    ),
+    task: Annotated[
+        list[str] | None, typer.Option(help="race and/or attributes (default: both)")
+    ] = None,
     epochs: Annotated[int, typer.Option(min=1, help="passes over the training split")] = 8,
-    max_minutes: Annotated[float | None, typer.Option(
-        help="stop a judge's training after this long (per judge)")] = None,
-    limit: Annotated[int | None, typer.Option(
-        min=10, help="cap training images per judge (a fixed hash-ordered choice)")] = None,
+    max_minutes: Annotated[
+        float | None, typer.Option(help="stop a judge's training after this long (per judge)")
+    ] = None,
+    limit: Annotated[
+        int | None,
+        typer.Option(min=10, help="cap training images per judge (a fixed hash-ordered choice)"),
+    ] = None,
     cache: Annotated[Path, typer.Option(help="landmark cache folder")] = Path("runs/judges"),
-    into: Annotated[Path | None, typer.Option(
-        help="folder of the manifest to register the judges in "
-             "(default: LIKENESS_WEIGHTS_DIR)")] = None,
-    balanced: Annotated[bool, typer.Option(
-        "--balanced/--no-balanced", help="race: weigh each race by its inverse frequency, so "
-        "the rarest is still predicted")] = True,
+    into: Annotated[
+        Path | None,
+        typer.Option(
+            help="folder of the manifest to register the judges in (default: LIKENESS_WEIGHTS_DIR)"
+        ),
+    ] = None,
+    balanced: Annotated[
+        bool,
+        typer.Option(
+            "--balanced/--no-balanced",
+            help="race: weigh each race by its inverse frequency, so the rarest is still predicted",
+        ),
+    ] = True,
     threads: Annotated[int | None, typer.Option(min=1, help="CPU threads for torch")] = None,
 ) -> None:
     """Train the race and attribute judges: small ResNets from scratch on
@@ -50,23 +62,46 @@ def train_judges(
         err.print(f"{t} judge: aligning crops from {root}", highlight=False)
         train_x, train_y = prepare(root, t, "train", limit, cache)  # type: ignore[arg-type]
         test_x, test_y = prepare(root, t, "test", None, cache)  # type: ignore[arg-type]
-        net, metrics = train_judge(t, JudgeData(train_x, train_y, test_x, test_y),  # type: ignore[arg-type]
-                                   epochs=epochs, max_minutes=max_minutes, balanced=balanced,
-                                   log=lambda line: err.print(line, highlight=False))
+        net, metrics = train_judge(
+            t,
+            JudgeData(train_x, train_y, test_x, test_y),  # type: ignore[arg-type]
+            epochs=epochs,
+            max_minutes=max_minutes,
+            balanced=balanced,
+            log=lambda line: err.print(line, highlight=False),
+        )
         path = manifest_path.parent / f"judge_{t}.pt"
         save_judge(net, t, path, metrics)  # type: ignore[arg-type]
-        register(WeightsEntry(
-            name=f"judge-{t}", kind="judge", file=path.name, sha256=sha256_file(path),
-            config={"task": t, "architecture": "ResNet-10, 64-px ArcFace-aligned crops",
-                    "labels": list(net.labels), "widths": list(net.widths),
-                    "stem_stride": net.stem_stride},
-            provenance={"data": f"{root.name} train split (likeness/splits.py, "
-                                f"salt likeness-v1), {metrics['train_images']} images",
-                        "init": "random (no pretrained weights: independent of F)",
-                        "command": "likeness train-judges", "device": "cpu"},
-            metrics=metrics), manifest_path)
-        headline = (f"top-1 {metrics['top1']:.3f}, mean per race "
-                    f"{metrics['mean_per_class']:.3f}" if t == "race"
-                    else f"mAP {metrics['attribute_map']:.3f}")
-        err.print(f"{t} judge: held-out {headline} ({metrics['test_images']} images); "
-                  f"wrote {path}", highlight=False)
+        register(
+            WeightsEntry(
+                name=f"judge-{t}",
+                kind="judge",
+                file=path.name,
+                sha256=sha256_file(path),
+                config={
+                    "task": t,
+                    "architecture": "ResNet-10, 64-px ArcFace-aligned crops",
+                    "labels": list(net.labels),
+                    "widths": list(net.widths),
+                    "stem_stride": net.stem_stride,
+                },
+                provenance={
+                    "data": f"{root.name} train split (likeness/splits.py, "
+                    f"salt likeness-v1), {metrics['train_images']} images",
+                    "init": "random (no pretrained weights: independent of F)",
+                    "command": "likeness train-judges",
+                    "device": "cpu",
+                },
+                metrics=metrics,
+            ),
+            manifest_path,
+        )
+        headline = (
+            f"top-1 {metrics['top1']:.3f}, mean per race {metrics['mean_per_class']:.3f}"
+            if t == "race"
+            else f"mAP {metrics['attribute_map']:.3f}"
+        )
+        err.print(
+            f"{t} judge: held-out {headline} ({metrics['test_images']} images); wrote {path}",
+            highlight=False,
+        )

@@ -15,35 +15,62 @@ from likeness.errors import LikenessError
 
 
 def upscale(
-    thumbnail: Annotated[Path, typer.Argument(help="thumbnail image (PNG, JPEG, WebP, BMP, "
-                                              "GIF)", show_default=False)],
-    output: Annotated[Path | None, typer.Option(
-        "-o", "--output", help="output PNG (default: <thumbnail>_likeness.png)")] = None,
-    steps: Annotated[int | None, request_option(
-        "steps", help="optimiser steps (default: LIKENESS_STEPS_DEFAULT, 100)")] = None,
-    restarts: Annotated[int | None, request_option(
-        "restarts", help="random restarts (default: LIKENESS_RESTARTS_DEFAULT, 4)")] = None,
+    thumbnail: Annotated[
+        Path, typer.Argument(help="thumbnail image (PNG, JPEG, WebP, BMP, GIF)", show_default=False)
+    ],
+    output: Annotated[
+        Path | None,
+        typer.Option("-o", "--output", help="output PNG (default: <thumbnail>_likeness.png)"),
+    ] = None,
+    steps: Annotated[
+        int | None,
+        request_option("steps", help="optimiser steps (default: LIKENESS_STEPS_DEFAULT, 100)"),
+    ] = None,
+    restarts: Annotated[
+        int | None,
+        request_option("restarts", help="random restarts (default: LIKENESS_RESTARTS_DEFAULT, 4)"),
+    ] = None,
     seed: Annotated[int | None, request_option("seed")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N")] = "auto",
-    weights: Annotated[str | None, typer.Option(
-        help="generator: a manifest name or a file (default: the manifest's default)")] = None,
+    weights: Annotated[
+        str | None,
+        typer.Option(help="generator: a manifest name or a file (default: the manifest's default)"),
+    ] = None,
     eps: Annotated[float | None, request_option("eps")] = None,
-    geocross_weight: Annotated[float | None, typer.Option(
-        min=0.0, help="weight of GEOCROSS, which keeps the W+ rows together (default: the "
-        "generator's manifest setting, else PULSE's 0.05)")] = None,
-    precision: Annotated[str, typer.Option(
-        help="fp32, or bf16 (bfloat16 generator: fast on GPUs, slow on most CPUs)")] = "fp32",
-    race: Annotated[str | None, typer.Option(
-        help="target race, a name of F's race head (e.g. Black)")] = None,
-    attr: Annotated[list[str] | None, typer.Option(
-        help="target attribute Name=0|1, a CelebA name; repeat for several: --attr "
-             "Smiling=1 --attr Eyeglasses=0", show_default=False)] = None,
-    reference: Annotated[Path | None, typer.Option(
-        help="a photo of the same person: the search keeps the identity F sees in it")]
-    = None,
-    extractor: Annotated[str | None, typer.Option(
-        help="face extractor F with heads: a manifest name or a file (default: the "
-        "manifest's default)")] = None,
+    geocross_weight: Annotated[
+        float | None,
+        typer.Option(
+            min=0.0,
+            help="weight of GEOCROSS, which keeps the W+ rows together (default: the "
+            "generator's manifest setting, else PULSE's 0.05)",
+        ),
+    ] = None,
+    precision: Annotated[
+        str,
+        typer.Option(help="fp32, or bf16 (bfloat16 generator: fast on GPUs, slow on most CPUs)"),
+    ] = "fp32",
+    race: Annotated[
+        str | None, typer.Option(help="target race, a name of F's race head (e.g. Black)")
+    ] = None,
+    attr: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="target attribute Name=0|1, a CelebA name; repeat for several: --attr "
+            "Smiling=1 --attr Eyeglasses=0",
+            show_default=False,
+        ),
+    ] = None,
+    reference: Annotated[
+        Path | None,
+        typer.Option(help="a photo of the same person: the search keeps the identity F sees in it"),
+    ] = None,
+    extractor: Annotated[
+        str | None,
+        typer.Option(
+            help="face extractor F with heads: a manifest name or a file (default: the "
+            "manifest's default)"
+        ),
+    ] = None,
     identity_weight: Annotated[float | None, request_option("identity_weight")] = None,
     race_weight: Annotated[float | None, request_option("race_weight")] = None,
     attr_weight: Annotated[float | None, request_option("attr_weight")] = None,
@@ -61,11 +88,24 @@ def upscale(
     from likeness.settings import get_settings
 
     try:
-        request = settle(validate_request({
-            "steps": steps, "restarts": restarts, "seed": seed, "race": race,
-            "attributes": parse_attribute_pairs(attr or []), "identity_weight": identity_weight,
-            "race_weight": race_weight, "attr_weight": attr_weight, "eps": eps, "views": views,
-        }), get_settings(), capped=False)
+        request = settle(
+            validate_request(
+                {
+                    "steps": steps,
+                    "restarts": restarts,
+                    "seed": seed,
+                    "race": race,
+                    "attributes": parse_attribute_pairs(attr or []),
+                    "identity_weight": identity_weight,
+                    "race_weight": race_weight,
+                    "attr_weight": attr_weight,
+                    "eps": eps,
+                    "views": views,
+                }
+            ),
+            get_settings(),
+            capped=False,
+        )
     except LikenessError as e:
         fail(e.message)
     if request.seed is None:
@@ -104,8 +144,9 @@ def upscale(
         model, name = load_search_model(weights, dev)
         res = model.generator.config.resolution
         thumb = prepare_thumbnail(data, res)
-        config = resolve_search(request, model, geocross_weight=geocross_weight,
-                                precision=precision)
+        config = resolve_search(
+            request, model, geocross_weight=geocross_weight, precision=precision
+        )
         objective = None
         if request.has_targets or reference_bytes is not None:
             ext, threshold, _ = load_extractor(extractor, dev)
@@ -115,14 +156,20 @@ def upscale(
                     embedding = reference_embedding(ext, decode_image(reference_bytes).pixels)
                 except LikenessError as e:
                     fail(f"reference: {e.message}")
-            objective = build_objective(ext, objective_weights(request, threshold),
-                                        [request.race], [request.attributes], [embedding])
+            objective = build_objective(
+                ext,
+                objective_weights(request, threshold),
+                [request.race],
+                [request.attributes],
+                [embedding],
+            )
         for note in thumb.notes:
             err.print(f"note: {note}", highlight=False)
         started = time.perf_counter()
         with progress_bar() as bar:
-            task = bar.add_task(f"searching {thumb.size}px → {res}px", total=config.steps,
-                                status="")
+            task = bar.add_task(
+                f"searching {thumb.size}px → {res}px", total=config.steps, status=""
+            )
 
             shown = [-float("inf")]  # when the MSE was last read back
 
@@ -133,8 +180,9 @@ def upscale(
                     shown[0] = time.perf_counter()
                     bar.update(task, status=f"best MSE {float(s.best_mse[0]):.5f}")
 
-            [result] = run_upscale(model, [thumb.pixels], config, on_step=on_step,
-                                   objective=objective)
+            [result] = run_upscale(
+                model, [thumb.pixels], config, on_step=on_step, objective=objective
+            )
         seconds = time.perf_counter() - started
     except LikenessError as e:
         fail(e.message)
@@ -156,5 +204,8 @@ def upscale(
     sidecar.write_text(json.dumps(report, indent=2) + "\n")
     if not result.report["accepted"]:
         fail(f"{result.report['reason']}; best attempt written to {output}", EXIT_NOT_ACCEPTED)
-    err.print(f"wrote {output} and {sidecar.name} (downscale MSE "
-              f"{result.report['downscale_mse']:.5f}, {seconds:.1f} s)", highlight=False)
+    err.print(
+        f"wrote {output} and {sidecar.name} (downscale MSE "
+        f"{result.report['downscale_mse']:.5f}, {seconds:.1f} s)",
+        highlight=False,
+    )

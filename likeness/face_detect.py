@@ -304,8 +304,9 @@ class OnnxMTCNN:
         )
 
 
-def _cells_to_boxes(reg: np.ndarray, prob: np.ndarray, scale: float, threshold: float
-                    ) -> np.ndarray:
+def _cells_to_boxes(
+    reg: np.ndarray, prob: np.ndarray, scale: float, threshold: float
+) -> np.ndarray:
     """PNet's score map → candidate boxes [x1, y1, x2, y2, score, reg×4] in image pixels.
 
     Each map cell sees a 12-px window with stride 2 at this pyramid level.
@@ -315,6 +316,6 @@ def _cells_to_boxes(reg: np.ndarray, prob: np.ndarray, scale: float, threshold: 
     s = np.float32(scale)
     q1 = np.floor((2 * cells + 1) / s)
     q2 = np.floor((2 * cells + 12) / s)
-    return np.concatenate(
-        [q1, q2, prob[ys, xs][:, None], reg[:, ys, xs].T], axis=1
-    ).astype(np.float32)
+    return np.concatenate([q1, q2, prob[ys, xs][:, None], reg[:, ys, xs].T], axis=1).astype(
+        np.float32
+    )

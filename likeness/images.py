@@ -93,9 +93,7 @@ def _to_rgb(img: Image.Image, notes: list[str]) -> Image.Image:
     """Grayscale, palette and alpha to RGB; transparency is composited on white."""
     if img.mode == "RGB":
         return img
-    has_alpha = img.mode in ("RGBA", "LA", "PA") or (
-        img.mode == "P" and "transparency" in img.info
-    )
+    has_alpha = img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info)
     if has_alpha:
         rgba = img.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -142,6 +140,9 @@ def prepare_thumbnail(
     if target == size:
         return image
     resized = Image.fromarray(image.pixels).resize((target, target), Image.Resampling.BICUBIC)
-    notes = [*image.notes, f"resized {size}x{size} to {target}x{target} (the generator's "
-             f"{resolution}px output must be an integer multiple >= 2 of the thumbnail)"]
+    notes = [
+        *image.notes,
+        f"resized {size}x{size} to {target}x{target} (the generator's "
+        f"{resolution}px output must be an integer multiple >= 2 of the thumbnail)",
+    ]
     return DecodedImage(np.asarray(resized), image.original_size, image.format, notes)

@@ -79,13 +79,14 @@ def canonical_race(race: str | None, known: Sequence[str]) -> str | None:
     match = canonical_label(race, known)
     if match is None:
         raise LikenessError(
-            "unknown_race", f"Unknown race {race.strip()!r}; known: {', '.join(known)}.",
-            status=422)
+            "unknown_race", f"Unknown race {race.strip()!r}; known: {', '.join(known)}.", status=422
+        )
     return match
 
 
-def canonical_attributes(wanted: Mapping[str, int], known: Sequence[str]
-                         ) -> dict[str, Literal[0, 1]]:
+def canonical_attributes(
+    wanted: Mapping[str, int], known: Sequence[str]
+) -> dict[str, Literal[0, 1]]:
     """Attribute targets with their names as ``known`` spells them."""
     canonical: dict[str, Literal[0, 1]] = {}
     for name, value in wanted.items():
@@ -93,10 +94,13 @@ def canonical_attributes(wanted: Mapping[str, int], known: Sequence[str]
         if match is None:
             raise LikenessError(
                 "unknown_attribute",
-                f"Unknown attribute {name.strip()!r}; known: {', '.join(known)}.", status=422)
+                f"Unknown attribute {name.strip()!r}; known: {', '.join(known)}.",
+                status=422,
+            )
         if match in canonical:
-            raise LikenessError("invalid_attribute", f"attribute {match} is given twice.",
-                                status=422)
+            raise LikenessError(
+                "invalid_attribute", f"attribute {match} is given twice.", status=422
+            )
         canonical[match] = 1 if value else 0
     return canonical
 
@@ -112,11 +116,14 @@ def parse_attribute_pairs(values: Iterable[str]) -> dict[str, Literal[0, 1]]:
         name, raw = item[:cut].strip(), item[cut + 1 :].strip()
         if cut < 0 or not name or raw not in ("0", "1"):
             raise LikenessError(
-                "invalid_attribute", f"attribute {item!r} must look like Name=0 or Name=1.",
-                status=422)
+                "invalid_attribute",
+                f"attribute {item!r} must look like Name=0 or Name=1.",
+                status=422,
+            )
         if name.casefold() in {n.casefold() for n in wanted}:
-            raise LikenessError("invalid_attribute", f"attribute {name} is given twice.",
-                                status=422)
+            raise LikenessError(
+                "invalid_attribute", f"attribute {name} is given twice.", status=422
+            )
         wanted[name] = 1 if raw == "1" else 0
     return wanted
 

@@ -43,7 +43,8 @@ class WeightsEntry(BaseModel):
     search: dict[str, Any] = Field(
         default_factory=dict,
         description="generators: search settings measured to suit this model (SearchConfig "
-        "fields, e.g. geocross_weight); every search starts from them, explicit options win")
+        "fields, e.g. geocross_weight); every search starts from them, explicit options win",
+    )
 
 
 class Manifest(BaseModel):
@@ -102,8 +103,10 @@ def register(entry: WeightsEntry, manifest_path: Path | None = None) -> Manifest
         models.append(entry)
     if entry.default:
         models = [
-            e.model_copy(update={"default": False}) if e.kind == entry.kind and e is not entry
-            else e for e in models
+            e.model_copy(update={"default": False})
+            if e.kind == entry.kind and e is not entry
+            else e
+            for e in models
         ]
     manifest.models = models
     save_manifest(manifest, manifest_path)
@@ -115,8 +118,9 @@ def entry_path(entry: WeightsEntry, manifest_path: Path | None = None) -> Path:
     return p if p.is_absolute() else default_manifest(manifest_path).parent / p
 
 
-def resolve_weights(spec: str | None, kind: str, manifest_path: Path | None = None
-                    ) -> tuple[Path, WeightsEntry | None]:
+def resolve_weights(
+    spec: str | None, kind: str, manifest_path: Path | None = None
+) -> tuple[Path, WeightsEntry | None]:
     """``spec`` is a manifest name, a file path, or None for the default of ``kind``."""
     manifest_path = default_manifest(manifest_path)
     manifest = load_manifest(manifest_path)
@@ -142,6 +146,7 @@ def resolve_weights(spec: str | None, kind: str, manifest_path: Path | None = No
         return p, None
     names = ", ".join(e.name for e in of_kind) or "none bundled"
     raise LikenessError(
-        "weights_not_found", f"'{spec}' is neither a file nor a {kind} in the manifest ({names})",
+        "weights_not_found",
+        f"'{spec}' is neither a file nor a {kind} in the manifest ({names})",
         status=404,
     )

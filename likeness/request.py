@@ -24,10 +24,12 @@ MAX_WEIGHT = 1000.0
 MAX_EPS = 1.0
 MAX_VIEWS = 16  # each view costs F another pass per step
 
-Steps = Annotated[int, Field(ge=1, le=MAX_STEPS, description="Optimisation steps of the "
-                             "latent search.")]
-Restarts = Annotated[int, Field(ge=1, le=MAX_RESTARTS, description="Independent random "
-                                "starts per thumbnail.")]
+Steps = Annotated[
+    int, Field(ge=1, le=MAX_STEPS, description="Optimisation steps of the latent search.")
+]
+Restarts = Annotated[
+    int, Field(ge=1, le=MAX_RESTARTS, description="Independent random starts per thumbnail.")
+]
 
 
 class UpscaleRequest(BaseModel):
@@ -36,34 +38,59 @@ class UpscaleRequest(BaseModel):
     steps: Steps | None = None
     restarts: Restarts | None = None
     seed: int | None = Field(
-        default=None, ge=0, le=MAX_SEED,
+        default=None,
+        ge=0,
+        le=MAX_SEED,
         description="Random seed; the same seed gives the same output on the same device "
-        "and weights. Omitted: one is chosen and reported.")
+        "and weights. Omitted: one is chosen and reported.",
+    )
     race: str | None = Field(
-        default=None, description="Race label to steer towards (a name of the face "
-        "extractor's race head, case-insensitive).")
+        default=None,
+        description="Race label to steer towards (a name of the face "
+        "extractor's race head, case-insensitive).",
+    )
     attributes: dict[str, Literal[0, 1]] = Field(
         default_factory=dict,
         description="Attribute targets, name -> wanted value (0 absent, 1 present); written "
-        "Name=0|1 on the command line and in the API form.")
+        "Name=0|1 on the command line and in the API form.",
+    )
     identity_weight: float | None = Field(
-        default=None, ge=0, le=MAX_WEIGHT, allow_inf_nan=False,
-        description="Weight of keeping the reference's identity. Omitted: the engine's.")
+        default=None,
+        ge=0,
+        le=MAX_WEIGHT,
+        allow_inf_nan=False,
+        description="Weight of keeping the reference's identity. Omitted: the engine's.",
+    )
     race_weight: float | None = Field(
-        default=None, ge=0, le=MAX_WEIGHT, allow_inf_nan=False,
-        description="Weight of the race objective. Omitted: the engine's.")
+        default=None,
+        ge=0,
+        le=MAX_WEIGHT,
+        allow_inf_nan=False,
+        description="Weight of the race objective. Omitted: the engine's.",
+    )
     attr_weight: float | None = Field(
-        default=None, ge=0, le=MAX_WEIGHT, allow_inf_nan=False,
-        description="Weight of the attribute objectives. Omitted: the engine's.")
+        default=None,
+        ge=0,
+        le=MAX_WEIGHT,
+        allow_inf_nan=False,
+        description="Weight of the attribute objectives. Omitted: the engine's.",
+    )
     eps: float | None = Field(
-        default=None, gt=0, le=MAX_EPS, allow_inf_nan=False,
+        default=None,
+        gt=0,
+        le=MAX_EPS,
+        allow_inf_nan=False,
         description="Downscaling MSE at which a face counts as matching the thumbnail. "
-        "Omitted: the generator's manifest setting, else the engine's.")
+        "Omitted: the generator's manifest setting, else the engine's.",
+    )
     views: int | None = Field(
-        default=None, ge=1, le=MAX_VIEWS,
+        default=None,
+        ge=1,
+        le=MAX_VIEWS,
         description="Views F sees of each candidate when steering (race, attributes, "
         "reference), averaged: more views steer by what survives shifts, scaling, rotation, "
-        "mirroring and blur, at that many times F's cost. Omitted: the engine's (1).")
+        "mirroring and blur, at that many times F's cost. Omitted: the engine's (1).",
+    )
 
     @property
     def has_targets(self) -> bool:
@@ -90,14 +117,16 @@ def _number(value: float | None) -> object:
     return int(value) if value is not None and value == int(value) else value
 
 
-def out_of_range(name: str, value: object, low: float | None = None,
-                 high: float | None = None) -> OutOfRange:
+def out_of_range(
+    name: str, value: object, low: float | None = None, high: float | None = None
+) -> OutOfRange:
     """The 422 for ``value`` outside the model's bounds (or the narrower ``low``/``high``)."""
     model_low, model_high, low_open = bounds(name)
     low = model_low if low is None else low
     high = model_high if high is None else high
-    return OutOfRange(name, value, f"{_number(low)} (exclusive)" if low_open else _number(low),
-                      _number(high))
+    return OutOfRange(
+        name, value, f"{_number(low)} (exclusive)" if low_open else _number(low), _number(high)
+    )
 
 
 def validate_request(values: dict[str, Any]) -> UpscaleRequest:
@@ -109,8 +138,9 @@ def validate_request(values: dict[str, Any]) -> UpscaleRequest:
             name = str(err["loc"][0]) if err.get("loc") else ""
             if name in UpscaleRequest.model_fields and name not in ("race", "attributes"):
                 raise out_of_range(name, values.get(name)) from None
-        raise LikenessError("invalid_request", f"Invalid request: {exc.errors()[0]['msg']}.",
-                            status=422) from None
+        raise LikenessError(
+            "invalid_request", f"Invalid request: {exc.errors()[0]['msg']}.", status=422
+        ) from None
 
 
 def choose_seed() -> int:
@@ -118,18 +148,22 @@ def choose_seed() -> int:
     return secrets.randbelow(2**31)
 
 
-def settle(request: UpscaleRequest, settings: Settings, *, capped: bool = True
-           ) -> UpscaleRequest:
+def settle(request: UpscaleRequest, settings: Settings, *, capped: bool = True) -> UpscaleRequest:
     """Steps and restarts from the settings where the request has none. ``capped`` (the
     API): also within the settings' limits, a service's own caps inside the model's
     bounds; the command line has the model's bounds only."""
-    limits = (("steps", request.steps, settings.steps_min, settings.steps_max),
-              ("restarts", request.restarts, settings.restarts_min, settings.restarts_max))
+    limits = (
+        ("steps", request.steps, settings.steps_min, settings.steps_max),
+        ("restarts", request.restarts, settings.restarts_min, settings.restarts_max),
+    )
     for name, given, low, high in limits if capped else ():
         if given is not None and not low <= given <= high:
             raise out_of_range(name, given, low, high)
-    return request.model_copy(update={
-        "steps": request.steps if request.steps is not None else settings.steps_default,
-        "restarts": (request.restarts if request.restarts is not None
-                     else settings.restarts_default),
-    })
+    return request.model_copy(
+        update={
+            "steps": request.steps if request.steps is not None else settings.steps_default,
+            "restarts": (
+                request.restarts if request.restarts is not None else settings.restarts_default
+            ),
+        }
+    )

@@ -108,8 +108,10 @@ class Settings(BaseSettings):
     # are all the command line has: a shared service keeps each job's cost in check.
     steps_min: int = Field(default=1, ge=1, description="Smallest 'steps' the API accepts.")
     steps_max: int = Field(
-        default=1000, ge=1, description="Largest 'steps' the API accepts (at most the request "
-        "model's 10000).")
+        default=1000,
+        ge=1,
+        description="Largest 'steps' the API accepts (at most the request model's 10000).",
+    )
     steps_default: int = Field(
         default=100,
         ge=1,
@@ -118,8 +120,10 @@ class Settings(BaseSettings):
     )
     restarts_min: int = Field(default=1, ge=1, description="Smallest 'restarts' the API accepts.")
     restarts_max: int = Field(
-        default=32, ge=1, description="Largest 'restarts' the API accepts (at most the request "
-        "model's 64).")
+        default=32,
+        ge=1,
+        description="Largest 'restarts' the API accepts (at most the request model's 64).",
+    )
     restarts_default: int = Field(
         default=4,
         ge=1,
@@ -155,8 +159,7 @@ class Settings(BaseSettings):
     worker_poll_seconds: float = Field(
         default=1.0,
         gt=0,
-        description="Worker: how long an idle worker waits before asking the store for jobs "
-        "again.",
+        description="Worker: how long an idle worker waits before asking the store for jobs again.",
     )
     worker_heartbeat_seconds: float = Field(
         default=5.0,

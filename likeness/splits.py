@@ -63,8 +63,11 @@ def require_set(root: Path) -> None:
     for name in ("images.zip", "labels.csv"):
         if not (root / name).is_file():
             raise LikenessError(
-                "data_not_found", f"no {root / name}: --data-root must be the folder holding "
-                "celebahq/ and utkface/ in the ../shared/data format", status=404)
+                "data_not_found",
+                f"no {root / name}: --data-root must be the folder holding "
+                "celebahq/ and utkface/ in the ../shared/data format",
+                status=404,
+            )
 
 
 def race_balanced_order(names: list[str], race: dict[str, int]) -> list[list[str]]:

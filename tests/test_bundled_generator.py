@@ -32,9 +32,13 @@ def test_the_bundled_generator_loads_and_searches_a_real_thumbnail() -> None:
     thumb = np.asarray(face.resize((16, 16), Image.Resampling.BICUBIC), dtype=np.float32) / 255
     thumbs = torch.from_numpy(thumb).permute(2, 0, 1)[None]
     best: list[float] = []
-    result = run_search(G, loaded.mapping_fit, thumbs,
-                        loaded.search_config(steps=5, restarts=2, seed=0),
-                        on_step=lambda step: best.append(float(step.best_mse[0])))
+    result = run_search(
+        G,
+        loaded.mapping_fit,
+        thumbs,
+        loaded.search_config(steps=5, restarts=2, seed=0),
+        on_step=lambda step: best.append(float(step.best_mse[0])),
+    )
     assert result.images.shape == (1, 3, 128, 128)
     assert bool(torch.isfinite(result.images).all())
     # five steps already pull the candidate toward the thumbnail: after step 1 the best is

@@ -14,5 +14,7 @@ def test_the_import_contracts_hold(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.chdir(ROOT)
     monkeypatch.syspath_prepend(str(ROOT))
-    assert lint_imports(config_filename=str(ROOT / ".importlinter"),
-                        no_cache=True) == EXIT_STATUS_SUCCESS
+    assert (
+        lint_imports(config_filename=str(ROOT / ".importlinter"), no_cache=True)
+        == EXIT_STATUS_SUCCESS
+    )

@@ -30,8 +30,11 @@ def test_bundled_weights_stay_small() -> None:
     assert total <= BUNDLED_LIMIT_BYTES, f"weights/ holds {total / 2**20:.1f} MiB"
 
 
-@pytest.mark.parametrize("index", sorted(ROOT.glob("training_state/**/*.parts.json")),
-                         ids=lambda p: str(p.relative_to(ROOT)))
+@pytest.mark.parametrize(
+    "index",
+    sorted(ROOT.glob("training_state/**/*.parts.json")),
+    ids=lambda p: str(p.relative_to(ROOT)),
+)
 def test_committed_training_state_is_whole(index: Path) -> None:
     from worker.training.parts import join_parts
 

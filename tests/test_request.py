@@ -55,7 +55,8 @@ def test_the_service_caps_are_inside_the_model_and_the_cli_has_the_model_only() 
         settle(UpscaleRequest(steps=settings.steps_max + 1), settings)
     assert e.value.code == "out_of_range"
     assert settle(UpscaleRequest(steps=settings.steps_max + 1), settings, capped=False).steps == (
-        settings.steps_max + 1)
+        settings.steps_max + 1
+    )
 
 
 def test_a_value_outside_the_model_is_out_of_range_and_named() -> None:
@@ -69,7 +70,10 @@ def test_both_attribute_spellings_are_read_and_one_is_written() -> None:
     assert wanted == {"Smiling": 1, "Male": 0, "eyeglasses": 1}
     assert format_attribute_pairs(wanted) == ["Smiling=1", "Male=0", "eyeglasses=1"]
     assert canonical_attributes(wanted, ("Eyeglasses", "Male", "Smiling")) == {
-        "Smiling": 1, "Male": 0, "Eyeglasses": 1}
+        "Smiling": 1,
+        "Male": 0,
+        "Eyeglasses": 1,
+    }
 
 
 @pytest.mark.parametrize("bad", ["Smiling", "Smiling=2", "=1", "Smiling=1,smiling=0"])

@@ -204,8 +204,16 @@ def group_compatible(jobs: list[Job]) -> list[list[Job]]:
     groups: dict[tuple[Any, ...], list[Job]] = {}
     for job in jobs:
         o = job.record.options
-        key = (job.pixels.shape, o.steps, o.restarts, o.eps, o.identity_weight, o.race_weight,
-               o.attr_weight, o.views)
+        key = (
+            job.pixels.shape,
+            o.steps,
+            o.restarts,
+            o.eps,
+            o.identity_weight,
+            o.race_weight,
+            o.attr_weight,
+            o.views,
+        )
         groups.setdefault(key, []).append(job)
     return list(groups.values())
 
@@ -213,9 +221,13 @@ def group_compatible(jobs: list[Job]) -> list[list[Job]]:
 def search_config(job: Job, settings: Settings, model: LoadedGenerator) -> SearchConfig:
     """The job's search, run the way this worker's settings say (precision, layout,
     compile)."""
-    return resolve_search(job.record.options, model, precision=settings.search_precision,
-                          channels_last=settings.search_channels_last,
-                          compile=settings.search_compile)
+    return resolve_search(
+        job.record.options,
+        model,
+        precision=settings.search_precision,
+        channels_last=settings.search_channels_last,
+        compile=settings.search_compile,
+    )
 
 
 class StepWatch:
@@ -333,8 +345,9 @@ def group_objective(batch: Batch, group: list[Job]) -> tuple[list[Job], Objectiv
             data = batch.ctx.store.get_blob(job.id, REFERENCE_BLOB)
             try:
                 if data is None:
-                    raise LikenessError("input_missing", "The job's reference photo is no "
-                                        "longer stored.")
+                    raise LikenessError(
+                        "input_missing", "The job's reference photo is no longer stored."
+                    )
                 pixels = decode_image(data, max_pixels=batch.ctx.settings.max_pixels).pixels
                 embedding = reference_embedding(ext, pixels)
             except LikenessError as exc:
@@ -346,8 +359,9 @@ def group_objective(batch: Batch, group: list[Job]) -> tuple[list[Job], Objectiv
     if not kept:
         return kept, None
     weights = objective_weights(kept[0].record.options, batch.ctx.threshold_deg)
-    return kept, build_objective(ext, weights, [r for r, _ in targets],
-                                 [a for _, a in targets], references)
+    return kept, build_objective(
+        ext, weights, [r for r, _ in targets], [a for _, a in targets], references
+    )
 
 
 def run_group(batch: Batch, group: list[Job]) -> None:
@@ -372,7 +386,11 @@ def run_group(batch: Batch, group: list[Job]) -> None:
     started = time.perf_counter()
     try:
         results = upscale(
-            ctx.model, [job.pixels for job in group], config, on_step=watch, seeds=seeds,
+            ctx.model,
+            [job.pixels for job in group],
+            config,
+            on_step=watch,
+            seeds=seeds,
             objective=objective,
         )
     except SearchStopped:

@@ -47,8 +47,9 @@ def pick_device(spec: str = "auto") -> torch.device:
     return device
 
 
-def load_search_model(weights: str | None, device: torch.device,
-                      manifest_path: Path | None = None) -> tuple[LoadedGenerator, str]:
+def load_search_model(
+    weights: str | None, device: torch.device, manifest_path: Path | None = None
+) -> tuple[LoadedGenerator, str]:
     """The generator to search in, with its mapping fit; returns it and its display name.
     ``weights`` is a name in the manifest (default: the settings'), a file, or None for
     the manifest's default generator."""
@@ -102,19 +103,29 @@ def resolve_search(request: UpscaleRequest, model: LoadedGenerator, **run: Any) 
     settings (``likeness weights set-search``), then the engine's defaults. ``run`` holds
     how this process runs it (precision, layout, compile) and options only the command
     line has; None there means not given."""
-    return model.search_config(steps=request.steps, restarts=request.restarts,
-                               seed=request.seed, eps=request.eps, **run)
+    return model.search_config(
+        steps=request.steps, restarts=request.restarts, seed=request.seed, eps=request.eps, **run
+    )
 
 
-def objective_weights(request: UpscaleRequest | None = None,
-                      threshold_deg: float = DEFAULT_THRESHOLD_DEG) -> ObjectiveWeights:
+def objective_weights(
+    request: UpscaleRequest | None = None, threshold_deg: float = DEFAULT_THRESHOLD_DEG
+) -> ObjectiveWeights:
     """The request's objective weights, the engine's defaults where it has none, with the
     steering extractor's θ_t."""
-    given = {} if request is None else {
-        "identity": request.identity_weight, "race": request.race_weight,
-        "attributes": request.attr_weight, "views": request.views}
-    return ObjectiveWeights(threshold_deg=threshold_deg,
-                            **{k: v for k, v in given.items() if v is not None})
+    given = (
+        {}
+        if request is None
+        else {
+            "identity": request.identity_weight,
+            "race": request.race_weight,
+            "attributes": request.attr_weight,
+            "views": request.views,
+        }
+    )
+    return ObjectiveWeights(
+        threshold_deg=threshold_deg, **{k: v for k, v in given.items() if v is not None}
+    )
 
 
 def extractor_labels(extractor: FaceExtractor) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -124,8 +135,9 @@ def extractor_labels(extractor: FaceExtractor) -> tuple[tuple[str, ...], tuple[s
     return tuple(races), tuple(names)
 
 
-def canonical_targets(extractor: FaceExtractor, race: str | None,
-                      attributes: Mapping[str, int]) -> tuple[str | None, dict[str, int]]:
+def canonical_targets(
+    extractor: FaceExtractor, race: str | None, attributes: Mapping[str, int]
+) -> tuple[str | None, dict[str, int]]:
     """A thumbnail's race and attribute targets as F's heads spell them; a name F does not
     know is a LikenessError (code unknown_label) that lists what it knows."""
     races, names = extractor_labels(extractor)
@@ -150,13 +162,15 @@ def build_objective(
     (``objective_weights``) with F's θ_t."""
     device = next(extractor.parameters()).device
     checked = [canonical_targets(extractor, r, a) for r, a in zip(races, attributes, strict=True)]
-    targets = build_targets(extractor, [r for r, _ in checked], [a for _, a in checked],
-                            list(references), device)
+    targets = build_targets(
+        extractor, [r for r, _ in checked], [a for _, a in checked], list(references), device
+    )
     return Objective(extractor, targets, weights)
 
 
-def load_extractor(spec: str | None, device: torch.device, manifest_path: Path | None = None
-                   ) -> tuple[FaceExtractor, float, str]:
+def load_extractor(
+    spec: str | None, device: torch.device, manifest_path: Path | None = None
+) -> tuple[FaceExtractor, float, str]:
     """F with its race and attribute heads, its threshold angle θ_t, and its display name.
 
     ``spec`` None: the manifest's default extractor. θ_t comes from the export itself
@@ -184,8 +198,11 @@ def reference_embedding(extractor: FaceExtractor, pixels: np.ndarray) -> Tensor:
         aligned = extractor.align(image)
         if not bool(aligned.detected[0]):
             raise LikenessError(
-                "no_face", "no face was found in the reference photo; use a photo where one "
-                "face is clearly visible", status=422)
+                "no_face",
+                "no face was found in the reference photo; use a photo where one "
+                "face is clearly visible",
+                status=422,
+            )
         return extractor.embed_crops(aligned.crops)[0]
 
 
@@ -209,16 +226,29 @@ def upscale(
     if objective is not None and extra_loss is not None:
         raise ValueError("pass an objective or an extra_loss, not both")
     if objective is not None and objective.targets.any:
-        extra_loss = objective_loss(objective.extractor, objective.targets, objective.weights,
-                                    config.restarts)
-    result = run_search(model.generator, model.mapping_fit, to_tensor(thumbnails, device),
-                        config, extra_loss, on_step, seeds)
-    seen = (describe(objective.extractor, result.images, objective.targets, objective.weights)
-            if objective is not None else [{}] * len(thumbnails))
+        extra_loss = objective_loss(
+            objective.extractor, objective.targets, objective.weights, config.restarts
+        )
+    result = run_search(
+        model.generator,
+        model.mapping_fit,
+        to_tensor(thumbnails, device),
+        config,
+        extra_loss,
+        on_step,
+        seeds,
+    )
+    seen = (
+        describe(objective.extractor, result.images, objective.targets, objective.weights)
+        if objective is not None
+        else [{}] * len(thumbnails)
+    )
     return [
-        Upscaled(pixels=to_pixels(result.images[i : i + 1])[0],
-                 report=element_report(result, i, config) | seen[i],
-                 candidates=to_pixels(result.candidates[i]))
+        Upscaled(
+            pixels=to_pixels(result.images[i : i + 1])[0],
+            report=element_report(result, i, config) | seen[i],
+            candidates=to_pixels(result.candidates[i]),
+        )
         for i in range(len(thumbnails))
     ]
 
@@ -234,8 +264,12 @@ def element_report(result: SearchResult, i: int, config: SearchConfig) -> dict[s
         "restart": int(result.restart[i]),
         "candidates": [
             {"downscale_mse": float(m), "loss": float(loss), "accepted": bool(a)}
-            for m, loss, a in zip(result.candidate_mse[i], result.candidate_loss[i],
-                                  result.candidate_accepted[i], strict=True)
+            for m, loss, a in zip(
+                result.candidate_mse[i],
+                result.candidate_loss[i],
+                result.candidate_accepted[i],
+                strict=True,
+            )
         ],
         "terms": {name: float(t[i, int(result.restart[i])]) for name, t in result.terms.items()},
         "steps": result.steps,
@@ -247,8 +281,11 @@ def element_report(result: SearchResult, i: int, config: SearchConfig) -> dict[s
     chosen = int(result.restart[i])
     if result.constraints:
         report["constraints"] = {
-            name: {"value": float(v[i, chosen]), "limit": result.limits[name],
-                   "held": bool(v[i, chosen] <= result.limits[name])}
+            name: {
+                "value": float(v[i, chosen]),
+                "limit": result.limits[name],
+                "held": bool(v[i, chosen] <= result.limits[name]),
+            }
             for name, v in result.constraints.items()
         }
         for c, cand in enumerate(report["candidates"]):
@@ -256,12 +293,14 @@ def element_report(result: SearchResult, i: int, config: SearchConfig) -> dict[s
     if not accepted:
         within_eps = bool((result.candidate_mse[i] <= config.eps).any())
         if within_eps and result.constraints:
-            broken = sorted(name for name, held in report["constraints"].items()
-                            if not held["held"])
+            broken = sorted(
+                name for name, held in report["constraints"].items() if not held["held"]
+            )
             report["reason"] = (
                 "faces downscale to this thumbnail, but none meets the targets: "
                 f"{', '.join(broken) or 'a constraint'} loss above its limit in every restart "
-                f"({result.steps} steps x {config.restarts} restarts)")
+                f"({result.steps} steps x {config.restarts} restarts)"
+            )
         else:
             report["reason"] = (
                 f"no face downscales to this thumbnail: best downscale MSE {mse:.5f} > eps "

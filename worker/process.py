@@ -194,16 +194,22 @@ def main(
     extractor, threshold = load_worker_extractor(settings, device)
     store = open_store_from_settings(settings)
     try:
-        return Worker(store, model, name, device, settings, batch_size=batch_size, stop=stop,
-                      extractor=extractor, threshold_deg=threshold).run(
-            once=once
-        )
+        return Worker(
+            store,
+            model,
+            name,
+            device,
+            settings,
+            batch_size=batch_size,
+            stop=stop,
+            extractor=extractor,
+            threshold_deg=threshold,
+        ).run(once=once)
     finally:
         store.close()
 
 
-def load_worker_generator(settings: Settings, device: torch.device
-                          ) -> tuple[LoadedGenerator, str]:
+def load_worker_generator(settings: Settings, device: torch.device) -> tuple[LoadedGenerator, str]:
     """LIKENESS_GENERATOR, else the default generator of the manifest in
     LIKENESS_WEIGHTS_DIR, as every other process finds it."""
     try:
@@ -218,18 +224,22 @@ def load_worker_generator(settings: Settings, device: torch.device
         ) from None
 
 
-def load_worker_extractor(settings: Settings, device: torch.device
-                          ) -> tuple[FaceExtractor | None, float]:
+def load_worker_extractor(
+    settings: Settings, device: torch.device
+) -> tuple[FaceExtractor | None, float]:
     """F for race, attribute and reference targets. With none bundled and none named,
     the worker still runs: it matches thumbnails only and says so in each report."""
     try:
-        extractor, threshold, name = load_extractor(settings.extractor, device,
-                                                   settings.manifest_path)
+        extractor, threshold, name = load_extractor(
+            settings.extractor, device, settings.manifest_path
+        )
     except LikenessError as exc:
         if exc.code != "no_default_weights" or settings.extractor is not None:
             raise
-        log.warning("no face extractor is bundled: race, attribute and reference targets "
-                    "will be accepted but not applied (set LIKENESS_EXTRACTOR)")
+        log.warning(
+            "no face extractor is bundled: race, attribute and reference targets "
+            "will be accepted but not applied (set LIKENESS_EXTRACTOR)"
+        )
         return None, DEFAULT_THRESHOLD_DEG
     log.info("face extractor %s loaded (threshold %.1f deg)", name, threshold)
     return extractor, threshold

@@ -116,8 +116,9 @@ class FaceReferenceChecker:
             if self._detector is None:
                 # The first manifest that lists a detector; the last one's error otherwise.
                 usable = [m for m in self.manifests if OnnxMTCNN.listed_in(m)]
-                self._detector = OnnxMTCNN.from_manifest(usable[0] if usable
-                                                         else self.manifests[-1])
+                self._detector = OnnxMTCNN.from_manifest(
+                    usable[0] if usable else self.manifests[-1]
+                )
             return self._detector
 
     def __call__(self, data: bytes) -> DecodedImage:

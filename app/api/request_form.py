@@ -43,16 +43,31 @@ def _parameters() -> list[inspect.Parameter]:
     for name in UpscaleRequest.model_fields:
         if name == "attributes":
             # The form repeats one field per target, as the CLI repeats --attr.
-            params.append(inspect.Parameter(
-                "attribute", inspect.Parameter.KEYWORD_ONLY, default=None,
-                annotation=Annotated[list[str] | None, Form(
-                    description="Wanted attribute as Name=0 or Name=1 (CelebA names such as "
-                    "Smiling, Eyeglasses, Male; Name:1 is read too). Repeat the field for "
-                    "several.")]))
+            params.append(
+                inspect.Parameter(
+                    "attribute",
+                    inspect.Parameter.KEYWORD_ONLY,
+                    default=None,
+                    annotation=Annotated[
+                        list[str] | None,
+                        Form(
+                            description="Wanted attribute as Name=0 or Name=1 (CelebA names such as "
+                            "Smiling, Eyeglasses, Male; Name:1 is read too). Repeat the field "
+                            "for "
+                            "several."
+                        ),
+                    ],
+                )
+            )
             continue
-        params.append(inspect.Parameter(
-            name, inspect.Parameter.KEYWORD_ONLY, default=None,
-            annotation=Annotated[_wire_type(name) | None, Form(description=_description(name))]))
+        params.append(
+            inspect.Parameter(
+                name,
+                inspect.Parameter.KEYWORD_ONLY,
+                default=None,
+                annotation=Annotated[_wire_type(name) | None, Form(description=_description(name))],
+            )
+        )
     return params
 
 

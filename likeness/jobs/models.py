@@ -161,8 +161,15 @@ def batch_key(options: JobOptions, thumbnail_side: int) -> str:
     attributes, seed and reference are per-element and do not split batches.
     """
     shared = options.model_dump(
-        include={"steps", "restarts", "identity_weight", "race_weight", "attr_weight", "eps",
-                 "views"}
+        include={
+            "steps",
+            "restarts",
+            "identity_weight",
+            "race_weight",
+            "attr_weight",
+            "eps",
+            "views",
+        }
     )
     shared["thumbnail_side"] = thumbnail_side
     return hashlib.sha256(_canonical(shared)).hexdigest()[:16]

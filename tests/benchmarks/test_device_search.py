@@ -16,9 +16,22 @@ from worker.engine.generator import Generator
 
 ROOT = Path(__file__).resolve().parents[2]
 CASE_KEYS = {
-    "name", "config", "batch", "restarts", "precision", "channels_last", "compile",
-    "cudnn_benchmark", "status", "step_seconds", "host_step_seconds",
-    "image_seconds_100_steps", "gflop_per_step", "tflops", "fraction_of_bf16_peak", "finite",
+    "name",
+    "config",
+    "batch",
+    "restarts",
+    "precision",
+    "channels_last",
+    "compile",
+    "cudnn_benchmark",
+    "status",
+    "step_seconds",
+    "host_step_seconds",
+    "image_seconds_100_steps",
+    "gflop_per_step",
+    "tflops",
+    "fraction_of_bf16_peak",
+    "finite",
 }
 
 
@@ -34,7 +47,10 @@ def test_quick_run_on_cpu_writes_every_section(tmp_path: Path) -> None:
     out = tmp_path / "device_search.json"
     done = subprocess.run(
         [sys.executable, "bench/device_search.py", "--quick", "--device", "cpu", "--out", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(out.read_text())
@@ -52,6 +68,7 @@ def test_quick_run_on_cpu_writes_every_section(tmp_path: Path) -> None:
         assert set(case) >= CASE_KEYS, CASE_KEYS - set(case)
         assert case["finite"] and case["step_seconds"] > 0
         assert case["image_seconds_100_steps"] == pytest.approx(
-            case["step_seconds"] * 100 / case["batch"], rel=1e-3)
+            case["step_seconds"] * 100 / case["batch"], rel=1e-3
+        )
     assert set(report["summary"]) >= {"meets_image_goal", "meets_throughput_goal"}
     assert "tiny32 b2 bf16 nhwc" in done.stdout  # the closing table

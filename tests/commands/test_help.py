@@ -25,7 +25,7 @@ PATHS = command_paths(build_command())
 
 @pytest.mark.parametrize("path", PATHS, ids=[" ".join(p) or "likeness" for p in PATHS])
 def test_help_has_no_type_labels_one_default_style_and_no_internal_words(
-    path: tuple[str, ...]
+    path: tuple[str, ...],
 ) -> None:
     out = io.StringIO()
     with contextlib.redirect_stdout(out):

@@ -100,8 +100,9 @@ def test_bad_inputs_fail_cleanly(workdir: Path) -> None:
     assert r.returncode == 2 and "neither a file" in r.stderr
     r = likeness("upscale", workdir / "missing.png", "--weights", workdir / "tiny.pt")
     assert r.returncode == 2 and "cannot read" in r.stderr
-    r = likeness("upscale", workdir / "thumb.png", "--weights", workdir / "tiny.pt",
-                 "--precision", "fp16")
+    r = likeness(
+        "upscale", workdir / "thumb.png", "--weights", workdir / "tiny.pt", "--precision", "fp16"
+    )
     assert r.returncode == 2 and "fp32 or bf16" in r.stderr and "Traceback" not in r.stderr
 
 
@@ -119,21 +120,47 @@ def test_a_generators_search_settings_reach_upscale_and_explicit_options_win(
     torch.manual_seed(0)
     g = Generator(GeneratorConfig.slim(32, channel_max=32, channel_base=512, style_dim=32, n_mlp=2))
     save_generator(folder / "mine.pt", g, mapping_fit=fit_mapping(g, 5000))
-    register(WeightsEntry(name="mine", kind="generator", file="mine.pt",
-                          sha256=sha256_file(folder / "mine.pt"), default=True),
-             folder / "manifest.json")
+    register(
+        WeightsEntry(
+            name="mine",
+            kind="generator",
+            file="mine.pt",
+            sha256=sha256_file(folder / "mine.pt"),
+            default=True,
+        ),
+        folder / "manifest.json",
+    )
     r = likeness("weights", "set-search", "mine", "eps=0.5", "--into", folder)
     assert r.returncode == 0, r.stderr
     Image.fromarray(data.astronaut()).resize((16, 16), Image.Resampling.BICUBIC).save(
-        tmp_path / "thumb.png")
+        tmp_path / "thumb.png"
+    )
     env = {**os.environ, "LIKENESS_WEIGHTS_DIR": str(folder)}
 
     def upscale(*extra: str) -> dict[str, object]:
         out = tmp_path / "out.png"
         r = subprocess.run(
-            [sys.executable, "-m", "cli", "upscale", str(tmp_path / "thumb.png"), "-o", str(out),
-             "--steps", "2", "--restarts", "1", "--device", "cpu", *extra],
-            capture_output=True, text=True, timeout=300, env=env)
+            [
+                sys.executable,
+                "-m",
+                "cli",
+                "upscale",
+                str(tmp_path / "thumb.png"),
+                "-o",
+                str(out),
+                "--steps",
+                "2",
+                "--restarts",
+                "1",
+                "--device",
+                "cpu",
+                *extra,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=env,
+        )
         assert r.returncode in (0, 3), r.stderr
         return json.loads(out.with_suffix(".json").read_text())
 

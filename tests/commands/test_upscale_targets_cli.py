@@ -27,8 +27,14 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     g = Generator(GeneratorConfig.slim(32, channel_max=32, channel_base=512, style_dim=32, n_mlp=2))
     save_generator(d / "tiny.pt", g)
     assert likeness("weights", "fit-mapping", d / "tiny.pt", "--samples", "5000").returncode == 0
-    ext = FaceExtractor(MobileFaceNet(), SPHEREFACE_112x96, 0.5, 0.5,
-                        race_head=RaceHead(in_dim=128), attribute_head=AttributeHead(in_dim=128))
+    ext = FaceExtractor(
+        MobileFaceNet(),
+        SPHEREFACE_112x96,
+        0.5,
+        0.5,
+        race_head=RaceHead(in_dim=128),
+        attribute_head=AttributeHead(in_dim=128),
+    )
     export(ext.eval(), d / "f.pt", metrics={})
     astronaut = Image.fromarray(data.astronaut())
     astronaut.resize((16, 16), Image.Resampling.BICUBIC).save(d / "thumb.png")
@@ -38,14 +44,43 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def run(d: Path, *extra: str):  # type: ignore[no-untyped-def]
-    return likeness("upscale", d / "thumb.png", "-o", d / "out.png", "--weights", d / "tiny.pt",
-                    "--extractor", d / "f.pt", "--steps", "3", "--restarts", "2", "--seed", "1",
-                    "--device", "cpu", "--eps", "1.0", *extra)
+    return likeness(
+        "upscale",
+        d / "thumb.png",
+        "-o",
+        d / "out.png",
+        "--weights",
+        d / "tiny.pt",
+        "--extractor",
+        d / "f.pt",
+        "--steps",
+        "3",
+        "--restarts",
+        "2",
+        "--seed",
+        "1",
+        "--device",
+        "cpu",
+        "--eps",
+        "1.0",
+        *extra,
+    )
 
 
 def test_targets_are_applied_and_reported(workdir: Path) -> None:
-    r = run(workdir, "--race", "black", "--attr", "Smiling=1", "--attr", "eyeglasses=0",
-            "--reference", workdir / "face.jpg", "--race-weight", "3")
+    r = run(
+        workdir,
+        "--race",
+        "black",
+        "--attr",
+        "Smiling=1",
+        "--attr",
+        "eyeglasses=0",
+        "--reference",
+        workdir / "face.jpg",
+        "--race-weight",
+        "3",
+    )
     assert r.returncode in (0, 3), r.stderr  # random heads may not reach the targets
     report = json.loads((workdir / "out.json").read_text())
     assert set(report["race_probabilities"]) == {"White", "Black", "Asian", "Indian", "Others"}
@@ -82,10 +117,23 @@ def test_unknown_names_and_bad_forms_fail_with_the_valid_ones(workdir: Path) -> 
 
 
 def test_no_targets_needs_no_extractor(workdir: Path) -> None:
-    r = likeness("upscale", workdir / "thumb.png", "-o", workdir / "plain.png", "--weights",
-                 workdir / "tiny.pt", "--extractor", workdir / "missing.pt", "--steps", "2",
-                 "--restarts", "1", "--eps", "1.0", "--device", "cpu")
+    r = likeness(
+        "upscale",
+        workdir / "thumb.png",
+        "-o",
+        workdir / "plain.png",
+        "--weights",
+        workdir / "tiny.pt",
+        "--extractor",
+        workdir / "missing.pt",
+        "--steps",
+        "2",
+        "--restarts",
+        "1",
+        "--eps",
+        "1.0",
+        "--device",
+        "cpu",
+    )
     assert r.returncode == 0, r.stderr
     assert "race_probabilities" not in json.loads((workdir / "plain.json").read_text())
-
-

@@ -88,13 +88,17 @@ def test_set_search_records_settings_and_refuses_bad_ones(tmp_path: Path) -> Non
 
     manifest = tmp_path / "manifest.json"
     register(WeightsEntry(name="g", kind="generator", file="g.pt", sha256="0" * 64), manifest)
-    ok = runner.invoke(app, ["weights", "set-search", "g", "geocross-weight=0.02",
-                             "--into", str(tmp_path)])
+    ok = runner.invoke(
+        app, ["weights", "set-search", "g", "geocross-weight=0.02", "--into", str(tmp_path)]
+    )
     assert ok.exit_code == 0, ok.output
     assert json.loads(ok.stdout) == {"geocross_weight": 0.02}
     assert load_manifest(manifest).models[0].search == {"geocross_weight": 0.02}
-    for bad, message in ((["lr"], "expected FIELD=VALUE"), (["lr=fast"], "lr"),
-                         (["speed=2"], "not search settings: speed")):
+    for bad, message in (
+        (["lr"], "expected FIELD=VALUE"),
+        (["lr=fast"], "lr"),
+        (["speed=2"], "not search settings: speed"),
+    ):
         out = runner.invoke(app, ["weights", "set-search", "g", *bad, "--into", str(tmp_path)])
         assert out.exit_code == 2 and message in out.output, out.output
     assert load_manifest(manifest).models[0].search == {"geocross_weight": 0.02}

@@ -663,9 +663,9 @@ def test_worker_image_runs_onnxruntime_gpu_and_the_api_image_onnxruntime() -> No
             assert uninstall_lines[0] <= gpu_lines[0]
         return bool(uninstall_lines), bool(gpu_lines)
 
-    assert "onnxruntime" in {
-        canonicalize_name(r.name) for r in project_requirements(set())
-    }, "the core dependencies no longer name onnxruntime"
+    assert "onnxruntime" in {canonicalize_name(r.name) for r in project_requirements(set())}, (
+        "the core dependencies no longer name onnxruntime"
+    )
     assert swaps("worker") == (True, True)
     assert swaps("api") == (False, False)
 
@@ -814,6 +814,7 @@ def _without_gpu(svc: dict[str, Any]) -> dict[str, Any]:
 
 def test_cpu_profile_is_the_gpu_stack_without_gpus() -> None:
     cpu = yaml.safe_load(CPU_COMPOSE_FILE.read_text())
+
     def top(data: dict[str, Any]) -> set[str]:
         return {k for k in data if not k.startswith("x-")}  # x-: the files' YAML anchors
 

@@ -46,4 +46,3 @@ def test_factor() -> None:
         downscale_factor(128, 48)
     with pytest.raises(ValueError):
         downscale_factor(128, 128)
-

@@ -128,9 +128,15 @@ def test_channels_last_gives_the_same_images_in_that_layout() -> None:
     w = torch.randn(3, g.n_latent, 32)
     noise = [torch.randn(3, 1, h, w_) for h, w_ in g.noise_shapes()]
     layouts: list[bool] = []
-    hooks = [m.register_forward_hook(lambda _m, _i, out: layouts.append(
-        out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()))
-        for m in g.modules() if isinstance(m, StyledConv)]
+    hooks = [
+        m.register_forward_hook(
+            lambda _m, _i, out: layouts.append(
+                out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
+            )
+        )
+        for m in g.modules()
+        if isinstance(m, StyledConv)
+    ]
     with torch.no_grad():
         nhwc = g.synthesis(w, noise, memory_format=torch.channels_last)
         for h in hooks:
@@ -146,8 +152,11 @@ def test_bf16_autocast_keeps_activations_bf16_and_close_to_fp32() -> None:
     w = torch.randn(2, g.n_latent, 32)
     noise = [torch.randn(2, 1, h, w_) for h, w_ in g.noise_shapes()]
     dtypes: list[torch.dtype] = []
-    hooks = [m.register_forward_hook(lambda _m, _i, out: dtypes.append(out.dtype))
-             for m in g.modules() if isinstance(m, StyledConv)]
+    hooks = [
+        m.register_forward_hook(lambda _m, _i, out: dtypes.append(out.dtype))
+        for m in g.modules()
+        if isinstance(m, StyledConv)
+    ]
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         low = g.synthesis(w, noise)
     for h in hooks:

@@ -24,8 +24,12 @@ from worker.engine.objectives import (
 def extractor() -> FaceExtractor:
     torch.manual_seed(0)
     return FaceExtractor(
-        MobileFaceNet(), SPHEREFACE_112x96, 0.5, 0.5,
-        race_head=RaceHead(in_dim=128), attribute_head=AttributeHead(in_dim=128),
+        MobileFaceNet(),
+        SPHEREFACE_112x96,
+        0.5,
+        0.5,
+        race_head=RaceHead(in_dim=128),
+        attribute_head=AttributeHead(in_dim=128),
     ).eval()
 
 
@@ -43,8 +47,13 @@ def test_similarity_loss_is_log2_at_the_threshold_and_falls_with_the_angle() -> 
 
 
 def test_targets_follow_names_and_refuse_unknown_ones(extractor: FaceExtractor) -> None:
-    t = build_targets(extractor, ["Black", None], [{}, {"Smiling": 1, "Male": 0}],
-                      [None, torch.ones(128)], torch.device("cpu"))
+    t = build_targets(
+        extractor,
+        ["Black", None],
+        [{}, {"Smiling": 1, "Male": 0}],
+        [None, torch.ones(128)],
+        torch.device("cpu"),
+    )
     assert t.has_race.tolist() == [True, False] and int(t.race[0]) == 1
     j_smile = extractor.attribute_head.index("Smiling")
     assert t.has_attribute[1].sum() == 2 and t.attributes[1, j_smile] == 1
@@ -61,19 +70,25 @@ def test_targets_follow_names_and_refuse_unknown_ones(extractor: FaceExtractor) 
 def test_terms_are_per_element_and_masked(extractor: FaceExtractor) -> None:
     images = torch.rand(3, 3, 112, 96, requires_grad=True)
     ref = torch.randn(128)
-    targets = build_targets(extractor, ["Asian", None, None],
-                            [{}, {"Smiling": 1, "Eyeglasses": 0}, {}],
-                            [None, None, ref], torch.device("cpu"))
+    targets = build_targets(
+        extractor,
+        ["Asian", None, None],
+        [{}, {"Smiling": 1, "Eyeglasses": 0}, {}],
+        [None, None, ref],
+        torch.device("cpu"),
+    )
     weights = ObjectiveWeights(identity=5.0, race=2.0, attributes=3.0)
     values = evaluate_objectives(extractor, images, targets, weights, template_landmarks(3))
 
     out = extractor(images.detach(), template_landmarks(3))
     want_race = F.cross_entropy(out.race_logits[:1], torch.tensor([2]))
-    assert torch.allclose(values.raw["race"], torch.stack([want_race, *[torch.tensor(0.0)] * 2]),
-                          atol=1e-5)
+    assert torch.allclose(
+        values.raw["race"], torch.stack([want_race, *[torch.tensor(0.0)] * 2]), atol=1e-5
+    )
     js = [extractor.attribute_head.index(n) for n in ("Smiling", "Eyeglasses")]
-    want_attr = F.binary_cross_entropy_with_logits(out.attribute_logits[1, js],
-                                                   torch.tensor([1.0, 0.0]), reduction="sum")
+    want_attr = F.binary_cross_entropy_with_logits(
+        out.attribute_logits[1, js], torch.tensor([1.0, 0.0]), reduction="sum"
+    )
     assert float(values.raw["attributes"][1].detach()) == pytest.approx(float(want_attr), abs=1e-5)
     assert values.raw["attributes"][[0, 2]].abs().sum() == 0
     assert torch.allclose(values.weighted["attributes"], 3.0 * values.raw["attributes"])
@@ -87,8 +102,14 @@ def test_terms_are_per_element_and_masked(extractor: FaceExtractor) -> None:
     grads = images.grad.flatten(1).abs().sum(1)
     assert grads[0] > 0 and grads[1] > 0 and grads[2] > 0
     images.grad = None
-    evaluate_objectives(extractor, images, build_targets(
-        extractor, [None, "White", None], [{}, {}, {}], [None, None, None], torch.device("cpu")),
-        weights, template_landmarks(3)).weighted["race"].sum().backward()
+    evaluate_objectives(
+        extractor,
+        images,
+        build_targets(
+            extractor, [None, "White", None], [{}, {}, {}], [None, None, None], torch.device("cpu")
+        ),
+        weights,
+        template_landmarks(3),
+    ).weighted["race"].sum().backward()
     grads = images.grad.flatten(1).abs().sum(1)
     assert grads[0] == 0 and grads[2] == 0 and grads[1] > 0

@@ -177,8 +177,9 @@ def test_constraints_reject_candidates_per_element(tiny) -> None:
     broken = torch.tensor([0.0, 0.5, 0.0, 0.5, 0.5, 0.5])
 
     def constrained(img: torch.Tensor) -> ExtraTerms:
-        return ExtraTerms({"steer": 0.0 * img.mean((1, 2, 3))}, {"race": broken + 0 * img.sum()},
-                          {"race": 0.1})
+        return ExtraTerms(
+            {"steer": 0.0 * img.mean((1, 2, 3))}, {"race": broken + 0 * img.sum()}, {"race": 0.1}
+        )
 
     config = SearchConfig(steps=3, restarts=k, seed=0, eps=10.0)  # every MSE within eps
     result = run_search(g, fit, thumbs, config, extra_loss=constrained)
@@ -199,8 +200,11 @@ def test_a_step_that_meets_the_rules_beats_a_lower_loss_that_does_not(tiny) -> N
         calls.append(None)
         n = img.shape[0]
         step = float(len(calls))
-        return ExtraTerms({"falling": torch.full((n,), 100.0 - 10 * step) + 0 * img.mean()},
-                          {"race": torch.full((n,), 0.0 if step == 1 else 1.0)}, {"race": 0.1})
+        return ExtraTerms(
+            {"falling": torch.full((n,), 100.0 - 10 * step) + 0 * img.mean()},
+            {"race": torch.full((n,), 0.0 if step == 1 else 1.0)},
+            {"race": 0.1},
+        )
 
     config = SearchConfig(steps=5, restarts=2, seed=0, eps=10.0)  # every MSE within eps
     result = run_search(g, fit, _target(g, 12), config, extra_loss=falling)
@@ -273,21 +277,35 @@ def test_bf16_search_keeps_float32_results_and_follows_fp32(tiny) -> None:
         seen: list[torch.dtype] = []
         history: list[torch.Tensor] = []
         config = SearchConfig(steps=20, restarts=2, seed=7, precision=precision)
-        result = run_search(g, fit, thumbs, config, extra_loss=_face_net(seen),
-                            on_step=lambda s, h=history: h.append(s.best_mse))
+        result = run_search(
+            g,
+            fit,
+            thumbs,
+            config,
+            extra_loss=_face_net(seen),
+            on_step=lambda s, h=history: h.append(s.best_mse),
+        )
         runs[precision] = result, history, seen
     (fp32, fp32_history, fp32_seen), (bf16, history, seen) = runs["fp32"], runs["bf16"]
     # G and F ran in bf16 (and the images do differ from fp32's) ...
     assert set(seen) == {torch.bfloat16} and set(fp32_seen) == {torch.float32}
     assert not torch.equal(bf16.images, fp32.images)
     # ... but everything the search returns is float32, finite, and shaped as in fp32.
-    for name in ("images", "candidates", "mse", "loss", "candidate_mse", "candidate_loss",
-                 "w_plus"):
+    for name in (
+        "images",
+        "candidates",
+        "mse",
+        "loss",
+        "candidate_mse",
+        "candidate_loss",
+        "w_plus",
+    ):
         got, want = getattr(bf16, name), getattr(fp32, name)
         assert got.dtype == torch.float32 and got.shape == want.shape, name
         assert torch.isfinite(got).all(), name
     assert {n: t.dtype for n, t in bf16.terms.items()} == dict.fromkeys(
-        ("downscale", "geocross", "feat"), torch.float32)
+        ("downscale", "geocross", "feat"), torch.float32
+    )
     # The search still works, and its error follows fp32's: on this generator the final
     # best MSEs (about 0.005 to 0.1) differ by under 7% (measured over 6 targets and seeds).
     assert (history[-1] < 0.5 * history[0]).all()
@@ -296,8 +314,17 @@ def test_bf16_search_keeps_float32_results_and_follows_fp32(tiny) -> None:
 
 
 # Tensor methods that make the host wait for a GPU (a read back, or a copy off the device).
-SYNCING = ("item", "tolist", "cpu", "numpy", "nonzero", "__bool__", "__float__", "__int__",
-           "__index__")
+SYNCING = (
+    "item",
+    "tolist",
+    "cpu",
+    "numpy",
+    "nonzero",
+    "__bool__",
+    "__float__",
+    "__int__",
+    "__index__",
+)
 
 
 @contextlib.contextmanager
@@ -352,24 +379,34 @@ def _search_guarded(monkeypatch, g, fit, thumbs, config, extra_loss=None):
 def test_the_step_loop_never_waits_for_the_device(tiny, monkeypatch, precision) -> None:
     g, fit = tiny
     config = SearchConfig(steps=3, restarts=2, seed=0, precision=precision)
-    steps, result = _search_guarded(monkeypatch, g, fit, _target(g, 13), config,
-                                    extra_loss=_face_net([]))
+    steps, result = _search_guarded(
+        monkeypatch, g, fit, _target(g, 13), config, extra_loss=_face_net([])
+    )
     assert [s.step for s in steps] == [1, 2, 3]
     assert result.images.shape == (2, 3, 32, 32)
 
 
 @pytest.mark.filterwarnings("ignore:Converting a tensor with requires_grad")
-@pytest.mark.parametrize("sneaky", [
-    lambda img: {"x": img.mean((1, 2, 3)) * img.mean().item()},
-    lambda img: {"x": img.mean((1, 2, 3)) * (2 if img.mean() > 0.5 else 1)},
-    lambda img: {"x": img.mean((1, 2, 3)) * float(img.amax())},
-    lambda img: {"x": img.mean((1, 2, 3)) * torch.ones(1).to(img.device)},
-])
+@pytest.mark.parametrize(
+    "sneaky",
+    [
+        lambda img: {"x": img.mean((1, 2, 3)) * img.mean().item()},
+        lambda img: {"x": img.mean((1, 2, 3)) * (2 if img.mean() > 0.5 else 1)},
+        lambda img: {"x": img.mean((1, 2, 3)) * float(img.amax())},
+        lambda img: {"x": img.mean((1, 2, 3)) * torch.ones(1).to(img.device)},
+    ],
+)
 def test_the_sync_guard_catches_a_sync_in_the_loop(tiny, monkeypatch, sneaky) -> None:
     g, fit = tiny
     with pytest.raises(AssertionError, match="in the step loop"):
-        _search_guarded(monkeypatch, g, fit, _target(g, 14),
-                        SearchConfig(steps=2, restarts=1, seed=0), extra_loss=sneaky)
+        _search_guarded(
+            monkeypatch,
+            g,
+            fit,
+            _target(g, 14),
+            SearchConfig(steps=2, restarts=1, seed=0),
+            extra_loss=sneaky,
+        )
 
 
 def test_cuda_only_options_change_nothing_on_cpu(tiny) -> None:
@@ -378,8 +415,9 @@ def test_cuda_only_options_change_nothing_on_cpu(tiny) -> None:
     config = SearchConfig(steps=2, restarts=1, seed=0)
     plain = run_search(g, fit, thumbs, config)
     with pytest.warns(UserWarning, match="CUDA only"):
-        tuned = run_search(g, fit, thumbs, config.model_copy(
-            update={"channels_last": True, "compile": "default"}))
+        tuned = run_search(
+            g, fit, thumbs, config.model_copy(update={"channels_last": True, "compile": "default"})
+        )
     assert torch.equal(plain.images, tuned.images)
 
 
@@ -403,8 +441,11 @@ def test_a_channels_last_synthesis_searches_like_the_default(tiny, monkeypatch) 
     thumbs = _target(g, 16)
     config = SearchConfig(steps=3, restarts=2, seed=0)
     plain = run_search(g, fit, thumbs, config)
-    monkeypatch.setattr(search, "synthesis_fn", lambda gen, *_: functools.partial(
-        gen.synthesis, memory_format=torch.channels_last))
+    monkeypatch.setattr(
+        search,
+        "synthesis_fn",
+        lambda gen, *_: functools.partial(gen.synthesis, memory_format=torch.channels_last),
+    )
     nhwc = run_search(g, fit, thumbs, config)
     torch.testing.assert_close(nhwc.candidates, plain.candidates, atol=1e-5, rtol=0)
     torch.testing.assert_close(nhwc.candidate_mse, plain.candidate_mse, atol=1e-7, rtol=1e-4)

@@ -20,23 +20,28 @@ class TinyBackbone(torch.nn.Sequential):
     embedding_dim = 128
 
     def __init__(self) -> None:
-        super().__init__(torch.nn.AdaptiveAvgPool2d(4), torch.nn.Flatten(),
-                         torch.nn.Linear(48, 128))
+        super().__init__(
+            torch.nn.AdaptiveAvgPool2d(4), torch.nn.Flatten(), torch.nn.Linear(48, 128)
+        )
 
 
 @pytest.fixture(scope="module")
 def extractor() -> FaceExtractor:
     torch.manual_seed(0)
     return FaceExtractor(
-        TinyBackbone(), SPHEREFACE_112x96, 0.5, 0.5,
-        race_head=RaceHead(in_dim=128), attribute_head=AttributeHead(in_dim=128),
+        TinyBackbone(),
+        SPHEREFACE_112x96,
+        0.5,
+        0.5,
+        race_head=RaceHead(in_dim=128),
+        attribute_head=AttributeHead(in_dim=128),
     ).eval()
 
 
 def faces(n: int, size: int = 64) -> torch.Tensor:
     """Distinct real-photo crops (the astronaut, shifted per image), (n, 3, size, size)."""
     img = torch.from_numpy(data.astronaut()).permute(2, 0, 1).float().div(255)
-    crops = torch.stack([img[:, 20 + 9 * i: 220 + 9 * i, 150: 350] for i in range(n)])
+    crops = torch.stack([img[:, 20 + 9 * i : 220 + 9 * i, 150:350] for i in range(n)])
     return torch.nn.functional.interpolate(crops, size=(size, size), mode="area")
 
 
@@ -79,7 +84,7 @@ def test_resample_through_a_smaller_size_keeps_less_and_stays_in_range() -> None
     assert all(float(y.min()) >= 0.0 and float(y.max()) <= 1.0 for y in out)
     # what is left is the small image's content
     small = torch.nn.functional.interpolate
-    kept = (small(out[2], size=(16, 12), mode="area") - small(x, size=(16, 12), mode="area"))
+    kept = small(out[2], size=(16, 12), mode="area") - small(x, size=(16, 12), mode="area")
     assert float(kept.abs().mean()) < 0.05  # bilinear up, area down again: a little blur
     errors = [float((y - x).abs().mean()) for y in out[1:]]
     assert 0 < errors[0] < errors[1]
@@ -101,12 +106,16 @@ def test_viewed_terms_do_not_depend_on_the_batch(extractor: FaceExtractor) -> No
     """A thumbnail's restarts see the same views alone or batched with others."""
     images = faces(4)  # 2 thumbnails x 2 restarts
     weights = ObjectiveWeights(views=3)
-    targets = build_targets(extractor, ["Black", "Asian"], [{"Smiling": 1}, {}],
-                            [None, None], torch.device("cpu"))
+    targets = build_targets(
+        extractor, ["Black", "Asian"], [{"Smiling": 1}, {}], [None, None], torch.device("cpu")
+    )
     both = objective_loss(extractor, targets, weights, restarts=2)(images)
-    alone = objective_loss(extractor, build_targets(
-        extractor, ["Black"], [{"Smiling": 1}], [None], torch.device("cpu")),
-        weights, restarts=2)(images[:2])
+    alone = objective_loss(
+        extractor,
+        build_targets(extractor, ["Black"], [{"Smiling": 1}], [None], torch.device("cpu")),
+        weights,
+        restarts=2,
+    )(images[:2])
     for name in ("race", "attributes"):
         assert torch.allclose(both.losses[name][:2], alone.losses[name], atol=1e-5)
     assert set(both.constraints) == {"race", "attributes"}

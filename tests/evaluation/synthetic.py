@@ -70,15 +70,19 @@ def write_data_root(root: Path, people: int, utk_per_race: int) -> None:
     images: dict[str, np.ndarray] = {}
     rows: list[dict[str, object]] = []
     test_ids = keys_in("test", people + 1, "{}")
-    ids = [*[(p, 2) for p in test_ids[:people]], (test_ids[people], 1),
-           (keys_in("train", 1, "{}")[0], 2)]
+    ids = [
+        *[(p, 2) for p in test_ids[:people]],
+        (test_ids[people], 1),
+        (keys_in("train", 1, "{}")[0], 2),
+    ]
     for person, count in ids:
         for _ in range(count):
             name = f"{len(images):05d}.webp"
             images[name] = face(len(images), tight=False)
             attrs = {a: int(rng.integers(2)) for a in CELEBA_ATTRIBUTES}
-            rows.append({"file": name, "identity": person, "celeba_file": f"{name[:5]}.jpg",
-                         **attrs})
+            rows.append(
+                {"file": name, "identity": person, "celeba_file": f"{name[:5]}.jpg", **attrs}
+            )
     write_set(root / "celebahq", images, rows)
 
     images, rows = {}, []
@@ -99,9 +103,18 @@ class TinyWeights:
     attribute_judge: Path
 
     def options(self) -> list[str]:
-        return ["--weights", str(self.generator), "--extractor", str(self.extractor),
-                "--f0", str(self.f0), "--race-judge", str(self.race_judge),
-                "--attribute-judge", str(self.attribute_judge)]
+        return [
+            "--weights",
+            str(self.generator),
+            "--extractor",
+            str(self.extractor),
+            "--f0",
+            str(self.f0),
+            "--race-judge",
+            str(self.race_judge),
+            "--attribute-judge",
+            str(self.attribute_judge),
+        ]
 
 
 def write_tiny_weights(d: Path) -> TinyWeights:
@@ -109,11 +122,16 @@ def write_tiny_weights(d: Path) -> TinyWeights:
     random MobileFaceNet checkpoint in the pretrained file's layout) and two judges."""
     d.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
-    g = Generator(GeneratorConfig.slim(32, channel_max=32, channel_base=512, style_dim=32,
-                                       n_mlp=2))
+    g = Generator(GeneratorConfig.slim(32, channel_max=32, channel_base=512, style_dim=32, n_mlp=2))
     save_generator(d / "g.pt", g, mapping_fit=fit_mapping(g, samples=2000, batch=1000))
-    f = FaceExtractor(MobileFaceNet(), SPHEREFACE_112x96, 0.5, 0.5,
-                      race_head=RaceHead(in_dim=128), attribute_head=AttributeHead(in_dim=128))
+    f = FaceExtractor(
+        MobileFaceNet(),
+        SPHEREFACE_112x96,
+        0.5,
+        0.5,
+        race_head=RaceHead(in_dim=128),
+        attribute_head=AttributeHead(in_dim=128),
+    )
     export(f.eval(), d / "f.pt", metrics={})
     torch.save({"epoch": 0, "net_state_dict": MobileFaceNet().state_dict()}, d / "f0.ckpt")
     save_judge(JudgeNet(UTKFACE_RACES, SMALL_JUDGE), "race", d / "race.pt", {})

@@ -42,11 +42,33 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, TinyWeights]:
 
 
 def evaluate(d: Path, weights: TinyWeights, out: str, *extra: str) -> Any:
-    args = ["evaluate", "--data-root", str(d / "data"), "--out", str(d / out), "--cache",
-            str(d / "cache"), "--celeba", str(PEOPLE), "--utkface",
-            str(UTK_PER_RACE * len(UTKFACE_RACES)), "--steps", "2", "--restarts", "2",
-            "--batch", "3", "--seed", "7", "--device", "cpu", "--threads", "1",
-            *weights.options(), *extra]
+    args = [
+        "evaluate",
+        "--data-root",
+        str(d / "data"),
+        "--out",
+        str(d / out),
+        "--cache",
+        str(d / "cache"),
+        "--celeba",
+        str(PEOPLE),
+        "--utkface",
+        str(UTK_PER_RACE * len(UTKFACE_RACES)),
+        "--steps",
+        "2",
+        "--restarts",
+        "2",
+        "--batch",
+        "3",
+        "--seed",
+        "7",
+        "--device",
+        "cpu",
+        "--threads",
+        "1",
+        *weights.options(),
+        *extra,
+    ]
     return CliRunner().invoke(app, args)
 
 
@@ -69,8 +91,13 @@ def runs(setup: tuple[Path, TinyWeights]) -> dict[str, Any]:
         second = evaluate(d, weights, "second")
     finally:
         mp.undo()
-    return {"dir": d, "first": first, "second": second, "first_calls": first_calls,
-            "second_calls": calls[len(first_calls):]}
+    return {
+        "dir": d,
+        "first": first,
+        "second": second,
+        "first_calls": first_calls,
+        "second_calls": calls[len(first_calls) :],
+    }
 
 
 def test_every_file_is_written(runs: dict[str, Any]) -> None:
@@ -138,15 +165,20 @@ def test_tables_have_sane_values_and_the_requested_n(runs: dict[str, Any]) -> No
 
     for s in r["searches"].values():
         assert in_unit(s["accepted"]) and math.isfinite(s["mean_mse"])
-    assert {w["role"] for w in r["weights"]} == {"generator", "F", "F0", "race judge",
-                                                 "attribute judge"}
+    assert {w["role"] for w in r["weights"]} == {
+        "generator",
+        "F",
+        "F0",
+        "race judge",
+        "attribute judge",
+    }
     assert all(len(w["sha256"]) == 64 for w in r["weights"])
     assert r["command"].startswith("likeness evaluate ") and "--steps 2" in r["command"]
 
     checks = {c["target"]: c["met"] for c in r["targets"]}
     assert len(checks) == 4 and all(isinstance(v, bool) for v in checks.values())
     race = {k: v["overall"] for k, v in t2["rows"].items()}
-    assert checks["race re-identification with the race objective ≥ 90%"] == (race["race"] >= .9)
+    assert checks["race re-identification with the race objective ≥ 90%"] == (race["race"] >= 0.9)
 
 
 def test_missing_judge_says_how_to_get_one(setup: tuple[Path, TinyWeights]) -> None:
@@ -156,19 +188,30 @@ def test_missing_judge_says_how_to_get_one(setup: tuple[Path, TinyWeights]) -> N
     assert "likeness train-judges" in result.output and "--race-judge" in result.output
 
 
-def test_missing_data_says_where_it_looked(setup: tuple[Path, TinyWeights],
-                                          tmp_path: Path) -> None:
+def test_missing_data_says_where_it_looked(setup: tuple[Path, TinyWeights], tmp_path: Path) -> None:
     _, weights = setup
-    result = CliRunner().invoke(app, ["evaluate", "--data-root", str(tmp_path), "--out",
-                                      str(tmp_path / "out"), "--cache", str(tmp_path / "c"),
-                                      "--quick", "--device", "cpu", *weights.options()])
+    result = CliRunner().invoke(
+        app,
+        [
+            "evaluate",
+            "--data-root",
+            str(tmp_path),
+            "--out",
+            str(tmp_path / "out"),
+            "--cache",
+            str(tmp_path / "c"),
+            "--quick",
+            "--device",
+            "cpu",
+            *weights.options(),
+        ],
+    )
     assert result.exit_code == 2
     assert "images.zip" in result.output and "--data-root" in result.output
 
 
 def bundled(kind: str, name: str | None = None) -> bool:
-    return any(e.kind == kind and (name is None or e.name == name)
-               for e in load_manifest().models)
+    return any(e.kind == kind and (name is None or e.name == name) for e in load_manifest().models)
 
 
 @pytest.mark.data
@@ -178,10 +221,25 @@ def test_quick_run_on_shared_data(tmp_path: Path) -> None:
         pytest.skip("no generator or no extractor F is bundled in weights/manifest.json")
     if not bundled("judge", "judge-race") or not bundled("judge", "judge-attributes"):
         pytest.skip("the judges are not bundled (likeness train-judges)")
-    result = CliRunner().invoke(app, [
-        "evaluate", "--quick", "--data-root", str(SHARED / "data"), "--f0",
-        str(SHARED / "weights" / "mobilefacenet_casia_068.ckpt"), "--out", str(tmp_path / "out"),
-        "--cache", str(tmp_path / "cache"), "--device", "cpu", "--threads", "1"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "evaluate",
+            "--quick",
+            "--data-root",
+            str(SHARED / "data"),
+            "--f0",
+            str(SHARED / "weights" / "mobilefacenet_casia_068.ckpt"),
+            "--out",
+            str(tmp_path / "out"),
+            "--cache",
+            str(tmp_path / "cache"),
+            "--device",
+            "cpu",
+            "--threads",
+            "1",
+        ],
+    )
     assert result.exit_code == 0, result.output
     r = json.loads((tmp_path / "out" / "results.json").read_text())
     assert r["samples"]["celebahq"]["n"] == 4 and r["samples"]["utkface"]["n"] == 5

@@ -15,9 +15,11 @@ from worker.evaluation.tables import angle_stats, table1, table2, table3, thresh
 
 
 def test_threshold_options_fit_with_and_without_lookalikes() -> None:
-    angles = {"CelebA-Same": np.array([10.0, 20.0, 30.0]),
-              "CelebA-Diff": np.array([80.0, 85.0, 90.0]),
-              "Lookalike-Baseline": np.array([25.0, 40.0])}
+    angles = {
+        "CelebA-Same": np.array([10.0, 20.0, 30.0]),
+        "CelebA-Diff": np.array([80.0, 85.0, 90.0]),
+        "Lookalike-Baseline": np.array([25.0, 40.0]),
+    }
     opts = threshold_options(angles)
     # Opt 1 sees only Same + Diff: the widest gap's middle, perfect there, blind to lookalikes
     assert opts["opt1"]["threshold_deg"] == pytest.approx(55.0)
@@ -31,8 +33,16 @@ def test_threshold_options_fit_with_and_without_lookalikes() -> None:
 
 
 def test_table1_rows_per_extractor() -> None:
-    pairs = {p: np.array([30.0, 50.0]) for p in (
-        "CelebA-Same", "CelebA-Diff", "PULSE-Pairs", "Lookalike-Baseline", "Lookalike-Ours")}
+    pairs = {
+        p: np.array([30.0, 50.0])
+        for p in (
+            "CelebA-Same",
+            "CelebA-Diff",
+            "PULSE-Pairs",
+            "Lookalike-Baseline",
+            "Lookalike-Ours",
+        )
+    }
     t = table1({"F0": pairs, "F": pairs})
     assert t["rows"]["PULSE-Pairs"]["F"] == {"mean": 40.0, "sd": 10.0, "n": 2}
     assert set(t["thresholds"]) == {"F0", "F"}
@@ -44,8 +54,13 @@ def test_table2_per_race_and_overall() -> None:
     t = table2({"none": np.array([0, 1, 1, 0])}, truth, UTKFACE_RACES)
     row = t["rows"]["none"]
     assert row["overall"] == 0.5
-    assert row["per_race"] == {"White": 0.5, "Black": 1.0, "Asian": 0.0, "Indian": None,
-                               "Others": None}
+    assert row["per_race"] == {
+        "White": 0.5,
+        "Black": 1.0,
+        "Asian": 0.0,
+        "Indian": None,
+        "Others": None,
+    }
     assert t["n_per_race"]["White"] == 2 and t["n"] == 4
 
 
@@ -62,8 +77,7 @@ def test_quick_sizes_apply_only_where_no_option_is_given() -> None:
     assert quick.steps == 7 and quick.celeba == QUICK["celeba"]
     assert quick.restarts == QUICK["restarts"]
     full = EvalConfig.with_quick(False)
-    assert (full.celeba, full.utkface, full.steps, full.restarts, full.batch) == (25, 25, 100,
-                                                                                   4, 8)
+    assert (full.celeba, full.utkface, full.steps, full.restarts, full.batch) == (25, 25, 100, 4, 8)
     assert "--steps 7" in quick.command() and "--celeba 4" in quick.command()
 
 
@@ -107,8 +121,9 @@ def test_targets_are_checked_on_the_tables() -> None:
         return {"rows": {k: {"overall": v} for k, v in rows.items()}}
 
     def t1(same: float, ours: float) -> dict:
-        return {"rows": {"CelebA-Same": {"F": {"mean": same}},
-                         "Lookalike-Ours": {"F": {"mean": ours}}}}
+        return {
+            "rows": {"CelebA-Same": {"F": {"mean": same}}, "Lookalike-Ours": {"F": {"mean": ours}}}
+        }
 
     t3 = {"rows": {"attributes": {"average": 0.96}}}
     met = [c["met"] for c in targets(t1(51.4, 34.8), t2(0.2, 0.4, 0.92, 0.95), t3)]

@@ -178,9 +178,7 @@ class Service:
     def start_worker(self, *args: str, **overrides: Any) -> Proc:
         env = subprocess_env(**{k: str(v) for k, v in self.values(**overrides).items()})
         name = f"worker-{len(self.procs)}.log"
-        proc = Proc.start(
-            [sys.executable, "-m", "cli", "worker", *args], env, self.dir / name
-        )
+        proc = Proc.start([sys.executable, "-m", "cli", "worker", *args], env, self.dir / name)
         self.procs.append(proc)
         return proc
 
@@ -262,10 +260,16 @@ def alive(pid: int) -> bool:
 def running_serve(weights: Path, tmp_path: Path, **settings: str) -> Iterator[tuple[Proc, str]]:
     """`likeness serve` on a free port with a tiny generator; kills it and its worker after."""
     port = free_port()
-    env = subprocess_env(data_dir=str(tmp_path / "data"), generator=str(weights), device="cpu",
-                         worker_poll_seconds="0.2", **settings)
-    proc = Proc.start([sys.executable, "-m", "cli", "serve", "--port", str(port)],
-                      env, tmp_path / "serve.log")
+    env = subprocess_env(
+        data_dir=str(tmp_path / "data"),
+        generator=str(weights),
+        device="cpu",
+        worker_poll_seconds="0.2",
+        **settings,
+    )
+    proc = Proc.start(
+        [sys.executable, "-m", "cli", "serve", "--port", str(port)], env, tmp_path / "serve.log"
+    )
     try:
         yield proc, f"http://127.0.0.1:{port}"
     finally:

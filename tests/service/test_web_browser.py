@@ -22,7 +22,6 @@ THUMBNAIL = ROOT / "docs" / "examples" / "astronaut_16.png"
 SCREENSHOT_ENV = "LIKENESS_SCREENSHOT"
 
 
-
 def browser_missing() -> str | None:
     try:
         import playwright.sync_api  # noqa: F401

@@ -18,9 +18,16 @@ CPU = torch.device("cpu")
 def weights_dir_with(generator: Path, folder: Path) -> Path:
     folder.mkdir()
     shutil.copy(generator, folder / "mine.pt")
-    register(WeightsEntry(name="mine", kind="generator", file="mine.pt",
-                          sha256=sha256_file(folder / "mine.pt"), default=True),
-             folder / "manifest.json")
+    register(
+        WeightsEntry(
+            name="mine",
+            kind="generator",
+            file="mine.pt",
+            sha256=sha256_file(folder / "mine.pt"),
+            default=True,
+        ),
+        folder / "manifest.json",
+    )
     return folder
 
 

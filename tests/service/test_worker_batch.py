@@ -269,18 +269,27 @@ def test_the_search_runs_as_the_worker_settings_say() -> None:
 
     from worker.batch import search_config
 
-    job = SimpleNamespace(record=SimpleNamespace(
-        options=JobOptions(steps=7, restarts=3, seed=1)))
-    settings = Settings(search_precision="bf16", search_channels_last=True,
-                        search_compile="reduce-overhead")
-    model = LoadedGenerator(None, None, None, Path("g.pt"), "0" * 64,  # type: ignore[arg-type]
-                            search_defaults={"geocross_weight": 0.02, "steps": 50})
+    job = SimpleNamespace(record=SimpleNamespace(options=JobOptions(steps=7, restarts=3, seed=1)))
+    settings = Settings(
+        search_precision="bf16", search_channels_last=True, search_compile="reduce-overhead"
+    )
+    model = LoadedGenerator(
+        None,
+        None,
+        None,
+        Path("g.pt"),
+        "0" * 64,  # type: ignore[arg-type]
+        search_defaults={"geocross_weight": 0.02, "steps": 50},
+    )
     config = search_config(job, settings, model)  # type: ignore[arg-type]
     # the job's steps win over the generator's; its other settings stay
     assert (config.steps, config.restarts, config.eps, config.seed) == (7, 3, 2e-3, 1)
     assert config.geocross_weight == 0.02
     assert (config.precision, config.channels_last, config.compile) == (
-        "bf16", True, "reduce-overhead")
+        "bf16",
+        True,
+        "reduce-overhead",
+    )
     assert search_config(job, Settings(), model).precision == "fp32"  # type: ignore[arg-type]
 
 
@@ -299,9 +308,14 @@ def test_targets_go_through_the_extractor_per_job(store, model, tmp_path) -> Non
     from worker.engine.face.mobilefacenet import MobileFaceNet
 
     torch.manual_seed(0)
-    ext = FaceExtractor(MobileFaceNet(), SPHEREFACE_112x96, 0.5, 0.5,
-                        race_head=RaceHead(in_dim=128),
-                        attribute_head=AttributeHead(in_dim=128)).eval()
+    ext = FaceExtractor(
+        MobileFaceNet(),
+        SPHEREFACE_112x96,
+        0.5,
+        0.5,
+        race_head=RaceHead(in_dim=128),
+        attribute_head=AttributeHead(in_dim=128),
+    ).eval()
     coffee = _io.BytesIO()
     _Image.fromarray(_data.coffee()).save(coffee, format="PNG")
 
@@ -309,15 +323,29 @@ def test_targets_go_through_the_extractor_per_job(store, model, tmp_path) -> Non
     black = add_job(store, png(8, 1), race="Black", attributes={"Smiling": 1})
     martian = add_job(store, png(8, 2), race="Martian")
     ref_job = JobRecord(
-        options=JobOptions(steps=3, restarts=1, seed=1, batch_key=batch_key(
-            JobOptions(steps=3, restarts=1, seed=1), 8)),
-        inputs={"thumbnail": InputFile(size=len(png(8, 4)), sha256="0" * 64),
-                "reference": InputFile(size=len(coffee.getvalue()), sha256="0" * 64)},
+        options=JobOptions(
+            steps=3,
+            restarts=1,
+            seed=1,
+            batch_key=batch_key(JobOptions(steps=3, restarts=1, seed=1), 8),
+        ),
+        inputs={
+            "thumbnail": InputFile(size=len(png(8, 4)), sha256="0" * 64),
+            "reference": InputFile(size=len(coffee.getvalue()), sha256="0" * 64),
+        },
     )
     no_face, _ = store.create(ref_job, {"thumbnail": png(8, 4), "reference": coffee.getvalue()})
 
-    worker = Worker(store, model, "tiny", torch.device("cpu"), settings(tmp_path),
-                    worker_id="w-test", stop=StopFlag(), extractor=ext)
+    worker = Worker(
+        store,
+        model,
+        "tiny",
+        torch.device("cpu"),
+        settings(tmp_path),
+        worker_id="w-test",
+        stop=StopFlag(),
+        extractor=ext,
+    )
     assert worker.run(once=True) == EXIT_OK
     assert store.get(martian).error.code == "unknown_label"
     assert store.get(no_face.id).error.code == "no_face"
@@ -338,7 +366,14 @@ def test_targets_go_through_the_extractor_per_job(store, model, tmp_path) -> Non
     assert seen["views"] == 3 and seen["batch_size"] == 1
 
     later = add_job(store, png(8, 5), race="Black")
-    bare = Worker(store, model, "tiny", torch.device("cpu"), settings(tmp_path),
-                  worker_id="w-bare", stop=StopFlag())
+    bare = Worker(
+        store,
+        model,
+        "tiny",
+        torch.device("cpu"),
+        settings(tmp_path),
+        worker_id="w-bare",
+        stop=StopFlag(),
+    )
     assert bare.run(once=True) == EXIT_OK
     assert NOT_APPLIED_NOTE in store.get(later).result["notes"]

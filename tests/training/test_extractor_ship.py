@@ -25,8 +25,15 @@ COMMAND = "likeness train-extractor --smoke --ship"
 def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A finished smoke run's export (float32, evaluated, with θ_t)."""
     out = tmp_path_factory.mktemp("run")
-    config = ExtractorConfig.smoke(out=str(out), steps=1, batch=4, synthetic_count=16,
-                                   synthetic_classes=4, eval_limit=8, device="cpu")
+    config = ExtractorConfig.smoke(
+        out=str(out),
+        steps=1,
+        batch=4,
+        synthetic_count=16,
+        synthetic_classes=4,
+        eval_limit=8,
+        device="cpu",
+    )
     return train(config, progress=False).export
 
 
@@ -34,17 +41,31 @@ def _manifest_with_older_entries(weights: Path) -> Path:
     manifest = weights / "manifest.json"
     weights.mkdir()
     (weights / "extractor.pt").write_bytes(b"an older extractor")
-    register(WeightsEntry(name="older-f", kind="extractor", file="older.pt", sha256="0" * 64,
-                          default=True), manifest)
-    register(WeightsEntry(name="extractor", kind="extractor", file="extractor.pt",
-                          sha256=sha256_file(weights / "extractor.pt")), manifest)
-    register(WeightsEntry(name="g", kind="generator", file="g.pt", sha256="1" * 64,
-                          default=True), manifest)
+    register(
+        WeightsEntry(
+            name="older-f", kind="extractor", file="older.pt", sha256="0" * 64, default=True
+        ),
+        manifest,
+    )
+    register(
+        WeightsEntry(
+            name="extractor",
+            kind="extractor",
+            file="extractor.pt",
+            sha256=sha256_file(weights / "extractor.pt"),
+        ),
+        manifest,
+    )
+    register(
+        WeightsEntry(name="g", kind="generator", file="g.pt", sha256="1" * 64, default=True),
+        manifest,
+    )
     return manifest
 
 
 def test_ship_writes_a_loadable_fp16_file_whose_sha256_the_manifest_holds(
-        run: Path, tmp_path: Path) -> None:
+    run: Path, tmp_path: Path
+) -> None:
     manifest = _manifest_with_older_entries(tmp_path / "weights")
     entry = ship_extractor(run, command=COMMAND, manifest_path=manifest)
 
@@ -84,13 +105,17 @@ def test_ship_refuses_an_export_without_its_evaluation(run: Path, tmp_path: Path
     ext.threshold_deg = None
     export(ext, tmp_path / "unevaluated.pt", {})
     with pytest.raises(LikenessError, match="no θ_t") as e:
-        ship_extractor(tmp_path / "unevaluated.pt", command=COMMAND,
-                       manifest_path=tmp_path / "weights" / "manifest.json")
+        ship_extractor(
+            tmp_path / "unevaluated.pt",
+            command=COMMAND,
+            manifest_path=tmp_path / "weights" / "manifest.json",
+        )
     assert e.value.code == "not_evaluated"
 
 
 def test_cli_and_worker_use_the_default_extractor_and_its_threshold(
-        run: Path, tmp_path: Path) -> None:
+    run: Path, tmp_path: Path
+) -> None:
     import worker.pipeline as pipeline
     from likeness.request import UpscaleRequest
     from likeness.settings import Settings
@@ -103,8 +128,13 @@ def test_cli_and_worker_use_the_default_extractor_and_its_threshold(
     ext, threshold, name = pipeline.load_extractor(None, cpu, manifest)
     assert (threshold, name) == (theta, "extractor") and theta != DEFAULT_THRESHOLD_DEG
     request = UpscaleRequest(race="black", attributes={"smiling": 1})
-    objective = pipeline.build_objective(ext, pipeline.objective_weights(request, threshold),
-                                         [request.race], [request.attributes], [None])
+    objective = pipeline.build_objective(
+        ext,
+        pipeline.objective_weights(request, threshold),
+        [request.race],
+        [request.attributes],
+        [None],
+    )
     assert objective.weights.threshold_deg == theta
     assert bool(objective.targets.has_race[0])
     settings = Settings(data_dir=tmp_path, weights_dir=manifest.parent)

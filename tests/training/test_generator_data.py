@@ -72,8 +72,13 @@ def test_zip_holds_framed_faces_and_provenance(data_root: Path, tmp_path: Path) 
     expected = downscale(expected, 64)[0]
     assert (framed - expected.clamp(0, 1)).abs().max() <= 1 / 255 + 1e-6
     # the tight chip (face fills it) shrinks into the generator's frame: more background
-    assert not torch.allclose(framed, torch.nn.functional.interpolate(
-        original, size=(64, 64), mode="bicubic", antialias=True)[0].clamp(0, 1), atol=0.05)
+    assert not torch.allclose(
+        framed,
+        torch.nn.functional.interpolate(original, size=(64, 64), mode="bicubic", antialias=True)[
+            0
+        ].clamp(0, 1),
+        atol=0.05,
+    )
 
 
 def test_chips_without_a_face_are_left_out(data_root: Path, tmp_path: Path) -> None:
@@ -82,8 +87,10 @@ def test_chips_without_a_face_are_left_out(data_root: Path, tmp_path: Path) -> N
     (root / "utkface").mkdir(parents=True)
     src = data_root / "utkface"
     (root / "utkface" / "labels.csv").write_bytes((src / "labels.csv").read_bytes())
-    with zipfile.ZipFile(src / "images.zip") as a, \
-            zipfile.ZipFile(root / "utkface" / "images.zip", "w") as b:
+    with (
+        zipfile.ZipFile(src / "images.zip") as a,
+        zipfile.ZipFile(root / "utkface" / "images.zip", "w") as b,
+    ):
         for name in a.namelist():
             data = a.read(name)
             if name == blank:  # a flat grey chip: MTCNN finds nothing
@@ -99,13 +106,27 @@ def test_chips_without_a_face_are_left_out(data_root: Path, tmp_path: Path) -> N
 
 def test_cli_writes_a_zip_the_trainer_reads(data_root: Path, tmp_path: Path) -> None:
     out = tmp_path / "images.zip"
-    result = runner.invoke(app, [
-        "prepare-generator-data", "--data-root", str(data_root), "--out", str(out),
-        "--size", "32", "--cache", str(tmp_path / "lm.pt"), "--threads", "1"])
+    result = runner.invoke(
+        app,
+        [
+            "prepare-generator-data",
+            "--data-root",
+            str(data_root),
+            "--out",
+            str(out),
+            "--size",
+            "32",
+            "--cache",
+            str(tmp_path / "lm.pt"),
+            "--threads",
+            "1",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "7 images" in result.output
     images = ImagesZip(out, 32)
     assert len(images) == 7 and images[0].shape == (3, 32, 32)
-    missing = runner.invoke(app, ["prepare-generator-data", "--data-root",
-                                  str(tmp_path / "nowhere"), "--out", str(out)])
+    missing = runner.invoke(
+        app, ["prepare-generator-data", "--data-root", str(tmp_path / "nowhere"), "--out", str(out)]
+    )
     assert missing.exit_code == 2 and "no " in missing.output

@@ -44,16 +44,27 @@ def test_face_probability_separates_a_face_from_noise() -> None:
 def run_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("run")
     torch.set_num_threads(1)
-    config = TrainConfig.smoke(resolution=32, channel_max=16, channel_base=256, style_dim=16,
-                               n_mlp=2, batch=4, total_kimg=0.008, objective="vae",
-                               synthetic_count=16, latent_avg_samples=256, out=out,
-                               device="cpu")
+    config = TrainConfig.smoke(
+        resolution=32,
+        channel_max=16,
+        channel_base=256,
+        style_dim=16,
+        n_mlp=2,
+        batch=4,
+        total_kimg=0.008,
+        objective="vae",
+        synthetic_count=16,
+        latent_avg_samples=256,
+        out=out,
+        device="cpu",
+    )
     train(config, progress=False)
     return out
 
 
-def test_ship_writes_fp16_generator_with_fit_and_manifest_entry(run_folder: Path,
-                                                                tmp_path: Path) -> None:
+def test_ship_writes_fp16_generator_with_fit_and_manifest_entry(
+    run_folder: Path, tmp_path: Path
+) -> None:
     manifest = tmp_path / "manifest.json"
     entry = ship_generator(run_folder, manifest_path=manifest)
     path, found = resolve_weights(None, "generator", manifest)
@@ -66,9 +77,11 @@ def test_ship_writes_fp16_generator_with_fit_and_manifest_entry(run_folder: Path
     assert loaded.mapping_fit is not None and loaded.mapping_fit.samples == 100_000
 
     # shipping is deterministic, so a measurement of the shipped file can be attached
-    again = ship_generator(run_folder, manifest_path=manifest,
-                           quality={"sha256": entry.sha256, "face_rate": {"value": 0.5},
-                                    "date": "2026-11-30"})
+    again = ship_generator(
+        run_folder,
+        manifest_path=manifest,
+        quality={"sha256": entry.sha256, "face_rate": {"value": 0.5}, "date": "2026-11-30"},
+    )
     assert again.sha256 == entry.sha256
     assert again.metrics["face_rate"] == {"value": 0.5, "measured": "2026-11-30"}
     assert len(load_manifest(manifest).models) == 1  # replaced, not added beside
@@ -77,13 +90,22 @@ def test_ship_writes_fp16_generator_with_fit_and_manifest_entry(run_folder: Path
 
     # once the run folder is gone, a later measurement still lands on the shipped entry,
     # beside the measures it does not repeat
-    measured = add_quality("generator", {"sha256": entry.sha256, "fd": {"value": 1.5},
-                                         "search_fit": {"value": 0.9, "per_photo": [0.1]},
-                                         "date": "2026-12-01"}, manifest_path=manifest)
-    assert measured.metrics == {"face_rate": {"value": 0.5, "measured": "2026-11-30"},
-                                "fd": {"value": 1.5, "measured": "2026-12-01"},
-                                "search_fit": {"value": 0.9, "measured": "2026-12-01"},
-                                "measured": "2026-12-01"}
+    measured = add_quality(
+        "generator",
+        {
+            "sha256": entry.sha256,
+            "fd": {"value": 1.5},
+            "search_fit": {"value": 0.9, "per_photo": [0.1]},
+            "date": "2026-12-01",
+        },
+        manifest_path=manifest,
+    )
+    assert measured.metrics == {
+        "face_rate": {"value": 0.5, "measured": "2026-11-30"},
+        "fd": {"value": 1.5, "measured": "2026-12-01"},
+        "search_fit": {"value": 0.9, "measured": "2026-12-01"},
+        "measured": "2026-12-01",
+    }
     assert load_manifest(manifest).models[0].metrics == measured.metrics
     with pytest.raises(LikenessError, match="measured a file"):
         add_quality("generator", {"sha256": "0" * 64}, manifest_path=manifest)
@@ -91,8 +113,7 @@ def test_ship_writes_fp16_generator_with_fit_and_manifest_entry(run_folder: Path
         add_quality("nope", {"sha256": entry.sha256}, manifest_path=manifest)
 
 
-def test_a_warm_started_run_on_prepared_data_says_both(run_folder: Path,
-                                                      tmp_path: Path) -> None:
+def test_a_warm_started_run_on_prepared_data_says_both(run_folder: Path, tmp_path: Path) -> None:
     """Provenance of a run on a prepare-generator-data zip, warm-started from the
     shipped generator that it replaces: the mix's own summary and the start's sha256
     and provenance, kept although the file is overwritten."""
@@ -106,30 +127,51 @@ def test_a_warm_started_run_on_prepared_data_says_both(run_folder: Path,
     first = ship_generator(run_folder, manifest_path=manifest, half=False)
     mix = tmp_path / "mix.zip"
     with zipfile.ZipFile(mix, "w") as zf:
-        zf.writestr("provenance.json", json.dumps(
-            {"size": 32, "celeba": 3, "utkface_per_race": {"Black": 2}, "skipped_no_face": 1,
-             "sources": {"celebahq": "train split"}, "seconds": 9.0}))
+        zf.writestr(
+            "provenance.json",
+            json.dumps(
+                {
+                    "size": 32,
+                    "celeba": 3,
+                    "utkface_per_race": {"Black": 2},
+                    "skipped_no_face": 1,
+                    "sources": {"celebahq": "train split"},
+                    "seconds": 9.0,
+                }
+            ),
+        )
     warm = tmp_path / "warm"
     shutil.copytree(run_folder, warm)
     ckpt = torch.load(warm / "checkpoint.pt", weights_only=True)
-    ckpt["train_config"] |= {"data": str(mix),
-                             "init_generator": str(manifest.parent / "generator.pt")}
+    ckpt["train_config"] |= {
+        "data": str(mix),
+        "init_generator": str(manifest.parent / "generator.pt"),
+    }
     torch.save(ckpt, warm / "checkpoint.pt")
 
     second = ship_generator(warm, manifest_path=manifest).provenance
-    assert second["data"] == {"built_by": "likeness prepare-generator-data", "size": 32,
-                              "celeba": 3, "utkface_per_race": {"Black": 2},
-                              "skipped_no_face": 1, "sources": {"celebahq": "train split"}}
-    assert second["init_generator"] == {"file": "generator.pt", "sha256": first.sha256,
-                                        "provenance": first.provenance}
+    assert second["data"] == {
+        "built_by": "likeness prepare-generator-data",
+        "size": 32,
+        "celeba": 3,
+        "utkface_per_race": {"Black": 2},
+        "skipped_no_face": 1,
+        "sources": {"celebahq": "train split"},
+    }
+    assert second["init_generator"] == {
+        "file": "generator.pt",
+        "sha256": first.sha256,
+        "provenance": first.provenance,
+    }
     assert "init_generator" not in first.provenance
     # ship, measure, ship again: the file it started from is now its own first ship
     again = ship_generator(warm, manifest_path=manifest).provenance
     assert again["init_generator"] == second["init_generator"]
 
 
-def test_search_settings_go_into_the_entry_and_reach_every_search(run_folder: Path,
-                                                                   tmp_path: Path) -> None:
+def test_search_settings_go_into_the_entry_and_reach_every_search(
+    run_folder: Path, tmp_path: Path
+) -> None:
     manifest = tmp_path / "manifest.json"
     entry = ship_generator(run_folder, manifest_path=manifest)
     assert entry.search == {}
@@ -137,8 +179,9 @@ def test_search_settings_go_into_the_entry_and_reach_every_search(run_folder: Pa
     assert stored.search == {"geocross_weight": 0.02}
     stored = set_search("generator", {"lr": "0.2"}, manifest_path=manifest)
     assert stored.search == {"geocross_weight": 0.02, "lr": 0.2}  # on top of what it had
-    assert set_search("generator", {"lr": "0.3"}, clear=True,
-                      manifest_path=manifest).search == {"lr": 0.3}
+    assert set_search("generator", {"lr": "0.3"}, clear=True, manifest_path=manifest).search == {
+        "lr": 0.3
+    }
     set_search("generator", {"geocross_weight": "0.02"}, clear=True, manifest_path=manifest)
     assert load_manifest(manifest).models[0].sha256 == entry.sha256  # the file is untouched
     with pytest.raises(LikenessError, match="not search settings: gocross"):
@@ -167,8 +210,14 @@ def test_search_fit_reports_one_result_per_photo(run_folder: Path) -> None:
     loaded = load_generator(run_folder / "g_ema.pt")
     assert loaded.mapping_fit is not None
     photos = torch.cat(list(samples(loaded.generator, 3, seed=1)))
-    out = search_fit(loaded.generator, loaded.mapping_fit, photos, thumb=8,
-                     config=SearchConfig(steps=2, restarts=2, seed=0), batch=2)
+    out = search_fit(
+        loaded.generator,
+        loaded.mapping_fit,
+        photos,
+        thumb=8,
+        config=SearchConfig(steps=2, restarts=2, seed=0),
+        batch=2,
+    )
     assert len(out["mse"]) == len(out["accepted"]) == len(out["face_probability"]) == 3
     assert all(0 <= p <= 1 for p in out["face_probability"])
     assert all(m >= 0 for m in out["mse"])

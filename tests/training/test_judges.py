@@ -33,12 +33,14 @@ def tinted(n: int, classes: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]
 def test_race_judge_learns_and_reports_per_class() -> None:
     tx, ty = tinted(300, 5, 0)
     vx, vy = tinted(100, 5, 1)
-    net, metrics = train_judge("race", JudgeData(tx, ty, vx, vy), epochs=6, batch=32,
-                               log=lambda _: None, widths=SMALL)
+    net, metrics = train_judge(
+        "race", JudgeData(tx, ty, vx, vy), epochs=6, batch=32, log=lambda _: None, widths=SMALL
+    )
     assert metrics["top1"] >= 0.6, metrics  # chance is 0.2
     assert set(metrics["per_class"]) <= set(net.labels) and metrics["epochs"] == 6
     assert metrics["mean_per_class"] == pytest.approx(
-        sum(metrics["per_class"].values()) / len(metrics["per_class"]))
+        sum(metrics["per_class"].values()) / len(metrics["per_class"])
+    )
 
 
 def test_race_classes_weigh_by_inverse_frequency() -> None:
@@ -57,15 +59,17 @@ def test_attribute_judge_reports_map_and_accuracy() -> None:
     labels = torch.zeros(120, 40, dtype=torch.long)
     labels[:, 31] = ty  # 'Smiling'
     data = JudgeData(tx, labels, tx[:40], labels[:40])
-    _, metrics = train_judge("attributes", data, epochs=1, batch=32, log=lambda _: None,
-                             widths=SMALL)
+    _, metrics = train_judge(
+        "attributes", data, epochs=1, batch=32, log=lambda _: None, widths=SMALL
+    )
     assert 0 <= metrics["attribute_map"] <= 1 and len(metrics["accuracy"]) == 40
 
 
 def test_save_load_round_trip(tmp_path: Path) -> None:
     tx, ty = tinted(64, 5, 3)
-    net, metrics = train_judge("race", JudgeData(tx, ty, tx, ty), epochs=1, batch=32,
-                               log=lambda _: None, widths=SMALL)
+    net, metrics = train_judge(
+        "race", JudgeData(tx, ty, tx, ty), epochs=1, batch=32, log=lambda _: None, widths=SMALL
+    )
     save_judge(net, "race", tmp_path / "j.pt", metrics)
     back = load_judge(tmp_path / "j.pt")
     assert back.labels == net.labels and back.stem_stride == net.stem_stride == 2
@@ -87,9 +91,17 @@ def test_files_from_before_the_stem_stride_load_as_stride_one(tmp_path: Path) ->
     from worker.training.judges import JudgeNet
 
     net = JudgeNet(["a", "b"], SMALL, stem_stride=1)
-    torch.save({"format": "likeness-judge-v1", "task": "race", "labels": ["a", "b"],
-                "widths": list(SMALL), "state_dict": net.state_dict(), "metrics": {}},
-               tmp_path / "old.pt")
+    torch.save(
+        {
+            "format": "likeness-judge-v1",
+            "task": "race",
+            "labels": ["a", "b"],
+            "widths": list(SMALL),
+            "state_dict": net.state_dict(),
+            "metrics": {},
+        },
+        tmp_path / "old.pt",
+    )
     back = load_judge(tmp_path / "old.pt")
     x = torch.rand(2, 3, 64, 64)
     assert back.stem_stride == 1

@@ -30,8 +30,9 @@ from worker.training.extractor_data import SyntheticFaces
 @pytest.fixture(scope="module")
 def generator_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(0)
-    g = Generator(GeneratorConfig.slim(32, channel_max=16, channel_base=256, style_dim=16,
-                                       n_mlp=2)).eval()
+    g = Generator(
+        GeneratorConfig.slim(32, channel_max=16, channel_base=256, style_dim=16, n_mlp=2)
+    ).eval()
     path = tmp_path_factory.mktemp("generator") / "g.pt"
     save_generator(path, g, mapping_fit=fit_mapping(g, samples=2000, batch=1000))
     return path
@@ -56,8 +57,13 @@ def test_siamese_terms_low_for_an_orthogonal_lookalike_and_a_parallel_mirror() -
 def test_siamese_loss_gradient_reaches_the_backbone() -> None:
     ext = _extractor()
     torch.manual_seed(1)
-    loss = looks.siamese_loss(ext, torch.rand(3, 3, 32, 32), torch.rand(3, 3, 64, 64),
-                              threshold_deg=5.0, temperature_deg=5.0)
+    loss = looks.siamese_loss(
+        ext,
+        torch.rand(3, 3, 32, 32),
+        torch.rand(3, 3, 64, 64),
+        threshold_deg=5.0,
+        temperature_deg=5.0,
+    )
     loss.backward()
     grads = [p.grad for p in ext.backbone.parameters()]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
@@ -77,13 +83,17 @@ def test_choose_pairs_takes_two_photos_of_one_person_fixed_per_meta_epoch() -> N
 
 
 def test_lookalikes_have_the_right_shapes_are_saved_per_batch_and_cached(
-        generator_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    generator_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     ext, model = _extractor(), load_generator(generator_path)
     photos = SyntheticFaces("identity", 12, 4, SPHEREFACE_112x96, seed=0)
     pairs = looks.choose_pairs(photos.targets, 3, seed=0, meta_epoch=0)
-    settings = looks.LookalikeSettings(SearchConfig(steps=2, restarts=2),
-                                       ObjectiveWeights(threshold_deg=60.0), thumbnail=16,
-                                       batch=4)
+    settings = looks.LookalikeSettings(
+        SearchConfig(steps=2, restarts=2),
+        ObjectiveWeights(threshold_deg=60.0),
+        thumbnail=16,
+        batch=4,
+    )
     key = {"meta_epoch": 0, "threshold_deg": 60.0}
     searches: list[int] = []
     real_search = looks.run_search
@@ -97,8 +107,16 @@ def test_lookalikes_have_the_right_shapes_are_saved_per_batch_and_cached(
 
     def make(path: Path, stop_after: int | None = None) -> looks.Lookalikes:
         return looks.generate_lookalikes(
-            ext, model, photos, pairs, settings, path, key, seed=0,
-            should_stop=lambda: stop_after is not None and len(searches) >= stop_after)
+            ext,
+            model,
+            photos,
+            pairs,
+            settings,
+            path,
+            key,
+            seed=0,
+            should_stop=lambda: stop_after is not None and len(searches) >= stop_after,
+        )
 
     whole = make(tmp_path / "whole.pt")
     assert searches == [4, 2], "6 thumbnails in batches of 4"
@@ -128,10 +146,22 @@ def test_lookalikes_have_the_right_shapes_are_saved_per_batch_and_cached(
 
 def _config(out: Path, generator: Path, meta_epochs: int) -> ExtractorConfig:
     return ExtractorConfig.smoke(
-        out=str(out), steps=1, batch=2, synthetic_count=8, synthetic_classes=2, eval_limit=8,
-        device="cpu", meta_epochs=meta_epochs, lookalike_pairs=2, siamese_steps=2,
-        siamese_batch=2, search_steps=2, search_restarts=1, lookalike_batch=4,
-        generator=str(generator))
+        out=str(out),
+        steps=1,
+        batch=2,
+        synthetic_count=8,
+        synthetic_classes=2,
+        eval_limit=8,
+        device="cpu",
+        meta_epochs=meta_epochs,
+        lookalike_pairs=2,
+        siamese_steps=2,
+        siamese_batch=2,
+        search_steps=2,
+        search_restarts=1,
+        lookalike_batch=4,
+        generator=str(generator),
+    )
 
 
 def _log(out: Path) -> list[dict]:
@@ -139,12 +169,16 @@ def _log(out: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def full_run(generator_path: Path, tmp_path_factory: pytest.TempPathFactory
-             ) -> tuple[Path, list[float], object]:
+def full_run(
+    generator_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, list[float], object]:
     out = tmp_path_factory.mktemp("full")
     losses: list[float] = []
-    result = train(_config(out, generator_path, 2), progress=False,
-                   on_step=lambda s, m: losses.append(m["loss"]))
+    result = train(
+        _config(out, generator_path, 2),
+        progress=False,
+        on_step=lambda s, m: losses.append(m["loss"]),
+    )
     return out, losses, result
 
 
@@ -172,7 +206,8 @@ def test_two_meta_epochs_write_lookalikes_metrics_and_an_export(full_run: tuple)
 
 
 def test_stage_from_a_finished_run_resumed_mid_meta_epoch_is_exact(
-        full_run: tuple, generator_path: Path, tmp_path: Path) -> None:
+    full_run: tuple, generator_path: Path, tmp_path: Path
+) -> None:
     full_out, full_losses, full_result = full_run
     # A plain run first; the stage is then started on its own by a resume.
     plain = train(_config(tmp_path, generator_path, 0), progress=False, evaluate_at_end=False)
@@ -187,8 +222,13 @@ def test_stage_from_a_finished_run_resumed_mid_meta_epoch_is_exact(
             os.kill(os.getpid(), signal.SIGTERM)
 
     def leg(checkpoint: Path, evaluate: bool = False) -> object:
-        return train(_config(tmp_path, generator_path, 2), resume=checkpoint, progress=False,
-                     evaluate_at_end=evaluate, on_step=record)
+        return train(
+            _config(tmp_path, generator_path, 2),
+            resume=checkpoint,
+            progress=False,
+            evaluate_at_end=evaluate,
+            on_step=record,
+        )
 
     stopped = leg(plain.checkpoint)
     saved = torch.load(stopped.checkpoint, weights_only=True)
@@ -213,7 +253,8 @@ def test_stage_from_a_finished_run_resumed_mid_meta_epoch_is_exact(
 
 
 def test_the_stage_fails_at_once_without_a_generator(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     def no_default(spec: str | None, kind: str, manifest_path: Path | None = None) -> None:
         raise LikenessError("no_default_weights", f"no {kind} weights are bundled")
 
@@ -230,9 +271,23 @@ def test_cli_passes_the_stage_options(tmp_path: Path) -> None:
 
     from cli.main import app
 
-    r = CliRunner().invoke(app, [
-        "train-extractor", "--smoke", "--out", str(tmp_path), "--meta-epochs", "2",
-        "--lookalike-pairs", "3", "--search-steps", "7", "--generator", str(tmp_path / "no.pt")])
+    r = CliRunner().invoke(
+        app,
+        [
+            "train-extractor",
+            "--smoke",
+            "--out",
+            str(tmp_path),
+            "--meta-epochs",
+            "2",
+            "--lookalike-pairs",
+            "3",
+            "--search-steps",
+            "7",
+            "--generator",
+            str(tmp_path / "no.pt"),
+        ],
+    )
     assert r.exit_code == 2 and "no.pt" in r.output
     assert "meta-epochs 2, each 3 pairs (7-step searches" in r.output
 
@@ -244,8 +299,9 @@ SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 def test_celebahq_photos_reach_f_as_their_training_crops(tmp_path: Path) -> None:
     from worker.training.extractor_data import identity_faces
 
-    faces = identity_faces([SHARED_DATA / "celebahq"], "train", SPHEREFACE_112x96, tmp_path,
-                           limit=6)[0]
+    faces = identity_faces(
+        [SHARED_DATA / "celebahq"], "train", SPHEREFACE_112x96, tmp_path, limit=6
+    )[0]
     photos = looks.read_photos(faces, torch.arange(3))
     assert photos.shape == (3, 3, 128, 128)
     crops = looks.framed_crops(_extractor(), photos)

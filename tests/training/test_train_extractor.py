@@ -66,8 +66,9 @@ def test_attribute_pos_weight_is_inverse_frequency() -> None:
 
 def test_average_precision() -> None:
     assert average_precision(torch.tensor([0.9, 0.8, 0.1]), torch.tensor([1, 1, 0])) == 1.0
-    assert average_precision(torch.tensor([0.9, 0.8, 0.1]), torch.tensor([0, 1, 1])) == \
-        pytest.approx((1 / 2 + 2 / 3) / 2)
+    assert average_precision(
+        torch.tensor([0.9, 0.8, 0.1]), torch.tensor([0, 1, 1])
+    ) == pytest.approx((1 / 2 + 2 / 3) / 2)
 
 
 def test_splits_are_deterministic_and_disjoint_by_identity(tmp_path: Path) -> None:
@@ -91,29 +92,46 @@ def test_splits_are_deterministic_and_disjoint_by_identity(tmp_path: Path) -> No
     # No identity column (UTKFace): split by file name.
     bare = tmp_path / "bare.csv"
     bare.write_text("file,race\n" + "".join(f"{i}.webp,0\n" for i in range(50)))
-    assert members(bare, "train") == [f"{i}.webp" for i in range(50)
-                                      if split_of(f"{i}.webp") == "train"]
+    assert members(bare, "train") == [
+        f"{i}.webp" for i in range(50) if split_of(f"{i}.webp") == "train"
+    ]
 
 
 def _config(out: Path, steps: int, blur_fraction: float = 0.0) -> ExtractorConfig:
-    return ExtractorConfig.smoke(out=str(out), steps=steps, batch=4, synthetic_count=16,
-                                 synthetic_classes=4, eval_limit=8, device="cpu",
-                                 blur_fraction=blur_fraction)
+    return ExtractorConfig.smoke(
+        out=str(out),
+        steps=steps,
+        batch=4,
+        synthetic_count=16,
+        synthetic_classes=4,
+        eval_limit=8,
+        device="cpu",
+        blur_fraction=blur_fraction,
+    )
 
 
 @pytest.mark.parametrize("blur", [0.0, 0.5], ids=["sharp", "half-blurred"])
 def test_smoke_training_resumes_exactly_after_the_head_fit_and_mid_run(
-        tmp_path: Path, blur: float) -> None:
+    tmp_path: Path, blur: float
+) -> None:
     full: list[float] = []
-    train(_config(tmp_path / "full", 3, blur), progress=False, evaluate_at_end=False,
-          on_step=lambda s, m: full.append(m["loss"]))
+    train(
+        _config(tmp_path / "full", 3, blur),
+        progress=False,
+        evaluate_at_end=False,
+        on_step=lambda s, m: full.append(m["loss"]),
+    )
     heads = train(_config(tmp_path / "split", 0, blur), progress=False, evaluate_at_end=False)
     assert heads.step == 0 and torch.load(heads.checkpoint, weights_only=True)["heads_fitted"]
     resumed: list[float] = []
     for steps in (2, 3):  # the first resume starts right after the head fit
-        again = train(_config(tmp_path / "split", steps, blur), resume=heads.checkpoint,
-                      progress=False, evaluate_at_end=False,
-                      on_step=lambda s, m: resumed.append(m["loss"]))
+        again = train(
+            _config(tmp_path / "split", steps, blur),
+            resume=heads.checkpoint,
+            progress=False,
+            evaluate_at_end=False,
+            on_step=lambda s, m: resumed.append(m["loss"]),
+        )
         assert again.step == steps
     assert resumed == full
     log = [json.loads(line) for line in (tmp_path / "split" / "log.jsonl").read_text().splitlines()]
@@ -129,9 +147,11 @@ def test_blurred_resamples_the_chosen_share_of_a_batch_and_nothing_else() -> Non
     out = blurred(crops, 0.5, (20, 64))
     changed = (out - crops).abs().flatten(1).amax(1) > 0
     assert 16 < int(changed.sum()) < 48, "about half the batch"
+
     # the chosen ones lost their finest detail: neighbouring pixels differ less
     def roughness(x: torch.Tensor) -> torch.Tensor:
         return (x[..., 1:] - x[..., :-1]).abs().mean((1, 2, 3))
+
     assert bool((roughness(out[changed]) < 0.5 * roughness(crops[changed])).all())
     torch.manual_seed(0)
     assert torch.equal(blurred(crops, 0.5, (20, 64)), out), "the global RNG decides"
@@ -183,18 +203,22 @@ def test_joint_step_keeps_batchnorm_statistics_and_trains_its_weights(tmp_path: 
     data = make_data(config)
     state = new_state(config, data, torch.device("cpu"))
     device = torch.device("cpu")
-    batches = tuple(next(stream(config, ds, 0, i, device))
-                    for i, ds in enumerate((data.identity, data.race, data.attributes)))
+    batches = tuple(
+        next(stream(config, ds, 0, i, device))
+        for i, ds in enumerate((data.identity, data.race, data.attributes))
+    )
     bns = _batchnorms(state.model)
-    stats = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone())
-             for m in bns]
+    stats = [
+        (m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in bns
+    ]
     weights = [m.weight.detach().clone() for m in bns]
     train_step(state, batches)  # type: ignore[arg-type]
     for m, (mean, var, count) in zip(bns, stats, strict=True):
         assert torch.equal(m.running_mean, mean) and torch.equal(m.running_var, var)
         assert torch.equal(m.num_batches_tracked, count)
     assert sum(not torch.equal(m.weight, w) for m, w in zip(bns, weights, strict=True)) > 0.9 * len(
-        bns), "the affine weights still train"
+        bns
+    ), "the affine weights still train"
     assert state.model.extractor.race_head.training, "dropout in the heads stays on"
 
 
@@ -211,8 +235,10 @@ def test_export_round_trips_labels_metrics_and_threshold(tmp_path: Path) -> None
     assert ext.template.name == "sphereface_112x96"
     saved = torch.load(result.export, weights_only=True)
     assert saved["metrics"]["race_top1"] == result.metrics["race_top1"]
-    out = ext(torch.rand(2, 3, 128, 128), landmarks=torch.tensor(
-        [[[45.0, 60], [83, 60], [64, 80], [50, 95], [78, 95]]] * 2))
+    out = ext(
+        torch.rand(2, 3, 128, 128),
+        landmarks=torch.tensor([[[45.0, 60], [83, 60], [64, 80], [50, 95], [78, 95]]] * 2),
+    )
     assert out.embedding.shape == (2, 128) and out.race_logits.shape == (2, 5)
 
 

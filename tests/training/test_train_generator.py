@@ -42,16 +42,30 @@ def one_thread() -> Iterator[None]:
 def tiny(out: Path, steps: int, **overrides: object) -> TrainConfig:
     """A 16-px run of ``steps`` steps at batch 4, regularisers due every other step."""
     base: dict[str, object] = dict(
-        resolution=16, channel_max=16, channel_base=128, style_dim=16, n_mlp=2, batch=4,
-        total_kimg=steps * 4 / 1000, r1_every=2, latent_avg_samples=256, out=out,
-        synthetic_count=32, device="cpu")
+        resolution=16,
+        channel_max=16,
+        channel_base=128,
+        style_dim=16,
+        n_mlp=2,
+        batch=4,
+        total_kimg=steps * 4 / 1000,
+        r1_every=2,
+        latent_avg_samples=256,
+        out=out,
+        synthetic_count=32,
+        device="cpu",
+    )
     return TrainConfig.smoke(**(base | overrides))
 
 
 def run(config: TrainConfig, resume: Path | None = None) -> dict[int, dict[str, float]]:
     losses: dict[int, dict[str, float]] = {}
-    train(config, resume=resume, progress=False,
-          on_step=lambda step, metrics: losses.__setitem__(step, metrics))
+    train(
+        config,
+        resume=resume,
+        progress=False,
+        on_step=lambda step, metrics: losses.__setitem__(step, metrics),
+    )
     return losses
 
 
@@ -79,8 +93,9 @@ def test_resume_gives_identical_next_step_losses(tmp_path: Path) -> None:
     extra = dict(pl_weight=2.0, pl_every=2)
     full = run(tiny(tmp_path / "full", steps=6, **extra))
     first = run(tiny(tmp_path / "split", steps=3, **extra))
-    rest = run(tiny(tmp_path / "split", steps=6, **extra),
-               resume=tmp_path / "split" / "checkpoint.pt")
+    rest = run(
+        tiny(tmp_path / "split", steps=6, **extra), resume=tmp_path / "split" / "checkpoint.pt"
+    )
     assert sorted(rest) == [4, 5, 6]
     assert {**first, **rest} == full  # bit-exact, regularised steps included
     a = read_checkpoint(tmp_path / "full" / "checkpoint.pt")["G_ema"]
@@ -117,8 +132,10 @@ def test_warm_start_from_a_shipped_generator(tmp_path: Path) -> None:
     run(tiny(tmp_path / "first", steps=2, objective="vae"))
     shipped = tmp_path / "first" / "g_ema.pt"
     expected = load_generator(shipped).generator.state_dict()
-    state = build_state(tiny(tmp_path / "second", steps=1, objective="vae",
-                             init_generator=shipped), torch.device("cpu"))
+    state = build_state(
+        tiny(tmp_path / "second", steps=1, objective="vae", init_generator=shipped),
+        torch.device("cpu"),
+    )
     for module in (state.G, state.G_ema):
         got = module.state_dict()
         assert all(torch.equal(got[k], expected[k].float()) for k in expected)
@@ -126,8 +143,10 @@ def test_warm_start_from_a_shipped_generator(tmp_path: Path) -> None:
     losses = run(tiny(tmp_path / "second", steps=1, objective="vae", init_generator=shipped))
     assert all(math.isfinite(v) for v in losses[1].values())
     with pytest.raises(LikenessError, match="style_dim"):
-        build_state(tiny(tmp_path / "third", steps=1, style_dim=32, init_generator=shipped),
-                    torch.device("cpu"))
+        build_state(
+            tiny(tmp_path / "third", steps=1, style_dim=32, init_generator=shipped),
+            torch.device("cpu"),
+        )
 
 
 def test_signal_and_time_limit_stop_with_a_checkpoint(tmp_path: Path) -> None:
@@ -153,8 +172,19 @@ def test_cli_smoke_and_resume_guard(tmp_path: Path) -> None:
     app = typer.Typer()
     app.command()(train_generator)
     out = tmp_path / "cli"
-    args = ["--smoke", "--out", str(out), "--kimg", "0.008", "--resolution", "16",
-            "--channel-base", "128", "--device", "cpu"]
+    args = [
+        "--smoke",
+        "--out",
+        str(out),
+        "--kimg",
+        "0.008",
+        "--resolution",
+        "16",
+        "--channel-base",
+        "128",
+        "--device",
+        "cpu",
+    ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert (out / "g_ema.pt").is_file()
@@ -168,17 +198,31 @@ def test_cli_smoke_and_resume_guard(tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------- discriminator
 
-PORT_BLOCK_KEYS = ["conv1.0.weight", "conv1.1.bias", "conv2.0.kernel", "conv2.1.weight",
-                   "conv2.2.bias", "skip.0.kernel", "skip.1.weight"]
+PORT_BLOCK_KEYS = [
+    "conv1.0.weight",
+    "conv1.1.bias",
+    "conv2.0.kernel",
+    "conv2.1.weight",
+    "conv2.2.bias",
+    "skip.0.kernel",
+    "skip.1.weight",
+]
 
 
 def test_discriminator_layout_and_strict_round_trip() -> None:
     config = GeneratorConfig.slim(16, channel_max=32, channel_base=256, style_dim=16, n_mlp=2)
     torch.manual_seed(0)
     d = Discriminator(config)
-    expected = {"convs.0.0.weight", "convs.0.1.bias", "final_conv.0.weight", "final_conv.1.bias",
-                "final_linear.0.weight", "final_linear.0.bias", "final_linear.1.weight",
-                "final_linear.1.bias"}
+    expected = {
+        "convs.0.0.weight",
+        "convs.0.1.bias",
+        "final_conv.0.weight",
+        "final_conv.1.bias",
+        "final_linear.0.weight",
+        "final_linear.0.bias",
+        "final_linear.1.weight",
+        "final_linear.1.bias",
+    }
     expected |= {f"convs.{i}.{k}" for i in (1, 2) for k in PORT_BLOCK_KEYS}
     assert set(d.state_dict()) == expected
     assert d.state_dict()["convs.0.0.weight"].shape == (config.width(16), 3, 1, 1)
@@ -285,8 +329,9 @@ def test_vae_objectives_train_finite_and_resume_exactly(tmp_path: Path, objectiv
     assert {"rec_l1", "rec_lowres", "rec_identity", "kl", "loss_VAE"} <= set(full[1])
     assert ("loss_D" in full[1]) == (objective == "vae-gan")
     first = run(tiny(tmp_path / "split", steps=2, **extra))
-    rest = run(tiny(tmp_path / "split", steps=4, **extra),
-               resume=tmp_path / "split" / "checkpoint.pt")
+    rest = run(
+        tiny(tmp_path / "split", steps=4, **extra), resume=tmp_path / "split" / "checkpoint.pt"
+    )
     assert {**first, **rest} == full  # the encoder and its optimiser are in the checkpoint
     ckpt = read_checkpoint(tmp_path / "full" / "checkpoint.pt")
     assert "E" in ckpt and "opt_E" in ckpt
@@ -312,8 +357,7 @@ def test_vae_reconstruction_improves_on_a_fixed_batch(tmp_path: Path) -> None:
     from worker.training.generator.state import build_state
     from worker.training.generator.steps import train_step
 
-    config = tiny(tmp_path, steps=40, objective="vae", synthetic_count=4, mirror=False,
-                  lr=0.005)
+    config = tiny(tmp_path, steps=40, objective="vae", synthetic_count=4, mirror=False, lr=0.005)
     torch.manual_seed(0)
     state = build_state(config, torch.device("cpu"))
     from worker.training.images_zip import SyntheticImages
@@ -410,8 +454,15 @@ def test_adversarial_updates_wait_for_adv_start_then_ramp_in(tmp_path: Path) -> 
 
     face = random_mobilefacenet(tmp_path / "mfn.ckpt")
     # batch 4: steps 1-2 start at 0 and 0.004 kimg (before the start), step 3 at 0.008
-    config = tiny(tmp_path / "run", steps=5, objective="vae-gan", face_weights=face,
-                  perceptual_weight=1.0, adv_start_kimg=0.008, adv_ramp_kimg=0.008)
+    config = tiny(
+        tmp_path / "run",
+        steps=5,
+        objective="vae-gan",
+        face_weights=face,
+        perceptual_weight=1.0,
+        adv_start_kimg=0.008,
+        adv_ramp_kimg=0.008,
+    )
     losses = run(config)
     assert all("loss_D" not in losses[s] and "rec_adv" not in losses[s] for s in (1, 2))
     assert all("loss_D" in losses[s] for s in (3, 4, 5))
@@ -459,8 +510,10 @@ def test_a_perceptual_weight_without_a_face_network_is_refused(tmp_path: Path) -
     # a resume is checked too: a gan run cannot take a perceptual weight on the way
     run(tiny(tmp_path / "gan", steps=1))
     with pytest.raises(ValidationError, match="a vae objective"):
-        run(tiny(tmp_path / "gan", steps=2, perceptual_weight=1.0, face_weights=face),
-            resume=tmp_path / "gan" / "checkpoint.pt")
+        run(
+            tiny(tmp_path / "gan", steps=2, perceptual_weight=1.0, face_weights=face),
+            resume=tmp_path / "gan" / "checkpoint.pt",
+        )
 
 
 def test_vae_export_fits_the_prior_to_the_listed_members(tmp_path: Path) -> None:
@@ -480,7 +533,8 @@ def test_vae_export_fits_the_prior_to_the_listed_members(tmp_path: Path) -> None
     run(tiny(tmp_path / "run", steps=3, objective="vae", data=data))
     ckpt = read_checkpoint(tmp_path / "run" / "checkpoint.pt")
     config = TrainConfig(**ckpt["train_config"]).model_copy(
-        update={"prior_members": tmp_path / "dark.txt"})
+        update={"prior_members": tmp_path / "dark.txt"}
+    )
     state = build_state(config, torch.device("cpu"))
     load_checkpoint(state, ckpt)
     dark = torch.stack([ImagesZip(data, 16)[i] for i in range(4)])

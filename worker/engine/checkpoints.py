@@ -62,8 +62,14 @@ def infer_config(state: dict[str, Tensor], lr_mlp: float = 0.01) -> GeneratorCon
     blur = [1, 3, 3, 1]
     if kernel is not None and kernel.shape[0] != 4:
         raise LikenessError("bad_checkpoint", f"unsupported blur kernel size {kernel.shape[0]}")
-    return GeneratorConfig(resolution=4 * 2**n_rgbs, style_dim=style_dim, n_mlp=n_mlp,
-                           channels=widths, lr_mlp=lr_mlp, blur_kernel=blur)
+    return GeneratorConfig(
+        resolution=4 * 2**n_rgbs,
+        style_dim=style_dim,
+        n_mlp=n_mlp,
+        channels=widths,
+        lr_mlp=lr_mlp,
+        blur_kernel=blur,
+    )
 
 
 def read_checkpoint(path: str | Path) -> dict:
@@ -88,7 +94,7 @@ def load_generator(path: str | Path, device: str | torch.device = "cpu") -> Load
     path = Path(path)
     ckpt = read_checkpoint(path)
     state = ckpt["g_ema"]
-    config = (GeneratorConfig(**ckpt["config"]) if "config" in ckpt else infer_config(state))
+    config = GeneratorConfig(**ckpt["config"]) if "config" in ckpt else infer_config(state)
     generator = Generator(config)
     generator.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
     generator.eval().requires_grad_(False).to(device)
@@ -107,12 +113,20 @@ def load_generator(path: str | Path, device: str | torch.device = "cpu") -> Load
     )
 
 
-def save_generator(path: str | Path, generator: Generator, *, latent_avg: Tensor | None = None,
-                   mapping_fit: MappingFit | None = None, half: bool = False,
-                   extra: dict | None = None) -> str:
+def save_generator(
+    path: str | Path,
+    generator: Generator,
+    *,
+    latent_avg: Tensor | None = None,
+    mapping_fit: MappingFit | None = None,
+    half: bool = False,
+    extra: dict | None = None,
+) -> str:
     """Write the port's layout plus our config; returns the file's sha256."""
-    state = {k: (v.half() if half and v.is_floating_point() else v).cpu().clone()
-             for k, v in generator.state_dict().items()}
+    state = {
+        k: (v.half() if half and v.is_floating_point() else v).cpu().clone()
+        for k, v in generator.state_dict().items()
+    }
     ckpt: dict = {"g_ema": state, "config": generator.config.model_dump()}
     if latent_avg is not None:
         ckpt["latent_avg"] = latent_avg.detach().cpu()

@@ -45,8 +45,12 @@ def _resize_matrix_cpu(in_size: int, out_size: int) -> Tensor:
 
 
 @lru_cache(maxsize=64)
-def resize_matrix(in_size: int, out_size: int, device: torch.device | str = "cpu",
-                  dtype: torch.dtype = torch.float32) -> Tensor:
+def resize_matrix(
+    in_size: int,
+    out_size: int,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
     """The (out, in) matrix on ``device``, cached: the search downscales every step,
     and a fresh host-to-GPU copy each time would make the host wait for the GPU."""
     # A normal tensor even when first asked for under inference_mode: it is shared.
@@ -76,4 +80,3 @@ def downscale_factor(resolution: int, thumb_size: int) -> int:
             f"a {thumb_size}px thumbnail does not divide {resolution}px by an integer >= 2"
         )
     return int(factor)
-

@@ -68,8 +68,12 @@ class GeneratorConfig(BaseModel):
 
     @classmethod
     def slim(
-        cls, resolution: int, channel_max: int = 256, channel_base: int = 4096,
-        style_dim: int = 256, n_mlp: int = 4,
+        cls,
+        resolution: int,
+        channel_max: int = 256,
+        channel_base: int = 4096,
+        style_dim: int = 256,
+        n_mlp: int = 4,
     ) -> GeneratorConfig:
         """Width halves as resolution doubles: min(channel_max, channel_base / res)."""
         widths = [min(channel_max, channel_base // r) for r in _resolutions(resolution)]
@@ -102,8 +106,9 @@ def make_kernel(k: Sequence[int]) -> Tensor:
     return t / t.sum()
 
 
-def upfirdn2d(x: Tensor, kernel: Tensor, up: int = 1, down: int = 1,
-              pad: tuple[int, int] = (0, 0)) -> Tensor:
+def upfirdn2d(
+    x: Tensor, kernel: Tensor, up: int = 1, down: int = 1, pad: tuple[int, int] = (0, 0)
+) -> Tensor:
     """Upsample by zero insertion, pad, FIR filter (true convolution), downsample.
 
     Same semantics as the port's compiled op, written as a depthwise conv so it
@@ -144,8 +149,14 @@ class PixelNorm(nn.Module):
 class EqualLinear(nn.Module):
     """Linear layer with equalised learning rate (weights scaled at run time)."""
 
-    def __init__(self, in_dim: int, out_dim: int, bias_init: float = 0.0,
-                 lr_mul: float = 1.0, activate: bool = False) -> None:
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int,
+        bias_init: float = 0.0,
+        lr_mul: float = 1.0,
+        activate: bool = False,
+    ) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.randn(out_dim, in_dim).div_(lr_mul))
         self.bias = nn.Parameter(torch.full((out_dim,), float(bias_init)))
@@ -190,17 +201,25 @@ class ModulatedConv2d(nn.Module):
     fast on both CPU and GPU.
     """
 
-    def __init__(self, in_channel: int, out_channel: int, kernel_size: int, style_dim: int,
-                 demodulate: bool = True, upsample: bool = False,
-                 blur_kernel: Sequence[int] = (1, 3, 3, 1)) -> None:
+    def __init__(
+        self,
+        in_channel: int,
+        out_channel: int,
+        kernel_size: int,
+        style_dim: int,
+        demodulate: bool = True,
+        upsample: bool = False,
+        blur_kernel: Sequence[int] = (1, 3, 3, 1),
+    ) -> None:
         super().__init__()
         self.in_channel, self.out_channel, self.kernel_size = in_channel, out_channel, kernel_size
         self.upsample, self.demodulate = upsample, demodulate
         if upsample:
             factor = 2
             p = (len(blur_kernel) - factor) - (kernel_size - 1)
-            self.blur = Blur(blur_kernel, pad=((p + 1) // 2 + factor - 1, p // 2 + 1),
-                             upsample_factor=factor)
+            self.blur = Blur(
+                blur_kernel, pad=((p + 1) // 2 + factor - 1, p // 2 + 1), upsample_factor=factor
+            )
         self.scale = 1 / math.sqrt(in_channel * kernel_size**2)
         self.padding = kernel_size // 2
         self.weight = nn.Parameter(
@@ -260,12 +279,25 @@ def _clamp(x: Tensor, limit: float | None) -> Tensor:
 
 
 class StyledConv(nn.Module):
-    def __init__(self, in_channel: int, out_channel: int, kernel_size: int, style_dim: int,
-                 upsample: bool = False, blur_kernel: Sequence[int] = (1, 3, 3, 1),
-                 conv_clamp: float | None = None) -> None:
+    def __init__(
+        self,
+        in_channel: int,
+        out_channel: int,
+        kernel_size: int,
+        style_dim: int,
+        upsample: bool = False,
+        blur_kernel: Sequence[int] = (1, 3, 3, 1),
+        conv_clamp: float | None = None,
+    ) -> None:
         super().__init__()
-        self.conv = ModulatedConv2d(in_channel, out_channel, kernel_size, style_dim,
-                                    upsample=upsample, blur_kernel=blur_kernel)
+        self.conv = ModulatedConv2d(
+            in_channel,
+            out_channel,
+            kernel_size,
+            style_dim,
+            upsample=upsample,
+            blur_kernel=blur_kernel,
+        )
         self.noise = NoiseInjection()
         self.activate = FusedLeakyReLU(out_channel)
         self.conv_clamp = conv_clamp
@@ -275,9 +307,14 @@ class StyledConv(nn.Module):
 
 
 class ToRGB(nn.Module):
-    def __init__(self, in_channel: int, style_dim: int, upsample: bool = True,
-                 blur_kernel: Sequence[int] = (1, 3, 3, 1),
-                 conv_clamp: float | None = None) -> None:
+    def __init__(
+        self,
+        in_channel: int,
+        style_dim: int,
+        upsample: bool = True,
+        blur_kernel: Sequence[int] = (1, 3, 3, 1),
+        conv_clamp: float | None = None,
+    ) -> None:
         super().__init__()
         if upsample:
             self.upsample = Upsample(blur_kernel)
@@ -315,8 +352,9 @@ class Generator(nn.Module):
         in_ch = c.width(4)
         for log_res in range(3, c.log_size + 1):
             out_ch = c.width(2**log_res)
-            self.convs.append(StyledConv(in_ch, out_ch, 3, sd, upsample=True, blur_kernel=bk,
-                                         conv_clamp=cc))
+            self.convs.append(
+                StyledConv(in_ch, out_ch, 3, sd, upsample=True, blur_kernel=bk, conv_clamp=cc)
+            )
             self.convs.append(StyledConv(out_ch, out_ch, 3, sd, blur_kernel=bk, conv_clamp=cc))
             self.to_rgbs.append(ToRGB(out_ch, sd, blur_kernel=bk, conv_clamp=cc))
             in_ch = out_ch
@@ -336,8 +374,12 @@ class Generator(nn.Module):
         """z (N, style_dim) → w (N, style_dim)."""
         return self.style(z)
 
-    def synthesis(self, w_plus: Tensor, noise: Sequence[Tensor | None] | None = None,
-                  memory_format: torch.memory_format | None = None) -> Tensor:
+    def synthesis(
+        self,
+        w_plus: Tensor,
+        noise: Sequence[Tensor | None] | None = None,
+        memory_format: torch.memory_format | None = None,
+    ) -> Tensor:
         """W+ latent (B, n_latent, style_dim) → image (B, 3, res, res) in about [-1, 1].
 
         ``noise``: one map per layer, broadcastable to (B, 1, h, w); ``None``
@@ -368,8 +410,13 @@ class Generator(nn.Module):
             i += 2
         return skip
 
-    def forward(self, z: Tensor, noise: Sequence[Tensor | None] | None = None,
-                truncation: float = 1.0, latent_avg: Tensor | None = None) -> Tensor:
+    def forward(
+        self,
+        z: Tensor,
+        noise: Sequence[Tensor | None] | None = None,
+        truncation: float = 1.0,
+        latent_avg: Tensor | None = None,
+    ) -> Tensor:
         """Sample images from z (B, style_dim): the same w fed to every layer."""
         w = self.mapping(z)
         if truncation < 1.0:

@@ -45,8 +45,13 @@ def undo_activation(w: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def fit_mapping(generator: Generator, samples: int = 100_000, batch: int = 10_000,
-                seed: int = 0, progress: Callable[[int], None] | None = None) -> MappingFit:
+def fit_mapping(
+    generator: Generator,
+    samples: int = 100_000,
+    batch: int = 10_000,
+    seed: int = 0,
+    progress: Callable[[int], None] | None = None,
+) -> MappingFit:
     """Mean and std over ``samples`` z ~ N(0, I), accumulated in float64 batches."""
     device = next(generator.parameters()).device
     dim = generator.config.style_dim

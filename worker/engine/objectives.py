@@ -33,16 +33,23 @@ class ObjectiveWeights(BaseModel):
     identity: float = Field(5.0, ge=0, description="weight of L_s (the reference code's 5.0)")
     race: float = Field(2.0, ge=0, description="weight of L_r (the reference code's 2.0)")
     attributes: float = Field(2.0, ge=0, description="weight of L_a")
-    threshold_deg: float = Field(DEFAULT_THRESHOLD_DEG, gt=0, lt=180,
-                                 description="θ_t: F's same/different threshold angle")
+    threshold_deg: float = Field(
+        DEFAULT_THRESHOLD_DEG, gt=0, lt=180, description="θ_t: F's same/different threshold angle"
+    )
     temperature_deg: float = Field(5.0, gt=0, description="τ of the similarity sigmoid")
-    max_class_loss: float = Field(0.1, gt=0, description="reject a candidate whose final "
-                                  "L_r or L_a exceeds this")
-    views: int = Field(1, ge=1, le=16, description="F sees each candidate in this many views "
-                       "(the first as is, the others randomly shifted, scaled, rotated, "
-                       "mirrored and blurred) and every term averages over them, so a target "
-                       "is met only by changes that survive them all; each view costs F's "
-                       "forward and backward pass again (bench/steering.py)")
+    max_class_loss: float = Field(
+        0.1, gt=0, description="reject a candidate whose final L_r or L_a exceeds this"
+    )
+    views: int = Field(
+        1,
+        ge=1,
+        le=16,
+        description="F sees each candidate in this many views "
+        "(the first as is, the others randomly shifted, scaled, rotated, "
+        "mirrored and blurred) and every term averages over them, so a target "
+        "is met only by changes that survive them all; each view costs F's "
+        "forward and backward pass again (bench/steering.py)",
+    )
 
 
 @dataclass
@@ -61,8 +68,14 @@ class Targets:
         return bool(self.has_reference.any() or self.has_race.any() or self.has_attribute.any())
 
     def _fields(self) -> tuple[Tensor, ...]:
-        return (self.reference, self.has_reference, self.race, self.has_race,
-                self.attributes, self.has_attribute)
+        return (
+            self.reference,
+            self.has_reference,
+            self.race,
+            self.has_race,
+            self.attributes,
+            self.has_attribute,
+        )
 
     def repeat(self, k: int) -> Targets:
         """Element i·K + j gets thumbnail i's targets (the search's restart layout)."""
@@ -110,13 +123,19 @@ def build_targets(
     return Targets(reference, has_reference, race, has_race, wanted, has_attr)
 
 
-def similarity_loss(embedding: Tensor, reference: Tensor, target: float,
-                    threshold_deg: float, temperature_deg: float) -> Tensor:
+def similarity_loss(
+    embedding: Tensor,
+    reference: Tensor,
+    target: float,
+    threshold_deg: float,
+    temperature_deg: float,
+) -> Tensor:
     """``BCE(sigmoid((θ_t − angle) / τ), t)`` per element (PAPER.md §2)."""
     theta = angle(embedding, reference, degrees=True)
     logit = (threshold_deg - theta) / temperature_deg
-    return F.binary_cross_entropy_with_logits(logit, torch.full_like(logit, target),
-                                              reduction="none")
+    return F.binary_cross_entropy_with_logits(
+        logit, torch.full_like(logit, target), reduction="none"
+    )
 
 
 @dataclass
@@ -132,9 +151,13 @@ class ObjectiveValues:
     attribute_probs: Tensor | None  # (N, A)
 
 
-def evaluate_objectives(extractor: FaceExtractor, images: Tensor, targets: Targets,
-                        weights: ObjectiveWeights, landmarks: Tensor | None = None
-                        ) -> ObjectiveValues:
+def evaluate_objectives(
+    extractor: FaceExtractor,
+    images: Tensor,
+    targets: Targets,
+    weights: ObjectiveWeights,
+    landmarks: Tensor | None = None,
+) -> ObjectiveValues:
     """F on generated images (N, 3, R, R) in [0, 1] → the identity, race and
     attribute terms for N = B·K elements (``targets`` already repeated).
 
@@ -145,21 +168,26 @@ def evaluate_objectives(extractor: FaceExtractor, images: Tensor, targets: Targe
     return objective_values(extractor(images, landmarks), targets, weights)
 
 
-def objective_values(out: FaceOutput, targets: Targets, weights: ObjectiveWeights
-                     ) -> ObjectiveValues:
+def objective_values(
+    out: FaceOutput, targets: Targets, weights: ObjectiveWeights
+) -> ObjectiveValues:
     """The terms from what F saw (one row per element of ``targets``)."""
     zero = torch.zeros(out.embedding.shape[0], device=out.embedding.device)
     weighted: dict[str, Tensor] = {}
     raw: dict[str, Tensor] = {}
     theta = torch.full_like(zero, math.nan)
     if targets.has_reference.any():
-        l_s = similarity_loss(out.embedding, targets.reference, 1.0,
-                              weights.threshold_deg, weights.temperature_deg)
+        l_s = similarity_loss(
+            out.embedding, targets.reference, 1.0, weights.threshold_deg, weights.temperature_deg
+        )
         l_s = torch.where(targets.has_reference, l_s, zero)
         weighted["identity"] = weights.identity * l_s
         raw["identity"] = l_s
-        theta = torch.where(targets.has_reference,
-                            angle(out.embedding, targets.reference, degrees=True).detach(), theta)
+        theta = torch.where(
+            targets.has_reference,
+            angle(out.embedding, targets.reference, degrees=True).detach(),
+            theta,
+        )
     race_probs = attr_probs = None
     if out.race_logits is not None:
         race_probs = out.race_logits.float().softmax(1).detach()
@@ -172,15 +200,17 @@ def objective_values(out: FaceOutput, targets: Targets, weights: ObjectiveWeight
         attr_probs = out.attribute_logits.float().sigmoid().detach()
         if targets.has_attribute.any():
             bce = F.binary_cross_entropy_with_logits(
-                out.attribute_logits.float(), targets.attributes, reduction="none")
+                out.attribute_logits.float(), targets.attributes, reduction="none"
+            )
             l_a = (bce * targets.has_attribute).sum(1)
             weighted["attributes"] = weights.attributes * l_a
             raw["attributes"] = l_a
     return ObjectiveValues(weighted, raw, out.detected, theta, race_probs, attr_probs)
 
 
-def objective_loss(extractor: FaceExtractor, targets: Targets, weights: ObjectiveWeights,
-                   restarts: int) -> ExtraLoss:
+def objective_loss(
+    extractor: FaceExtractor, targets: Targets, weights: ObjectiveWeights, restarts: int
+) -> ExtraLoss:
     """The search's extra loss for B thumbnails' targets, over their B·K candidates.
 
     Candidates are aligned with the generator's fixed FFHQ-frame landmarks
@@ -200,22 +230,25 @@ def objective_loss(extractor: FaceExtractor, targets: Targets, weights: Objectiv
             views = sampler.draw()
             out = extractor.forward_crops(view_crops(extractor, images, landmarks, views))
             values = objective_values(out, repeated.tile(views.count), weights)
-            weighted, raw = ({name: t.view(views.count, n).mean(0) for name, t in d.items()}
-                             for d in (values.weighted, values.raw))
+            weighted, raw = (
+                {name: t.view(views.count, n).mean(0) for name, t in d.items()}
+                for d in (values.weighted, values.raw)
+            )
         constraints = {k: raw[k] for k in ("race", "attributes") if k in raw}
-        return ExtraTerms(weighted, constraints,
-                          dict.fromkeys(constraints, weights.max_class_loss))
+        return ExtraTerms(weighted, constraints, dict.fromkeys(constraints, weights.max_class_loss))
 
     return loss
 
 
 @torch.no_grad()
-def describe(extractor: FaceExtractor, images: Tensor, targets: Targets,
-             weights: ObjectiveWeights) -> list[dict[str, object]]:
+def describe(
+    extractor: FaceExtractor, images: Tensor, targets: Targets, weights: ObjectiveWeights
+) -> list[dict[str, object]]:
     """Per image (B results, one per thumbnail): what F sees in it, for the report."""
     b, _, h, w = images.shape
-    values = evaluate_objectives(extractor, images, targets, weights,
-                                 fallback_landmarks(b, h, w, images.device))
+    values = evaluate_objectives(
+        extractor, images, targets, weights, fallback_landmarks(b, h, w, images.device)
+    )
     reports: list[dict[str, object]] = []
     race_labels = extractor.race_head.labels if extractor.race_head is not None else ()
     attr_labels = extractor.attribute_head.labels if extractor.attribute_head is not None else ()
@@ -229,11 +262,13 @@ def describe(extractor: FaceExtractor, images: Tensor, targets: Targets,
             report["threshold_deg"] = weights.threshold_deg
         if values.race_probs is not None:
             report["race_probabilities"] = {
-                name: round(float(p), 4) for name, p in zip(race_labels, values.race_probs[i],
-                                                            strict=True)}
+                name: round(float(p), 4)
+                for name, p in zip(race_labels, values.race_probs[i], strict=True)
+            }
         if values.attribute_probs is not None and bool(targets.has_attribute[i].any()):
             report["attribute_probabilities"] = {
                 attr_labels[j]: round(float(values.attribute_probs[i, j]), 4)
-                for j in targets.has_attribute[i].nonzero().flatten().tolist()}
+                for j in targets.has_attribute[i].nonzero().flatten().tolist()
+            }
         reports.append(report)
     return reports

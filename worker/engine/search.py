@@ -81,11 +81,13 @@ class SearchConfig(BaseModel):
         "rounding. Works on CPU too, but slowly",
     )
     channels_last: bool = Field(
-        False, description="CUDA only (ignored elsewhere): channels-last (NHWC) activations "
+        False,
+        description="CUDA only (ignored elsewhere): channels-last (NHWC) activations "
         "in the generator, the layout tensor-core convolutions prefer",
     )
     compile: CompileMode = Field(
-        "off", description="CUDA only (ignored elsewhere, with a warning): torch.compile the "
+        "off",
+        description="CUDA only (ignored elsewhere, with a warning): torch.compile the "
         "synthesis with this mode, once per generator (and again for a new batch shape); "
         "reduce-overhead adds CUDA graphs",
     )
@@ -183,8 +185,9 @@ def _draw(generator: Generator, n: int, seed: int) -> tuple[Tensor, list[Tensor]
 _COMPILED: WeakKeyDictionary[Generator, dict[str, Callable[..., Tensor]]] = WeakKeyDictionary()
 
 
-def synthesis_fn(generator: Generator, config: SearchConfig,
-                 device: torch.device) -> Callable[[Tensor, list[Tensor]], Tensor]:
+def synthesis_fn(
+    generator: Generator, config: SearchConfig, device: torch.device
+) -> Callable[[Tensor, list[Tensor]], Tensor]:
     """The generator's W+ → image function, run as ``config`` asks on ``device``."""
     cuda = device.type == "cuda"
     run: Callable[..., Tensor] = generator.synthesis
@@ -193,8 +196,11 @@ def synthesis_fn(generator: Generator, config: SearchConfig,
             run = functools.partial(_compiled(generator, config.compile), generator)
         else:
             # Compiling for the CPU takes minutes for little gain; the flag targets GPUs.
-            warnings.warn(f"compile={config.compile!r} is for CUDA only: the synthesis runs "
-                          f"eagerly on {device.type}", stacklevel=3)
+            warnings.warn(
+                f"compile={config.compile!r} is for CUDA only: the synthesis runs "
+                f"eagerly on {device.type}",
+                stacklevel=3,
+            )
     if config.channels_last and cuda:
         return functools.partial(run, memory_format=torch.channels_last)
     return run
@@ -205,8 +211,9 @@ def _compiled(generator: Generator, mode: CompileMode) -> Callable[..., Tensor]:
     the cache then holds no reference to the generator and dies with it."""
     per_mode = _COMPILED.setdefault(generator, {})
     if mode not in per_mode:
-        per_mode[mode] = torch.compile(type(generator).synthesis,
-                                       mode=None if mode == "default" else mode)
+        per_mode[mode] = torch.compile(
+            type(generator).synthesis, mode=None if mode == "default" else mode
+        )
     return per_mode[mode]
 
 
@@ -217,9 +224,14 @@ def autocast(config: SearchConfig, device: torch.device) -> contextlib.AbstractC
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
-def init_variables(generator: Generator, n: int, config: SearchConfig, seed: int,
-                   device: torch.device, seeds: Sequence[int] | None = None,
-                   ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+def init_variables(
+    generator: Generator,
+    n: int,
+    config: SearchConfig,
+    seed: int,
+    device: torch.device,
+    seeds: Sequence[int] | None = None,
+) -> tuple[Tensor, list[Tensor], list[Tensor]]:
     """Initial latent v (N, L, D) and the noise maps (trainable ones listed apart).
 
     Drawn on the CPU from ``seed`` so a seed means the same start on any device.
@@ -328,8 +340,9 @@ def latent_search(
             feasible = mse <= config.eps
             for name, t in constraints.items():
                 feasible = feasible & (t <= limits[name])
-            better = (feasible & ~best_feasible) | ((feasible == best_feasible)
-                                                    & (total < best_loss))
+            better = (feasible & ~best_feasible) | (
+                (feasible == best_feasible) & (total < best_loss)
+            )
             best_feasible = best_feasible | feasible
             best_loss = torch.where(better, total, best_loss)
             best_mse = torch.where(better, mse, best_mse)
@@ -348,16 +361,36 @@ def latent_search(
             project_to_sphere(p.data, r)
         yield SearchStep(step + 1, config.steps, lr, best_mse.view(b, k).amin(1))
 
-    result = _choose(best_img, best_mse, best_loss, best_w, best_terms, b, k, config, seed,
-                     best_constraints, limits)
+    result = _choose(
+        best_img,
+        best_mse,
+        best_loss,
+        best_w,
+        best_terms,
+        b,
+        k,
+        config,
+        seed,
+        best_constraints,
+        limits,
+    )
     result.seeds = [int(s) for s in seeds] if seeds is not None else [seed] * b
     return result
 
 
-def _choose(img: Tensor, mse: Tensor, loss: Tensor, w: Tensor, terms: dict[str, Tensor],
-            b: int, k: int, config: SearchConfig, seed: int,
-            constraints: dict[str, Tensor] | None = None,
-            limits: dict[str, float] | None = None) -> SearchResult:
+def _choose(
+    img: Tensor,
+    mse: Tensor,
+    loss: Tensor,
+    w: Tensor,
+    terms: dict[str, Tensor],
+    b: int,
+    k: int,
+    config: SearchConfig,
+    seed: int,
+    constraints: dict[str, Tensor] | None = None,
+    limits: dict[str, float] | None = None,
+) -> SearchResult:
     """Per thumbnail: the lowest-loss accepted restart, else the lowest-MSE one.
 
     A restart is accepted when its downscale MSE is within eps and every
@@ -414,7 +447,17 @@ def run_search(
 
 
 __all__: Sequence[str] = [
-    "ExtraTerms", "SearchConfig", "SearchResult", "SearchStep", "SearchStopped", "autocast",
-    "geocross", "latent_search", "lr_factor", "project_to_sphere", "run_search", "downscale_mse",
+    "ExtraTerms",
+    "SearchConfig",
+    "SearchResult",
+    "SearchStep",
+    "SearchStopped",
+    "autocast",
+    "geocross",
+    "latent_search",
+    "lr_factor",
+    "project_to_sphere",
+    "run_search",
+    "downscale_mse",
     "synthesis_fn",
 ]

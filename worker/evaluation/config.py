@@ -22,12 +22,21 @@ RACE_JUDGE = "judge-race"
 ATTRIBUTE_JUDGE = "judge-attributes"
 # PAPER.md §4 Table 3's attributes, in CelebA's order.
 TABLE3_ATTRIBUTES: tuple[str, ...] = (
-    "Arched_Eyebrows", "Male", "Narrow_Eyes", "Smiling", "Wearing_Lipstick")
+    "Arched_Eyebrows",
+    "Male",
+    "Narrow_Eyes",
+    "Smiling",
+    "Wearing_Lipstick",
+)
 THUMBNAIL = 16  # the paper's smallest thumbnail: the most ambiguous, the hardest case
 
 # evaluate's steering options and the ObjectiveWeights fields they set.
-STEERING_OPTIONS = {"identity_weight": "identity", "race_weight": "race",
-                    "attr_weight": "attributes", "views": "views"}
+STEERING_OPTIONS = {
+    "identity_weight": "identity",
+    "race_weight": "race",
+    "attr_weight": "attributes",
+    "views": "views",
+}
 
 # --quick: a few images and steps, for CI and a smoke check on ../shared.
 QUICK = {"celeba": 4, "utkface": 5, "steps": 5, "restarts": 2, "batch": 8}
@@ -56,8 +65,13 @@ class EvalConfig(BaseModel):
     identity_weight: float | None = Field(None, ge=0, description="weight of L_s")
     race_weight: float | None = Field(None, ge=0, description="weight of L_r")
     attr_weight: float | None = Field(None, ge=0, description="weight of L_a")
-    views: int | None = Field(None, ge=1, le=16, description="views F sees of each candidate "
-                              "in the steered searches (default: ObjectiveWeights')")
+    views: int | None = Field(
+        None,
+        ge=1,
+        le=16,
+        description="views F sees of each candidate "
+        "in the steered searches (default: ObjectiveWeights')",
+    )
     quick: bool = Field(False, description="tiny sizes (QUICK) for CI and smoke checks")
 
     @classmethod
@@ -70,12 +84,36 @@ class EvalConfig(BaseModel):
 
     def command(self) -> str:
         """The command line that reproduces this evaluation, every option spelled out."""
-        parts = ["likeness", "evaluate", "--data-root", str(self.data_root), "--out",
-                 str(self.out), "--cache", str(self.cache), "--celeba", str(self.celeba),
-                 "--utkface", str(self.utkface), "--steps", str(self.steps), "--restarts",
-                 str(self.restarts), "--batch", str(self.batch), "--seed", str(self.seed),
-                 "--f0", str(self.f0), "--race-judge", self.race_judge,
-                 "--attribute-judge", self.attribute_judge, "--device", self.device]
+        parts = [
+            "likeness",
+            "evaluate",
+            "--data-root",
+            str(self.data_root),
+            "--out",
+            str(self.out),
+            "--cache",
+            str(self.cache),
+            "--celeba",
+            str(self.celeba),
+            "--utkface",
+            str(self.utkface),
+            "--steps",
+            str(self.steps),
+            "--restarts",
+            str(self.restarts),
+            "--batch",
+            str(self.batch),
+            "--seed",
+            str(self.seed),
+            "--f0",
+            str(self.f0),
+            "--race-judge",
+            self.race_judge,
+            "--attribute-judge",
+            self.attribute_judge,
+            "--device",
+            self.device,
+        ]
         if self.weights is not None:
             parts += ["--weights", self.weights]
         if self.extractor is not None:

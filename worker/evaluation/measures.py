@@ -45,9 +45,12 @@ def judge_crops(judge: JudgeNet, images: Tensor) -> Tensor:
     """What a judge sees of FFHQ-framed images: 64-px ArcFace-aligned crops on its
     device, rounded to 8 bits as in its training."""
     device = _device(judge)
-    return torch.cat([
-        aligned_crops(chunk.to(device), None).mul(255).round().clamp(0, 255).byte()
-        for chunk in images.split(BATCH)])
+    return torch.cat(
+        [
+            aligned_crops(chunk.to(device), None).mul(255).round().clamp(0, 255).byte()
+            for chunk in images.split(BATCH)
+        ]
+    )
 
 
 @torch.no_grad()
@@ -78,8 +81,7 @@ def race_predictions(judge: JudgeNet, images: Tensor) -> np.ndarray:
     return judge_logits(judge, images).argmax(1).numpy()
 
 
-def attribute_predictions(judge: JudgeNet, images: Tensor, names: tuple[str, ...]
-                          ) -> np.ndarray:
+def attribute_predictions(judge: JudgeNet, images: Tensor, names: tuple[str, ...]) -> np.ndarray:
     """0/1 per image and attribute of ``names``: (N, len(names))."""
     logits = judge_logits(judge, images)
     columns = [judge.labels.index(n) for n in names]

@@ -71,13 +71,18 @@ def load_generator_for(config: EvalConfig, device: torch.device) -> tuple[Loaded
     except LikenessError as e:
         if e.code == "no_default_weights":
             raise LikenessError(
-                "no_default_weights", "no generator is bundled in weights/manifest.json: ship "
-                "one (likeness weights ship-generator) or pass --weights PATH") from None
+                "no_default_weights",
+                "no generator is bundled in weights/manifest.json: ship "
+                "one (likeness weights ship-generator) or pass --weights PATH",
+            ) from None
         raise
     res = generator.generator.config.resolution
     if res % THUMBNAIL or res < 2 * THUMBNAIL:
-        raise LikenessError("bad_weights", f"the generator draws {res} px faces: evaluation "
-                            f"needs a multiple of {THUMBNAIL} px, at least {2 * THUMBNAIL}")
+        raise LikenessError(
+            "bad_weights",
+            f"the generator draws {res} px faces: evaluation "
+            f"needs a multiple of {THUMBNAIL} px, at least {2 * THUMBNAIL}",
+        )
     return generator, name
 
 
@@ -88,8 +93,9 @@ def load_f(config: EvalConfig, device: torch.device) -> tuple[FaceExtractor, flo
     except LikenessError as e:
         if e.code == "no_default_weights":
             raise LikenessError(
-                "no_default_weights", "no extractor F is bundled in weights/manifest.json: "
-                "train and ship one (likeness train-extractor --ship) or pass --extractor PATH"
+                "no_default_weights",
+                "no extractor F is bundled in weights/manifest.json: "
+                "train and ship one (likeness train-extractor --ship) or pass --extractor PATH",
             ) from None
         raise
     if f.race_head is None or f.attribute_head is None:
@@ -97,47 +103,61 @@ def load_f(config: EvalConfig, device: torch.device) -> tuple[FaceExtractor, flo
     absent = [a for a in TABLE3_ATTRIBUTES if a not in f.attribute_head.labels]
     absent += [r for r in UTKFACE_RACES if r not in f.race_head.labels]
     if absent:
-        raise LikenessError("bad_weights", f"{path}: F's heads lack {', '.join(absent)}, "
-                            "which Tables 2 and 3 target")
+        raise LikenessError(
+            "bad_weights",
+            f"{path}: F's heads lack {', '.join(absent)}, which Tables 2 and 3 target",
+        )
     return f, threshold, Weights("F", name, str(path), sha256_file(path))
 
 
 def load_f0(path: Path, device: torch.device) -> tuple[FaceExtractor, Weights]:
     if not path.is_file():
         raise LikenessError(
-            "weights_not_found", f"no F0 checkpoint at {path}: pass --f0 PATH to a MobileFaceNet "
-            "checkpoint (../shared/weights/mobilefacenet_casia_068.ckpt)", status=404)
+            "weights_not_found",
+            f"no F0 checkpoint at {path}: pass --f0 PATH to a MobileFaceNet "
+            "checkpoint (../shared/weights/mobilefacenet_casia_068.ckpt)",
+            status=404,
+        )
     try:
         f0 = FaceExtractor.mobilefacenet(path)
     except Exception as e:  # a wrong or damaged file fails in torch or in load_state_dict
-        raise LikenessError("bad_checkpoint", f"{path} is not a MobileFaceNet checkpoint: "
-                            f"{e}") from None
+        raise LikenessError(
+            "bad_checkpoint", f"{path} is not a MobileFaceNet checkpoint: {e}"
+        ) from None
     _frozen(f0)
     return f0.to(device), Weights("F0", path.name, str(path), sha256_file(path))
 
 
-def load_judge_for(spec: str, task: str, option: str, device: torch.device
-                   ) -> tuple[JudgeNet, Weights]:
+def load_judge_for(
+    spec: str, task: str, option: str, device: torch.device
+) -> tuple[JudgeNet, Weights]:
     """A judge by manifest name or file; missing judges say how to get them."""
     try:
         path, entry = resolve_weights(spec, "judge")
     except LikenessError:
         raise LikenessError(
-            "judge_not_found", f"no {task} judge '{spec}' (neither a file nor in "
+            "judge_not_found",
+            f"no {task} judge '{spec}' (neither a file nor in "
             f"weights/manifest.json): train the judges (likeness train-judges) or pass "
-            f"{option} PATH", status=404) from None
+            f"{option} PATH",
+            status=404,
+        ) from None
     sha = sha256_file(path)
     if entry is not None and entry.sha256 != sha:
         raise LikenessError(
-            "weights_corrupt", f"{path} does not match its manifest sha256 (re-checkout weights/)")
+            "weights_corrupt", f"{path} does not match its manifest sha256 (re-checkout weights/)"
+        )
     try:
         judge = load_judge(path)
     except Exception as e:
         raise LikenessError("bad_checkpoint", f"{path} is not a judge: {e}") from None
     # Table 2 reads the race judge's outputs by UTKFace's race indices.
     if task == "race" and judge.labels != UTKFACE_RACES:
-        raise LikenessError("bad_weights", f"{path}: a race judge must output "
-                            f"{', '.join(UTKFACE_RACES)}, got {', '.join(judge.labels)}")
+        raise LikenessError(
+            "bad_weights",
+            f"{path}: a race judge must output "
+            f"{', '.join(UTKFACE_RACES)}, got {', '.join(judge.labels)}",
+        )
     absent = [a for a in TABLE3_ATTRIBUTES if a not in judge.labels]
     if task == "attributes" and absent:
         raise LikenessError("bad_weights", f"{path}: the {task} judge lacks {', '.join(absent)}")
@@ -150,13 +170,21 @@ def load_judge_for(spec: str, task: str, option: str, device: torch.device
 def load_models(config: EvalConfig, device: torch.device) -> Models:
     """Everything, checked before any search runs: a missing judge fails in seconds."""
     race_judge, race_w = load_judge_for(config.race_judge, "race", "--race-judge", device)
-    attr_judge, attr_w = load_judge_for(config.attribute_judge, "attributes",
-                                        "--attribute-judge", device)
+    attr_judge, attr_w = load_judge_for(
+        config.attribute_judge, "attributes", "--attribute-judge", device
+    )
     f0, f0_w = load_f0(config.f0, device)
     f, f_threshold, f_w = load_f(config, device)
     generator, g_name = load_generator_for(config, device)
     g_w = Weights("generator", g_name, str(generator.path), generator.sha256)
-    return Models(generator=generator, f=f, f_threshold=f_threshold, f0=f0,
-                  f0_threshold=DEFAULT_THRESHOLD_DEG, race_judge=race_judge,
-                  attribute_judge=attr_judge, weights=[g_w, f_w, f0_w, race_w, attr_w],
-                  device=device)
+    return Models(
+        generator=generator,
+        f=f,
+        f_threshold=f_threshold,
+        f0=f0,
+        f0_threshold=DEFAULT_THRESHOLD_DEG,
+        race_judge=race_judge,
+        attribute_judge=attr_judge,
+        weights=[g_w, f_w, f0_w, race_w, attr_w],
+        device=device,
+    )

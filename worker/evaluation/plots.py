@@ -25,8 +25,9 @@ def _pyplot() -> Any:
     return plt
 
 
-def angle_histograms(angles: Mapping[str, Mapping[str, np.ndarray]],
-                     thresholds: Mapping[str, float], path: Path) -> None:
+def angle_histograms(
+    angles: Mapping[str, Mapping[str, np.ndarray]], thresholds: Mapping[str, float], path: Path
+) -> None:
     """The paper's Fig. 5: per extractor, the angle histogram of each pair type, with
     the Opt-1 threshold (fitted on Same + Diff) as a dashed line."""
     plt = _pyplot()
@@ -36,8 +37,13 @@ def angle_histograms(angles: Mapping[str, Mapping[str, np.ndarray]],
         for pair in PAIR_TYPES:
             values = np.asarray(by_pair[pair])
             ax.hist(values, bins=bins, alpha=0.45, label=f"{pair} (N={len(values)})")
-        ax.axvline(thresholds[ext], color="black", linestyle="--", linewidth=1,
-                   label=f"θ Opt 1 = {thresholds[ext]:.1f}°")
+        ax.axvline(
+            thresholds[ext],
+            color="black",
+            linestyle="--",
+            linewidth=1,
+            label=f"θ Opt 1 = {thresholds[ext]:.1f}°",
+        )
         ax.set_title(f"angle between features under {ext}")
         ax.set_xlabel("degrees")
         ax.set_ylabel("pairs")
@@ -48,18 +54,30 @@ def angle_histograms(angles: Mapping[str, Mapping[str, np.ndarray]],
     plt.close(fig)
 
 
-def reidentification_bars(table2: Mapping[str, Any], table3: Mapping[str, Any],
-                          labels: Mapping[str, str], paper: Mapping[str, Mapping[str, float]],
-                          path: Path) -> None:
+def reidentification_bars(
+    table2: Mapping[str, Any],
+    table3: Mapping[str, Any],
+    labels: Mapping[str, str],
+    paper: Mapping[str, Mapping[str, float]],
+    path: Path,
+) -> None:
     """Tables 2 and 3 at a glance: overall race and average attribute accuracy per
     strategy (bars), the paper's (black ticks, percent in ``paper["table2"|"table3"]``)."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     panels = (
-        (axes[0], {s: r["overall"] for s, r in table2["rows"].items()}, paper["table2"],
-         f"race re-identification (UTKFace, N={table2['n']})"),
-        (axes[1], {s: r["average"] for s, r in table3["rows"].items()}, paper["table3"],
-         f"attribute re-identification (CelebA-HQ, N={table3['n']})"),
+        (
+            axes[0],
+            {s: r["overall"] for s, r in table2["rows"].items()},
+            paper["table2"],
+            f"race re-identification (UTKFace, N={table2['n']})",
+        ),
+        (
+            axes[1],
+            {s: r["average"] for s, r in table3["rows"].items()},
+            paper["table3"],
+            f"attribute re-identification (CelebA-HQ, N={table3['n']})",
+        ),
     )
     for ax, values, theirs, title in panels:
         names = list(values)
@@ -67,11 +85,23 @@ def reidentification_bars(table2: Mapping[str, Any], table3: Mapping[str, Any],
         bars = ax.bar(range(len(names)), heights, color="tab:blue", label="ours")
         ax.bar_label(bars, fmt="%.1f", fontsize=8)
         marked = [(i, theirs[s]) for i, s in enumerate(names) if s in theirs]
-        ax.scatter([i for i, _ in marked], [v for _, v in marked], marker="_", s=600,
-                   color="black", label="paper", zorder=3)
+        ax.scatter(
+            [i for i, _ in marked],
+            [v for _, v in marked],
+            marker="_",
+            s=600,
+            color="black",
+            label="paper",
+            zorder=3,
+        )
         ax.legend(fontsize=8, loc="upper left")
-        ax.set_xticks(range(len(names)), [labels.get(s, s) for s in names], rotation=20,
-                      ha="right", fontsize=8)
+        ax.set_xticks(
+            range(len(names)),
+            [labels.get(s, s) for s in names],
+            rotation=20,
+            ha="right",
+            fontsize=8,
+        )
         ax.set_ylim(0, 105)
         ax.set_ylabel("judge accuracy (%)")
         ax.set_title(title, fontsize=10)
@@ -98,8 +128,12 @@ def qualitative_grid(rows: Sequence[GridRow], columns: Sequence[str], path: Path
     that was not run on a row's data set is left blank."""
     plt = _pyplot()
     size = max((c.shape[0] for r in rows for c in r.cells.values()), default=64)
-    fig, axes = plt.subplots(len(rows), len(columns) + 1, squeeze=False,
-                             figsize=(1.6 * (len(columns) + 1), 1.7 * len(rows)))
+    fig, axes = plt.subplots(
+        len(rows),
+        len(columns) + 1,
+        squeeze=False,
+        figsize=(1.6 * (len(columns) + 1), 1.7 * len(rows)),
+    )
     for i, row in enumerate(rows):
         axes[i][0].imshow(nearest_upscale(row.thumbnail, size), interpolation="nearest")
         axes[i][0].set_ylabel(row.label, fontsize=7)

@@ -37,23 +37,35 @@ def targets(t1: dict[str, Any], t2: dict[str, Any], t3: dict[str, Any]) -> list[
     same = t1["rows"]["CelebA-Same"]["F"]["mean"]
     ours = t1["rows"]["Lookalike-Ours"]["F"]["mean"]
     return [
-        {"target": "race re-identification with the race objective ≥ 90%",
-         "ours": _pct(race["race"]), "met": race["race"] >= 0.9},
-        {"target": "race re-identification with both objectives above either alone",
-         "ours": f"{_pct(race['identity+race'])} vs {_pct(race['identity-f'])} (identity), "
-                 f"{_pct(race['race'])} (race)",
-         "met": race["identity+race"] > max(race["identity-f"], race["race"])},
-        {"target": "attribute re-identification with the attribute objective ≥ 95%",
-         "ours": _pct(t3["rows"]["attributes"]["average"]),
-         "met": t3["rows"]["attributes"]["average"] >= 0.95},
-        {"target": "Lookalike-Ours mean angle under F below CelebA-Same's",
-         "ours": f"{ours:.1f}° vs {same:.1f}°", "met": ours < same},
+        {
+            "target": "race re-identification with the race objective ≥ 90%",
+            "ours": _pct(race["race"]),
+            "met": race["race"] >= 0.9,
+        },
+        {
+            "target": "race re-identification with both objectives above either alone",
+            "ours": f"{_pct(race['identity+race'])} vs {_pct(race['identity-f'])} (identity), "
+            f"{_pct(race['race'])} (race)",
+            "met": race["identity+race"] > max(race["identity-f"], race["race"]),
+        },
+        {
+            "target": "attribute re-identification with the attribute objective ≥ 95%",
+            "ours": _pct(t3["rows"]["attributes"]["average"]),
+            "met": t3["rows"]["attributes"]["average"] >= 0.95,
+        },
+        {
+            "target": "Lookalike-Ours mean angle under F below CelebA-Same's",
+            "ours": f"{ours:.1f}° vs {same:.1f}°",
+            "met": ours < same,
+        },
     ]
 
 
 def target_lines(checks: list[dict[str, Any]]) -> list[str]:
-    return _table(["target", "ours", "met"],
-                  [[c["target"], c["ours"], "yes" if c["met"] else "**no**"] for c in checks])
+    return _table(
+        ["target", "ours", "met"],
+        [[c["target"], c["ours"], "yes" if c["met"] else "**no**"] for c in checks],
+    )
 
 
 def write_results(results: dict[str, Any], path: Path) -> None:
@@ -82,50 +94,111 @@ def table1_lines(t1: dict[str, Any]) -> list[str]:
     for pair in PAIR_TYPES:
         ours = t1["rows"][pair]
         p = paper["rows"][pair]
-        rows.append([pair, str(ours["F0"]["n"]), _deg(ours["F0"]), _deg(ours["F"]),
-                     f"{p['F0'][0]} ± {p['F0'][1]}", f"{p['F'][0]} ± {p['F'][1]}"])
+        rows.append(
+            [
+                pair,
+                str(ours["F0"]["n"]),
+                _deg(ours["F0"]),
+                _deg(ours["F"]),
+                f"{p['F0'][0]} ± {p['F0'][1]}",
+                f"{p['F'][0]} ± {p['F'][1]}",
+            ]
+        )
     lines = _table(["pairs", "N", "F0 (ours)", "F (ours)", "F0 (paper)", "F (paper)"], rows)
-    lines += ["", "One threshold θ for same / different person; lookalike pairs count as "
-              "different. Opt 1: θ fitted on CelebA Same + Diff only; Opt 2: fitted on Same + "
-              "Diff + Lookalike-Baseline.", ""]
+    lines += [
+        "",
+        "One threshold θ for same / different person; lookalike pairs count as "
+        "different. Opt 1: θ fitted on CelebA Same + Diff only; Opt 2: fitted on Same + "
+        "Diff + Lookalike-Baseline.",
+        "",
+    ]
     rows = []
     for opt, label in (("opt1", "Opt 1"), ("opt2", "Opt 2")):
         for ext in ("F0", "F"):
             o = t1["thresholds"][ext][opt]
             p = paper["thresholds"][ext][opt]
-            rows.append([label, ext, f"{o['threshold_deg']:.1f}°", _pct(o["same_diff_accuracy"]),
-                         _pct(o["lookalike_baseline_accuracy"]), f"{p[0]}%", f"{p[1]}%"])
-    return lines + _table(["fit", "extractor", "θ", "Same+Diff (ours)",
-                           "Lookalike-Baseline (ours)", "Same+Diff (paper)",
-                           "Lookalike-Baseline (paper)"], rows)
+            rows.append(
+                [
+                    label,
+                    ext,
+                    f"{o['threshold_deg']:.1f}°",
+                    _pct(o["same_diff_accuracy"]),
+                    _pct(o["lookalike_baseline_accuracy"]),
+                    f"{p[0]}%",
+                    f"{p[1]}%",
+                ]
+            )
+    return lines + _table(
+        [
+            "fit",
+            "extractor",
+            "θ",
+            "Same+Diff (ours)",
+            "Lookalike-Baseline (ours)",
+            "Same+Diff (paper)",
+            "Lookalike-Baseline (paper)",
+        ],
+        rows,
+    )
 
 
 def table2_lines(t2: dict[str, Any], labels: dict[str, str], photo: dict[str, Any]) -> list[str]:
     races = list(t2["n_per_race"])
-    header = ["strategy", "overall (ours)", *[f"{r} (n={t2['n_per_race'][r]})" for r in races],
-              "overall (paper)"]
+    header = [
+        "strategy",
+        "overall (ours)",
+        *[f"{r} (n={t2['n_per_race'][r]})" for r in races],
+        "overall (paper)",
+    ]
     rows = []
     for strategy, r in t2["rows"].items():
         paper = PAPER["table2"].get(strategy)
-        rows.append([labels[strategy], _pct(r["overall"]),
-                     *[_pct(r["per_race"][x]) for x in races],
-                     "–" if paper is None else f"{paper}%"])
-    rows.append(["*the held-out photo itself (the judge on real photos)*", _pct(photo["overall"]),
-                 *[_pct(photo["per_race"][x]) for x in races], "–"])
+        rows.append(
+            [
+                labels[strategy],
+                _pct(r["overall"]),
+                *[_pct(r["per_race"][x]) for x in races],
+                "–" if paper is None else f"{paper}%",
+            ]
+        )
+    rows.append(
+        [
+            "*the held-out photo itself (the judge on real photos)*",
+            _pct(photo["overall"]),
+            *[_pct(photo["per_race"][x]) for x in races],
+            "–",
+        ]
+    )
     return _table(header, rows)
 
 
 def table3_lines(t3: dict[str, Any], labels: dict[str, str], photo: dict[str, Any]) -> list[str]:
     attrs = list(t3["positives"])
-    header = ["strategy", *[f"{a} ({t3['positives'][a]}/{t3['n']} positive)" for a in attrs],
-              "average (ours)", "average (paper)"]
+    header = [
+        "strategy",
+        *[f"{a} ({t3['positives'][a]}/{t3['n']} positive)" for a in attrs],
+        "average (ours)",
+        "average (paper)",
+    ]
     rows = []
     for strategy, r in t3["rows"].items():
         paper = PAPER["table3"].get(strategy)
-        rows.append([labels[strategy], *[_pct(r["per_attribute"][a]) for a in attrs],
-                     _pct(r["average"]), "–" if paper is None else f"{paper}%"])
-    rows.append(["*the held-out photo itself (the judge on real photos)*",
-                 *[_pct(photo["per_attribute"][a]) for a in attrs], _pct(photo["average"]), "–"])
+        rows.append(
+            [
+                labels[strategy],
+                *[_pct(r["per_attribute"][a]) for a in attrs],
+                _pct(r["average"]),
+                "–" if paper is None else f"{paper}%",
+            ]
+        )
+    rows.append(
+        [
+            "*the held-out photo itself (the judge on real photos)*",
+            *[_pct(photo["per_attribute"][a]) for a in attrs],
+            _pct(photo["average"]),
+            "–",
+        ]
+    )
     return _table(header, rows)
 
 
@@ -133,30 +206,54 @@ def search_lines(searches: dict[str, dict[str, Any]], labels: dict[str, str]) ->
     rows = []
     for key, s in searches.items():
         dataset, strategy = key.split("/", 1)
-        rows.append([dataset, labels[strategy], str(s["n"]), _pct(s["accepted"]),
-                     f"{s['mean_mse']:.4f}", f"{s['search_seconds']:.0f}",
-                     f"{s['cached_batches']}/{s['batches']}"])
-    return _table(["data set", "strategy", "N", "accepted", "mean downscale MSE",
-                   "search time (s)", "batches read from the cache"], rows)
+        rows.append(
+            [
+                dataset,
+                labels[strategy],
+                str(s["n"]),
+                _pct(s["accepted"]),
+                f"{s['mean_mse']:.4f}",
+                f"{s['search_seconds']:.0f}",
+                f"{s['cached_batches']}/{s['batches']}",
+            ]
+        )
+    return _table(
+        [
+            "data set",
+            "strategy",
+            "N",
+            "accepted",
+            "mean downscale MSE",
+            "search time (s)",
+            "batches read from the cache",
+        ],
+        rows,
+    )
 
 
 def _weights(w: dict[str, Any]) -> str:
     views = w.get("views", 1)
-    seen = ("F sees each candidate once" if views == 1 else
-            f"each term is averaged over {views} views of the candidate, the plain crop and "
-            f"{views - 1} randomly shifted, scaled, rotated, mirrored and blurred ones")
-    return (f"identity {w['identity']}, race {w['race']}, attributes {w['attributes']}, "
-            f"τ {w['temperature_deg']}°; {seen}; a candidate whose final race or attribute "
-            f"loss exceeds {w['max_class_loss']} is rejected")
+    seen = (
+        "F sees each candidate once"
+        if views == 1
+        else f"each term is averaged over {views} views of the candidate, the plain crop and "
+        f"{views - 1} randomly shifted, scaled, rotated, mirrored and blurred ones"
+    )
+    return (
+        f"identity {w['identity']}, race {w['race']}, attributes {w['attributes']}, "
+        f"τ {w['temperature_deg']}°; {seen}; a candidate whose final race or attribute "
+        f"loss exceeds {w['max_class_loss']} is rejected"
+    )
 
 
 def write_readme(results: dict[str, Any], path: Path) -> None:
     c = results["config"]
     labels = results["strategy_labels"]
     t1, t2, t3 = results["table1"], results["table2"], results["table3"]
-    weights = _table(["role", "name", "sha256 (prefix)"],
-                     [[w["role"], f"`{w['name']}`", f"`{w['sha256'][:12]}`"]
-                      for w in results["weights"]])
+    weights = _table(
+        ["role", "name", "sha256 (prefix)"],
+        [[w["role"], f"`{w['name']}`", f"`{w['sha256'][:12]}`"] for w in results["weights"]],
+    )
     lines = [
         "# Evaluation: the paper's Tables 1–3 at our scale",
         "",

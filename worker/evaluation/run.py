@@ -45,8 +45,14 @@ from worker.training.extractor.measures import same_diff_pairs
 
 GRID_ROWS = 3  # per data set
 # The grid's columns: strategy name → column title.
-GRID_COLUMNS = {"none": "PULSE", "identity-f0": "identity (F0)", "identity-f": "identity (F)",
-                "race": "race", "attributes": "attributes", "identity+race": "identity + race"}
+GRID_COLUMNS = {
+    "none": "PULSE",
+    "identity-f0": "identity (F0)",
+    "identity-f": "identity (F)",
+    "race": "race",
+    "attributes": "attributes",
+    "identity+race": "identity + race",
+}
 
 Log = Callable[[str], None]
 
@@ -62,9 +68,16 @@ def progress_bar(enabled: bool) -> Any:
         TimeRemainingColumn,
     )
 
-    return Progress(TextColumn("evaluate"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("search steps {task.fields[status]}"), TimeElapsedColumn(),
-                    TimeRemainingColumn(), console=Console(stderr=True), disable=not enabled)
+    return Progress(
+        TextColumn("evaluate"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("search steps {task.fields[status]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        disable=not enabled,
+    )
 
 
 def landmark_cache(config: EvalConfig) -> Path:
@@ -77,12 +90,14 @@ def landmark_cache(config: EvalConfig) -> Path:
 
 def steering_settings(config: EvalConfig) -> ObjectiveWeights:
     """The steered searches' settings: ObjectiveWeights' defaults but for the options given."""
-    return ObjectiveWeights(**{STEERING_OPTIONS[k]: v
-                               for k, v in config.objective_options().items()})
+    return ObjectiveWeights(
+        **{STEERING_OPTIONS[k]: v for k, v in config.objective_options().items()}
+    )
 
 
-def run_searches(models: Models, config: EvalConfig, plan: list[tuple[Samples, Strategy]],
-                 progress: bool) -> dict[tuple[str, str], Outputs]:
+def run_searches(
+    models: Models, config: EvalConfig, plan: list[tuple[Samples, Strategy]], progress: bool
+) -> dict[tuple[str, str], Outputs]:
     total = sum(math.ceil(len(s) / config.batch) * config.steps for s, _ in plan)
     outputs = {}
     with progress_bar(progress) as bar:
@@ -93,13 +108,22 @@ def run_searches(models: Models, config: EvalConfig, plan: list[tuple[Samples, S
 
         for samples, strategy in plan:
             outputs[samples.dataset, strategy.name] = run_strategy(
-                models, samples, strategy, config.steps, config.restarts, config.batch,
-                config.cache, on_progress, steering_settings(config))
+                models,
+                samples,
+                strategy,
+                config.steps,
+                config.restarts,
+                config.batch,
+                config.cache,
+                on_progress,
+                steering_settings(config),
+            )
     return outputs
 
 
-def table1_angles(models: Models, celeba: Samples, outputs: dict[tuple[str, str], Outputs],
-                  seed: int) -> dict[str, dict[str, np.ndarray]]:
+def table1_angles(
+    models: Models, celeba: Samples, outputs: dict[tuple[str, str], Outputs], seed: int
+) -> dict[str, dict[str, np.ndarray]]:
     """Per extractor, the angles of Table 1's five pair types (degrees)."""
     n = len(celeba)
     # Photos interleaved as I_1, I'_1, I_2, I'_2, …: same_diff_pairs then gives exactly
@@ -111,8 +135,9 @@ def table1_angles(models: Models, celeba: Samples, outputs: dict[tuple[str, str]
         photos = embed(extractor, celeba.photos)
         both = torch.stack([photos, embed(extractor, celeba.references)], 1).flatten(0, 1)
 
-        def to_photo(strategy: str, photos: torch.Tensor = photos,
-                     extractor: Any = extractor) -> np.ndarray:
+        def to_photo(
+            strategy: str, photos: torch.Tensor = photos, extractor: Any = extractor
+        ) -> np.ndarray:
             return angles_deg(photos, embed(extractor, outputs["celebahq", strategy].images))
 
         result[name] = {
@@ -125,14 +150,17 @@ def table1_angles(models: Models, celeba: Samples, outputs: dict[tuple[str, str]
     return result
 
 
-def grid_rows(celeba: Samples, utk: Samples, outputs: dict[tuple[str, str], Outputs]
-              ) -> list[GridRow]:
+def grid_rows(
+    celeba: Samples, utk: Samples, outputs: dict[tuple[str, str], Outputs]
+) -> list[GridRow]:
     rows = []
     for samples, label in ((celeba, "CelebA-HQ"), (utk, "UTKFace")):
         for i in range(min(GRID_ROWS, len(samples))):
-            cells = {GRID_COLUMNS[strategy]: to_pixels(out.images[i])
-                     for (dataset, strategy), out in outputs.items()
-                     if dataset == samples.dataset}
+            cells = {
+                GRID_COLUMNS[strategy]: to_pixels(out.images[i])
+                for (dataset, strategy), out in outputs.items()
+                if dataset == samples.dataset
+            }
             rows.append(GridRow(f"{label} #{i + 1}", samples.thumbnails[i], cells))
     return rows
 
@@ -179,59 +207,84 @@ def evaluate(config: EvalConfig, *, progress: bool = True, log: Log = print) -> 
     device = pick_device(config.device)
     models = load_models(config, device)
     celeba = celeba_samples(config.data_root / "celebahq", config.celeba, THUMBNAIL, config.seed)
-    utk = utkface_samples(config.data_root / "utkface", config.utkface, THUMBNAIL, config.seed,
-                          landmark_cache(config))
+    utk = utkface_samples(
+        config.data_root / "utkface", config.utkface, THUMBNAIL, config.seed, landmark_cache(config)
+    )
     for samples, wanted in ((celeba, config.celeba), (utk, config.utkface)):
         if len(samples) < wanted:
-            log(f"note: only {len(samples)} held-out {samples.dataset} samples qualify "
-                f"({wanted} requested)")
-    plan = ([(celeba, s) for s in CELEBA_STRATEGIES] + [(utk, s) for s in UTKFACE_STRATEGIES])
+            log(
+                f"note: only {len(samples)} held-out {samples.dataset} samples qualify "
+                f"({wanted} requested)"
+            )
+    plan = [(celeba, s) for s in CELEBA_STRATEGIES] + [(utk, s) for s in UTKFACE_STRATEGIES]
     outputs = run_searches(models, config, plan, progress)
     log("scoring the outputs with F0, F and the judges")
 
     angles = table1_angles(models, celeba, outputs, config.seed)
     t1 = table1(angles)
-    race_pred = {s.name: race_predictions(models.race_judge, outputs["utkface", s.name].images)
-                 for s in UTKFACE_STRATEGIES}
+    race_pred = {
+        s.name: race_predictions(models.race_judge, outputs["utkface", s.name].images)
+        for s in UTKFACE_STRATEGIES
+    }
     t2 = table2(race_pred, utk.labels, UTKFACE_RACES)
-    photo_race = table2({"photo": race_predictions(models.race_judge, utk.photos)},
-                        utk.labels, UTKFACE_RACES)["rows"]["photo"]
-    attr_pred = {s.name: attribute_predictions(models.attribute_judge,
-                                               outputs["celebahq", s.name].images,
-                                               TABLE3_ATTRIBUTES)
-                 for s in CELEBA_STRATEGIES}
+    photo_race = table2(
+        {"photo": race_predictions(models.race_judge, utk.photos)}, utk.labels, UTKFACE_RACES
+    )["rows"]["photo"]
+    attr_pred = {
+        s.name: attribute_predictions(
+            models.attribute_judge, outputs["celebahq", s.name].images, TABLE3_ATTRIBUTES
+        )
+        for s in CELEBA_STRATEGIES
+    }
     t3 = table3(attr_pred, celeba.labels, TABLE3_ATTRIBUTES)
-    photo_attr = table3({"photo": attribute_predictions(models.attribute_judge, celeba.photos,
-                                                        TABLE3_ATTRIBUTES)},
-                        celeba.labels, TABLE3_ATTRIBUTES)["rows"]["photo"]
+    photo_attr = table3(
+        {"photo": attribute_predictions(models.attribute_judge, celeba.photos, TABLE3_ATTRIBUTES)},
+        celeba.labels,
+        TABLE3_ATTRIBUTES,
+    )["rows"]["photo"]
 
     labels = {s.name: s.label for s in (*CELEBA_STRATEGIES, *UTKFACE_STRATEGIES)}
-    searches = {f"{d}/{s}": {"n": len(o.accepted), "accepted": float(np.mean(o.accepted)),
-                             "mean_mse": float(np.mean(o.mse)),
-                             "search_seconds": o.search_seconds, "batches": o.batches,
-                             "cached_batches": o.cached_batches}
-                for (d, s), o in outputs.items()}
+    searches = {
+        f"{d}/{s}": {
+            "n": len(o.accepted),
+            "accepted": float(np.mean(o.accepted)),
+            "mean_mse": float(np.mean(o.mse)),
+            "search_seconds": o.search_seconds,
+            "batches": o.batches,
+            "cached_batches": o.cached_batches,
+        }
+        for (d, s), o in outputs.items()
+    }
     weights = steering_settings(config).model_dump()
     weights.pop("threshold_deg")  # each extractor brings its own
     results: dict[str, Any] = {
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "command": config.command(),
         "config": {**config.model_dump(mode="json"), "thumbnail": THUMBNAIL},
-        "device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "device": str(device),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
         "resolution": models.resolution,
         "weights": [dataclasses.asdict(w) for w in models.weights],
         "objective_weights": weights,
         "thresholds_deg": {"F": models.f_threshold, "F0": models.f0_threshold},
         "samples": {
             "celebahq": {"n": len(celeba), "requested": config.celeba},
-            "utkface": {"n": len(utk), "requested": config.utkface,
-                        "skipped_no_face": utk.skipped, "per_race": t2["n_per_race"]},
+            "utkface": {
+                "n": len(utk),
+                "requested": config.utkface,
+                "skipped_no_face": utk.skipped,
+                "per_race": t2["n_per_race"],
+            },
         },
         "strategy_labels": labels,
         "table1": t1,
-        "angles": {ext: {pair: a.round(3).tolist() for pair, a in by_pair.items()}
-                   for ext, by_pair in angles.items()},
-        "table2": t2, "table3": t3,
+        "angles": {
+            ext: {pair: a.round(3).tolist() for pair, a in by_pair.items()}
+            for ext, by_pair in angles.items()
+        },
+        "table2": t2,
+        "table3": t3,
         "targets": targets(t1, t2, t3),
         "photo_judges": {"race": photo_race, "attributes": photo_attr},
         "searches": searches,
@@ -240,11 +293,15 @@ def evaluate(config: EvalConfig, *, progress: bool = True, log: Log = print) -> 
         "notes": notes(models, celeba, utk),
     }
     config.out.mkdir(parents=True, exist_ok=True)
-    angle_histograms(angles, {ext: t1["thresholds"][ext]["opt1"]["threshold_deg"]
-                              for ext in angles}, config.out / "angles.png")
+    angle_histograms(
+        angles,
+        {ext: t1["thresholds"][ext]["opt1"]["threshold_deg"] for ext in angles},
+        config.out / "angles.png",
+    )
     reidentification_bars(t2, t3, labels, PAPER, config.out / "reidentification.png")
-    qualitative_grid(grid_rows(celeba, utk, outputs), list(GRID_COLUMNS.values()),
-                     config.out / "grid.png")
+    qualitative_grid(
+        grid_rows(celeba, utk, outputs), list(GRID_COLUMNS.values()), config.out / "grid.png"
+    )
     results["seconds"] = time.perf_counter() - started
     write_results(results, config.out / "results.json")
     write_readme(results, config.out / "README.md")

@@ -82,28 +82,43 @@ def celeba_samples(root: Path, count: int, thumbnail: int, seed: int) -> Samples
     photos_of: dict[str, list[str]] = defaultdict(list)
     for name in members(root / "labels.csv", "test"):
         photos_of[rows[name]["identity"]].append(name)
-    people = sorted((p for p, names in photos_of.items() if len(names) >= 2),
-                    key=lambda p: (unit_hash(p, ORDER_SALT), p))[:count]
+    people = sorted(
+        (p for p, names in photos_of.items() if len(names) >= 2),
+        key=lambda p: (unit_hash(p, ORDER_SALT), p),
+    )[:count]
     if len(people) < 2:
-        raise LikenessError("data_not_found", f"{root} has {len(people)} held-out people with "
-                            "two or more photos; Table 1 needs at least 2", status=404)
+        raise LikenessError(
+            "data_not_found",
+            f"{root} has {len(people)} held-out people with "
+            "two or more photos; Table 1 needs at least 2",
+            status=404,
+        )
     pairs = [sorted(photos_of[p])[:2] for p in people]
     names, refs = [a for a, _ in pairs], [b for _, b in pairs]
     photos = read_images(root / "images.zip", names)
     missing = [a for a in TABLE3_ATTRIBUTES if a not in rows[names[0]]]
     if missing:
-        raise LikenessError("data_not_found", f"{root / 'labels.csv'} lacks the attribute "
-                            f"columns {', '.join(missing)}", status=404)
+        raise LikenessError(
+            "data_not_found",
+            f"{root / 'labels.csv'} lacks the attribute columns {', '.join(missing)}",
+            status=404,
+        )
     return Samples(
-        dataset="celebahq", names=names, reference_names=refs, identities=people,
-        photos=photos, references=read_images(root / "images.zip", refs),
+        dataset="celebahq",
+        names=names,
+        reference_names=refs,
+        identities=people,
+        photos=photos,
+        references=read_images(root / "images.zip", refs),
         thumbnails=make_thumbnails(photos, thumbnail),
         seeds=[thumbnail_seed(seed, "celebahq", n) for n in names],
-        labels=np.array([[int(rows[n][a]) for a in TABLE3_ATTRIBUTES] for n in names]))
+        labels=np.array([[int(rows[n][a]) for a in TABLE3_ATTRIBUTES] for n in names]),
+    )
 
 
-def utkface_samples(root: Path, count: int, thumbnail: int, seed: int,
-                    landmark_cache: Path) -> Samples:
+def utkface_samples(
+    root: Path, count: int, thumbnail: int, seed: int, landmark_cache: Path
+) -> Samples:
     """``count`` held-out UTKFace images, as race-balanced as the split allows (the paper
     used FairFace, which is balanced); each image is its own reference photo.
 
@@ -141,13 +156,24 @@ def utkface_samples(root: Path, count: int, thumbnail: int, seed: int,
     # interleave the races, so every batch and the grid's first rows mix them
     picked = [g[i] for i in range(max(map(len, chosen), default=0)) for g in chosen if i < len(g)]
     if not picked:
-        raise LikenessError("data_not_found", f"no held-out UTKFace image in {root} has a face "
-                            "MTCNN finds", status=404)
+        raise LikenessError(
+            "data_not_found",
+            f"no held-out UTKFace image in {root} has a face MTCNN finds",
+            status=404,
+        )
     names = [n for n, _ in picked]
-    photos = to_ffhq_frame(read_images(root / "images.zip", names),
-                           torch.stack([lm for _, lm in picked]))
+    photos = to_ffhq_frame(
+        read_images(root / "images.zip", names), torch.stack([lm for _, lm in picked])
+    )
     return Samples(
-        dataset="utkface", names=names, reference_names=list(names), identities=list(names),
-        photos=photos, references=photos, thumbnails=make_thumbnails(photos, thumbnail),
+        dataset="utkface",
+        names=names,
+        reference_names=list(names),
+        identities=list(names),
+        photos=photos,
+        references=photos,
+        thumbnails=make_thumbnails(photos, thumbnail),
         seeds=[thumbnail_seed(seed, "utkface", n) for n in names],
-        labels=np.array([race[n] for n in names]), skipped=skipped)
+        labels=np.array([race[n] for n in names]),
+        skipped=skipped,
+    )

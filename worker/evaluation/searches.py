@@ -54,8 +54,9 @@ IDENTITY_F0 = Strategy("identity-f0", "identity objective with F0", "f0", identi
 IDENTITY_F = Strategy("identity-f", "identity objective with F", "f", identity=True)
 ATTRIBUTES = Strategy("attributes", "attribute objective (five at once)", "f", attributes=True)
 RACE = Strategy("race", "race objective", "f", race=True)
-IDENTITY_RACE = Strategy("identity+race", "identity and race objectives", "f",
-                         identity=True, race=True)
+IDENTITY_RACE = Strategy(
+    "identity+race", "identity and race objectives", "f", identity=True, race=True
+)
 CELEBA_STRATEGIES = (NONE, IDENTITY_F0, IDENTITY_F, ATTRIBUTES)
 UTKFACE_STRATEGIES = (NONE, IDENTITY_F, RACE, IDENTITY_RACE)
 
@@ -80,26 +81,40 @@ def search_config(models: Models, steps: int, restarts: int) -> SearchConfig:
     return models.generator.search_config(steps=steps, restarts=restarts)
 
 
-def _targets(strategy: Strategy, samples: Samples, rows: Sequence[int]
-             ) -> tuple[list[str | None], list[dict[str, int]]]:
+def _targets(
+    strategy: Strategy, samples: Samples, rows: Sequence[int]
+) -> tuple[list[str | None], list[dict[str, int]]]:
     races: list[str | None] = [None] * len(rows)
     attrs: list[dict[str, int]] = [{} for _ in rows]
     if strategy.race:
         races = [UTKFACE_RACES[int(samples.labels[i])] for i in rows]
     if strategy.attributes:
-        attrs = [{a: int(v) for a, v in zip(TABLE3_ATTRIBUTES, samples.labels[i], strict=True)}
-                 for i in rows]
+        attrs = [
+            {a: int(v) for a, v in zip(TABLE3_ATTRIBUTES, samples.labels[i], strict=True)}
+            for i in rows
+        ]
     return races, attrs
 
 
-def batch_key(models: Models, samples: Samples, rows: Sequence[int], strategy: Strategy,
-              config: SearchConfig, weights: ObjectiveWeights | None = None) -> str:
+def batch_key(
+    models: Models,
+    samples: Samples,
+    rows: Sequence[int],
+    strategy: Strategy,
+    config: SearchConfig,
+    weights: ObjectiveWeights | None = None,
+) -> str:
     """sha256 of everything the batch's outputs depend on."""
     races, attrs = _targets(strategy, samples, rows)
     spec: dict[str, Any] = {
-        "version": CACHE_VERSION, "strategy": strategy.name, "dataset": samples.dataset,
-        "generator": models.generator.sha256, "search": config.model_dump(mode="json"),
-        "seeds": [samples.seeds[i] for i in rows], "races": races, "attributes": attrs,
+        "version": CACHE_VERSION,
+        "strategy": strategy.name,
+        "dataset": samples.dataset,
+        "generator": models.generator.sha256,
+        "search": config.model_dump(mode="json"),
+        "seeds": [samples.seeds[i] for i in rows],
+        "races": races,
+        "attributes": attrs,
         "device": models.device.type,
     }
     if strategy.extractor is not None:
@@ -120,9 +135,13 @@ def with_threshold(weights: ObjectiveWeights | None, theta: float) -> ObjectiveW
     return (weights or ObjectiveWeights()).model_copy(update={"threshold_deg": theta})
 
 
-def strategy_objective(models: Models, samples: Samples, rows: Sequence[int],
-                       strategy: Strategy, weights: ObjectiveWeights | None = None
-                       ) -> Objective | None:
+def strategy_objective(
+    models: Models,
+    samples: Samples,
+    rows: Sequence[int],
+    strategy: Strategy,
+    weights: ObjectiveWeights | None = None,
+) -> Objective | None:
     """The strategy's targets for these thumbnails, weighted by ``weights`` (default:
     ObjectiveWeights' documented defaults) with the extractor's own θ_t."""
     if strategy.extractor is None:
@@ -151,31 +170,50 @@ def _load(path: Path) -> dict[str, Any] | None:
         return None
 
 
-def search_batch(models: Models, samples: Samples, rows: Sequence[int], strategy: Strategy,
-                 config: SearchConfig, on_step: Callable[[SearchStep], None] | None,
-                 weights: ObjectiveWeights | None = None) -> dict[str, Any]:
+def search_batch(
+    models: Models,
+    samples: Samples,
+    rows: Sequence[int],
+    strategy: Strategy,
+    config: SearchConfig,
+    on_step: Callable[[SearchStep], None] | None,
+    weights: ObjectiveWeights | None = None,
+) -> dict[str, Any]:
     """One batched search through worker/pipeline.py (the worker's path): 8-bit outputs,
     acceptance, downscale MSE and the per-thumbnail reports."""
     started = time.perf_counter()
     objective = strategy_objective(models, samples, rows, strategy, weights)
-    results = run_upscale(models.generator, list(samples.thumbnails[list(rows)]), config,
-                          on_step=on_step, seeds=[samples.seeds[i] for i in rows],
-                          objective=objective)
+    results = run_upscale(
+        models.generator,
+        list(samples.thumbnails[list(rows)]),
+        config,
+        on_step=on_step,
+        seeds=[samples.seeds[i] for i in rows],
+        objective=objective,
+    )
     return {
         "pixels": torch.from_numpy(np.stack([r.pixels for r in results])),
         "accepted": torch.tensor([bool(r.report["accepted"]) for r in results]),
-        "mse": torch.tensor([float(r.report["downscale_mse"]) for r in results],
-                            dtype=torch.float64),
+        "mse": torch.tensor(
+            [float(r.report["downscale_mse"]) for r in results], dtype=torch.float64
+        ),
         # JSON text: plain data that torch.load(weights_only=True) reads back as is
         "reports": json.dumps([r.report for r in results]),
         "seconds": time.perf_counter() - started,
     }
 
 
-def run_strategy(models: Models, samples: Samples, strategy: Strategy, steps: int,
-                 restarts: int, batch: int, cache: Path,
-                 on_progress: OnProgress | None = None,
-                 weights: ObjectiveWeights | None = None) -> Outputs:
+def run_strategy(
+    models: Models,
+    samples: Samples,
+    strategy: Strategy,
+    steps: int,
+    restarts: int,
+    batch: int,
+    cache: Path,
+    on_progress: OnProgress | None = None,
+    weights: ObjectiveWeights | None = None,
+) -> Outputs:
     """Every thumbnail of ``samples`` under ``strategy``, ``batch`` at a time; batches are
     fixed slices, so a larger N reuses the smaller run's batches. ``weights``: the
     objectives' settings (default: ObjectiveWeights' documented defaults)."""
@@ -195,6 +233,7 @@ def run_strategy(models: Models, samples: Samples, strategy: Strategy, steps: in
             if on_progress is not None:
                 on_progress(steps, f"{status} (cached)")
         else:
+
             def on_step(s: SearchStep, status: str = status) -> None:
                 if on_progress is not None:
                     on_progress(1, status)
@@ -210,4 +249,7 @@ def run_strategy(models: Models, samples: Samples, strategy: Strategy, steps: in
         mse=torch.cat([p["mse"] for p in parts]).numpy(),
         reports=[r for p in parts for r in json.loads(p["reports"])],
         search_seconds=float(sum(p["seconds"] for p in parts)),
-        batches=n_batches, cached_batches=cached, files=files)
+        batches=n_batches,
+        cached_batches=cached,
+        files=files,
+    )

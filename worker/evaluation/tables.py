@@ -15,7 +15,12 @@ from worker.engine.face.verification import best_angle_threshold, threshold_accu
 
 # Table 1's rows, in the paper's order.
 PAIR_TYPES: tuple[str, ...] = (
-    "CelebA-Same", "CelebA-Diff", "PULSE-Pairs", "Lookalike-Baseline", "Lookalike-Ours")
+    "CelebA-Same",
+    "CelebA-Diff",
+    "PULSE-Pairs",
+    "Lookalike-Baseline",
+    "Lookalike-Ours",
+)
 
 
 def angle_stats(angles: np.ndarray) -> dict[str, float | int]:
@@ -33,8 +38,7 @@ def threshold_options(angles: Mapping[str, np.ndarray]) -> dict[str, dict[str, f
     the lookalikes counted as different people (they only downscale alike). Each is
     scored on Same + Diff and on Lookalike-Baseline (the fraction called "different").
     """
-    same, diff, look = (angles["CelebA-Same"], angles["CelebA-Diff"],
-                        angles["Lookalike-Baseline"])
+    same, diff, look = (angles["CelebA-Same"], angles["CelebA-Diff"], angles["Lookalike-Baseline"])
     fits = {"opt1": (same, diff), "opt2": (same, np.concatenate([diff, look]))}
     out: dict[str, dict[str, float]] = {}
     for name, (fit_same, fit_diff) in fits.items():
@@ -51,8 +55,10 @@ def threshold_options(angles: Mapping[str, np.ndarray]) -> dict[str, dict[str, f
 def table1(angles: Mapping[str, Mapping[str, np.ndarray]]) -> dict[str, Any]:
     """``angles[extractor][pair type]`` (extractor "F0" or "F") → rows and thresholds."""
     return {
-        "rows": {pair: {ext: angle_stats(by_pair[pair]) for ext, by_pair in angles.items()}
-                 for pair in PAIR_TYPES},
+        "rows": {
+            pair: {ext: angle_stats(by_pair[pair]) for ext, by_pair in angles.items()}
+            for pair in PAIR_TYPES
+        },
         "thresholds": {ext: threshold_options(by_pair) for ext, by_pair in angles.items()},
     }
 
@@ -61,8 +67,9 @@ def accuracy(hits: np.ndarray) -> float | None:
     return float(np.mean(hits)) if len(hits) else None
 
 
-def table2(predicted: Mapping[str, np.ndarray], truth: np.ndarray,
-           races: Sequence[str]) -> dict[str, Any]:
+def table2(
+    predicted: Mapping[str, np.ndarray], truth: np.ndarray, races: Sequence[str]
+) -> dict[str, Any]:
     """Race re-identification: the judge's race of each output vs the photo's true race,
     overall and per race (None where the sample has no one of that race)."""
     truth = np.asarray(truth)
@@ -73,21 +80,30 @@ def table2(predicted: Mapping[str, np.ndarray], truth: np.ndarray,
             "overall": accuracy(hits),
             "per_race": {name: accuracy(hits[truth == r]) for r, name in enumerate(races)},
         }
-    return {"rows": rows, "n": len(truth),
-            "n_per_race": {name: int(np.sum(truth == r)) for r, name in enumerate(races)}}
+    return {
+        "rows": rows,
+        "n": len(truth),
+        "n_per_race": {name: int(np.sum(truth == r)) for r, name in enumerate(races)},
+    }
 
 
-def table3(predicted: Mapping[str, np.ndarray], truth: np.ndarray,
-           attributes: Sequence[str]) -> dict[str, Any]:
+def table3(
+    predicted: Mapping[str, np.ndarray], truth: np.ndarray, attributes: Sequence[str]
+) -> dict[str, Any]:
     """Attribute re-identification: the judge's 0/1 on each output vs the photo's label,
     per attribute and averaged over the attributes."""
     truth = np.asarray(truth)
     rows = {}
     for strategy, pred in predicted.items():
-        per = (np.asarray(pred) == truth).mean(0) if len(truth) else np.full(len(attributes),
-                                                                            np.nan)
-        rows[strategy] = {"per_attribute": {a: float(v) for a, v in zip(attributes, per,
-                                                                        strict=True)},
-                          "average": float(np.mean(per))}
-    return {"rows": rows, "n": len(truth),
-            "positives": {a: int(truth[:, j].sum()) for j, a in enumerate(attributes)}}
+        per = (
+            (np.asarray(pred) == truth).mean(0) if len(truth) else np.full(len(attributes), np.nan)
+        )
+        rows[strategy] = {
+            "per_attribute": {a: float(v) for a, v in zip(attributes, per, strict=True)},
+            "average": float(np.mean(per)),
+        }
+    return {
+        "rows": rows,
+        "n": len(truth),
+        "positives": {a: int(truth[:, j].sum()) for j, a in enumerate(attributes)},
+    }

@@ -63,12 +63,19 @@ def cached_landmarks(
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_name(cache.name + ".tmp")
         all_names = sorted(known)
-        torch.save({"names": all_names,
-                    "landmarks": torch.stack([known[n][0] for n in all_names]),
-                    "detected": torch.tensor([known[n][1] for n in all_names])}, tmp)
+        torch.save(
+            {
+                "names": all_names,
+                "landmarks": torch.stack([known[n][0] for n in all_names]),
+                "detected": torch.tensor([known[n][1] for n in all_names]),
+            },
+            tmp,
+        )
         os.replace(tmp, cache)
-    return (torch.stack([known[n][0] for n in names]),
-            torch.tensor([known[n][1] for n in names], dtype=torch.bool))
+    return (
+        torch.stack([known[n][0] for n in names]),
+        torch.tensor([known[n][1] for n in names], dtype=torch.bool),
+    )
 
 
 class AlignedFaces(Dataset[Item]):
@@ -78,8 +85,15 @@ class AlignedFaces(Dataset[Item]):
     is a function of the index keeps the data order a pure function of the sampler.
     """
 
-    def __init__(self, zip_path: Path, names: Sequence[str], targets: Tensor, landmarks: Tensor,
-                 template: Template, mirror: bool = False) -> None:
+    def __init__(
+        self,
+        zip_path: Path,
+        names: Sequence[str],
+        targets: Tensor,
+        landmarks: Tensor,
+        template: Template,
+        mirror: bool = False,
+    ) -> None:
         if not (len(names) == len(targets) == len(landmarks)):
             raise ValueError("names, targets and landmarks differ in length")
         self.zip_path, self.names, self.targets = zip_path, list(names), targets
@@ -116,6 +130,7 @@ def subset(names: list[str], limit: int | None, key: dict[str, str] | None = Non
     """
     if limit is None or len(names) <= limit:
         return names
+
     def order(n: str) -> tuple[float, str]:
         return (unit_hash(key[n] if key else n, "subset"), n)
 
@@ -131,8 +146,9 @@ def subset(names: list[str], limit: int | None, key: dict[str, str] | None = Non
 FFHQ_FRAMED_SETS = frozenset({"celebahq"})
 
 
-def _aligned(root: Path, names: list[str], targets: Tensor, template: Template, cache_dir: Path,
-             mirror: bool) -> AlignedFaces:
+def _aligned(
+    root: Path, names: list[str], targets: Tensor, template: Template, cache_dir: Path, mirror: bool
+) -> AlignedFaces:
     zip_path = root / "images.zip"
     if root.name in FFHQ_FRAMED_SETS:
         with zipfile.ZipFile(zip_path) as zf:
@@ -143,9 +159,15 @@ def _aligned(root: Path, names: list[str], targets: Tensor, template: Template, 
     return AlignedFaces(zip_path, names, targets, lms, template, mirror)
 
 
-def identity_faces(roots: Sequence[Path], split: Split, template: Template, cache_dir: Path,
-                   mirror: bool = False, min_images: int = 2,
-                   limit: int | None = None) -> tuple[AlignedFaces, ...]:
+def identity_faces(
+    roots: Sequence[Path],
+    split: Split,
+    template: Template,
+    cache_dir: Path,
+    mirror: bool = False,
+    min_images: int = 2,
+    limit: int | None = None,
+) -> tuple[AlignedFaces, ...]:
     """One identity-labelled set per root (CelebA-HQ, LFW), class ids contiguous across them.
 
     People with fewer than ``min_images`` photos are dropped: a class with one
@@ -168,16 +190,28 @@ def identity_faces(roots: Sequence[Path], split: Split, template: Template, cach
     return tuple(sets)
 
 
-def race_faces(root: Path, split: Split, template: Template, cache_dir: Path,
-               mirror: bool = False, limit: int | None = None) -> AlignedFaces:
+def race_faces(
+    root: Path,
+    split: Split,
+    template: Template,
+    cache_dir: Path,
+    mirror: bool = False,
+    limit: int | None = None,
+) -> AlignedFaces:
     rows = {r["file"]: r for r in read_rows(root / "labels.csv")}
     names = subset(members(root / "labels.csv", split), limit)
     targets = torch.tensor([int(rows[n]["race"]) for n in names], dtype=torch.long)
     return _aligned(root, names, targets, template, cache_dir, mirror)
 
 
-def attribute_faces(root: Path, split: Split, template: Template, cache_dir: Path,
-                    mirror: bool = False, limit: int | None = None) -> AlignedFaces:
+def attribute_faces(
+    root: Path,
+    split: Split,
+    template: Template,
+    cache_dir: Path,
+    mirror: bool = False,
+    limit: int | None = None,
+) -> AlignedFaces:
     rows = {r["file"]: r for r in read_rows(root / "labels.csv")}
     names = subset(members(root / "labels.csv", split), limit)
     targets = torch.tensor([[float(rows[n][a]) for a in CELEBA_ATTRIBUTES] for n in names])
@@ -196,8 +230,15 @@ class SyntheticFaces(Dataset[Item]):
     Every item is a pure function of (seed, index).
     """
 
-    def __init__(self, kind: str, count: int, classes: int, template: Template,
-                 seed: int = 0, attributes: int = len(CELEBA_ATTRIBUTES)) -> None:
+    def __init__(
+        self,
+        kind: str,
+        count: int,
+        classes: int,
+        template: Template,
+        seed: int = 0,
+        attributes: int = len(CELEBA_ATTRIBUTES),
+    ) -> None:
         self.kind, self.count, self.classes, self.seed = kind, count, classes, seed
         self.height, self.width, self.attributes = template.height, template.width, attributes
         self.targets = self._targets()
@@ -226,6 +267,7 @@ class SyntheticFaces(Dataset[Item]):
         base = torch.Generator().manual_seed(self.seed * 1_000_003 + cls)
         noise = torch.Generator().manual_seed(self.seed * 7_919 + 104_729 + index)
         pattern = torch.rand(3, 8, 8, generator=base)
-        x = torch.nn.functional.interpolate(pattern[None], size=(height, width),
-                                            mode="bilinear", align_corners=False)[0]
+        x = torch.nn.functional.interpolate(
+            pattern[None], size=(height, width), mode="bilinear", align_corners=False
+        )[0]
         return (x + 0.1 * torch.randn(x.shape, generator=noise)).clamp(0, 1)

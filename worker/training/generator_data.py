@@ -78,12 +78,17 @@ def plan_mix(data_root: Path, celeba: int, utkface_per_race: int) -> MixPlan:
     if utkface_per_race > 0:
         require_set(utk_root)
         race = {r["file"]: int(r["race"]) for r in read_rows(utk_root / "labels.csv")}
-        groups = [g[:utkface_per_race] for g in race_balanced_order(
-            members(utk_root / "labels.csv", "train"), race)]
+        groups = [
+            g[:utkface_per_race]
+            for g in race_balanced_order(members(utk_root / "labels.csv", "train"), race)
+        ]
     plan = MixPlan(names, groups)
     if plan.total == 0:
-        raise LikenessError("bad_data", "the mix is empty: ask for --celeba or "
-                            "--utkface-per-race above 0 (and check the data has a train split)")
+        raise LikenessError(
+            "bad_data",
+            "the mix is empty: ask for --celeba or "
+            "--utkface-per-race above 0 (and check the data has a train split)",
+        )
     return plan
 
 
@@ -98,8 +103,14 @@ def encode(image: torch.Tensor, size: int) -> bytes:
     return buf.getvalue()
 
 
-def write_framed(dst: zipfile.ZipFile, src: zipfile.ZipFile, src_path: Path,
-                 chunk: list[str], size: int, landmark_cache: Path) -> int:
+def write_framed(
+    dst: zipfile.ZipFile,
+    src: zipfile.ZipFile,
+    src_path: Path,
+    chunk: list[str],
+    size: int,
+    landmark_cache: Path,
+) -> int:
     """Warp the chips of ``chunk`` in which MTCNN finds a face into the FFHQ frame and
     store them as ``utkface/<name>``; returns how many it stored."""
     landmarks, found = cached_landmarks(src_path, chunk, landmark_cache)
@@ -112,8 +123,14 @@ def write_framed(dst: zipfile.ZipFile, src: zipfile.ZipFile, src_path: Path,
     return len(chosen)
 
 
-def write_mix(data_root: Path, out: Path, plan: MixPlan, size: int, landmark_cache: Path,
-              advance: Callable[[int], None] = lambda n: None) -> MixSummary:
+def write_mix(
+    data_root: Path,
+    out: Path,
+    plan: MixPlan,
+    size: int,
+    landmark_cache: Path,
+    advance: Callable[[int], None] = lambda n: None,
+) -> MixSummary:
     """Write ``plan`` as one zip of ``size``-px images in the FFHQ frame, members
     ``celebahq/<name>`` and ``utkface/<name>``, plus ``provenance.json``.
 
@@ -134,24 +151,32 @@ def write_mix(data_root: Path, out: Path, plan: MixPlan, size: int, landmark_cac
                         with Image.open(io.BytesIO(raw)) as image:
                             as_is = image.size == (size, size)
                         # photos already in the frame and at size are copied, not re-encoded
-                        dst.writestr(f"celebahq/{name}",
-                                     raw if as_is else encode(read_image(src, name), size))
+                        dst.writestr(
+                            f"celebahq/{name}",
+                            raw if as_is else encode(read_image(src, name), size),
+                        )
                         advance(1)
             utk_zip = data_root / "utkface" / "images.zip"
             with zipfile.ZipFile(utk_zip) if any(plan.utkface) else nullcontext() as src:
                 for race, group in zip(UTKFACE_RACES, plan.utkface, strict=True):
                     for at in range(0, len(group), CHUNK):
                         chunk = group[at : at + CHUNK]
-                        kept[race] += write_framed(dst, src, utk_zip, chunk, size,
-                                                   landmark_cache)
+                        kept[race] += write_framed(dst, src, utk_zip, chunk, size, landmark_cache)
                         advance(len(chunk))
             skipped = sum(map(len, plan.utkface)) - sum(kept.values())
             summary = MixSummary(
-                out=str(out), size=size, celeba=len(plan.celeba), utkface_per_race=kept,
-                skipped_no_face=skipped, seconds=round(time.monotonic() - start, 1),
-                sources={"celebahq": "train split of likeness/splits.py (salt likeness-v1)",
-                         "utkface": "train split, race-balanced, MTCNN-located and warped "
-                                    "into the FFHQ frame (worker/engine/face/ffhq_frame.py)"})
+                out=str(out),
+                size=size,
+                celeba=len(plan.celeba),
+                utkface_per_race=kept,
+                skipped_no_face=skipped,
+                seconds=round(time.monotonic() - start, 1),
+                sources={
+                    "celebahq": "train split of likeness/splits.py (salt likeness-v1)",
+                    "utkface": "train split, race-balanced, MTCNN-located and warped "
+                    "into the FFHQ frame (worker/engine/face/ffhq_frame.py)",
+                },
+            )
             dst.writestr(PROVENANCE_MEMBER, json.dumps(asdict(summary), indent=2))
         os.replace(tmp, out)
     finally:

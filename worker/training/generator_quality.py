@@ -80,8 +80,9 @@ def frechet_distance(a: Tensor | np.ndarray, b: Tensor | np.ndarray) -> float:
     vals, vecs = np.linalg.eigh(s_x)
     root_x = (vecs * np.sqrt(vals.clip(min=0))) @ vecs.T
     cross = np.linalg.eigvalsh(root_x @ s_y @ root_x).clip(min=0)
-    return float(((mu_x - mu_y) ** 2).sum() + np.trace(s_x) + np.trace(s_y)
-                 - 2 * np.sqrt(cross).sum())
+    return float(
+        ((mu_x - mu_y) ** 2).sum() + np.trace(s_x) + np.trace(s_y) - 2 * np.sqrt(cross).sum()
+    )
 
 
 def held_out_photos(dataset: Path, limit: int, one_per_person: bool) -> Tensor:
@@ -100,8 +101,9 @@ def held_out_photos(dataset: Path, limit: int, one_per_person: bool) -> Tensor:
         return torch.stack([read_image(zf, n) for n in names])
 
 
-def photo_embeddings(face: FaceExtractor, photos: Tensor, batch: int = 50,
-                     progress: Progress | None = None) -> Tensor:
+def photo_embeddings(
+    face: FaceExtractor, photos: Tensor, batch: int = 50, progress: Progress | None = None
+) -> Tensor:
     """``embeddings`` of many photos, a batch at a time."""
     out = []
     for chunk in photos.split(batch):
@@ -111,8 +113,14 @@ def photo_embeddings(face: FaceExtractor, photos: Tensor, batch: int = 50,
     return torch.cat(out)
 
 
-def sample_fd(G: Generator, face: FaceExtractor, reference: Tensor, count: int,
-              seed: int = 1, progress: Progress | None = None) -> float:
+def sample_fd(
+    G: Generator,
+    face: FaceExtractor,
+    reference: Tensor,
+    count: int,
+    seed: int = 1,
+    progress: Progress | None = None,
+) -> float:
     """FD between the embeddings of ``count`` random samples of G and ``reference`` (N, D)."""
     fake = []
     for images in samples(G, count, seed=seed):
@@ -122,9 +130,15 @@ def sample_fd(G: Generator, face: FaceExtractor, reference: Tensor, count: int,
     return frechet_distance(torch.cat(fake).cpu(), reference.cpu())
 
 
-def search_fit(G: Generator, fit: MappingFit, photos: Tensor, thumb: int = 16,
-               config: SearchConfig | None = None, batch: int = 8,
-               progress: Progress | None = None) -> dict[str, list[float] | list[bool]]:
+def search_fit(
+    G: Generator,
+    fit: MappingFit,
+    photos: Tensor,
+    thumb: int = 16,
+    config: SearchConfig | None = None,
+    batch: int = 8,
+    progress: Progress | None = None,
+) -> dict[str, list[float] | list[bool]]:
     """Search each photo's thumbnail (bicubic, PIL-exact) and report, per photo, the
     best downscale MSE, whether it is within eps, and MTCNN's face probability of the
     chosen face: a search that reaches eps by leaving the face manifold (too little

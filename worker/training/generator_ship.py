@@ -31,9 +31,15 @@ FIT_SAMPLES = 100_000
 QUALITY_MEASURES = ("face_rate", "fd", "search_fit")
 
 
-def ship_generator(run: Path, *, quality: dict[str, Any] | None = None, name: str = "generator",
-                   manifest_path: Path | None = None, half: bool = True,
-                   default: bool = True) -> WeightsEntry:
+def ship_generator(
+    run: Path,
+    *,
+    quality: dict[str, Any] | None = None,
+    name: str = "generator",
+    manifest_path: Path | None = None,
+    half: bool = True,
+    default: bool = True,
+) -> WeightsEntry:
     """``run`` is a train-generator folder (checkpoint.pt + g_ema.pt); ``quality``
     the JSON of bench/generator_quality.py for the shipped file, if measured.
 
@@ -53,27 +59,42 @@ def ship_generator(run: Path, *, quality: dict[str, Any] | None = None, name: st
         G.half().float()
     train = dict(_train_info(g_path))
     # before the file it started from (often dest itself) is overwritten
-    warm_start = _warm_start_provenance(train_config.get("init_generator"), manifest_path,
-                                        train_config)
+    warm_start = _warm_start_provenance(
+        train_config.get("init_generator"), manifest_path, train_config
+    )
     fit = fit_mapping(G, samples=FIT_SAMPLES, seed=int(train_config.get("seed", 0)))
     dest = manifest_path.parent / f"{name}.pt"
-    sha = save_generator(dest, G, latent_avg=mean_w(G, FIT_SAMPLES), mapping_fit=fit, half=half,
-                         extra={"train": train})
+    sha = save_generator(
+        dest,
+        G,
+        latent_avg=mean_w(G, FIT_SAMPLES),
+        mapping_fit=fit,
+        half=half,
+        extra={"train": train},
+    )
     if quality:
         _check_measured(quality, sha, dest)
     seconds = float(train.get("train_seconds", 0.0))
     entry = WeightsEntry(
-        name=name, kind="generator", file=dest.name, sha256=sha, default=default,
+        name=name,
+        kind="generator",
+        file=dest.name,
+        sha256=sha,
+        default=default,
         config=G.config.model_dump(mode="json") | {"dtype": "float16" if half else "float32"},
         provenance={
             "data": _data_provenance(train_config.get("data")),
             **warm_start,
             "objective": train_config.get("objective", "gan"),
-            "kimg": round(float(train.get("kimg", 0.0)), 2), "steps": train.get("step"),
-            "batch": train_config.get("batch"), "device_hours": round(seconds / 3600, 2),
-            "device_hours_by_type": {k: round(float(v) / 3600, 2)
-                                     for k, v in train.get("device_seconds", {}).items()},
-            "train_config": train_config, "command": "likeness train-generator",
+            "kimg": round(float(train.get("kimg", 0.0)), 2),
+            "steps": train.get("step"),
+            "batch": train_config.get("batch"),
+            "device_hours": round(seconds / 3600, 2),
+            "device_hours_by_type": {
+                k: round(float(v) / 3600, 2) for k, v in train.get("device_seconds", {}).items()
+            },
+            "train_config": train_config,
+            "command": "likeness train-generator",
         },
         metrics=_metrics(quality) if quality else {},
     )
@@ -81,8 +102,9 @@ def ship_generator(run: Path, *, quality: dict[str, Any] | None = None, name: st
     return entry
 
 
-def add_quality(name: str, quality: dict[str, Any], *,
-                manifest_path: Path | None = None) -> WeightsEntry:
+def add_quality(
+    name: str, quality: dict[str, Any], *, manifest_path: Path | None = None
+) -> WeightsEntry:
     """Put the measures of a report on an already shipped generator into its manifest
     entry (the run folder need not exist any more), beside the measures it has: a report
     of the search fit alone keeps the face rate and FD. The report must have measured
@@ -91,15 +113,20 @@ def add_quality(name: str, quality: dict[str, Any], *,
     entry = _generator_entry(name, manifest_path)
     _check_measured(quality, entry.sha256, entry_path(entry, manifest_path))
     # measures from before they carried their own date get the entry's
-    kept = {k: v | {"measured": v.get("measured", entry.metrics.get("measured"))}
-            if k in QUALITY_MEASURES else v for k, v in entry.metrics.items()}
+    kept = {
+        k: v | {"measured": v.get("measured", entry.metrics.get("measured"))}
+        if k in QUALITY_MEASURES
+        else v
+        for k, v in entry.metrics.items()
+    }
     updated = entry.model_copy(update={"metrics": kept | _metrics(quality)})
     register(updated, manifest_path)
     return updated
 
 
-def set_search(name: str, settings: dict[str, str], *, clear: bool = False,
-               manifest_path: Path | None = None) -> WeightsEntry:
+def set_search(
+    name: str, settings: dict[str, str], *, clear: bool = False, manifest_path: Path | None = None
+) -> WeightsEntry:
     """Store search settings (SearchConfig fields, values as text) measured to suit a
     generator in its manifest entry, on top of what it has unless ``clear``."""
     manifest_path = default_manifest(manifest_path)
@@ -129,8 +156,11 @@ def checked_search(base: dict[str, Any], settings: dict[str, str]) -> dict[str, 
 
     unknown = sorted(set(settings) - set(SearchConfig.model_fields))
     if unknown:
-        raise LikenessError("bad_option", f"not search settings: {', '.join(unknown)} (valid: "
-                            f"{', '.join(SearchConfig.model_fields)})")
+        raise LikenessError(
+            "bad_option",
+            f"not search settings: {', '.join(unknown)} (valid: "
+            f"{', '.join(SearchConfig.model_fields)})",
+        )
     merged = base | settings
     try:
         checked = SearchConfig.model_validate(merged)
@@ -141,8 +171,9 @@ def checked_search(base: dict[str, Any], settings: dict[str, str]) -> dict[str, 
 
 
 def _generator_entry(name: str, manifest_path: Path) -> WeightsEntry:
-    found = [e for e in load_manifest(manifest_path).models
-             if e.name == name and e.kind == "generator"]
+    found = [
+        e for e in load_manifest(manifest_path).models if e.name == name and e.kind == "generator"
+    ]
     if not found:
         raise LikenessError("unknown_weights", f"no generator named {name!r} in {manifest_path}")
     return found[0]
@@ -151,9 +182,11 @@ def _generator_entry(name: str, manifest_path: Path) -> WeightsEntry:
 def _check_measured(quality: dict[str, Any], sha: str, dest: Path) -> None:
     if quality.get("sha256") != sha:
         raise LikenessError(
-            "quality_mismatch", f"the quality report measured a file with sha256 "
+            "quality_mismatch",
+            f"the quality report measured a file with sha256 "
             f"{str(quality.get('sha256'))[:12]}…, not the shipped {sha[:12]}…: measure "
-            f"{dest} with bench/generator_quality.py and pass that report")
+            f"{dest} with bench/generator_quality.py and pass that report",
+        )
 
 
 def _data_provenance(data: str | None) -> str | dict[str, Any]:
@@ -168,12 +201,14 @@ def _data_provenance(data: str | None) -> str | dict[str, Any]:
                 made = json.loads(zf.read(PROVENANCE_MEMBER))
                 # where and how fast it was built say nothing about the weights
                 return {"built_by": "likeness prepare-generator-data"} | {
-                    k: v for k, v in made.items() if k not in ("out", "seconds")}
+                    k: v for k, v in made.items() if k not in ("out", "seconds")
+                }
     return f"{path.parent.name} train split (likeness/splits.py, salt likeness-v1)"
 
 
-def _warm_start_provenance(init: str | None, manifest_path: Path,
-                           train_config: dict[str, Any]) -> dict[str, Any]:
+def _warm_start_provenance(
+    init: str | None, manifest_path: Path, train_config: dict[str, Any]
+) -> dict[str, Any]:
     """A warm-started run inherits what its start had learned: name that file by its
     sha256 and keep its manifest provenance (the file itself is usually replaced)."""
     if init is None:
@@ -182,14 +217,23 @@ def _warm_start_provenance(init: str | None, manifest_path: Path,
     if not path.is_file():
         return {"init_generator": {"file": str(init)}}
     sha = sha256_file(path)
-    before = [e for e in load_manifest(manifest_path).models
-              if e.kind == "generator" and e.sha256 == sha] if manifest_path.is_file() else []
+    before = (
+        [
+            e
+            for e in load_manifest(manifest_path).models
+            if e.kind == "generator" and e.sha256 == sha
+        ]
+        if manifest_path.is_file()
+        else []
+    )
     if before and before[0].provenance.get("train_config") == train_config:
         # the start was overwritten by this very run's first ship (ship, measure, ship
         # again): what that ship recorded of the start still holds
         return {k: v for k, v in before[0].provenance.items() if k == "init_generator"}
-    return {"init_generator": {"file": path.name, "sha256": sha}
-            | ({"provenance": before[0].provenance} if before else {})}
+    return {
+        "init_generator": {"file": path.name, "sha256": sha}
+        | ({"provenance": before[0].provenance} if before else {})
+    }
 
 
 def _train_info(g_path: Path) -> dict[str, Any]:
@@ -203,8 +247,11 @@ def _metrics(quality: dict[str, Any]) -> dict[str, Any]:
     """The manifest keeps the headline numbers, the sizes and the day they were measured
     (the per-photo values stay in the report)."""
     date = quality.get("date")
-    return ({k: {f: v for f, v in quality[k].items() if f != "per_photo"} | {"measured": date}
-             for k in QUALITY_MEASURES if k in quality} | {"measured": date})
+    return {
+        k: {f: v for f, v in quality[k].items() if f != "per_photo"} | {"measured": date}
+        for k in QUALITY_MEASURES
+        if k in quality
+    } | {"measured": date}
 
 
 def read_quality(path: Path | None) -> dict[str, Any] | None:

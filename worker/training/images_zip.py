@@ -47,8 +47,13 @@ class ImagesZip(Dataset[Tensor]):
     across forked DataLoader workers would race on its file position.
     """
 
-    def __init__(self, path: str | Path, resolution: int,
-                 members: Sequence[str] | None = None, mirror: bool = False) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        resolution: int,
+        members: Sequence[str] | None = None,
+        mirror: bool = False,
+    ) -> None:
         self.path = Path(path)
         self.resolution = resolution
         self.mirror = mirror
@@ -64,8 +69,10 @@ class ImagesZip(Dataset[Tensor]):
             missing = [m for m in members if m not in present]
             if missing:
                 raise LikenessError(
-                    "bad_split", f"{len(missing)} listed members are not in {self.path.name}, "
-                    f"e.g. '{missing[0]}'")
+                    "bad_split",
+                    f"{len(missing)} listed members are not in {self.path.name}, "
+                    f"e.g. '{missing[0]}'",
+                )
             names = list(members)
         if not names:
             raise LikenessError("bad_data", f"{self.path} holds no images")
@@ -104,8 +111,9 @@ class SyntheticImages(Dataset[Tensor]):
     runs stay reproducible.
     """
 
-    def __init__(self, resolution: int, count: int = 256, seed: int = 0,
-                 mirror: bool = False) -> None:
+    def __init__(
+        self, resolution: int, count: int = 256, seed: int = 0, mirror: bool = False
+    ) -> None:
         self.resolution, self.count, self.seed, self.mirror = resolution, count, seed, mirror
 
     def __len__(self) -> int:
@@ -137,8 +145,9 @@ class StepSampler(Sampler[int]):
         self.size, self.seed, self.start = size, seed, start
 
     def _epoch(self, epoch: int) -> Tensor:
-        return torch.randperm(self.size, generator=torch.Generator().manual_seed(
-            self.seed * 1_000_003 + epoch))
+        return torch.randperm(
+            self.size, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        )
 
     def __iter__(self) -> Iterator[int]:
         epoch, offset = divmod(self.start, self.size)

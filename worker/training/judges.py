@@ -38,9 +38,11 @@ class Block(nn.Module):
         self.bn1 = nn.BatchNorm2d(cout)
         self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(cout)
-        self.skip = (nn.Identity() if stride == 1 and cin == cout else
-                     nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
-                                   nn.BatchNorm2d(cout)))
+        self.skip = (
+            nn.Identity()
+            if stride == 1 and cin == cout
+            else nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         y = F.relu(self.bn1(self.conv1(x)))
@@ -54,14 +56,21 @@ class JudgeNet(nn.Module):
     the arithmetic, which is what lets a judge train in minutes on a CPU.
     """
 
-    def __init__(self, labels: Sequence[str], widths: Sequence[int] = (32, 64, 128, 256),
-                 stem_stride: int = 2) -> None:
+    def __init__(
+        self,
+        labels: Sequence[str],
+        widths: Sequence[int] = (32, 64, 128, 256),
+        stem_stride: int = 2,
+    ) -> None:
         super().__init__()
         self.labels = tuple(labels)
         self.widths = tuple(widths)
         self.stem_stride = stem_stride
-        layers: list[nn.Module] = [nn.Conv2d(3, widths[0], 3, stem_stride, 1, bias=False),
-                                   nn.BatchNorm2d(widths[0]), nn.ReLU()]
+        layers: list[nn.Module] = [
+            nn.Conv2d(3, widths[0], 3, stem_stride, 1, bias=False),
+            nn.BatchNorm2d(widths[0]),
+            nn.ReLU(),
+        ]
         cin = widths[0]
         for i, w in enumerate(widths):
             layers += [Block(cin, w, 1 if i == 0 else 2), Block(w, w, 1)]
@@ -79,8 +88,7 @@ def aligned_crops(images: Tensor, landmarks: Tensor | None) -> Tensor:
     ``landmarks`` None: FFHQ-framed images (CelebA-HQ, the generator's output).
     """
     if landmarks is None:
-        landmarks = fallback_landmarks(len(images), images.shape[2], images.shape[3],
-                                       images.device)
+        landmarks = fallback_landmarks(len(images), images.shape[2], images.shape[3], images.device)
     crops = align_faces(images, ARCFACE_112, landmarks).crops
     return F.interpolate(crops, size=(INPUT_SIZE, INPUT_SIZE), mode="area")
 
@@ -99,10 +107,19 @@ def class_weights(y: Tensor, classes: int) -> Tensor:
     return len(y) / (classes * counts)
 
 
-def train_judge(task: Task, data: JudgeData, *, epochs: int, batch: int = 128, lr: float = 2e-3,
-                seed: int = 0, max_minutes: float | None = None, log: Any = print,
-                widths: Sequence[int] = (32, 64, 128, 256), balanced: bool = True,
-                ) -> tuple[JudgeNet, dict[str, Any]]:
+def train_judge(
+    task: Task,
+    data: JudgeData,
+    *,
+    epochs: int,
+    batch: int = 128,
+    lr: float = 2e-3,
+    seed: int = 0,
+    max_minutes: float | None = None,
+    log: Any = print,
+    widths: Sequence[int] = (32, 64, 128, 256),
+    balanced: bool = True,
+) -> tuple[JudgeNet, dict[str, Any]]:
     """Train from scratch; returns the judge and its held-out metrics.
 
     ``balanced`` (race): weigh each race by its inverse frequency. Table 2 scores every
@@ -124,20 +141,28 @@ def train_judge(task: Task, data: JudgeData, *, epochs: int, batch: int = 128, l
             x = augment(data.train_x[idx].float() / 255, g)
             logits = net(x)
             y = data.train_y[idx]
-            loss = (F.cross_entropy(logits, y, weight=weight) if task == "race"
-                    else F.binary_cross_entropy_with_logits(logits, y.float()))
+            loss = (
+                F.cross_entropy(logits, y, weight=weight)
+                if task == "race"
+                else F.binary_cross_entropy_with_logits(logits, y.float())
+            )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
         done_epochs = epoch + 1
-        log(f"{task} judge: epoch {done_epochs}/{epochs}, loss {float(loss.detach()):.3f}, "
-            f"{time.monotonic() - started:.0f} s")
+        log(
+            f"{task} judge: epoch {done_epochs}/{epochs}, loss {float(loss.detach()):.3f}, "
+            f"{time.monotonic() - started:.0f} s"
+        )
         if max_minutes is not None and time.monotonic() - started > max_minutes * 60:
             break
     metrics = evaluate_judge(net, task, data.test_x, data.test_y)
-    metrics |= {"epochs": done_epochs, "train_images": len(data.train_x),
-                "train_seconds": round(time.monotonic() - started, 1)}
+    metrics |= {
+        "epochs": done_epochs,
+        "train_images": len(data.train_x),
+        "train_seconds": round(time.monotonic() - started, 1),
+    }
     if task == "race":
         metrics["balanced_loss"] = balanced
     return net.eval(), metrics
@@ -161,8 +186,11 @@ def evaluate_judge(net: JudgeNet, task: Task, x: Tensor, y: Tensor) -> dict[str,
     logits = predict(net, x)
     if task == "race":
         pred = logits.argmax(1)
-        per_class = {name: float((pred[y == i] == i).float().mean())
-                     for i, name in enumerate(net.labels) if bool((y == i).any())}
+        per_class = {
+            name: float((pred[y == i] == i).float().mean())
+            for i, name in enumerate(net.labels)
+            if bool((y == i).any())
+        }
         return {
             "top1": float((pred == y).float().mean()),
             "per_class": per_class,
@@ -181,11 +209,20 @@ def evaluate_judge(net: JudgeNet, task: Task, x: Tensor, y: Tensor) -> dict[str,
 
 def save_judge(net: JudgeNet, task: Task, path: Path, metrics: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"format": JUDGE_FORMAT, "task": task, "labels": list(net.labels),
-                "widths": list(net.widths), "stem_stride": net.stem_stride,
-                "state_dict": {k: v.half() if v.is_floating_point() else v
-                               for k, v in net.state_dict().items()},
-                "metrics": metrics}, path)
+    torch.save(
+        {
+            "format": JUDGE_FORMAT,
+            "task": task,
+            "labels": list(net.labels),
+            "widths": list(net.widths),
+            "stem_stride": net.stem_stride,
+            "state_dict": {
+                k: v.half() if v.is_floating_point() else v for k, v in net.state_dict().items()
+            },
+            "metrics": metrics,
+        },
+        path,
+    )
 
 
 def load_judge(path: str | Path, map_location: str | torch.device = "cpu") -> JudgeNet:
@@ -194,13 +231,16 @@ def load_judge(path: str | Path, map_location: str | torch.device = "cpu") -> Ju
         raise ValueError(f"{path} is not a {JUDGE_FORMAT} file")
     # files from before the stem stride was an option used stride 1
     net = JudgeNet(ckpt["labels"], ckpt["widths"], int(ckpt.get("stem_stride", 1)))
-    net.load_state_dict({k: v.float() if v.is_floating_point() else v
-                         for k, v in ckpt["state_dict"].items()}, strict=True)
+    net.load_state_dict(
+        {k: v.float() if v.is_floating_point() else v for k, v in ckpt["state_dict"].items()},
+        strict=True,
+    )
     return net.eval()
 
 
-def prepare(root: Path, task: Task, split: str, limit: int | None, cache: Path,
-            batch: int = 256) -> tuple[Tensor, Tensor]:
+def prepare(
+    root: Path, task: Task, split: str, limit: int | None, cache: Path, batch: int = 256
+) -> tuple[Tensor, Tensor]:
     """Aligned 64-px crops (uint8) and labels of one split of ../shared's UTKFace (race)
     or CelebA-HQ (attributes); at most ``limit`` images, a fixed hash-ordered choice."""
     import zipfile
@@ -209,8 +249,9 @@ def prepare(root: Path, task: Task, split: str, limit: int | None, cache: Path,
     names = subset(members(root / "labels.csv", split), limit)  # type: ignore[arg-type]
     if task == "race":
         y = torch.tensor([int(rows[n]["race"]) for n in names])
-        landmarks, _ = cached_landmarks(root / "images.zip", names,
-                                        cache / f"landmarks_{root.name}.pt")
+        landmarks, _ = cached_landmarks(
+            root / "images.zip", names, cache / f"landmarks_{root.name}.pt"
+        )
     else:
         y = torch.tensor([[int(rows[n][a]) for a in CELEBA_ATTRIBUTES] for n in names])
         landmarks = None

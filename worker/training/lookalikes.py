@@ -66,8 +66,12 @@ def framed_crops(extractor: FaceExtractor, images: Tensor) -> Tensor:
 def embed_framed(extractor: FaceExtractor, images: Tensor) -> Tensor:
     """Unit embeddings (N, D) of FFHQ-framed faces, in batches, on the images' device."""
     device = next(extractor.parameters()).device
-    return torch.cat([extractor.embed_crops(framed_crops(extractor, chunk.to(device)))
-                      for chunk in images.split(EMBED_BATCH)])
+    return torch.cat(
+        [
+            extractor.embed_crops(framed_crops(extractor, chunk.to(device)))
+            for chunk in images.split(EMBED_BATCH)
+        ]
+    )
 
 
 @contextlib.contextmanager
@@ -88,8 +92,9 @@ def inference(extractor: FaceExtractor) -> Iterator[None]:
 # ---------------------------------------------------------------- the Siamese loss
 
 
-def siamese_terms(lookalike: Tensor, photo: Tensor, mirror: Tensor, threshold_deg: float,
-                  temperature_deg: float) -> Tensor:
+def siamese_terms(
+    lookalike: Tensor, photo: Tensor, mirror: Tensor, threshold_deg: float, temperature_deg: float
+) -> Tensor:
     """``L(P, I, 0) + L(I, flip(I), 1)`` per item from embeddings (B, D) of the lookalikes
     P, their photos I and the mirrored photos: (B,)."""
     away = similarity_loss(lookalike, photo, 0.0, threshold_deg, temperature_deg)
@@ -97,8 +102,13 @@ def siamese_terms(lookalike: Tensor, photo: Tensor, mirror: Tensor, threshold_de
     return away + toward
 
 
-def siamese_loss(extractor: FaceExtractor, lookalikes: Tensor, photos: Tensor,
-                 threshold_deg: float, temperature_deg: float) -> Tensor:
+def siamese_loss(
+    extractor: FaceExtractor,
+    lookalikes: Tensor,
+    photos: Tensor,
+    threshold_deg: float,
+    temperature_deg: float,
+) -> Tensor:
     """L_siamese of a batch (mean over items): lookalikes (B, 3, R, R) and the photos
     (B, 3, S, S) they imitate, in [0, 1]. One backbone pass over all 3B crops."""
     photo_crops = framed_crops(extractor, photos)
@@ -132,9 +142,17 @@ class Lookalikes:
         return self.done == len(self.photo)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"format": FORMAT, "images": self.images, "photo": self.photo,
-                "reference": self.reference, "accepted": self.accepted, "mse": self.mse,
-                "angle_deg": self.angle_deg, "done": self.done, "key": self.key}
+        return {
+            "format": FORMAT,
+            "images": self.images,
+            "photo": self.photo,
+            "reference": self.reference,
+            "accepted": self.accepted,
+            "mse": self.mse,
+            "angle_deg": self.angle_deg,
+            "done": self.done,
+            "key": self.key,
+        }
 
 
 def choose_pairs(identities: Tensor, count: int, seed: int, meta_epoch: int) -> Tensor:
@@ -148,8 +166,12 @@ def choose_pairs(identities: Tensor, count: int, seed: int, meta_epoch: int) -> 
         photos = (identities == people[k]).nonzero().flatten()
         pairs.append(photos[torch.randperm(len(photos), generator=g)[:2]])
     if not pairs:
-        raise LikenessError("data_not_found", "the lookalike stage needs training people with "
-                            "two or more photos; the identity set has none", status=404)
+        raise LikenessError(
+            "data_not_found",
+            "the lookalike stage needs training people with "
+            "two or more photos; the identity set has none",
+            status=404,
+        )
     return torch.stack(pairs)
 
 
@@ -185,9 +207,14 @@ def _empty(pairs: Tensor, resolution: int, key: dict[str, Any]) -> Lookalikes:
     m = 2 * len(pairs)
     return Lookalikes(
         images=torch.zeros(m, 3, resolution, resolution, dtype=torch.uint8),
-        photo=pairs.flatten(), reference=pairs.flip(1).flatten(),
-        accepted=torch.zeros(m, dtype=torch.bool), mse=torch.full((m,), float("nan")),
-        angle_deg=torch.full((m,), float("nan")), done=0, key=key)
+        photo=pairs.flatten(),
+        reference=pairs.flip(1).flatten(),
+        accepted=torch.zeros(m, dtype=torch.bool),
+        mse=torch.full((m,), float("nan")),
+        angle_deg=torch.full((m,), float("nan")),
+        done=0,
+        key=key,
+    )
 
 
 def read_lookalikes(path: Path, key: dict[str, Any]) -> Lookalikes | None:
@@ -202,11 +229,15 @@ def read_lookalikes(path: Path, key: dict[str, Any]) -> Lookalikes | None:
     if not isinstance(saved, dict) or saved.get("format") != FORMAT:
         raise LikenessError("bad_checkpoint", f"{path} is not a {FORMAT} file")
     if saved["key"] != key:
-        changed = sorted(k for k in key.keys() | saved["key"].keys()
-                         if key.get(k) != saved["key"].get(k))
-        raise LikenessError("lookalikes_mismatch", f"{path} was made with other settings "
-                            f"({', '.join(changed)}); resume with the same lookalike options "
-                            "or remove the file to make them again")
+        changed = sorted(
+            k for k in key.keys() | saved["key"].keys() if key.get(k) != saved["key"].get(k)
+        )
+        raise LikenessError(
+            "lookalikes_mismatch",
+            f"{path} was made with other settings "
+            f"({', '.join(changed)}); resume with the same lookalike options "
+            "or remove the file to make them again",
+        )
     return Lookalikes(**{k: v for k, v in saved.items() if k != "format"})
 
 
@@ -240,10 +271,12 @@ def generate_lookalikes(
             rows = torch.arange(made.done, min(made.done + settings.batch, len(made.photo)))
             mine = read_photos(photos, made.photo[rows]).to(device)
             refs = embed_framed(extractor, read_photos(photos, made.reference[rows]))
-            objective = build_objective(extractor, settings.objective, [None] * len(rows),
-                                        [{}] * len(rows), list(refs))
-            loss = objective_loss(extractor, objective.targets, objective.weights,
-                                  settings.search.restarts)
+            objective = build_objective(
+                extractor, settings.objective, [None] * len(rows), [{}] * len(rows), list(refs)
+            )
+            loss = objective_loss(
+                extractor, objective.targets, objective.weights, settings.search.restarts
+            )
 
             def step(s: SearchStep, done: int = made.done) -> bool:
                 if on_step is not None:
@@ -251,17 +284,26 @@ def generate_lookalikes(
                 return not should_stop()
 
             try:
-                result = run_search(model.generator, model.mapping_fit,
-                                    downscale(mine, settings.thumbnail), settings.search, loss,
-                                    step, [search_seed(seed, meta_epoch, int(r)) for r in rows])
+                result = run_search(
+                    model.generator,
+                    model.mapping_fit,
+                    downscale(mine, settings.thumbnail),
+                    settings.search,
+                    loss,
+                    step,
+                    [search_seed(seed, meta_epoch, int(r)) for r in rows],
+                )
             except SearchStopped:
                 return made
             images = to_uint8(result.images)
             made.images[rows] = images
             made.accepted[rows] = result.accepted.cpu()
             made.mse[rows] = result.mse.detach().float().cpu()
-            made.angle_deg[rows] = angle(embed_framed(extractor, from_uint8(images)),
-                                          embed_framed(extractor, mine), degrees=True).cpu()
+            made.angle_deg[rows] = angle(
+                embed_framed(extractor, from_uint8(images)),
+                embed_framed(extractor, mine),
+                degrees=True,
+            ).cpu()
             made.done = int(rows[-1]) + 1
             atomic_torch_save(made.to_dict(), path)
             if should_stop():
@@ -295,16 +337,21 @@ def angle_stats(angles: Tensor) -> dict[str, float]:
     return {"mean": float(a.mean()), "sd": float(a.std(unbiased=False)), "pairs": len(a)}
 
 
-def measure(extractor: FaceExtractor, pairs: LookalikePairs, looks: Lookalikes,
-            threshold_deg: float | None) -> dict[str, Any]:
+def measure(
+    extractor: FaceExtractor, pairs: LookalikePairs, looks: Lookalikes, threshold_deg: float | None
+) -> dict[str, Any]:
     """Angles between the lookalikes and their photos under ``extractor`` (Lookalike-Ours
     of PAPER Table 1, on training people) and under the F that steered their search,
     the fraction the search accepted, and, given θ_t, the fraction F calls another person."""
     with inference(extractor):
-        now = angle(embed_framed(extractor, from_uint8(pairs.images)),
-                    embed_framed(extractor, from_uint8(pairs.photos)), degrees=True).cpu()
+        now = angle(
+            embed_framed(extractor, from_uint8(pairs.images)),
+            embed_framed(extractor, from_uint8(pairs.photos)),
+            degrees=True,
+        ).cpu()
     out: dict[str, Any] = {
-        "angle": angle_stats(now), "angle_at_generation": angle_stats(looks.angle_deg),
+        "angle": angle_stats(now),
+        "angle_at_generation": angle_stats(looks.angle_deg),
         "accepted": float(looks.accepted.float().mean()),
         "threshold_at_generation_deg": looks.key["objective"]["threshold_deg"],
     }

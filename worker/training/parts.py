@@ -38,8 +38,9 @@ def split_into_parts(source: Path, checkpoint: Path, part_bytes: int = PART_BYTE
         path = checkpoint.with_name(f"{checkpoint.name}.part{i:03d}")
         chunk = data[start : start + part_bytes]
         path.write_bytes(chunk)
-        parts.append({"file": path.name, "bytes": len(chunk),
-                      "sha256": hashlib.sha256(chunk).hexdigest()})
+        parts.append(
+            {"file": path.name, "bytes": len(chunk), "sha256": hashlib.sha256(chunk).hexdigest()}
+        )
     index = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(), "parts": parts}
     index_path(checkpoint).write_text(json.dumps(index, indent=2) + "\n")
     return [checkpoint.with_name(p["file"]) for p in parts]
@@ -55,8 +56,10 @@ def join_parts(checkpoint: Path) -> bytes:
             raise LikenessError("bad_checkpoint", f"{path} is missing (a part of {checkpoint})")
         chunk = path.read_bytes()
         if hashlib.sha256(chunk).hexdigest() != part["sha256"]:
-            raise LikenessError("bad_checkpoint", f"{path} does not match its sha256 in "
-                                f"{index_path(checkpoint).name}")
+            raise LikenessError(
+                "bad_checkpoint",
+                f"{path} does not match its sha256 in {index_path(checkpoint).name}",
+            )
         chunks.append(chunk)
     data = b"".join(chunks)
     if hashlib.sha256(data).hexdigest() != index["sha256"]:

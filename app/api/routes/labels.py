@@ -22,8 +22,12 @@ class LabelsView(BaseModel):
     )
 
 
-@router.get("/labels", response_model=LabelsView, summary="Race and attribute names",
-            responses=ERROR_RESPONSES)
+@router.get(
+    "/labels",
+    response_model=LabelsView,
+    summary="Race and attribute names",
+    responses=ERROR_RESPONSES,
+)
 def get_labels(labels: LabelsDep, owner: OwnerDep) -> LabelsView:
     """The label names of the loaded weights (re-read when the manifest changes)."""
     del owner  # only checked: with API keys, this needs one like every other route

@@ -27,24 +27,41 @@ def _float32(state: dict[str, Tensor]) -> dict[str, Tensor]:
     return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
 
 
-def export(ext: FaceExtractor, path: Path, metrics: dict[str, Any], fp16: bool = False,
-           extra: dict[str, Any] | None = None) -> None:
+def export(
+    ext: FaceExtractor,
+    path: Path,
+    metrics: dict[str, Any],
+    fp16: bool = False,
+    extra: dict[str, Any] | None = None,
+) -> None:
     """F + heads (+ θ_t when fitted) with everything a loader needs to use them unaided."""
     race, attrs = ext.race_head.to_checkpoint(), ext.attribute_head.to_checkpoint()
     race["state_dict"] = _cast(race["state_dict"], fp16)
     attrs["state_dict"] = _cast(attrs["state_dict"], fp16)
     t = ext.template
     threshold = {} if ext.threshold_deg is None else {"threshold_deg": float(ext.threshold_deg)}
-    atomic_torch_save({
-        "format": EXPORT_FORMAT, "architecture": ext.architecture,
-        "embedding_dim": ext.embedding_dim,
-        "template": {"name": t.name, "height": t.height, "width": t.width,
-                     "points": [list(p) for p in t.points]},
-        "normalisation": {"mean": ext.mean, "std": ext.std, "range": "[0, 1] RGB"},
-        "backbone": _cast(ext.backbone.state_dict(), fp16), "race_head": race,
-        "attribute_head": attrs, "dtype": "float16" if fp16 else "float32", **threshold,
-        "metrics": json.loads(json.dumps(metrics)), **(extra or {}),
-    }, path)
+    atomic_torch_save(
+        {
+            "format": EXPORT_FORMAT,
+            "architecture": ext.architecture,
+            "embedding_dim": ext.embedding_dim,
+            "template": {
+                "name": t.name,
+                "height": t.height,
+                "width": t.width,
+                "points": [list(p) for p in t.points],
+            },
+            "normalisation": {"mean": ext.mean, "std": ext.std, "range": "[0, 1] RGB"},
+            "backbone": _cast(ext.backbone.state_dict(), fp16),
+            "race_head": race,
+            "attribute_head": attrs,
+            "dtype": "float16" if fp16 else "float32",
+            **threshold,
+            "metrics": json.loads(json.dumps(metrics)),
+            **(extra or {}),
+        },
+        path,
+    )
 
 
 def read_export(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -58,8 +75,9 @@ def read_export(path: str | Path, map_location: str | torch.device = "cpu") -> d
     if not isinstance(ckpt, dict) or ckpt.get("format") != EXPORT_FORMAT:
         raise LikenessError("bad_checkpoint", f"{path} is not a {EXPORT_FORMAT} export")
     if ckpt.get("architecture", "mobilefacenet") not in ARCHITECTURES:
-        raise LikenessError("bad_checkpoint", f"{path} holds an unknown architecture "
-                            f"{ckpt['architecture']!r}")
+        raise LikenessError(
+            "bad_checkpoint", f"{path} holds an unknown architecture {ckpt['architecture']!r}"
+        )
     return ckpt
 
 
@@ -76,5 +94,11 @@ def load_export(path: str | Path, map_location: str | torch.device = "cpu") -> F
     t = ckpt["template"]
     template = Template(t["name"], t["height"], t["width"], tuple(tuple(p) for p in t["points"]))
     n = ckpt["normalisation"]
-    return FaceExtractor(backbone.eval(), template, n["mean"], n["std"],
-                         threshold_deg=ckpt.get("threshold_deg"), **heads).eval()
+    return FaceExtractor(
+        backbone.eval(),
+        template,
+        n["mean"],
+        n["std"],
+        threshold_deg=ckpt.get("threshold_deg"),
+        **heads,
+    ).eval()

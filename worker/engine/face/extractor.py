@@ -33,12 +33,23 @@ class Architecture:
 
 ARCHITECTURES: dict[str, Architecture] = {
     "mobilefacenet": Architecture(
-        mobilefacenet.MobileFaceNet, SPHEREFACE_112x96, mobilefacenet.MEAN, mobilefacenet.STD,
-        mobilefacenet.load_mobilefacenet, mobilefacenet.from_state_dict,
-        mobilefacenet.MobileFaceNet),
+        mobilefacenet.MobileFaceNet,
+        SPHEREFACE_112x96,
+        mobilefacenet.MEAN,
+        mobilefacenet.STD,
+        mobilefacenet.load_mobilefacenet,
+        mobilefacenet.from_state_dict,
+        mobilefacenet.MobileFaceNet,
+    ),
     "iresnet": Architecture(
-        iresnet.IResNet, ARCFACE_112, iresnet.MEAN, iresnet.STD, iresnet.load_iresnet,
-        iresnet.from_state_dict, lambda: iresnet.get_backbone("r18")),
+        iresnet.IResNet,
+        ARCFACE_112,
+        iresnet.MEAN,
+        iresnet.STD,
+        iresnet.load_iresnet,
+        iresnet.from_state_dict,
+        lambda: iresnet.get_backbone("r18"),
+    ),
 }
 
 
@@ -84,23 +95,36 @@ class FaceExtractor(nn.Module):
         self.threshold_deg = threshold_deg
 
     @classmethod
-    def with_backbone(cls, backbone: nn.Module, race_head: RaceHead | None = None,
-                      attribute_head: AttributeHead | None = None,
-                      threshold_deg: float | None = None) -> FaceExtractor:
+    def with_backbone(
+        cls,
+        backbone: nn.Module,
+        race_head: RaceHead | None = None,
+        attribute_head: AttributeHead | None = None,
+        threshold_deg: float | None = None,
+    ) -> FaceExtractor:
         """F around ``backbone`` with its architecture's template and normalisation."""
         arch = ARCHITECTURES[architecture_of(backbone)]
-        return cls(backbone, arch.template, arch.mean, arch.std, race_head, attribute_head,
-                   threshold_deg)
+        return cls(
+            backbone, arch.template, arch.mean, arch.std, race_head, attribute_head, threshold_deg
+        )
 
     @classmethod
-    def mobilefacenet(cls, checkpoint: str | Path, race_head: RaceHead | None = None,
-                      attribute_head: AttributeHead | None = None) -> FaceExtractor:
+    def mobilefacenet(
+        cls,
+        checkpoint: str | Path,
+        race_head: RaceHead | None = None,
+        attribute_head: AttributeHead | None = None,
+    ) -> FaceExtractor:
         backbone = mobilefacenet.load_mobilefacenet(checkpoint)
         return cls.with_backbone(backbone, race_head, attribute_head)
 
     @classmethod
-    def iresnet(cls, name: str = "r50", race_head: RaceHead | None = None,
-                attribute_head: AttributeHead | None = None) -> FaceExtractor:
+    def iresnet(
+        cls,
+        name: str = "r50",
+        race_head: RaceHead | None = None,
+        attribute_head: AttributeHead | None = None,
+    ) -> FaceExtractor:
         return cls.with_backbone(iresnet.get_backbone(name), race_head, attribute_head)
 
     @property

@@ -18,7 +18,6 @@ from likeness.labels import CELEBA_ATTRIBUTES, FAIRFACE_RACES, UTKFACE_RACES
 __all__ = ["CELEBA_ATTRIBUTES", "FAIRFACE_RACES", "UTKFACE_RACES", "AttributeHead", "RaceHead"]
 
 
-
 class LabelledHead(nn.Module):
     """A two-layer MLP from features to one logit per label name."""
 

@@ -97,8 +97,11 @@ def layers_of(state: dict[str, Tensor]) -> tuple[int, int, int, int]:
     """Blocks per stage of an IResNet state_dict (``layerN.M.conv1.weight`` keys)."""
     counts = []
     for stage in range(1, 5):
-        blocks = {int(k.split(".")[1]) for k in state
-                  if k.startswith(f"layer{stage}.") and k.endswith(".conv1.weight")}
+        blocks = {
+            int(k.split(".")[1])
+            for k in state
+            if k.startswith(f"layer{stage}.") and k.endswith(".conv1.weight")
+        }
         if not blocks or blocks != set(range(len(blocks))):
             raise ValueError(f"not an IResNet state_dict: layer{stage} has no consecutive blocks")
         counts.append(len(blocks))
@@ -114,8 +117,9 @@ def from_state_dict(state: dict[str, Tensor]) -> IResNet:
     """An IResNet holding an arcface_torch ``state`` (depth and width read from it),
     loaded as float32 with ``strict=True``, in eval mode."""
     model = IResNet(layers_of(state), num_features=state["fc.weight"].shape[0])
-    model.load_state_dict({k: v.float() if v.is_floating_point() else v
-                           for k, v in state.items()}, strict=True)
+    model.load_state_dict(
+        {k: v.float() if v.is_floating_point() else v for k, v in state.items()}, strict=True
+    )
     return model.eval()
 
 

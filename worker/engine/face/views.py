@@ -61,13 +61,19 @@ class ViewSampler:
     def draw(self) -> Views:
         v, k, j = self.views, self.restarts, self.jitter
         u = torch.rand(v, k, 4, generator=self._rng) * 2 - 1  # uniform in [-1, 1)
-        geometry = torch.stack([1 + j.scale * u[..., 0], math.radians(j.rotation_deg) * u[..., 1],
-                                j.shift * u[..., 2], j.shift * u[..., 3]], -1)
+        geometry = torch.stack(
+            [
+                1 + j.scale * u[..., 0],
+                math.radians(j.rotation_deg) * u[..., 1],
+                j.shift * u[..., 2],
+                j.shift * u[..., 3],
+            ],
+            -1,
+        )
         geometry[0] = torch.tensor([1.0, 0.0, 0.0, 0.0])
         flip = torch.rand(v, generator=self._rng) < 0.5
         sharp = j.min_sharpness + (1 - j.min_sharpness) * torch.rand(v, generator=self._rng)
-        return Views(geometry, (False, *map(bool, flip[1:])),
-                     (1.0, *(float(s) for s in sharp[1:])))
+        return Views(geometry, (False, *map(bool, flip[1:])), (1.0, *(float(s) for s in sharp[1:])))
 
 
 def move_landmarks(landmarks: Tensor, geometry: Tensor, height: int, width: int) -> Tensor:
@@ -88,13 +94,13 @@ def resample(crops: Tensor, sharpness: float) -> Tensor:
     if sharpness >= 1:
         return crops
     h, w = crops.shape[-2:]
-    small = F.interpolate(crops, size=(max(1, round(h * sharpness)), max(1, round(w * sharpness))),
-                          mode="area")
+    small = F.interpolate(
+        crops, size=(max(1, round(h * sharpness)), max(1, round(w * sharpness))), mode="area"
+    )
     return F.interpolate(small, size=(h, w), mode="bilinear", align_corners=False)
 
 
-def view_crops(extractor: FaceExtractor, images: Tensor, landmarks: Tensor, views: Views
-               ) -> Tensor:
+def view_crops(extractor: FaceExtractor, images: Tensor, landmarks: Tensor, views: Views) -> Tensor:
     """F's crops of N = B·K images (element i·K + j is restart j) in every view:
     (V·N, 3, h, w), view-major."""
     n, _, h, w = images.shape

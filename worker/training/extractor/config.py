@@ -24,15 +24,21 @@ class ExtractorConfig(BaseModel):
 
     out: str = "runs/extractor"
     architecture: Literal["mobilefacenet", "iresnet"] = "mobilefacenet"
-    weights: str | None = Field(str(DEFAULT_WEIGHTS), description="pretrained backbone: a "
-                                "MobileFaceNet .ckpt or an arcface_torch IResNet state_dict; "
-                                "None: random init (smoke)")
+    weights: str | None = Field(
+        str(DEFAULT_WEIGHTS),
+        description="pretrained backbone: a "
+        "MobileFaceNet .ckpt or an arcface_torch IResNet state_dict; "
+        "None: random init (smoke)",
+    )
     data_root: str | None = Field(str(DATA_ROOT), description="None: synthetic data (smoke)")
     use_lfw: bool = False
     max_images: int | None = Field(None, description="cap per data set and split (quick runs)")
     steps: int = Field(20_000, ge=0, description="joint steps; 0: fit the heads only")
-    head_epochs: int = Field(30, ge=0, description="epochs of the head fit on frozen "
-                             "features before joint training; 0: skip it")
+    head_epochs: int = Field(
+        30,
+        ge=0,
+        description="epochs of the head fit on frozen features before joint training; 0: skip it",
+    )
     batch: int = 64
     optimizer: Literal["adam", "sgd"] = "adam"
     lr: float = 1e-4
@@ -50,43 +56,87 @@ class ExtractorConfig(BaseModel):
     eval_limit: int = 2_000
     # The generator's faces are blurrier than photos, and an F that reads blur as another
     # person or race steers the search to sharpen, which it cannot, instead of to the person.
-    blur_fraction: float = Field(0.0, ge=0, le=1, description="share of each joint-training "
-                                 "batch seen through a lower resolution first")
-    blur_sides: tuple[int, int] = Field((20, 64), description="the lower resolution: the "
-                                        "crop's longer edge in pixels, drawn uniformly")
+    blur_fraction: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="share of each joint-training batch seen through a lower resolution first",
+    )
+    blur_sides: tuple[int, int] = Field(
+        (20, 64),
+        description="the lower resolution: the crop's longer edge in pixels, drawn uniformly",
+    )
     # the lookalike stage (PAPER.md §3 item 2), after the joint steps; 0 meta-epochs: off
-    meta_epochs: int = Field(0, ge=0, description="generate lookalikes → train → regenerate "
-                             "cycles (paper: 5)")
-    lookalike_pairs: int = Field(24, ge=1, description="people (two photos each, so two "
-                                 "searches) per meta-epoch")
+    meta_epochs: int = Field(
+        0, ge=0, description="generate lookalikes → train → regenerate cycles (paper: 5)"
+    )
+    lookalike_pairs: int = Field(
+        24, ge=1, description="people (two photos each, so two searches) per meta-epoch"
+    )
     siamese_steps: int = Field(50, ge=0, description="joint steps with L_siamese per meta-epoch")
-    siamese_batch: int = Field(16, ge=1, description="lookalikes (each with its photo and the "
-                               "photo's mirror image) per step")
+    siamese_batch: int = Field(
+        16,
+        ge=1,
+        description="lookalikes (each with its photo and the photo's mirror image) per step",
+    )
     siamese_weight: float = Field(1.0, ge=0, description="weight of L_siamese in L_F")
-    generator: str | None = Field(None, description="the search's generator: manifest name or "
-                                  "file; None: the manifest's default")
+    generator: str | None = Field(
+        None,
+        description="the search's generator: manifest name or file; None: the manifest's default",
+    )
     search_steps: int = Field(50, ge=1, description="steps per lookalike search (PULSE: 100)")
-    search_restarts: int = Field(SearchConfig.model_fields["restarts"].default, ge=1,
-                                 description="restarts per lookalike search")
-    lookalike_thumbnail: int = Field(16, ge=2, description="thumbnail side the photos are "
-                                     "downscaled to")
+    search_restarts: int = Field(
+        SearchConfig.model_fields["restarts"].default,
+        ge=1,
+        description="restarts per lookalike search",
+    )
+    lookalike_thumbnail: int = Field(
+        16, ge=2, description="thumbnail side the photos are downscaled to"
+    )
     lookalike_batch: int = Field(8, ge=1, description="thumbnails per search batch")
-    temperature_deg: float = Field(ObjectiveWeights.model_fields["temperature_deg"].default, gt=0,
-                                   description="τ of the similarity score, in the search's "
-                                   "identity objective and in L_siamese")
+    temperature_deg: float = Field(
+        ObjectiveWeights.model_fields["temperature_deg"].default,
+        gt=0,
+        description="τ of the similarity score, in the search's "
+        "identity objective and in L_siamese",
+    )
     # synthetic sizes (smoke)
     synthetic_count: int = 64
     synthetic_classes: int = 8
 
     @classmethod
     def smoke(cls, **overrides: Any) -> ExtractorConfig:
-        base: dict[str, Any] = dict(weights=None, data_root=None, steps=4, head_epochs=2,
-                                    batch=8, eval_limit=32, checkpoint_minutes=1e9)
+        base: dict[str, Any] = dict(
+            weights=None,
+            data_root=None,
+            steps=4,
+            head_epochs=2,
+            batch=8,
+            eval_limit=32,
+            checkpoint_minutes=1e9,
+        )
         return cls(**(base | overrides))
 
 
 # Fields that may change when resuming; the rest must match the checkpoint.
-RUN_FIELDS = ("out", "steps", "device", "workers", "max_minutes", "checkpoint_minutes",
-              "export_fp16", "eval_limit", "meta_epochs", "lookalike_pairs", "siamese_steps",
-              "siamese_batch", "siamese_weight", "generator", "search_steps", "search_restarts",
-              "lookalike_thumbnail", "lookalike_batch", "temperature_deg")
+RUN_FIELDS = (
+    "out",
+    "steps",
+    "device",
+    "workers",
+    "max_minutes",
+    "checkpoint_minutes",
+    "export_fp16",
+    "eval_limit",
+    "meta_epochs",
+    "lookalike_pairs",
+    "siamese_steps",
+    "siamese_batch",
+    "siamese_weight",
+    "generator",
+    "search_steps",
+    "search_restarts",
+    "lookalike_thumbnail",
+    "lookalike_batch",
+    "temperature_deg",
+)

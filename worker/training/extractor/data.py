@@ -35,12 +35,17 @@ def make_data(config: ExtractorConfig) -> Data:
     if config.data_root is None:
         n, k, s = config.synthetic_count, config.synthetic_classes, config.seed
         identity: Dataset = d.SyntheticFaces("identity", n, k, t, s)
-        return Data(identity, d.SyntheticFaces("race", n, 5, t, s),
-                    d.SyntheticFaces("attributes", n, k, t, s),
-                    d.SyntheticFaces("identity", n // 2, k, t, s + 1),
-                    d.SyntheticFaces("race", n // 2, 5, t, s + 1),
-                    d.SyntheticFaces("attributes", n // 2, k, t, s), identity, identity,
-                    classes=k)
+        return Data(
+            identity,
+            d.SyntheticFaces("race", n, 5, t, s),
+            d.SyntheticFaces("attributes", n, k, t, s),
+            d.SyntheticFaces("identity", n // 2, k, t, s + 1),
+            d.SyntheticFaces("race", n // 2, 5, t, s + 1),
+            d.SyntheticFaces("attributes", n // 2, k, t, s),
+            identity,
+            identity,
+            classes=k,
+        )
     root, cache = Path(config.data_root), Path(config.out) / "cache"
     for name in ("celebahq", "utkface") + (("lfw",) if config.use_lfw else ()):
         if not (root / name / "images.zip").is_file():
@@ -53,12 +58,17 @@ def make_data(config: ExtractorConfig) -> Data:
     # set holds too; CelebA-HQ only, like the held-out pairs that score θ_t.
     threshold_identity = d.identity_faces([root / "celebahq"], "train", t, cache, limit=held)[0]
     photos = d.identity_faces([root / "celebahq"], "train", t, cache, limit=cap)[0]
-    return Data(identity, d.race_faces(root / "utkface", "train", t, cache, True, cap),
-                d.attribute_faces(root / "celebahq", "train", t, cache, True, cap),
-                d.identity_faces([root / "celebahq"], "test", t, cache, limit=held)[0],
-                d.race_faces(root / "utkface", "test", t, cache, limit=held),
-                d.attribute_faces(root / "celebahq", "test", t, cache, limit=held),
-                threshold_identity, photos, classes=d.num_classes(id_sets))
+    return Data(
+        identity,
+        d.race_faces(root / "utkface", "train", t, cache, True, cap),
+        d.attribute_faces(root / "celebahq", "train", t, cache, True, cap),
+        d.identity_faces([root / "celebahq"], "test", t, cache, limit=held)[0],
+        d.race_faces(root / "utkface", "test", t, cache, limit=held),
+        d.attribute_faces(root / "celebahq", "test", t, cache, limit=held),
+        threshold_identity,
+        photos,
+        classes=d.num_classes(id_sets),
+    )
 
 
 def dataset_targets(dataset: Dataset) -> Tensor:

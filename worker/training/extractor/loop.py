@@ -41,18 +41,32 @@ def train_info(state: TrainState, data: Data) -> dict[str, Any]:
     """Where an export came from: kept in it, and the manifest's provenance when shipped."""
     c = state.config
     sets: dict[str, Any] = (
-        {"identity": ["celebahq"] + (["lfw"] if c.use_lfw else []), "race": ["utkface"],
-         "attributes": ["celebahq"]} if c.data_root is not None else {"synthetic": True})
+        {
+            "identity": ["celebahq"] + (["lfw"] if c.use_lfw else []),
+            "race": ["utkface"],
+            "attributes": ["celebahq"],
+        }
+        if c.data_root is not None
+        else {"synthetic": True}
+    )
     return {
-        "step": state.step, "train_seconds": state.train_seconds, "device": str(state.device),
-        "data": c.data_root or "synthetic", "use_lfw": c.use_lfw, "init": c.weights,
-        "architecture": c.architecture, "head_epochs": c.head_epochs,
-        "meta_epochs": state.meta_epoch, "datasets": sets,
-        "faces": {"identity": len(originals(data.identity)),  # type: ignore[arg-type]
-                  "race": len(originals(data.race)),  # type: ignore[arg-type]
-                  "attributes": len(originals(data.attributes))},  # type: ignore[arg-type]
+        "step": state.step,
+        "train_seconds": state.train_seconds,
+        "device": str(state.device),
+        "data": c.data_root or "synthetic",
+        "use_lfw": c.use_lfw,
+        "init": c.weights,
+        "architecture": c.architecture,
+        "head_epochs": c.head_epochs,
+        "meta_epochs": state.meta_epoch,
+        "datasets": sets,
+        "faces": {
+            "identity": len(originals(data.identity)),  # type: ignore[arg-type]
+            "race": len(originals(data.race)),  # type: ignore[arg-type]
+            "attributes": len(originals(data.attributes)),
+        },  # type: ignore[arg-type]
         "split": f"train split of likeness/splits.py (salt {DEFAULT_SALT}, by identity); "
-                 "metrics on held-out test people",
+        "metrics on held-out test people",
         "config": c.model_dump(mode="json"),
     }
 
@@ -72,9 +86,15 @@ def progress_bar(enabled: bool) -> Any:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("{task.fields[status]}"), TimeElapsedColumn(),
-                    console=Console(stderr=True), disable=not enabled)
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[status]}"),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+        disable=not enabled,
+    )
 
 
 def resume_config(saved: ExtractorConfig, overrides: dict[str, Any]) -> ExtractorConfig:
@@ -84,8 +104,11 @@ def resume_config(saved: ExtractorConfig, overrides: dict[str, Any]) -> Extracto
 def restore(state: TrainState, ckpt: dict[str, Any], data: Data) -> None:
     """``state`` as the checkpoint left it, global RNG included."""
     if int(ckpt["classes"]) != data.classes:
-        raise LikenessError("bad_checkpoint", "the data's identity classes changed since "
-                            f"the checkpoint ({ckpt['classes']} → {data.classes})")
+        raise LikenessError(
+            "bad_checkpoint",
+            "the data's identity classes changed since "
+            f"the checkpoint ({ckpt['classes']} → {data.classes})",
+        )
     state.model.load_state_dict(ckpt["model"])
     state.opt.load_state_dict(ckpt["opt"])
     state.pos_weight = ckpt["pos_weight"].to(state.device)
@@ -113,9 +136,12 @@ def stage_generator(state: TrainState) -> LoadedGenerator | None:
     except LikenessError as e:
         if e.code != "no_default_weights":
             raise
-        raise LikenessError("no_default_weights", "the lookalike stage (meta-epochs) searches "
-                            "a generator and none is bundled in weights/: pass --generator "
-                            "PATH (a checkpoint with a mapping fit)") from None
+        raise LikenessError(
+            "no_default_weights",
+            "the lookalike stage (meta-epochs) searches "
+            "a generator and none is bundled in weights/: pass --generator "
+            "PATH (a checkpoint with a mapping fit)",
+        ) from None
     try:
         downscale_factor(model.generator.config.resolution, c.lookalike_thumbnail)
     except ValueError as e:
@@ -127,22 +153,32 @@ class Session:
     """One call of ``train``: the phases in order, with the checkpoint, log line and
     export each leaves behind, the stop rules and the progress bar."""
 
-    def __init__(self, state: TrainState, data: Data, generator: LoadedGenerator | None,
-                 stop: StopSignal, bar: Any, evaluate_at_end: bool,
-                 on_step: Callable[[int, dict[str, float]], None] | None) -> None:
+    def __init__(
+        self,
+        state: TrainState,
+        data: Data,
+        generator: LoadedGenerator | None,
+        stop: StopSignal,
+        bar: Any,
+        evaluate_at_end: bool,
+        on_step: Callable[[int, dict[str, float]], None] | None,
+    ) -> None:
         self.state, self.data, self.generator = state, data, generator
         self.stop, self.bar = stop, bar
         self.config, self.out = state.config, Path(state.config.out)
         self.evaluate_at_end, self.on_step = evaluate_at_end, on_step
         # Separate seeds so the three streams do not walk in lock-step.
-        self.streams = [stream(self.config, ds, state.step, self.config.seed * 3 + i, state.device)
-                        for i, ds in enumerate((data.identity, data.race, data.attributes))]
+        self.streams = [
+            stream(self.config, ds, state.step, self.config.seed * 3 + i, state.device)
+            for i, ds in enumerate((data.identity, data.race, data.attributes))
+        ]
         self.started = self.last_save = time.monotonic()
         self.means = MetricMeans()
         self.last: dict[str, float] = {}
         self.measured: tuple[int, dict[str, Any]] | None = None  # (step, evaluate's result)
-        self.task = bar.add_task("train-extractor", total=self.config.steps,
-                                 completed=state.step, status="")
+        self.task = bar.add_task(
+            "train-extractor", total=self.config.steps, completed=state.step, status=""
+        )
 
     def close(self) -> None:
         for s in self.streams:
@@ -151,28 +187,41 @@ class Session:
     def stopping(self) -> str:
         if self.stop.received is not None:
             return "signal"
-        if self.config.max_minutes is not None and \
-                time.monotonic() - self.started >= self.config.max_minutes * 60:
+        if (
+            self.config.max_minutes is not None
+            and time.monotonic() - self.started >= self.config.max_minutes * 60
+        ):
             return "max_minutes"
         return "done"
 
-    def checkpoint(self, why: str, final: bool = False,
-                   info: dict[str, Any] | None = None) -> dict[str, Any]:
+    def checkpoint(
+        self, why: str, final: bool = False, info: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
         state, model = self.state, self.state.model
         state.train_seconds += time.monotonic() - self.last_save
         save_checkpoint(state, self.out / CHECKPOINT_NAME)
-        entry: dict[str, Any] = {"step": state.step, "reason": why,
-                                 "train_seconds": round(state.train_seconds, 1),
-                                 **self.means.pop(), **(info or {})}
+        entry: dict[str, Any] = {
+            "step": state.step,
+            "reason": why,
+            "train_seconds": round(state.train_seconds, 1),
+            **self.means.pop(),
+            **(info or {}),
+        }
         if final:
             result = self.evaluation() if self.evaluate_at_end else {}
             model.extractor.threshold_deg = result.get("threshold_deg")
             if state.meta_history:  # the lookalike stage: before, and after each meta-epoch
                 result = result | {"siamese": state.meta_history}
-            export(model.extractor, self.out / EXPORT_NAME, result, self.config.export_fp16,
-                   {"train": train_info(state, self.data)})
-            entry["metrics"] = {k: v for k, v in result.items()
-                                if k not in ("attribute_ap", "siamese")}
+            export(
+                model.extractor,
+                self.out / EXPORT_NAME,
+                result,
+                self.config.export_fp16,
+                {"train": train_info(state, self.data)},
+            )
+            entry["metrics"] = {
+                k: v for k, v in result.items() if k not in ("attribute_ap", "siamese")
+            }
         with open(self.out / LOG_NAME, "a") as f:
             f.write(json.dumps(entry) + "\n")
         self.last_save = time.monotonic()
@@ -200,9 +249,11 @@ class Session:
         self.means.add(metrics)
         if self.on_step is not None:
             self.on_step(state.step, metrics)
-        status = " ".join(f"{name} {metrics['loss_' + name]:.3f}"
-                          for name in ("arc", "race", "attr", "siamese")
-                          if "loss_" + name in metrics)
+        status = " ".join(
+            f"{name} {metrics['loss_' + name]:.3f}"
+            for name in ("arc", "race", "attr", "siamese")
+            if "loss_" + name in metrics
+        )
         self.bar.update(self.task, completed=state.step, status=status)
         return self.stopping()
 
@@ -210,8 +261,9 @@ class Session:
         """Head fit (once), joint steps, the lookalike stage; then the final checkpoint."""
         state, config = self.state, self.config
         if not state.heads_fitted:
-            self.bar.update(self.task, status=f"head fit ({config.head_epochs} epochs on "
-                            "frozen features)")
+            self.bar.update(
+                self.task, status=f"head fit ({config.head_epochs} epochs on frozen features)"
+            )
             fit = fit_heads(state, frozen_features(state, self.data))
             state.heads_fitted = True
             self.checkpoint("heads", info={"head_fit": fit})
@@ -239,8 +291,9 @@ class Session:
                 return self.stopping()
             pairs = looks.training_pairs(made, self.data.photos)
             seed = 1_000_003 * (state.meta_epoch + 1) + config.seed
-            lookalike_stream = stream(config, pairs, state.meta_step, seed, state.device,
-                                      config.siamese_batch)
+            lookalike_stream = stream(
+                config, pairs, state.meta_step, seed, state.device, config.siamese_batch
+            )
             while reason == "done" and state.meta_step < config.siamese_steps:
                 reason = self.step(next(lookalike_stream))
             lookalike_stream.close()  # type: ignore[attr-defined]
@@ -257,31 +310,51 @@ class Session:
         assert self.generator is not None and state.threshold_deg is not None
         k = state.meta_epoch
         settings = looks.LookalikeSettings(
-            search=self.generator.search_config(steps=config.search_steps,
-                                                restarts=config.search_restarts),
-            objective=ObjectiveWeights(threshold_deg=state.threshold_deg,
-                                       temperature_deg=config.temperature_deg),
-            thumbnail=config.lookalike_thumbnail, batch=config.lookalike_batch)
-        pairs = looks.choose_pairs(dataset_targets(self.data.photos), config.lookalike_pairs,
-                                   config.seed, k)
-        key = {"meta_epoch": k, "step": state.step - state.meta_step, "seed": config.seed,
-               "pairs": pairs.tolist(), "generator": self.generator.sha256,
-               "search": settings.search.model_dump(mode="json"),
-               "objective": settings.objective.model_dump(mode="json"),
-               "thumbnail": config.lookalike_thumbnail}
+            search=self.generator.search_config(
+                steps=config.search_steps, restarts=config.search_restarts
+            ),
+            objective=ObjectiveWeights(
+                threshold_deg=state.threshold_deg, temperature_deg=config.temperature_deg
+            ),
+            thumbnail=config.lookalike_thumbnail,
+            batch=config.lookalike_batch,
+        )
+        pairs = looks.choose_pairs(
+            dataset_targets(self.data.photos), config.lookalike_pairs, config.seed, k
+        )
+        key = {
+            "meta_epoch": k,
+            "step": state.step - state.meta_step,
+            "seed": config.seed,
+            "pairs": pairs.tolist(),
+            "generator": self.generator.sha256,
+            "search": settings.search.model_dump(mode="json"),
+            "objective": settings.objective.model_dump(mode="json"),
+            "thumbnail": config.lookalike_thumbnail,
+        }
         task = self.bar.add_task("lookalikes", total=2 * len(pairs), status="")
 
         def progress(done: int, s: Any) -> None:
             rows = min(config.lookalike_batch, 2 * len(pairs) - done)
-            self.bar.update(task, completed=done + rows * s.step / s.steps,
-                            status=f"meta-epoch {k + 1}/{config.meta_epochs}: search step "
-                            f"{s.step}/{s.steps}")
+            self.bar.update(
+                task,
+                completed=done + rows * s.step / s.steps,
+                status=f"meta-epoch {k + 1}/{config.meta_epochs}: search step {s.step}/{s.steps}",
+            )
 
         rng = rng_state()  # searched or read back, the training after it draws alike
         made = looks.generate_lookalikes(
-            state.model.extractor, self.generator, self.data.photos, pairs, settings,
-            looks.lookalike_path(self.out, k), key, config.seed, progress,
-            lambda: self.stopping() != "done")
+            state.model.extractor,
+            self.generator,
+            self.data.photos,
+            pairs,
+            settings,
+            looks.lookalike_path(self.out, k),
+            key,
+            config.seed,
+            progress,
+            lambda: self.stopping() != "done",
+        )
         set_rng_state(rng)
         self.bar.update(task, completed=made.done, visible=False)
         return made
@@ -295,18 +368,26 @@ class Session:
         # θ_t needs same/different pairs of training people; synthetic sets always have them.
         state.threshold_deg = float(theta) if theta is not None else DEFAULT_THRESHOLD_DEG
         entry: dict[str, Any] = {
-            "meta_epoch": state.meta_epoch, "step": state.step,
-            "metrics": {k: v for k, v in result.items() if k != "attribute_ap"}}
+            "meta_epoch": state.meta_epoch,
+            "step": state.step,
+            "metrics": {k: v for k, v in result.items() if k != "attribute_ap"},
+        }
         if made is not None:
-            entry["lookalikes"] = looks.measure(state.model.extractor, made[1], made[0],
-                                                state.threshold_deg)
+            entry["lookalikes"] = looks.measure(
+                state.model.extractor, made[1], made[0], state.threshold_deg
+            )
         state.meta_history.append(entry)
         self.checkpoint("meta_epoch", info=entry)
 
 
-def train(config: ExtractorConfig, *, resume: Path | None = None, progress: bool = True,
-          evaluate_at_end: bool = True,
-          on_step: Callable[[int, dict[str, float]], None] | None = None) -> TrainResult:
+def train(
+    config: ExtractorConfig,
+    *,
+    resume: Path | None = None,
+    progress: bool = True,
+    evaluate_at_end: bool = True,
+    on_step: Callable[[int, dict[str, float]], None] | None = None,
+) -> TrainResult:
     """Fit the heads (once), train jointly, then run the lookalike stage (or resume any
     of them) until done, ``max_minutes`` or SIGTERM/SIGINT; always leaves a checkpoint,
     an export and a log line behind. A SIGTERM during the head fit or an evaluation takes
@@ -331,6 +412,12 @@ def train(config: ExtractorConfig, *, resume: Path | None = None, progress: bool
         finally:
             session.close()
     out = Path(config.out)
-    return TrainResult(step=state.step, reason=reason, checkpoint=out / CHECKPOINT_NAME,
-                       export=out / EXPORT_NAME, metrics=entry.get("metrics", {}),
-                       last=session.last, meta_history=state.meta_history)
+    return TrainResult(
+        step=state.step,
+        reason=reason,
+        checkpoint=out / CHECKPOINT_NAME,
+        export=out / EXPORT_NAME,
+        metrics=entry.get("metrics", {}),
+        last=session.last,
+        meta_history=state.meta_history,
+    )

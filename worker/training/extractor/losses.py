@@ -18,8 +18,14 @@ class ArcFace(nn.Module):
     at all for θ > π/2) to keep the target logit monotonic.
     """
 
-    def __init__(self, in_dim: int, classes: int, scale: float = 64.0, margin: float = 0.5,
-                 easy_margin: bool = False) -> None:
+    def __init__(
+        self,
+        in_dim: int,
+        classes: int,
+        scale: float = 64.0,
+        margin: float = 0.5,
+        easy_margin: bool = False,
+    ) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(classes, in_dim))
         nn.init.normal_(self.weight, std=0.01)

@@ -27,8 +27,13 @@ def average_precision(scores: Tensor, labels: Tensor) -> float:
 
 
 @torch.no_grad()
-def _predict(ext: FaceExtractor, dataset: Dataset, limit: int, device: torch.device,
-             fn: Callable[[Tensor], Tensor]) -> tuple[Tensor, Tensor]:
+def _predict(
+    ext: FaceExtractor,
+    dataset: Dataset,
+    limit: int,
+    device: torch.device,
+    fn: Callable[[Tensor], Tensor],
+) -> tuple[Tensor, Tensor]:
     n = min(limit, len(dataset))  # type: ignore[arg-type]
     # An evenly spaced subset: deterministic and not biased to the first names.
     idx = torch.linspace(0, len(dataset) - 1, n).long().unique().tolist()  # type: ignore[arg-type]
@@ -56,12 +61,15 @@ def same_diff_pairs(identities: Tensor, seed: int = 0) -> tuple[Tensor, Tensor]:
         a, b = torch.randint(n, (2,), generator=g).tolist()
         if identities[a] != identities[b]:
             diff.append((a, b))
-    return (torch.tensor(same, dtype=torch.long).view(-1, 2),
-            torch.tensor(diff, dtype=torch.long).view(-1, 2))
+    return (
+        torch.tensor(same, dtype=torch.long).view(-1, 2),
+        torch.tensor(diff, dtype=torch.long).view(-1, 2),
+    )
 
 
 def pair_angles(embeddings: Tensor, identities: Tensor) -> tuple[Tensor, Tensor]:
     """Angles (degrees) of the same-person and the different-person pairs of ``same_diff_pairs``."""
+
     def angles(pairs: Tensor) -> Tensor:
         return angle(embeddings[pairs[:, 0]], embeddings[pairs[:, 1]], degrees=True)
 
@@ -76,10 +84,15 @@ def verification(fit: tuple[Tensor, Tensor], held_out: tuple[Tensor, Tensor]) ->
         return {"threshold_deg": None, "threshold_fit_accuracy": None, "threshold_accuracy": None}
     theta, fit_accuracy = best_angle_threshold(*fit)
     held = threshold_accuracy(*held_out, theta) if sum(len(a) for a in held_out) else None
-    return {"threshold_deg": theta, "threshold_fit_accuracy": fit_accuracy,
-            "threshold_accuracy": held,
-            "threshold_pairs": {"fit": sum(len(a) for a in fit),
-                                "held_out": sum(len(a) for a in held_out)}}
+    return {
+        "threshold_deg": theta,
+        "threshold_fit_accuracy": fit_accuracy,
+        "threshold_accuracy": held,
+        "threshold_pairs": {
+            "fit": sum(len(a) for a in fit),
+            "held_out": sum(len(a) for a in held_out),
+        },
+    }
 
 
 @torch.no_grad()
@@ -106,8 +119,13 @@ def evaluate(ext: FaceExtractor, data: Data, limit: int, device: torch.device) -
         "race_top1": float((race_logits.argmax(1) == race_y).float().mean()),
         "attribute_map": float(np.mean(valid)) if valid else float("nan"),
         "attribute_ap": {n: ap for n, ap in zip(ext.attribute_head.labels, aps, strict=True)},
-        "angle_same": stats(same), "angle_diff": stats(diff),
+        "angle_same": stats(same),
+        "angle_diff": stats(diff),
         **verification(pair_angles(fit_emb, fit_ids), (same, diff)),
-        "samples": {"race": len(race_y), "attributes": len(attr_y), "identity": len(ids),
-                    "threshold_fit": len(fit_ids)},
+        "samples": {
+            "race": len(race_y),
+            "attributes": len(attr_y),
+            "identity": len(ids),
+            "threshold_fit": len(fit_ids),
+        },
     }

@@ -39,29 +39,45 @@ def new_state(config: ExtractorConfig, data: Data, device: torch.device) -> Trai
     attribute weights of its training set."""
     model = build_model(config, data.classes).to(device)
     pos_weight = attribute_pos_weight(dataset_targets(data.attributes)).to(device)
-    return TrainState(config, model, build_optimizer(config, model), pos_weight, device,
-                      heads_fitted=config.head_epochs == 0)
+    return TrainState(
+        config,
+        model,
+        build_optimizer(config, model),
+        pos_weight,
+        device,
+        heads_fitted=config.head_epochs == 0,
+    )
 
 
 def save_checkpoint(state: TrainState, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_torch_save({
-        "model": state.model.state_dict(), "opt": state.opt.state_dict(),
-        "pos_weight": state.pos_weight.cpu(), "step": state.step,
-        "heads_fitted": state.heads_fitted, "meta_epoch": state.meta_epoch,
-        "meta_step": state.meta_step, "threshold_deg": state.threshold_deg,
-        "meta_history": state.meta_history,
-        "classes": state.model.arcface.weight.shape[0], "train_seconds": state.train_seconds,
-        "rng": rng_state(), "train_config": state.config.model_dump(mode="json"),
-    }, path)
+    atomic_torch_save(
+        {
+            "model": state.model.state_dict(),
+            "opt": state.opt.state_dict(),
+            "pos_weight": state.pos_weight.cpu(),
+            "step": state.step,
+            "heads_fitted": state.heads_fitted,
+            "meta_epoch": state.meta_epoch,
+            "meta_step": state.meta_step,
+            "threshold_deg": state.threshold_deg,
+            "meta_history": state.meta_history,
+            "classes": state.model.arcface.weight.shape[0],
+            "train_seconds": state.train_seconds,
+            "rng": rng_state(),
+            "train_config": state.config.model_dump(mode="json"),
+        },
+        path,
+    )
 
 
 def read_checkpoint(path: Path) -> dict[str, Any]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise LikenessError("checkpoint_not_found", f"no such checkpoint: {path}",
-                            status=404) from None
+        raise LikenessError(
+            "checkpoint_not_found", f"no such checkpoint: {path}", status=404
+        ) from None
     except Exception as e:  # torch raises many types for a bad file
         raise LikenessError("bad_checkpoint", f"cannot read {path}: {e}") from None
     if not isinstance(ckpt, dict) or "train_config" not in ckpt or "pos_weight" not in ckpt:

@@ -29,26 +29,31 @@ def head_losses(state: TrainState, features: tuple[Item, Item, Item]) -> dict[st
     return {
         "loss_arc": F.cross_entropy(state.model.arcface(fi, yi), yi),
         "loss_race": F.cross_entropy(ext.race_head(fr), yr),
-        "loss_attr": F.binary_cross_entropy_with_logits(ext.attribute_head(fa), ya,
-                                                        pos_weight=state.pos_weight),
+        "loss_attr": F.binary_cross_entropy_with_logits(
+            ext.attribute_head(fa), ya, pos_weight=state.pos_weight
+        ),
     }
 
 
-def losses(state: TrainState, batches: tuple[Item, Item, Item],
-           siamese: Item | None = None) -> dict[str, Tensor]:
+def losses(
+    state: TrainState, batches: tuple[Item, Item, Item], siamese: Item | None = None
+) -> dict[str, Tensor]:
     """The joint losses; with ``siamese`` (lookalikes, their photos) L_siamese too, weighted."""
     ext = state.model.extractor
     c = state.config
     (xi, yi), (xr, yr), (xa, ya) = batches
     if c.blur_fraction > 0 and state.model.training:
         xi, xr, xa = (blurred(x, c.blur_fraction, c.blur_sides) for x in (xi, xr, xa))
-    parts = head_losses(state, ((ext.crop_features(xi), yi), (ext.crop_features(xr), yr),
-                                (ext.crop_features(xa), ya)))
+    parts = head_losses(
+        state,
+        ((ext.crop_features(xi), yi), (ext.crop_features(xr), yr), (ext.crop_features(xa), ya)),
+    )
     if siamese is not None:
         if state.threshold_deg is None:
             raise ValueError("L_siamese needs θ_t: measure F before the Siamese steps")
         parts["loss_siamese"] = c.siamese_weight * looks.siamese_loss(
-            ext, *siamese, state.threshold_deg, c.temperature_deg)
+            ext, *siamese, state.threshold_deg, c.temperature_deg
+        )
     return parts
 
 
@@ -75,8 +80,9 @@ def freeze_batchnorm(module: nn.Module) -> None:
             m.eval()
 
 
-def train_step(state: TrainState, batches: tuple[Item, Item, Item],
-               siamese: Item | None = None) -> dict[str, float]:
+def train_step(
+    state: TrainState, batches: tuple[Item, Item, Item], siamese: Item | None = None
+) -> dict[str, float]:
     state.model.train()
     freeze_batchnorm(state.model)
     parts = losses(state, batches, siamese)
@@ -90,15 +96,26 @@ def train_step(state: TrainState, batches: tuple[Item, Item, Item],
     return {k: float(v.detach()) for k, v in parts.items()} | {"loss": float(total.detach())}
 
 
-def stream(config: ExtractorConfig, dataset: Dataset, start_step: int, seed: int,
-           device: torch.device, batch: int | None = None) -> Iterator[Item]:
+def stream(
+    config: ExtractorConfig,
+    dataset: Dataset,
+    start_step: int,
+    seed: int,
+    device: torch.device,
+    batch: int | None = None,
+) -> Iterator[Item]:
     """Endless batches (``config.batch`` unless given) from step ``start_step`` on."""
     workers = config.workers if config.workers is not None else (4 if device.type == "cuda" else 0)
     batch = min(batch or config.batch, len(dataset))  # type: ignore[arg-type]
-    loader = DataLoader(dataset, batch_size=batch, drop_last=True, num_workers=workers,
-                        sampler=StepSampler(len(dataset), seed, start=start_step * batch),  # type: ignore[arg-type]
-                        pin_memory=device.type == "cuda",
-                        generator=torch.Generator().manual_seed(seed))
+    loader = DataLoader(
+        dataset,
+        batch_size=batch,
+        drop_last=True,
+        num_workers=workers,
+        sampler=StepSampler(len(dataset), seed, start=start_step * batch),  # type: ignore[arg-type]
+        pin_memory=device.type == "cuda",
+        generator=torch.Generator().manual_seed(seed),
+    )
     for x, y in loader:
         yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
@@ -110,7 +127,8 @@ def frozen_features(state: TrainState, data: Data) -> tuple[Item, Item, Item]:
     ext.eval()
     identity, race, attributes = (
         _predict(ext, ds, len(ds), state.device, lambda f: f)  # type: ignore[arg-type]
-        for ds in (originals(data.identity), originals(data.race), originals(data.attributes)))
+        for ds in (originals(data.identity), originals(data.race), originals(data.attributes))
+    )
     return identity, race, attributes
 
 
@@ -137,14 +155,25 @@ def fit_heads(state: TrainState, features: tuple[Item, Item, Item]) -> dict[str,
         orders = [_shuffled(len(y), config.batch, steps, g) for _, y in sets]
         means = MetricMeans()
         for k in range(steps):
-            parts = head_losses(state, tuple((x[o[k]], y[o[k]])  # type: ignore[arg-type]
-                                             for (x, y), o in zip(sets, orders, strict=True)))
+            parts = head_losses(
+                state,
+                tuple(
+                    (x[o[k]], y[o[k]])  # type: ignore[arg-type]
+                    for (x, y), o in zip(sets, orders, strict=True)
+                ),
+            )
             opt.zero_grad(set_to_none=True)
             sum(parts.values()).backward()  # type: ignore[union-attr]
             opt.step()
             means.add({name: float(v.detach()) for name, v in parts.items()})
         epochs.append(means.pop())
-    return {"epochs": config.head_epochs, "steps_per_epoch": steps,
-            "faces": {name: len(y) for name, (_, y) in zip(
-                ("identity", "race", "attributes"), sets, strict=True)},
-            "first_epoch": epochs[0] if epochs else {}, "last_epoch": epochs[-1] if epochs else {}}
+    return {
+        "epochs": config.head_epochs,
+        "steps_per_epoch": steps,
+        "faces": {
+            name: len(y)
+            for name, (_, y) in zip(("identity", "race", "attributes"), sets, strict=True)
+        },
+        "first_epoch": epochs[0] if epochs else {},
+        "last_epoch": epochs[-1] if epochs else {},
+    }

@@ -30,30 +30,47 @@ class TrainConfig(BaseModel):
     n_mlp: int = Field(4, description="depth of the mapping network")
     # optimisation
     objective: Objective = Field(
-        "gan", description="gan: StyleGAN2's adversarial training (needs a GPU's millions of "
+        "gan",
+        description="gan: StyleGAN2's adversarial training (needs a GPU's millions of "
         "images); vae: G as the decoder of a variational autoencoder, which makes faces after "
-        "a few epochs (the CPU path); vae-gan: the autoencoder plus the adversarial terms")
+        "a few epochs (the CPU path); vae-gan: the autoencoder plus the adversarial terms",
+    )
     kl_weight: float = Field(5e-5, ge=0, description="vae: weight of the KL term (nats/image)")
     lowres_weight: float = Field(10.0, ge=0, description="vae: weight of the 16/32-px MSE")
     identity_weight: float = Field(
-        0.1, ge=0, description="vae: weight of 1 - cos of MobileFaceNet embeddings")
+        0.1, ge=0, description="vae: weight of 1 - cos of MobileFaceNet embeddings"
+    )
     face_weights: Path | None = Field(
-        None, description="MobileFaceNet checkpoint: the vae objectives' identity term (None: "
-        "no term) and the FD at checkpoints")
+        None,
+        description="MobileFaceNet checkpoint: the vae objectives' identity term (None: "
+        "no term) and the FD at checkpoints",
+    )
     fd_samples: int = Field(
-        0, ge=0, description="at every checkpoint, the FD between the MobileFaceNet embeddings "
+        0,
+        ge=0,
+        description="at every checkpoint, the FD between the MobileFaceNet embeddings "
         "of this many samples of G_ema and as many held-out photos (val + test people of the "
-        "labels.csv beside the zip), in the log: progress across checkpoints; 0: off")
+        "labels.csv beside the zip), in the log: progress across checkpoints; 0: off",
+    )
     perceptual_weight: float = Field(
-        0.0, ge=0, description="vae: weight of the distance of MobileFaceNet's feature maps "
-        "(worker/training/perceptual.py; needs face_weights); 0: off")
+        0.0,
+        ge=0,
+        description="vae: weight of the distance of MobileFaceNet's feature maps "
+        "(worker/training/perceptual.py; needs face_weights); 0: off",
+    )
     adv_weight: float = Field(1.0, ge=0, description="weight of G's adversarial loss")
     adv_start_kimg: float = Field(
-        0.0, ge=0, description="vae-gan: no adversarial updates before this many kimg, so "
-        "that reconstructions are good before D judges them")
+        0.0,
+        ge=0,
+        description="vae-gan: no adversarial updates before this many kimg, so "
+        "that reconstructions are good before D judges them",
+    )
     adv_ramp_kimg: float = Field(
-        0.0, ge=0, description="then raise G's adversarial weight linearly from 0 to "
-        "adv_weight over this many kimg")
+        0.0,
+        ge=0,
+        description="then raise G's adversarial weight linearly from 0 to "
+        "adv_weight over this many kimg",
+    )
     batch: int = Field(8, ge=1)
     lr: float = Field(0.002, gt=0, description="Adam lr before the lazy-reg correction")
     r1_gamma: float = Field(0.5, ge=0, description="R1 weight; ~0.0002·res²/batch suits small data")
@@ -73,13 +90,17 @@ class TrainConfig(BaseModel):
     data: Path | None = Field(None, description="zip of images; None: synthetic (smoke only)")
     members: Path | None = Field(None, description="split file: member names, one per line")
     prior_members: Path | None = Field(
-        None, description="vae objectives: fit the exported prior to the encoded faces of "
+        None,
+        description="vae objectives: fit the exported prior to the encoded faces of "
         "these members of the data zip (a split file), not to the running moments of the "
         "training batches: a prior that is, say, race-balanced where the training data is not; "
-        "costs one encoder pass over them at every checkpoint")
+        "costs one encoder pass over them at every checkpoint",
+    )
     init_generator: Path | None = Field(
-        None, description="start G and G_ema from this generator checkpoint (same config): "
-                          "a warm start, e.g. from weights/generator.pt when a run is gone")
+        None,
+        description="start G and G_ema from this generator checkpoint (same config): "
+        "a warm start, e.g. from weights/generator.pt when a run is gone",
+    )
     synthetic_count: int = Field(256, ge=1)
     out: Path = Path("runs/generator")
     total_kimg: float = Field(1000.0, gt=0)
@@ -102,9 +123,13 @@ class TrainConfig(BaseModel):
         return self
 
     def generator_config(self) -> GeneratorConfig:
-        return GeneratorConfig.slim(self.resolution, channel_max=self.channel_max,
-                                    channel_base=self.channel_base, style_dim=self.style_dim,
-                                    n_mlp=self.n_mlp)
+        return GeneratorConfig.slim(
+            self.resolution,
+            channel_max=self.channel_max,
+            channel_base=self.channel_base,
+            style_dim=self.style_dim,
+            n_mlp=self.n_mlp,
+        )
 
     @property
     def ema_half_life_kimg(self) -> float:
@@ -119,9 +144,18 @@ class TrainConfig(BaseModel):
     def smoke(cls, **overrides: Any) -> TrainConfig:
         """A tiny run that finishes on CPU in well under a minute."""
         base: dict[str, Any] = dict(
-            resolution=32, channel_max=32, channel_base=512, style_dim=32, n_mlp=2, batch=4,
-            total_kimg=0.16, checkpoint_minutes=0.25, r1_every=4, latent_avg_samples=2000,
-            out=Path("runs/smoke"))
+            resolution=32,
+            channel_max=32,
+            channel_base=512,
+            style_dim=32,
+            n_mlp=2,
+            batch=4,
+            total_kimg=0.16,
+            checkpoint_minutes=0.25,
+            r1_every=4,
+            latent_avg_samples=2000,
+            out=Path("runs/smoke"),
+        )
         return cls(**(base | overrides))
 
 
@@ -129,11 +163,29 @@ class TrainConfig(BaseModel):
 # The vae objectives' loss weights are among them: raising the KL weight
 # after a warm-up at a low one is the usual way to train a VAE (the checkpoint
 # records the weights in force when it was written).
-RUN_FIELDS = frozenset({"data", "members", "out", "total_kimg", "max_minutes",
-                        "checkpoint_minutes", "device", "workers", "synthetic_count",
-                        "face_weights", "kl_weight", "lowres_weight", "identity_weight",
-                        "adv_weight", "fd_samples", "perceptual_weight", "adv_start_kimg",
-                        "adv_ramp_kimg", "prior_members"})
+RUN_FIELDS = frozenset(
+    {
+        "data",
+        "members",
+        "out",
+        "total_kimg",
+        "max_minutes",
+        "checkpoint_minutes",
+        "device",
+        "workers",
+        "synthetic_count",
+        "face_weights",
+        "kl_weight",
+        "lowres_weight",
+        "identity_weight",
+        "adv_weight",
+        "fd_samples",
+        "perceptual_weight",
+        "adv_start_kimg",
+        "adv_ramp_kimg",
+        "prior_members",
+    }
+)
 
 
 def merge_resume_config(saved: TrainConfig, overrides: dict[str, Any]) -> TrainConfig:
@@ -141,8 +193,11 @@ def merge_resume_config(saved: TrainConfig, overrides: dict[str, Any]) -> TrainC
     for name, value in overrides.items():
         if name not in RUN_FIELDS and value != getattr(saved, name):
             raise LikenessError(
-                "resume_mismatch", f"cannot change {name} when resuming "
-                f"(the checkpoint has {getattr(saved, name)!r}, asked for {value!r})")
+                "resume_mismatch",
+                f"cannot change {name} when resuming "
+                f"(the checkpoint has {getattr(saved, name)!r}, asked for {value!r})",
+            )
     # validated again: a run-control change can make a setting do nothing
     return TrainConfig.model_validate(
-        saved.model_dump() | {k: v for k, v in overrides.items() if k in RUN_FIELDS})
+        saved.model_dump() | {k: v for k, v in overrides.items() if k in RUN_FIELDS}
+    )

@@ -26,8 +26,15 @@ from worker.engine.generator import (
 class EqualConv2d(nn.Module):
     """Conv with equalised learning rate (weights scaled at run time)."""
 
-    def __init__(self, in_channel: int, out_channel: int, kernel_size: int,
-                 stride: int = 1, padding: int = 0, bias: bool = True) -> None:
+    def __init__(
+        self,
+        in_channel: int,
+        out_channel: int,
+        kernel_size: int,
+        stride: int = 1,
+        padding: int = 0,
+        bias: bool = True,
+    ) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.randn(out_channel, in_channel, kernel_size, kernel_size))
         self.scale = 1 / math.sqrt(in_channel * kernel_size**2)
@@ -35,17 +42,25 @@ class EqualConv2d(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_channel)) if bias else None
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.conv2d(x, self.weight * self.scale, self.bias,
-                        stride=self.stride, padding=self.padding)
+        return F.conv2d(
+            x, self.weight * self.scale, self.bias, stride=self.stride, padding=self.padding
+        )
 
 
 class ConvLayer(nn.Sequential):
     """[blur →] conv [→ bias + leaky ReLU]; downsampling blurs first so the
     stride-2 conv does not alias."""
 
-    def __init__(self, in_channel: int, out_channel: int, kernel_size: int,
-                 downsample: bool = False, blur_kernel: Sequence[int] = (1, 3, 3, 1),
-                 bias: bool = True, activate: bool = True) -> None:
+    def __init__(
+        self,
+        in_channel: int,
+        out_channel: int,
+        kernel_size: int,
+        downsample: bool = False,
+        blur_kernel: Sequence[int] = (1, 3, 3, 1),
+        bias: bool = True,
+        activate: bool = True,
+    ) -> None:
         layers: list[nn.Module] = []
         if downsample:
             p = (len(blur_kernel) - 2) + (kernel_size - 1)
@@ -54,8 +69,16 @@ class ConvLayer(nn.Sequential):
         else:
             stride, padding = 1, kernel_size // 2
         # with an activation the bias lives in the activation (the port's layout)
-        layers.append(EqualConv2d(in_channel, out_channel, kernel_size, stride=stride,
-                                  padding=padding, bias=bias and not activate))
+        layers.append(
+            EqualConv2d(
+                in_channel,
+                out_channel,
+                kernel_size,
+                stride=stride,
+                padding=padding,
+                bias=bias and not activate,
+            )
+        )
         if activate:
             layers.append(FusedLeakyReLU(out_channel))
         super().__init__(*layers)
@@ -64,14 +87,21 @@ class ConvLayer(nn.Sequential):
 class ResBlock(nn.Module):
     """Two 3×3 convs (the second halves the size) plus a 1×1 downsampled skip."""
 
-    def __init__(self, in_channel: int, out_channel: int,
-                 blur_kernel: Sequence[int] = (1, 3, 3, 1)) -> None:
+    def __init__(
+        self, in_channel: int, out_channel: int, blur_kernel: Sequence[int] = (1, 3, 3, 1)
+    ) -> None:
         super().__init__()
         self.conv1 = ConvLayer(in_channel, in_channel, 3)
-        self.conv2 = ConvLayer(in_channel, out_channel, 3, downsample=True,
-                               blur_kernel=blur_kernel)
-        self.skip = ConvLayer(in_channel, out_channel, 1, downsample=True,
-                              blur_kernel=blur_kernel, activate=False, bias=False)
+        self.conv2 = ConvLayer(in_channel, out_channel, 3, downsample=True, blur_kernel=blur_kernel)
+        self.skip = ConvLayer(
+            in_channel,
+            out_channel,
+            1,
+            downsample=True,
+            blur_kernel=blur_kernel,
+            activate=False,
+            bias=False,
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         # 1/sqrt(2) keeps the sum at unit variance

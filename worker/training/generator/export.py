@@ -41,17 +41,20 @@ def mean_w(G: Generator, samples: int, seed: int = 0, chunk: int = 10_000) -> Te
 
 
 @torch.no_grad()
-def sample_grid(G: Generator, seed: int, columns: int = GRID_COLUMNS,
-                rows: int = GRID_ROWS) -> Image.Image:
+def sample_grid(
+    G: Generator, seed: int, columns: int = GRID_COLUMNS, rows: int = GRID_ROWS
+) -> Image.Image:
     """A fixed-latent grid (no truncation, the stored noise): the same faces every time."""
     device = next(G.parameters()).device
-    z = torch.randn(columns * rows, G.config.style_dim,
-                    generator=torch.Generator().manual_seed(seed)).to(device)
+    z = torch.randn(
+        columns * rows, G.config.style_dim, generator=torch.Generator().manual_seed(seed)
+    ).to(device)
     images = torch.cat([G(chunk, noise=G.stored_noise()) for chunk in z.split(8)])
     images = images.float().clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8).cpu()
     r = G.config.resolution
-    grid = images.view(rows, columns, 3, r, r).permute(0, 3, 1, 4, 2).reshape(rows * r,
-                                                                             columns * r, 3)
+    grid = (
+        images.view(rows, columns, 3, r, r).permute(0, 3, 1, 4, 2).reshape(rows * r, columns * r, 3)
+    )
     return Image.fromarray(grid.numpy())
 
 
@@ -80,10 +83,15 @@ def export(state: TrainState, out: Path, G: Generator | None = None) -> dict[str
     G = G if G is not None else exported_generator(state)
     latent_avg = mean_w(G, c.latent_avg_samples, seed=c.seed)
     fit = fit_mapping(G, samples=c.latent_avg_samples, batch=10_000, seed=c.seed)
-    extra = {"train": {"kimg": state.kimg, "step": state.step,
-                       "train_seconds": state.train_seconds,
-                       "device_seconds": state.device_seconds,
-                       "data": str(c.data or "synthetic")}}
+    extra = {
+        "train": {
+            "kimg": state.kimg,
+            "step": state.step,
+            "train_seconds": state.train_seconds,
+            "device_seconds": state.device_seconds,
+            "data": str(c.data or "synthetic"),
+        }
+    }
     save_generator(out / GENERATOR_NAME, G, latent_avg=latent_avg, mapping_fit=fit, extra=extra)
     grid_path = out / f"samples_kimg{int(state.kimg):04d}.png"
     tmp = grid_path.with_name(grid_path.name + ".tmp")

@@ -66,33 +66,42 @@ def fd_probe(config: TrainConfig, state: TrainState) -> FDProbe | None:
     if n == 0:
         return None
     if config.face_weights is None:
-        raise LikenessError("no_face_weights", "--fd-samples needs --face-weights "
-                            "(the MobileFaceNet whose embeddings FD compares)")
+        raise LikenessError(
+            "no_face_weights",
+            "--fd-samples needs --face-weights (the MobileFaceNet whose embeddings FD compares)",
+        )
     face = state.face or load_face_model(config.face_weights, state.device)
     if config.data is None:  # smoke runs: other synthetic images stand in for photos
         synthetic = SyntheticImages(config.resolution, n, seed=config.seed + 1)
         photos = torch.stack([synthetic[i] for i in range(n)]).add(1).div(2)
     else:
         if not (config.data.parent / "labels.csv").is_file():
-            raise LikenessError("no_labels", f"--fd-samples needs labels.csv beside "
-                                f"{config.data} to find the held-out people")
+            raise LikenessError(
+                "no_labels",
+                f"--fd-samples needs labels.csv beside {config.data} to find the held-out people",
+            )
         photos = held_out_photos(config.data.parent, n, one_per_person=False)
     return FDProbe(face, photo_embeddings(face, photos))
 
 
 def make_dataset(config: TrainConfig) -> Dataset[Tensor]:
     if config.data is None:
-        return SyntheticImages(config.resolution, config.synthetic_count, config.seed,
-                               mirror=config.mirror)
+        return SyntheticImages(
+            config.resolution, config.synthetic_count, config.seed, mirror=config.mirror
+        )
     members = read_member_list(config.members) if config.members is not None else None
     return ImagesZip(config.data, config.resolution, members=members, mirror=config.mirror)
 
 
-def batches(config: TrainConfig, dataset: Dataset[Tensor], start_step: int,
-            device: torch.device) -> Iterator[Tensor]:
+def batches(
+    config: TrainConfig, dataset: Dataset[Tensor], start_step: int, device: torch.device
+) -> Iterator[Tensor]:
     workers = config.workers if config.workers is not None else (4 if device.type == "cuda" else 0)
     loader = DataLoader(
-        dataset, batch_size=config.batch, drop_last=True, num_workers=workers,
+        dataset,
+        batch_size=config.batch,
+        drop_last=True,
+        num_workers=workers,
         sampler=StepSampler(len(dataset), config.seed, start=start_step * config.batch),
         pin_memory=device.type == "cuda",
         # its own generator: otherwise creating the iterator draws from the global RNG
@@ -114,15 +123,24 @@ class TrainResult:
 PLAIN_LINE_SECONDS = 60.0
 
 # What the progress line shows, when the objective produces it.
-STATUS_METRICS = (("loss_G", "G", 3), ("loss_D", "D", 3), ("r1", "R1", 4),
-                  ("rec_l1", "L1", 4), ("rec_lowres", "lowres", 5), ("rec_identity", "id", 3),
-                  ("rec_perceptual", "perc", 3),
-                  ("kl", "KL", 0))
+STATUS_METRICS = (
+    ("loss_G", "G", 3),
+    ("loss_D", "D", 3),
+    ("r1", "R1", 4),
+    ("rec_l1", "L1", 4),
+    ("rec_lowres", "lowres", 5),
+    ("rec_identity", "id", 3),
+    ("rec_perceptual", "perc", 3),
+    ("kl", "KL", 0),
+)
 
 
 def status_text(metrics: dict[str, float]) -> str:
-    return " ".join(f"{label} {metrics[key]:.{digits}f}" for key, label, digits in STATUS_METRICS
-                    if key in metrics)
+    return " ".join(
+        f"{label} {metrics[key]:.{digits}f}"
+        for key, label, digits in STATUS_METRICS
+        if key in metrics
+    )
 
 
 def progress_bar(enabled: bool) -> Any:
@@ -130,14 +148,24 @@ def progress_bar(enabled: bool) -> Any:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     return Progress(
-        TextColumn("train"), BarColumn(), TextColumn("{task.fields[kimg]}"),
-        TextColumn("{task.fields[status]}"), TimeElapsedColumn(),
-        console=Console(stderr=True), disable=not enabled)
+        TextColumn("train"),
+        BarColumn(),
+        TextColumn("{task.fields[kimg]}"),
+        TextColumn("{task.fields[status]}"),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+        disable=not enabled,
+    )
 
 
-def train(config: TrainConfig, *, resume: Path | None = None, progress: bool = True,
-          on_step: Callable[[int, dict[str, float]], None] | None = None,
-          on_checkpoint: Callable[[dict[str, Any]], None] | None = None) -> TrainResult:
+def train(
+    config: TrainConfig,
+    *,
+    resume: Path | None = None,
+    progress: bool = True,
+    on_step: Callable[[int, dict[str, float]], None] | None = None,
+    on_checkpoint: Callable[[dict[str, Any]], None] | None = None,
+) -> TrainResult:
     """Train (or resume) until ``total_kimg``, ``max_minutes`` or a signal; always
     leaves a checkpoint, ``g_ema.pt``, a sample grid and a log line behind.
 
@@ -147,8 +175,9 @@ def train(config: TrainConfig, *, resume: Path | None = None, progress: bool = T
     device = pick_device(config.device)
     ckpt = read_checkpoint(resume) if resume is not None else None
     if ckpt is not None:
-        config = merge_resume_config(TrainConfig(**ckpt["train_config"]),
-                                     config.model_dump(include=set(RUN_FIELDS)))
+        config = merge_resume_config(
+            TrainConfig(**ckpt["train_config"]), config.model_dump(include=set(RUN_FIELDS))
+        )
     torch.manual_seed(config.seed)
     np.random.seed(config.seed)
     random.seed(config.seed)
@@ -177,10 +206,15 @@ def train(config: TrainConfig, *, resume: Path | None = None, progress: bool = T
         save_checkpoint(state, out / CHECKPOINT_NAME)
         G = exported_generator(state)
         files = export(state, out, G)
-        entry = {"step": state.step, "kimg": round(state.kimg, 3), "reason": why,
-                 "img_per_s": (state.step - last_log_step) * config.batch / max(now - last_save,
-                                                                                1e-9),
-                 "train_seconds": round(state.train_seconds, 1), **means.pop(), **files}
+        entry = {
+            "step": state.step,
+            "kimg": round(state.kimg, 3),
+            "reason": why,
+            "img_per_s": (state.step - last_log_step) * config.batch / max(now - last_save, 1e-9),
+            "train_seconds": round(state.train_seconds, 1),
+            **means.pop(),
+            **files,
+        }
         if probe is not None:
             with torch.random.fork_rng(devices=[]):  # the run's RNG is already saved
                 entry |= {"fd": probe(G), "fd_samples": config.fd_samples}
@@ -192,8 +226,9 @@ def train(config: TrainConfig, *, resume: Path | None = None, progress: bool = T
         return entry
 
     with StopSignal() as stop, progress_bar(progress) as bar:
-        task = bar.add_task("train", total=config.total_steps, completed=state.step,
-                            kimg="", status="")
+        task = bar.add_task(
+            "train", total=config.total_steps, completed=state.step, kimg="", status=""
+        )
         # Under nohup, docker or CI there is no live bar: print a plain line a minute.
         plain_lines = progress and not bar.console.is_terminal
         last_line = time.monotonic()
@@ -222,5 +257,10 @@ def train(config: TrainConfig, *, resume: Path | None = None, progress: bool = T
                 checkpoint("periodic")
         checkpoint(reason)
     data.close()  # shuts the DataLoader's worker processes down now, not at GC
-    return TrainResult(step=state.step, kimg=state.kimg, reason=reason,
-                       checkpoint=out / CHECKPOINT_NAME, last=metrics)
+    return TrainResult(
+        step=state.step,
+        kimg=state.kimg,
+        reason=reason,
+        checkpoint=out / CHECKPOINT_NAME,
+        last=metrics,
+    )

@@ -55,6 +55,8 @@ def perceptual_distance(face: FaceExtractor, fake: Tensor, real: Tensor) -> Tens
     """Mean over layers of the squared distance between unit feature vectors: (B,)."""
     with torch.no_grad():
         targets = face_feature_maps(face, real)
-    terms = [(_unit(f) - _unit(t)).pow(2).sum(1).mean((1, 2))
-             for f, t in zip(face_feature_maps(face, fake), targets, strict=True)]
+    terms = [
+        (_unit(f) - _unit(t)).pow(2).sum(1).mean((1, 2))
+        for f, t in zip(face_feature_maps(face, fake), targets, strict=True)
+    ]
     return torch.stack(terms).mean(0)

@@ -96,8 +96,13 @@ def build_state(config: TrainConfig, device: torch.device) -> TrainState:
 
     fp16 = amp_dtype(config, device) == torch.float16
     state = TrainState(
-        config=config, device=device, G=G, D=D, G_ema=G_ema,
-        opt_G=adam(G.parameters(), g_ratio), opt_D=adam(D.parameters(), d_ratio),
+        config=config,
+        device=device,
+        G=G,
+        D=D,
+        G_ema=G_ema,
+        opt_G=adam(G.parameters(), g_ratio),
+        opt_D=adam(D.parameters(), d_ratio),
         scaler_G=torch.amp.GradScaler("cuda") if fp16 else None,
         scaler_D=torch.amp.GradScaler("cuda") if fp16 else None,
         augment=parse_policy(config.augment),
@@ -119,17 +124,26 @@ def warm_start_weights(path: Path, gconf: GeneratorConfig) -> dict[str, Tensor]:
     ours = gconf.model_dump(mode="json")
     if theirs != ours:
         differ = sorted(k for k in ours if theirs.get(k) != ours[k])
-        raise LikenessError("init_mismatch", f"{path} is a generator with another config "
-                            f"({', '.join(differ)} differ): give this run's shape options")
+        raise LikenessError(
+            "init_mismatch",
+            f"{path} is a generator with another config "
+            f"({', '.join(differ)} differ): give this run's shape options",
+        )
     return {k: v.float() for k, v in loaded.generator.state_dict().items()}
 
 
 def save_checkpoint(state: TrainState, path: Path) -> None:
     ckpt = {
-        "G": state.G.state_dict(), "D": state.D.state_dict(), "G_ema": state.G_ema.state_dict(),
-        "opt_G": state.opt_G.state_dict(), "opt_D": state.opt_D.state_dict(),
-        "step": state.step, "kimg": state.kimg, "mean_path_length": state.mean_path_length,
-        "train_seconds": state.train_seconds, "device_seconds": state.device_seconds,
+        "G": state.G.state_dict(),
+        "D": state.D.state_dict(),
+        "G_ema": state.G_ema.state_dict(),
+        "opt_G": state.opt_G.state_dict(),
+        "opt_D": state.opt_D.state_dict(),
+        "step": state.step,
+        "kimg": state.kimg,
+        "mean_path_length": state.mean_path_length,
+        "train_seconds": state.train_seconds,
+        "device_seconds": state.device_seconds,
         "rng": rng_state(),
         "train_config": state.config.model_dump(mode="json"),
         "generator_config": state.G.config.model_dump(mode="json"),
@@ -153,8 +167,9 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     try:
         ckpt = torch.load(source, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise LikenessError("checkpoint_not_found", f"no such checkpoint: {path}",
-                            status=404) from None
+        raise LikenessError(
+            "checkpoint_not_found", f"no such checkpoint: {path}", status=404
+        ) from None
     except Exception as e:  # torch raises many types for a bad file
         raise LikenessError("bad_checkpoint", f"cannot read {path}: {e}") from None
     if not isinstance(ckpt, dict) or "train_config" not in ckpt:
@@ -184,7 +199,10 @@ def load_checkpoint(state: TrainState, ckpt: dict[str, Any]) -> None:
     # checkpoints from before the split: counted as the device the last session was pinned
     # to (a run that moved between devices before then is misattributed)
     pinned = str(ckpt["train_config"].get("device", "auto")).split(":")[0]
-    state.device_seconds = {k: float(v) for k, v in ckpt.get(
-        "device_seconds", {pinned if pinned != "auto" else "unrecorded": state.train_seconds}
-    ).items()}
+    state.device_seconds = {
+        k: float(v)
+        for k, v in ckpt.get(
+            "device_seconds", {pinned if pinned != "auto" else "unrecorded": state.train_seconds}
+        ).items()
+    }
     set_rng_state(ckpt["rng"])

@@ -67,8 +67,11 @@ def d_step(state: TrainState, real: Tensor) -> dict[str, float]:
         real_pred = D(diff_augment(real, state.augment))
         loss = d_logistic_loss(real_pred.float(), fake_pred.float())
     _step(loss, state.opt_D, state.scaler_D)
-    out = {"loss_D": loss.item(), "real_score": real_pred.float().mean().item(),
-           "fake_score": fake_pred.float().mean().item()}
+    out = {
+        "loss_D": loss.item(),
+        "real_score": real_pred.float().mean().item(),
+        "fake_score": fake_pred.float().mean().item(),
+    }
     if c.r1_gamma > 0 and state.step % c.r1_every == 0:
         # in fp32: the gradient penalty is where reduced precision hurts most
         real = real.detach().requires_grad_(True)
@@ -89,7 +92,8 @@ def g_step(state: TrainState, batch: int) -> dict[str, float]:
     with _autocast(state):
         fake = G.synthesis(sample_w_plus(G, batch, c.mixing, state.device))
         loss = state.adv_weight_now * g_nonsaturating_loss(
-            D(diff_augment(fake, state.augment)).float())
+            D(diff_augment(fake, state.augment)).float()
+        )
     _step(loss, state.opt_G, state.scaler_G)
     out = {"loss_G": loss.item()}
     if c.pl_weight > 0 and state.step % c.pl_every == 0:
@@ -97,7 +101,8 @@ def g_step(state: TrainState, batch: int) -> dict[str, float]:
         fake = G.synthesis(w_plus)
         lengths = path_lengths(fake, w_plus)
         target = state.mean_path_length + c.pl_decay * (
-            lengths.mean().item() - state.mean_path_length)
+            lengths.mean().item() - state.mean_path_length
+        )
         penalty = (lengths - target).pow(2).mean()
         state.opt_G.zero_grad(set_to_none=True)
         (c.pl_weight * c.pl_every * penalty + 0 * fake[0, 0, 0, 0]).backward()
@@ -137,8 +142,11 @@ def train_step(state: TrainState, real: Tensor) -> dict[str, float]:
     state.step += 1
     bad = {k: v for k, v in metrics.items() if k.startswith("loss_") and not math.isfinite(v)}
     if bad:
-        raise LikenessError("training_diverged", f"losses became non-finite at step {state.step}: "
-                            + ", ".join(f"{k} {v}" for k, v in bad.items()))
+        raise LikenessError(
+            "training_diverged",
+            f"losses became non-finite at step {state.step}: "
+            + ", ".join(f"{k} {v}" for k, v in bad.items()),
+        )
     return metrics
 
 

@@ -105,8 +105,12 @@ class CodeMoments:
         return moments
 
     def state_dict(self) -> dict[str, object]:
-        return {"mean": self.mean, "second": self.second, "weight": self.weight,
-                "decay": self.decay}
+        return {
+            "mean": self.mean,
+            "second": self.second,
+            "weight": self.weight,
+            "decay": self.decay,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.mean, self.second = state["mean"].double(), state["second"].double()
@@ -170,8 +174,9 @@ def face_embedding(face: FaceExtractor, images: Tensor) -> Tensor:
     return face.embed((images + 1) / 2, landmarks)
 
 
-def reconstruction_terms(fake: Tensor, real: Tensor, face: FaceExtractor | None,
-                         perceptual: bool = False) -> dict[str, Tensor]:
+def reconstruction_terms(
+    fake: Tensor, real: Tensor, face: FaceExtractor | None, perceptual: bool = False
+) -> dict[str, Tensor]:
     """Unweighted per-batch terms: pixel L1 (in [-1, 1]), MSE of the downscales
     (in [0, 1], as the search measures), 1 - cos of the face embeddings and, with
     ``perceptual``, the distance of the face network's feature maps."""
@@ -180,7 +185,9 @@ def reconstruction_terms(fake: Tensor, real: Tensor, face: FaceExtractor | None,
     # (a smoke run smaller than a thumbnail has no downscale term: zero)
     terms["lowres"] = sum(
         (downscale(fake01, (s, s)) - downscale(real01, (s, s))).pow(2).mean()
-        for s in LOWRES_SIZES if s < real.shape[-1]) + real.new_zeros(())
+        for s in LOWRES_SIZES
+        if s < real.shape[-1]
+    ) + real.new_zeros(())
     if face is not None:
         with torch.no_grad():
             target = face_embedding(face, real)
