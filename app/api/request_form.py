@@ -51,10 +51,9 @@ def _parameters() -> list[inspect.Parameter]:
                     annotation=Annotated[
                         list[str] | None,
                         Form(
-                            description="Wanted attribute as Name=0 or Name=1 (CelebA names such as "
-                            "Smiling, Eyeglasses, Male; Name:1 is read too). Repeat the field "
-                            "for "
-                            "several."
+                            description="Wanted attribute as Name=0 or Name=1 (CelebA names "
+                            "such as Smiling, Eyeglasses, Male; Name:1 is read too). Repeat the "
+                            "field for several."
                         ),
                     ],
                 )
