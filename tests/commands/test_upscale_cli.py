@@ -1,28 +1,40 @@
-"""The CLI end to end, in a subprocess, on a tiny generator written by the test."""
+"""The CLI end to end on a tiny generator written by the test: in this process (a
+subprocess per command would spend most of the suite's time importing torch), and once
+through the installed entry point."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 from skimage import data
+from typer.testing import CliRunner
 
+from cli.main import app
 from worker.engine.checkpoints import save_generator
 from worker.engine.generator import Generator, GeneratorConfig
+from worker.engine.speed import fastest_precision
 
 
-def likeness(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "cli", *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+@dataclass
+class Ran:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def likeness(*args: object) -> Ran:
+    """One command, as `likeness ARGS` would run it; an uncaught exception fails the test."""
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return Ran(result.exit_code, result.stdout, result.stderr)
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +49,13 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return d
 
 
-def test_inspect_prints_the_config(workdir: Path) -> None:
-    r = likeness("weights", "inspect", workdir / "tiny.pt")
+def test_inspect_prints_the_config_through_the_entry_point(workdir: Path) -> None:
+    r = subprocess.run(
+        [sys.executable, "-m", "cli", "weights", "inspect", str(workdir / "tiny.pt")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     info = json.loads(r.stdout)
     assert info["config"]["resolution"] == 32 and info["n_latent"] == 8
@@ -75,7 +92,9 @@ def test_upscale_needs_a_mapping_fit_then_works(workdir: Path) -> None:
     report = json.loads(out.with_suffix(".json").read_text())
     assert report["accepted"] is True
     assert report["steps"] == 4 and report["restarts"] == 2 and report["seed"] == 5
-    assert report["precision"] == "fp32" and report["geocross_weight"] == 0.05  # PULSE's
+    # --precision auto: bf16 where this CPU has bf16 units, fp32 elsewhere; no compile
+    assert report["precision"] == fastest_precision("auto", torch.device("cpu"))
+    assert report["compiled"] is False and report["geocross_weight"] == 0.05  # PULSE's
     assert report["device"] == "cpu" and len(report["weights"]["sha256"]) == 64
     assert report["downscale_mse"] <= 1.0 and report["seconds"] > 0
     first = out.read_bytes()
@@ -107,12 +126,11 @@ def test_bad_inputs_fail_cleanly(workdir: Path) -> None:
 
 
 def test_a_generators_search_settings_reach_upscale_and_explicit_options_win(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
 ) -> None:
     """`weights set-search eps=…` is what the worker uses; the CLI must not override it."""
-    import os
-
     from likeness.manifest import WeightsEntry, register, sha256_file
+    from likeness.settings import get_settings
     from worker.engine.mapping_fit import fit_mapping
 
     folder = tmp_path / "weights"
@@ -135,32 +153,14 @@ def test_a_generators_search_settings_reach_upscale_and_explicit_options_win(
     Image.fromarray(data.astronaut()).resize((16, 16), Image.Resampling.BICUBIC).save(
         tmp_path / "thumb.png"
     )
-    env = {**os.environ, "LIKENESS_WEIGHTS_DIR": str(folder)}
+    monkeypatch.setenv("LIKENESS_WEIGHTS_DIR", str(folder))
+    get_settings.cache_clear()  # the variable is read when the settings are first built
+    request.addfinalizer(get_settings.cache_clear)  # and later tests must not see this folder
 
     def upscale(*extra: str) -> dict[str, object]:
         out = tmp_path / "out.png"
-        r = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "cli",
-                "upscale",
-                str(tmp_path / "thumb.png"),
-                "-o",
-                str(out),
-                "--steps",
-                "2",
-                "--restarts",
-                "1",
-                "--device",
-                "cpu",
-                *extra,
-            ],
-            capture_output=True,
-            text=True,
-            timeout=300,
-            env=env,
-        )
+        args = ["upscale", tmp_path / "thumb.png", "-o", out, "--steps", "2", "--restarts", "1"]
+        r = likeness(*args, "--device", "cpu", *extra)
         assert r.returncode in (0, 3), r.stderr
         return json.loads(out.with_suffix(".json").read_text())
 

@@ -10,7 +10,6 @@ import os
 import pickle
 import signal
 import zipfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,15 +27,6 @@ from worker.training.generator.discriminator import Discriminator
 from worker.training.generator.loop import train
 from worker.training.generator.state import read_checkpoint
 from worker.training.images_zip import ImagesZip, StepSampler
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    # tiny nets on a shared 2-core box: thread hand-offs cost more than they give
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def tiny(out: Path, steps: int, **overrides: object) -> TrainConfig:
