@@ -14,7 +14,11 @@ def worker_command(
     once: Annotated[bool, typer.Option("--once", help="run at most one batch, then exit")] = False,
     batch_size: Annotated[
         int | None,
-        typer.Option(min=1, help="most jobs per batched search (default: LIKENESS_BATCH_SIZE, 8)"),
+        typer.Option(
+            min=1,
+            help="most jobs per batched search (default: LIKENESS_BATCH_SIZE, else the size "
+            "measured fastest for the device and precision)",
+        ),
     ] = None,
     parent_pid: Annotated[
         int | None, typer.Option(hidden=True, help="stop when this process is gone (used by serve)")

@@ -147,14 +147,13 @@ class Settings(BaseSettings):
         description="Worker: torch device, auto (CUDA when available, else CPU), cpu, cuda "
         "or cuda:N.",
     )
-    # 4: on a 2-core CPU a batch of 4 jobs x 4 restarts costs no more per image than
-    # one job, and 8 costs 45% more (docs/benchmarks.md); GPU hosts set their own.
-    batch_size: int = Field(
-        default=4,
+    batch_size: int | None = Field(
+        default=None,
         ge=1,
         le=256,
         description="Worker: most compatible jobs claimed together and run as one batched "
-        "search (each job adds restarts rows to the batch).",
+        "search (each job adds restarts rows to the batch). Unset: the size measured "
+        "fastest per image for the worker's device and precision (docs/benchmarks.md).",
     )
     worker_poll_seconds: float = Field(
         default=1.0,
@@ -175,22 +174,25 @@ class Settings(BaseSettings):
         "device, the search loop's only wait for the GPU, so this also bounds how often the "
         "GPU's queue drains.",
     )
-    search_precision: Literal["fp32", "bf16"] = Field(
-        default="fp32",
-        description="Worker: number format of the generator in the search: fp32, or bf16 "
-        "(bfloat16 autocast; the losses, latents and optimiser stay float32), several times "
-        "faster on tensor-core GPUs and slower on most CPUs. A seed's image depends on it.",
+    search_precision: Literal["auto", "fp32", "bf16"] = Field(
+        default="auto",
+        description="Worker: number format of the generator in the search: fp32, bf16 "
+        "(bfloat16 autocast; the losses, latents and optimiser stay float32), or auto: bf16 "
+        "where the device has bf16 units (a GPU that supports it, a CPU with AVX512-BF16 or "
+        "AMX), fp32 elsewhere. A seed's image depends on it.",
     )
-    search_channels_last: bool = Field(
-        default=False,
-        description="Worker, CUDA only: channels-last (NHWC) activations in the generator.",
+    search_channels_last: bool | None = Field(
+        default=None,
+        description="Worker: channels-last (NHWC) activations in the generator. Unset: on "
+        "where it was measured faster (bf16 on a CPU with bf16 units), off elsewhere.",
     )
     search_compile: Literal["off", "default", "reduce-overhead", "max-autotune-no-cudagraphs"] = (
         Field(
             default="off",
-            description="Worker, CUDA only: torch.compile the generator's synthesis with this "
-            "mode (reduce-overhead adds CUDA graphs). The first search of each batch shape "
-            "compiles, which takes minutes at 1024 px.",
+            description="Worker: torch.compile the generator's synthesis with this mode "
+            "(reduce-overhead adds CUDA graphs on a GPU). The first search of each batch "
+            "shape compiles first: minutes on a GPU, over ten on a CPU, where it was not "
+            "measured faster.",
         )
     )
 

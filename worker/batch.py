@@ -46,6 +46,7 @@ from worker.engine.checkpoints import LoadedGenerator
 from worker.engine.face.extractor import FaceExtractor
 from worker.engine.objectives import DEFAULT_THRESHOLD_DEG
 from worker.engine.search import SearchConfig, SearchStep, SearchStopped
+from worker.engine.speed import fastest_layout, fastest_precision
 from worker.pipeline import (
     Objective,
     Upscaled,
@@ -218,14 +219,17 @@ def group_compatible(jobs: list[Job]) -> list[list[Job]]:
     return list(groups.values())
 
 
-def search_config(job: Job, settings: Settings, model: LoadedGenerator) -> SearchConfig:
+def search_config(
+    job: Job, settings: Settings, model: LoadedGenerator, device: torch.device
+) -> SearchConfig:
     """The job's search, run the way this worker's settings say (precision, layout,
-    compile)."""
+    compile) on its device."""
+    precision = fastest_precision(settings.search_precision, device)
     return resolve_search(
         job.record.options,
         model,
-        precision=settings.search_precision,
-        channels_last=settings.search_channels_last,
+        precision=precision,
+        channels_last=fastest_layout(settings.search_channels_last, device, precision),
         compile=settings.search_compile,
     )
 
@@ -370,7 +374,7 @@ def run_group(batch: Batch, group: list[Job]) -> None:
     group, objective = group_objective(batch, group)
     if not group:
         return
-    config = search_config(group[0], ctx.settings, ctx.model)
+    config = search_config(group[0], ctx.settings, ctx.model, ctx.device)
     seeds = [_seed(job) for job in group]
     watch = StepWatch(batch, group)
     batch_id = group[0].record.batch_id

@@ -276,6 +276,8 @@ def element_report(result: SearchResult, i: int, config: SearchConfig) -> dict[s
         "restarts": config.restarts,
         "seed": result.seeds[i] if result.seeds else result.seed,
         "precision": config.precision,  # bf16 rounds differently: part of what a seed gives
+        "channels_last": config.channels_last,
+        "compiled": config.compile != "off",
         "geocross_weight": config.geocross_weight,  # the generator's setting, or an option's
     }
     chosen = int(result.restart[i])

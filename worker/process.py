@@ -36,6 +36,7 @@ from worker.batch import WorkerContext, run_batch
 from worker.engine.checkpoints import LoadedGenerator
 from worker.engine.face.extractor import FaceExtractor
 from worker.engine.objectives import DEFAULT_THRESHOLD_DEG
+from worker.engine.speed import best_batch_size, fastest_precision
 from worker.pipeline import load_extractor, load_search_model, pick_device
 
 log = logging.getLogger("likeness.worker")
@@ -98,7 +99,11 @@ class Worker:
         threshold_deg: float = DEFAULT_THRESHOLD_DEG,
     ) -> None:
         self.settings = settings
-        self.batch_size = batch_size or settings.batch_size
+        self.batch_size = (
+            batch_size
+            or settings.batch_size
+            or best_batch_size(device, fastest_precision(settings.search_precision, device))
+        )
         self.stop = stop or StopFlag()
         worker_id = worker_id or new_worker_id()
         self.ctx = WorkerContext(
@@ -123,10 +128,11 @@ class Worker:
     def run(self, *, once: bool = False) -> int:
         """Claim and run batches until stopped (``once``: at most one batch)."""
         log.info(
-            "worker %s ready: %s on %s, batches of up to %d, store %s",
+            "worker %s ready: %s on %s in %s, batches of up to %d, store %s",
             self.worker_id,
             self.ctx.weights_name,
             self.ctx.device,
+            fastest_precision(self.settings.search_precision, self.ctx.device),
             self.batch_size,
             _redact(self.settings.store),
         )

@@ -59,15 +59,6 @@ class Hooked:
         return call
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    # Two torch threads on two shared cores run these tiny searches several times slower.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def model(tiny_weights: Path) -> LoadedGenerator:
     return load_generator(tiny_weights, "cpu")
@@ -91,6 +82,8 @@ def settings(tmp_path: Path, **overrides: Any) -> Settings:
         "store": "sqlite:///unused",
         "worker_poll_seconds": 0.01,
         "progress_interval_seconds": 0,
+        # the same numbers on every CPU; the automatic choice has a test of its own
+        "search_precision": "fp32",
     }
     return Settings(**{**values, **overrides})
 
@@ -264,10 +257,27 @@ def test_the_parent_going_away_stops_the_worker() -> None:
     assert StopFlag(parent_pid=os.getppid() + 100_000).stopping
 
 
-def test_the_search_runs_as_the_worker_settings_say() -> None:
+def test_an_unset_batch_size_is_the_best_measured_for_the_device(
+    store, model, tmp_path, monkeypatch
+) -> None:
+    from worker.engine import speed
+
+    def batch_size(**overrides: Any) -> int:
+        return make_worker(store, model, tmp_path, **overrides).batch_size
+
+    monkeypatch.setattr(speed, "cpu_flags", lambda: frozenset({"amx_bf16"}))
+    assert batch_size(search_precision="auto") == 8  # bf16: 8 x 4 was the best per image
+    assert batch_size(search_precision="fp32") == 4  # fp32: 4 x 4
+    assert batch_size(search_precision="auto", batch_size=3) == 3
+    monkeypatch.setattr(speed, "cpu_flags", lambda: frozenset())
+    assert batch_size(search_precision="auto") == 4
+
+
+def test_the_search_runs_as_the_worker_settings_say(monkeypatch) -> None:
     from types import SimpleNamespace
 
     from worker.batch import search_config
+    from worker.engine import speed
 
     job = SimpleNamespace(record=SimpleNamespace(options=JobOptions(steps=7, restarts=3, seed=1)))
     settings = Settings(
@@ -281,7 +291,8 @@ def test_the_search_runs_as_the_worker_settings_say() -> None:
         "0" * 64,  # type: ignore[arg-type]
         search_defaults={"geocross_weight": 0.02, "steps": 50},
     )
-    config = search_config(job, settings, model)  # type: ignore[arg-type]
+    cpu = torch.device("cpu")
+    config = search_config(job, settings, model, cpu)  # type: ignore[arg-type]
     # the job's steps win over the generator's; its other settings stay
     assert (config.steps, config.restarts, config.eps, config.seed) == (7, 3, 2e-3, 1)
     assert config.geocross_weight == 0.02
@@ -290,7 +301,16 @@ def test_the_search_runs_as_the_worker_settings_say() -> None:
         True,
         "reduce-overhead",
     )
-    assert search_config(job, Settings(), model).precision == "fp32"  # type: ignore[arg-type]
+    explicit = Settings(search_precision="fp32")
+    assert search_config(job, explicit, model, cpu).precision == "fp32"  # type: ignore[arg-type]
+    # auto: bf16 where the CPU has bf16 units, fp32 where it has none
+    # (with channels-last, measured faster there), fp32 in the default layout elsewhere
+    monkeypatch.setattr(speed, "cpu_flags", lambda: frozenset({"avx2", "amx_bf16"}))
+    auto = search_config(job, Settings(), model, cpu)  # type: ignore[arg-type]
+    assert (auto.precision, auto.channels_last) == ("bf16", True)
+    monkeypatch.setattr(speed, "cpu_flags", lambda: frozenset({"avx2", "avx512f"}))
+    auto = search_config(job, Settings(), model, cpu)  # type: ignore[arg-type]
+    assert (auto.precision, auto.channels_last) == ("fp32", False)
 
 
 def test_targets_go_through_the_extractor_per_job(store, model, tmp_path) -> None:
