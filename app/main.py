@@ -77,6 +77,7 @@ def create_app(settings: Settings | None = None, *, store: JobStore | None = Non
         try:
             yield
         finally:
+            app.state.reference_gate.close()
             await app.state.async_store.aclose()
             app.state.async_store = None
             if owned:

@@ -12,6 +12,7 @@ import hashlib
 import hmac
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Annotated, Protocol
 
@@ -149,11 +150,17 @@ class ReferenceChecksBusy(LikenessError):
 
 class ReferenceGate:
     """At most ``limit`` reference checks at once in this process; one more is refused
-    at once (429) rather than queued, so a flood of large photos cannot pile up."""
+    at once (429) rather than queued, so a flood of large photos cannot pile up.
+
+    The checks run on the gate's own ``limit`` threads: the memory a large photo takes
+    is reused by the next check on the same thread instead of being held by every
+    thread of the request pool.
+    """
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self._slots = threading.BoundedSemaphore(limit)
+        self._threads = ThreadPoolExecutor(limit, thread_name_prefix="likeness-reference")
 
     def guard(self, check: ReferenceChecker) -> Callable[[bytes], DecodedImage]:
         def checked(data: bytes) -> DecodedImage:
@@ -164,11 +171,14 @@ class ReferenceGate:
                     f"{ReferenceChecksBusy.retry_after_seconds} s.",
                 )
             try:
-                return check(data)
+                return self._threads.submit(check, data).result()
             finally:
                 self._slots.release()
 
         return checked
+
+    def close(self) -> None:
+        self._threads.shutdown(wait=False, cancel_futures=True)
 
 
 async def get_reference_checker(request: Request) -> Callable[[bytes], DecodedImage]:

@@ -114,7 +114,8 @@ class ThreadedJobStore(AsyncJobStore):
 
     async def _read(self, fn: Callable[[], T]) -> T:
         try:
-            return await asyncio.wait_for(self.off_loop(partial(self._guard, fn)), self.timeout)
+            async with asyncio.timeout(self.timeout):
+                return await self.off_loop(partial(self._guard, fn))
         except TimeoutError:
             raise StoreUnavailable() from None
 
@@ -171,7 +172,8 @@ async def bounded(
 ) -> T:
     """Await ``call`` at most ``timeout`` s; an outage or the timeout is ``StoreUnavailable``."""
     try:
-        return await asyncio.wait_for(call, timeout)
+        async with asyncio.timeout(timeout):
+            return await call
     except TimeoutError:
         raise StoreUnavailable() from None
     except outages as exc:

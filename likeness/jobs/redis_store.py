@@ -217,6 +217,14 @@ return 1
 """
 
 
+# The API's poll in one command: a job's fields and, while queued, its 0-based rank.
+_GET = """
+local k = job_key(ARGV[5])
+local rank = redis.call('ZRANK', P .. 'queue', ARGV[5])
+return {redis.call('HGETALL', k), rank or -1}
+"""
+
+
 def _ts(value: str) -> datetime | None:
     return utc_from_timestamp(float(value)) if value else None
 
@@ -517,6 +525,7 @@ class AsyncRedisJobStore(AsyncJobStore):
         )
         self._create = self.r.register_script(_PRELUDE + _CREATE)
         self._cancel = self.r.register_script(_PRELUDE + _CANCEL)
+        self._get = self.r.register_script(_PRELUDE + _GET)
 
     async def _call(self, call: Any) -> Any:
         return await bounded(call, self.timeout, REDIS_OUTAGES)
@@ -562,10 +571,11 @@ class AsyncRedisJobStore(AsyncJobStore):
         return existing, False
 
     async def get(self, job_id: str) -> tuple[JobRecord | None, int | None]:
-        raw, rank = await self._call(self._get_many([job_id], positions=True))
-        if not raw:
+        flat, rank = await self._call(self._get(args=[*self.sync._argv(self.clock()), job_id]))
+        if not flat:
             return None, None
-        return self.sync._record(raw), None if rank is None else int(rank) + 1
+        raw = dict(zip(flat[::2], flat[1::2], strict=True))
+        return self.sync._record(raw), None if rank < 0 else int(rank) + 1
 
     async def list_jobs(
         self, owner: str, *, limit: int, cursor: str | None
