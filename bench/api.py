@@ -139,8 +139,7 @@ def serving(target: str, tmp: Path, redis_url: str) -> Iterator[tuple[str, int]]
     store, _, worker = target.partition("+")
     env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     prefix = f"likeness-bench-{uuid.uuid4().hex[:8]}:"
-    data = tmp / target.replace("+", "-")
-    data.mkdir()
+    data = Path(tempfile.mkdtemp(prefix=target.replace("+", "-") + "-", dir=tmp))
     module = "bench.minimal_app:app" if store == "minimal" else "app.main:app"
     env.update(LIKENESS_DATA_DIR=str(data), MINIMAL_DB=str(data), LIKENESS_API_KEYS="")
     if store == "redis":
