@@ -323,7 +323,11 @@ def main() -> None:
         "connections": args.connections,
         "duration_s": args.duration,
         "cpu_count": os.cpu_count(),
-        "load_before": [round(x, 2) for x in os.getloadavg()],
+        "load": {
+            "meaning": "os.getloadavg() (1, 5, 15 min) before and after; other work on a "
+            "shared machine inflates every latency, so compare only within one run",
+            "before": [round(x, 2) for x in os.getloadavg()],
+        },
         "results": {},
     }
     with tempfile.TemporaryDirectory() as tmp_name:
@@ -336,7 +340,7 @@ def main() -> None:
         if args.memory:
             print("memory ...", file=sys.stderr, flush=True)
             report["memory"] = memory_phase(tmp, args)
-    report["load_after"] = [round(x, 2) for x in os.getloadavg()]
+    report["load"]["after"] = [round(x, 2) for x in os.getloadavg()]
     floor = report["results"]["minimal"]
     report["ratios_to_minimal"] = {
         t: ratios(r, floor) for t, r in report["results"].items() if t != "minimal"
