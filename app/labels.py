@@ -9,6 +9,7 @@ which are what the default heads are trained on. Read as raw JSON (not through
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -67,10 +68,22 @@ def _load(path: Path, mtime_ns: int) -> Labels:
     return labels_from_manifest(manifest, str(path)) if isinstance(manifest, dict) else Labels()
 
 
+# The manifest's mtime is looked at no more often than this (a stat per request costs
+# more than the rest of reading the labels).
+RECHECK_SECONDS = 1.0
+_checked: dict[Path, tuple[float, Labels]] = {}
+
+
 def load_labels(manifest_path: Path) -> Labels:
-    """Labels from the manifest, re-read when the file changes; defaults without one."""
+    """Labels from the manifest, re-read within a second of the file changing; defaults
+    without one."""
+    now = time.monotonic()
+    seen = _checked.get(manifest_path)
+    if seen is not None and now - seen[0] < RECHECK_SECONDS:
+        return seen[1]
     try:
-        mtime_ns = manifest_path.stat().st_mtime_ns
+        labels = _load(manifest_path, manifest_path.stat().st_mtime_ns)
     except OSError:
-        return Labels()
-    return _load(manifest_path, mtime_ns)
+        labels = Labels()
+    _checked[manifest_path] = (now, labels)
+    return labels

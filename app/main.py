@@ -14,11 +14,17 @@ from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
 from app.api.body_limit import BodySizeLimit
-from app.api.deps import DecodeOnlyReferenceChecker, FaceReferenceChecker, ReferenceChecker
+from app.api.deps import (
+    DecodeOnlyReferenceChecker,
+    FaceReferenceChecker,
+    ReferenceChecker,
+    ReferenceGate,
+)
 from app.api.errors import install_exception_handlers
 from app.api.routes import api_router
 from app.api.routes.web import STATIC_DIR
-from likeness.jobs import JobStore, open_store_from_settings
+from app.limits import thumbnail_max_pixels
+from likeness.jobs import JobStore, async_store, open_store_from_settings
 from likeness.manifest import BUNDLED_MANIFEST_PATH
 from likeness.settings import Settings, get_settings
 
@@ -49,6 +55,7 @@ def reference_checker(settings: Settings) -> ReferenceChecker:
         settings.max_pixels,
         (settings.manifest_path, BUNDLED_MANIFEST_PATH),
         settings.reference_min_face_prob,
+        settings.reference_check_max_side,
     )
 
 
@@ -61,9 +68,18 @@ def create_app(settings: Settings | None = None, *, store: JobStore | None = Non
         owned = app.state.store is None
         if owned:
             app.state.store = open_store_from_settings(settings)
+        # Routes use the awaitable view; the synchronous store stays on app.state for tools.
+        app.state.async_store = async_store(
+            app.state.store,
+            url=settings.store if owned else None,
+            timeout=settings.store_timeout_seconds,
+        )
         try:
             yield
         finally:
+            app.state.reference_gate.close()
+            await app.state.async_store.aclose()
+            app.state.async_store = None
             if owned:
                 app.state.store.close()
                 app.state.store = None
@@ -80,7 +96,10 @@ def create_app(settings: Settings | None = None, *, store: JobStore | None = Non
     )
     app.state.settings = settings
     app.state.store = store
+    app.state.async_store = None
     app.state.reference_checker = reference_checker(settings)
+    app.state.reference_gate = ReferenceGate(settings.reference_checks_max)
+    app.state.thumbnail_max_pixels = thumbnail_max_pixels(settings)
     install_exception_handlers(app)
     app.include_router(api_router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")

@@ -71,10 +71,15 @@ def build_job(
     settings: Settings,
     labels: Labels,
     check_reference: Callable[[bytes], DecodedImage],
+    thumbnail_max_pixels: int | None = None,
 ) -> tuple[JobRecord, dict[str, bytes]]:
-    """Validate the whole request, then assemble the queued job and its input blobs."""
+    """Validate the whole request, then assemble the queued job and its input blobs.
+
+    Blocking (decoding, hashing, the reference check): call it off the event loop.
+    """
     key = check_idempotency_key(idempotency_key)
-    thumb = decode_upload(thumbnail, lambda d: decode_image(d, max_pixels=settings.max_pixels))
+    thumb_limit = thumbnail_max_pixels or settings.max_pixels
+    thumb = decode_upload(thumbnail, lambda d: decode_image(d, max_pixels=thumb_limit))
     ref = decode_upload(reference, check_reference) if reference is not None else None
     values = dict(form)
     values["attributes"] = parse_attribute_pairs(values.get("attributes") or [])

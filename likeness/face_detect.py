@@ -172,6 +172,8 @@ class OnnxMTCNN:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+        # No arena: the buffers of a large photo go back to the system after each run.
+        options.enable_cpu_mem_arena = False
         self._sessions: dict[str, Any] = {}
         providers = session_providers(ort.get_available_providers())
         for stage in STAGES:

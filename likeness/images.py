@@ -34,11 +34,16 @@ class DecodedImage:
         return int(self.pixels.shape[0])
 
 
-def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedImage:
+def decode_image(
+    data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, max_side: int | None = None
+) -> DecodedImage:
     """Decode bytes into RGB, honouring EXIF orientation; first frame of animations.
 
     Raises ``InvalidImage`` for empty, non-image, truncated or oversized input.
     The pixel limit is checked from the header, before any pixel is decoded.
+    With ``max_side``, a larger image comes back shrunk by an integer factor to at
+    most that side (a JPEG is decoded at reduced scale, never in full);
+    ``original_size`` stays the file's.
     """
     if not data:
         raise InvalidImage("empty_file", "The uploaded file is empty.")
@@ -57,7 +62,15 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decode
                 )
             fmt = img.format or "unknown"
             img.seek(0)
+            if max_side is not None and max(width, height) > max_side:
+                # JPEG only: the decoder skips to the smallest 1/2, 1/4 or 1/8 scale
+                # that is still at least the requested size.
+                img.draft("RGB", (max_side, max_side))
             img.load()
+            if max_side is not None and max(img.size) > max_side:
+                reduced = img.reduce(-(-max(img.size) // max_side))
+                reduced.info = img.info  # keeps the EXIF orientation applied below
+                img = reduced
     except InvalidImage:
         raise
     except Image.DecompressionBombError:

@@ -69,6 +69,32 @@ class Settings(BaseSettings):
         description="Largest accepted width*height of an uploaded image, checked from the "
         "header before any pixel is decoded (default 4096*4096).",
     )
+    thumbnail_max_pixels: int | None = Field(
+        default=None,
+        gt=0,
+        description="Largest accepted width*height of a thumbnail, checked from the header. "
+        "Empty (the default): (8 x the side of the manifest's default generator)^2, e.g. "
+        "1024*1024 for the bundled 128-px generator: no generator scale needs more. "
+        "max_pixels still bounds reference photos, which the face check shrinks first.",
+    )
+    reference_check_max_side: int = Field(
+        default=1024,
+        ge=64,
+        description="The API decodes a reference photo at most this many pixels on its longer "
+        "side (JPEGs are decoded at reduced scale) before looking for a face in it.",
+    )
+    reference_checks_max: int = Field(
+        default=2,
+        ge=1,
+        description="Most reference photos the API checks for a face at once, per process; "
+        "a submission beyond that answers 429 with Retry-After.",
+    )
+    store_timeout_seconds: float = Field(
+        default=2.0,
+        gt=0,
+        description="The API's limit on one job store read (and on connecting to Redis); "
+        "past it, or when the store refuses, the API answers 503 store_unavailable.",
+    )
     reference_face_check: bool = Field(
         default=True,
         description="The API refuses a reference photo (422 no_face) unless its ONNX face "

@@ -116,3 +116,15 @@ def test_truncated_image(face: Image.Image) -> None:
     with pytest.raises(InvalidImage) as e:
         decode_image(whole[: len(whole) // 2])
     assert e.value.code == "truncated_image"
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_max_side_shrinks_while_decoding_and_keeps_orientation(fmt: str) -> None:
+    wide = Image.fromarray(data.astronaut()).resize((1200, 900))
+    exif = wide.getexif()
+    exif[0x0112] = 6  # stored rotated: shown 900 wide, 1200 tall
+    out = decode_image(encode(wide, fmt, exif=exif), max_side=256)
+    assert max(out.pixels.shape[:2]) <= 256
+    assert out.pixels.shape[0] > out.pixels.shape[1]  # the rotation was still applied
+    assert out.original_size == (1200, 900)
+    assert decode_image(encode(wide, fmt), max_side=2000).pixels.shape == (900, 1200, 3)

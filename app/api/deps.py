@@ -2,7 +2,8 @@
 
 Each is read from ``app.state`` (set by ``create_app``) so tests can build an
 app around any settings and store, and can override any of these with
-``app.dependency_overrides``.
+``app.dependency_overrides``. All are ``async def`` and cheap: resolving them
+never hands work to a thread.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Annotated, Protocol
 
@@ -21,17 +24,17 @@ from app.labels import Labels, load_labels
 from likeness.errors import LikenessError
 from likeness.face_detect import MIN_FACE_SIZE, OnnxMTCNN
 from likeness.images import DecodedImage, decode_image
-from likeness.jobs import ANONYMOUS, JobStore
+from likeness.jobs import ANONYMOUS, AsyncJobStore
 from likeness.settings import Settings
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
 
 
-def get_store(request: Request) -> JobStore:
-    store: JobStore | None = request.app.state.store
+async def get_store(request: Request) -> AsyncJobStore:
+    store: AsyncJobStore | None = request.app.state.async_store
     if store is None:
         # Only when the app runs without its lifespan (e.g. TestClient used without `with`).
         raise RuntimeError("the job store is not open; run the app with its lifespan")
@@ -39,7 +42,7 @@ def get_store(request: Request) -> JobStore:
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
-StoreDep = Annotated[JobStore, Depends(get_store)]
+StoreDep = Annotated[AsyncJobStore, Depends(get_store)]
 
 _bearer = HTTPBearer(
     auto_error=False,
@@ -53,7 +56,7 @@ def owner_of_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
-def get_owner(
+async def get_owner(
     settings: SettingsDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> str:
@@ -72,7 +75,7 @@ def get_owner(
 OwnerDep = Annotated[str, Depends(get_owner)]
 
 
-def get_labels(settings: SettingsDep) -> Labels:
+async def get_labels(settings: SettingsDep) -> Labels:
     return load_labels(settings.manifest_path)
 
 
@@ -104,8 +107,11 @@ class FaceReferenceChecker:
     same boxes (tests/face/test_onnx_detector.py).
     """
 
-    def __init__(self, max_pixels: int, manifests: tuple[Path, ...], min_prob: float) -> None:
+    def __init__(
+        self, max_pixels: int, manifests: tuple[Path, ...], min_prob: float, max_side: int
+    ) -> None:
         self.max_pixels = max_pixels
+        self.max_side = max_side
         self.manifests = manifests
         self.min_prob = min_prob
         self._detector: OnnxMTCNN | None = None
@@ -122,8 +128,9 @@ class FaceReferenceChecker:
             return self._detector
 
     def __call__(self, data: bytes) -> DecodedImage:
-        image = decode_image(data, max_pixels=self.max_pixels)
-        found = self.detector().detect(image.pixels)
+        # Shrunk while decoding: the detector never sees (or allocates) the full photo.
+        image = decode_image(data, max_pixels=self.max_pixels, max_side=self.max_side)
+        found = self.detector().detect(image.pixels, max_side=self.max_side)
         if not (found.probs >= self.min_prob).any():
             best = f" (best candidate {found.probs.max():.2f})" if len(found) else ""
             raise LikenessError(
@@ -135,9 +142,48 @@ class FaceReferenceChecker:
         return image
 
 
-def get_reference_checker(request: Request) -> ReferenceChecker:
-    checker: ReferenceChecker = request.app.state.reference_checker
-    return checker
+class ReferenceChecksBusy(LikenessError):
+    status = 429
+    retry_after_seconds = 2
+    headers = {"Retry-After": str(retry_after_seconds)}
 
 
-ReferenceCheckerDep = Annotated[ReferenceChecker, Depends(get_reference_checker)]
+class ReferenceGate:
+    """At most ``limit`` reference checks at once in this process; one more is refused
+    at once (429) rather than queued, so a flood of large photos cannot pile up.
+
+    The checks run on the gate's own ``limit`` threads: the memory a large photo takes
+    is reused by the next check on the same thread instead of being held by every
+    thread of the request pool.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._slots = threading.BoundedSemaphore(limit)
+        self._threads = ThreadPoolExecutor(limit, thread_name_prefix="likeness-reference")
+
+    def guard(self, check: ReferenceChecker) -> Callable[[bytes], DecodedImage]:
+        def checked(data: bytes) -> DecodedImage:
+            if not self._slots.acquire(blocking=False):
+                raise ReferenceChecksBusy(
+                    "reference_checks_busy",
+                    f"{self.limit} reference photo(s) are being checked already; retry in "
+                    f"{ReferenceChecksBusy.retry_after_seconds} s.",
+                )
+            try:
+                return self._threads.submit(check, data).result()
+            finally:
+                self._slots.release()
+
+        return checked
+
+    def close(self) -> None:
+        self._threads.shutdown(wait=False, cancel_futures=True)
+
+
+async def get_reference_checker(request: Request) -> Callable[[bytes], DecodedImage]:
+    gate: ReferenceGate = request.app.state.reference_gate
+    return gate.guard(request.app.state.reference_checker)
+
+
+ReferenceCheckerDep = Annotated[Callable[[bytes], DecodedImage], Depends(get_reference_checker)]

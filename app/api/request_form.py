@@ -4,7 +4,7 @@ described and bounded as the model says, so the API cannot drift from the CLI.""
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
 from fastapi import Form
@@ -70,7 +70,7 @@ def _parameters() -> list[inspect.Parameter]:
     return params
 
 
-def _read(**fields: Any) -> dict[str, Any]:
+async def _read(**fields: Any) -> dict[str, Any]:
     # Bounds are checked by the model afterwards, so a value out of range is a 422
     # out_of_range that names the field, not a generic validation error.
     values = {name: value for name, value in fields.items() if value is not None}
@@ -80,4 +80,4 @@ def _read(**fields: Any) -> dict[str, Any]:
 
 _read.__signature__ = inspect.Signature(_parameters())  # type: ignore[attr-defined]
 
-request_form: Callable[..., dict[str, Any]] = _read
+request_form: Callable[..., Awaitable[dict[str, Any]]] = _read

@@ -10,6 +10,8 @@ from pydantic import BaseModel, Field
 
 from likeness.jobs import InputFile, JobError, JobOptions, JobRecord, JobStatus, Progress
 
+_JOB_ID_SLOT = "__job_id__"
+
 
 class JobLinks(BaseModel):
     self: str = Field(..., description="This job's status: GET.")
@@ -18,11 +20,17 @@ class JobLinks(BaseModel):
 
     @classmethod
     def of(cls, request: Request, job_id: str) -> JobLinks:
-        return cls(
-            self=str(request.url_for("get_job", job_id=job_id)),
-            result=str(request.url_for("get_job_result", job_id=job_id)),
-            cancel=str(request.url_for("cancel_job", job_id=job_id)),
-        )
+        # The routes' paths are looked up once per app, not three router searches a request.
+        paths: list[str] | None = getattr(request.app.state, "job_link_paths", None)
+        if paths is None:
+            paths = [
+                request.app.url_path_for(name, job_id=_JOB_ID_SLOT)
+                for name in ("get_job", "get_job_result", "cancel_job")
+            ]
+            request.app.state.job_link_paths = paths
+        base = str(request.base_url).rstrip("/")
+        own, result, cancel = (base + path.replace(_JOB_ID_SLOT, job_id) for path in paths)
+        return cls(self=own, result=result, cancel=cancel)
 
 
 class SubmitResponse(BaseModel):

@@ -3,7 +3,8 @@
 Torch-free on purpose: the API process imports this and must stay small.
 """
 
-from likeness.jobs.factory import open_store, open_store_from_settings
+from likeness.jobs.aio import AsyncJobStore, ThreadedJobStore
+from likeness.jobs.factory import async_store, open_store, open_store_from_settings
 from likeness.jobs.models import (
     ANONYMOUS,
     FINAL_STATUSES,
@@ -22,10 +23,11 @@ from likeness.jobs.models import (
     new_job_id,
     request_hash,
 )
-from likeness.jobs.store import IdempotencyConflict, InvalidCursor, JobStore
+from likeness.jobs.store import IdempotencyConflict, InvalidCursor, JobStore, StoreUnavailable
 
 __all__ = [
     "ANONYMOUS",
+    "AsyncJobStore",
     "FINAL_STATUSES",
     "Heartbeat",
     "IdempotencyConflict",
@@ -40,7 +42,10 @@ __all__ = [
     "Progress",
     "REFERENCE_BLOB",
     "RESULT_BLOB",
+    "StoreUnavailable",
     "THUMBNAIL_BLOB",
+    "ThreadedJobStore",
+    "async_store",
     "batch_key",
     "new_job_id",
     "open_store",

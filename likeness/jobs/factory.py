@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from likeness.jobs.aio import DEFAULT_TIMEOUT_SECONDS, AsyncJobStore, ThreadedJobStore
 from likeness.jobs.store import DEFAULT_LEASE_SECONDS, DEFAULT_MAX_ATTEMPTS, JobStore
 
 if TYPE_CHECKING:
@@ -49,3 +50,17 @@ def open_store_from_settings(settings: Settings) -> JobStore:
         redis_key_prefix=settings.redis_key_prefix,
         result_ttl_seconds=settings.result_ttl_seconds,
     )
+
+
+def async_store(
+    store: JobStore, *, url: str | None = None, timeout: float = DEFAULT_TIMEOUT_SECONDS
+) -> AsyncJobStore:
+    """The API's awaitable view of ``store``: a Redis store opened from ``url`` through the
+    asyncio client, any other store (or one passed in without its URL) on a thread pool."""
+    from likeness.jobs.redis_store import REDIS_OUTAGES, AsyncRedisJobStore, RedisJobStore
+
+    if isinstance(store, RedisJobStore):
+        if url is not None:
+            return AsyncRedisJobStore(store, url, timeout=timeout)
+        return ThreadedJobStore(store, timeout=timeout, outages=REDIS_OUTAGES)
+    return ThreadedJobStore(store, timeout=timeout)

@@ -17,6 +17,9 @@ from many workers never overlap. Layout under ``prefix``::
 Queued and running jobs never expire; a finished job, its blobs and its
 idempotency key expire ``result_ttl_seconds`` after it finishes. Job keys are
 computed inside the scripts, so this needs a single Redis server, not a cluster.
+
+``AsyncRedisJobStore`` is the API's side of the same layout: the asyncio client,
+with connect and read timeouts, running the same scripts.
 """
 
 from __future__ import annotations
@@ -30,7 +33,17 @@ from datetime import datetime
 from typing import Any, cast
 
 import redis
+import redis.asyncio
+from redis.asyncio.retry import Retry as AsyncRetry
+from redis.backoff import NoBackoff
 
+from likeness.jobs.aio import (
+    DEFAULT_THREADS,
+    DEFAULT_TIMEOUT_SECONDS,
+    AsyncJobStore,
+    Build,
+    bounded,
+)
 from likeness.jobs.models import (
     FINAL_STATUSES,
     Heartbeat,
@@ -201,6 +214,14 @@ for i = 10, #ARGV, 2 do
 end
 finalize(id, status)
 return 1
+"""
+
+
+# The API's poll in one command: a job's fields and, while queued, its 0-based rank.
+_GET = """
+local k = job_key(ARGV[5])
+local rank = redis.call('ZRANK', P .. 'queue', ARGV[5])
+return {redis.call('HGETALL', k), rank or -1}
 """
 
 
@@ -470,3 +491,174 @@ class RedisJobStore(JobStore):
     def close(self) -> None:
         if self._owns_client:
             self.r.close()
+
+
+# What a Redis outage looks like from the client: refused, reset, or no answer in time.
+REDIS_OUTAGES: tuple[type[BaseException], ...] = (
+    redis.ConnectionError,
+    redis.TimeoutError,
+    OSError,
+)
+
+
+class AsyncRedisJobStore(AsyncJobStore):
+    """The API's calls on the asyncio client; every call answers within ``timeout``
+    seconds or raises ``StoreUnavailable``."""
+
+    def __init__(
+        self,
+        store: RedisJobStore,
+        url: str,
+        *,
+        timeout: float = DEFAULT_TIMEOUT_SECONDS,
+        threads: int = DEFAULT_THREADS,
+    ) -> None:
+        super().__init__(store, timeout=timeout, threads=threads)
+        self.sync = store
+        # One quick retry (a connection the server closed while idle), no backoff: the
+        # whole call is bounded by ``timeout`` anyway, and an outage is answered at once.
+        self.r = redis.asyncio.Redis.from_url(
+            url,
+            socket_connect_timeout=timeout,
+            socket_timeout=timeout,
+            retry=AsyncRetry(NoBackoff(), 1),
+        )
+        self._create = self.r.register_script(_PRELUDE + _CREATE)
+        self._cancel = self.r.register_script(_PRELUDE + _CANCEL)
+        self._get = self.r.register_script(_PRELUDE + _GET)
+
+    async def _call(self, call: Any) -> Any:
+        return await bounded(call, self.timeout, REDIS_OUTAGES)
+
+    async def _get_many(self, job_ids: Sequence[str], positions: bool) -> list[Any]:
+        async with self.r.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                pipe.hgetall(self.sync._k("job", job_id))
+                if positions:
+                    pipe.zrank(self.sync._k("queue"), job_id)
+            replies: list[Any] = await pipe.execute()
+        return replies
+
+    async def create(self, build: Build) -> tuple[JobRecord, bool]:
+        record, blobs = await self.off_loop(build)
+        now = self.clock()
+        rec = fresh_record(record, now)
+        idem = (
+            self.sync._idem_key(rec.owner, rec.idempotency_key)
+            if rec.idempotency_key is not None
+            else ""
+        )
+        args = [
+            *self.sync._argv(now),
+            rec.id,
+            rec.owner,
+            idem,
+            rec.request_hash,
+            rec.model_dump_json(include=_DOC_FIELDS),
+            rec.progress.model_dump_json(),
+            rec.options.batch_key,
+            str(len(blobs)),
+            *_flat_pairs(blobs),
+        ]
+        outcome, job_id = await self._call(self._create(args=args))
+        if outcome == b"created":
+            return rec, True
+        if outcome == b"conflict":
+            raise IdempotencyConflict(cast(str, rec.idempotency_key))
+        existing, _ = await self.get(job_id.decode())
+        if existing is None:  # expired between the script and this read
+            return await self.create(lambda: (record, blobs))
+        return existing, False
+
+    async def get(self, job_id: str) -> tuple[JobRecord | None, int | None]:
+        flat, rank = await self._call(self._get(args=[*self.sync._argv(self.clock()), job_id]))
+        if not flat:
+            return None, None
+        raw = dict(zip(flat[::2], flat[1::2], strict=True))
+        return self.sync._record(raw), None if rank < 0 else int(rank) + 1
+
+    async def list_jobs(
+        self, owner: str, *, limit: int, cursor: str | None
+    ) -> tuple[JobPage, dict[str, int]]:
+        if limit < 1:
+            raise ValueError("limit must be positive")
+        before = parse_cursor(cursor)
+        key = self.sync._k("owner", owner)
+        pairs = cast(
+            list[tuple[bytes, float]],
+            await self._call(
+                self.r.zrange(
+                    key,
+                    f"({before}" if before is not None else "+inf",
+                    "-inf",
+                    desc=True,
+                    byscore=True,
+                    offset=0,
+                    num=limit + 1,
+                    withscores=True,
+                )
+            ),
+        )
+        ids = [member.decode() for member, _ in pairs[:limit]]
+        replies = await self._call(self._get_many(ids, positions=True))
+        items: list[JobRecord] = []
+        positions: dict[str, int] = {}
+        gone = []
+        for job_id, raw, rank in zip(ids, replies[::2], replies[1::2], strict=True):
+            if not raw:
+                gone.append(job_id)
+                continue
+            items.append(self.sync._record(raw))
+            if rank is not None:
+                positions[job_id] = int(rank) + 1
+        if gone:  # expired jobs leave their id in the owner index; drop it lazily
+            await self._call(self.r.zrem(key, *gone))
+        next_cursor = str(int(pairs[limit - 1][1])) if len(pairs) > limit else None
+        return JobPage(items=items, next_cursor=next_cursor), positions
+
+    async def request_cancel(self, job_id: str) -> JobRecord | None:
+        flat = await self._call(self._cancel(args=[*self.sync._argv(self.clock()), job_id]))
+        if not flat:
+            return None
+        return self.sync._record(dict(zip(flat[::2], flat[1::2], strict=True)))
+
+    async def get_blob(self, job_id: str, name: str) -> bytes | None:
+        data = await self._call(self.r.hget(self.sync._k("blobs", job_id), name))
+        return cast(bytes | None, data)
+
+    async def counts_by_status(self) -> dict[JobStatus, int]:
+        now = self.clock()
+        finals = sorted(FINAL_STATUSES)
+
+        async def run() -> list[Any]:
+            async with self.r.pipeline(transaction=False) as pipe:
+                pipe.zcard(self.sync._k("queue"))
+                pipe.zcard(self.sync._k("leases"))
+                for status in finals:
+                    key = self.sync._k("done", status.value)
+                    pipe.zremrangebyscore(key, "-inf", now)  # expired with their job
+                    pipe.zcard(key)
+                replies: list[Any] = await pipe.execute()
+            return replies
+
+        replies = await self._call(run())
+        counts = {JobStatus.QUEUED: int(replies[0]), JobStatus.RUNNING: int(replies[1])}
+        for i, status in enumerate(finals):
+            counts[status] = int(replies[3 + 2 * i])
+        return {status: counts[status] for status in JobStatus}
+
+    async def last_worker_heartbeat(self) -> datetime | None:
+        top = cast(
+            list[tuple[bytes, float]],
+            await self._call(
+                self.r.zrange(self.sync._k("workers"), 0, 0, desc=True, withscores=True)
+            ),
+        )
+        return utc_from_timestamp(top[0][1]) if top else None
+
+    async def ping(self) -> None:
+        await self._call(self.r.ping())
+
+    async def aclose(self) -> None:
+        await super().aclose()
+        await self.r.aclose()

@@ -4,10 +4,17 @@ Every state change runs in a ``BEGIN IMMEDIATE`` transaction, which takes the
 database's write lock up front: two processes can never both read a job as
 queued and then both claim it. The JSON of the full record is the source of
 truth; the few columns beside it exist to be indexed and queried.
+
+Within one process, writes take a lock first, so the process is one writer
+(its threads queue on the lock instead of sleeping in SQLite's busy handler);
+each thread reads on its own connection, which WAL never blocks. Queue
+positions come from a snapshot of the queued sequence numbers that is at most
+``position_cache_seconds`` old (this process's own writes update it at once).
 """
 
 from __future__ import annotations
 
+import bisect
 import os
 import sqlite3
 import threading
@@ -77,11 +84,17 @@ class SQLiteJobStore(JobStore):
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
         clock: Clock = time.time,
         busy_timeout: float = 30.0,
+        position_cache_seconds: float = 1.0,
     ) -> None:
         super().__init__(lease_seconds=lease_seconds, max_attempts=max_attempts, clock=clock)
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._busy_timeout = busy_timeout
+        self._write_lock = threading.Lock()
+        self.position_cache_seconds = position_cache_seconds
+        # (time.monotonic() when taken, queued seqs in order); None: take a new one.
+        self._queued: tuple[float, list[int]] | None = None
+        self._queued_lock = threading.Lock()
         self._local = threading.local()
         self._all: list[sqlite3.Connection] = []
         self._all_lock = threading.Lock()
@@ -114,21 +127,13 @@ class SQLiteJobStore(JobStore):
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
         conn = self._conn()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield conn
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
-
-    @contextmanager
-    def _read(self) -> Iterator[sqlite3.Connection]:
-        conn = self._conn()
-        conn.execute("BEGIN")  # one snapshot for multi-statement reads
-        try:
-            yield conn
-        finally:
+        with self._write_lock:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
             conn.execute("COMMIT")
 
     def close(self) -> None:
@@ -185,7 +190,7 @@ class SQLiteJobStore(JobStore):
                     if existing.request_hash != rec.request_hash:
                         raise IdempotencyConflict(rec.idempotency_key)
                     return existing, False
-            conn.execute(
+            seq = conn.execute(
                 "INSERT INTO jobs (id, owner, status, batch_key, idempotency_key, record) "
                 "VALUES (?, ?, ?, ?, ?, ?)",
                 (
@@ -196,11 +201,15 @@ class SQLiteJobStore(JobStore):
                     rec.idempotency_key,
                     rec.model_dump_json(),
                 ),
-            )
+            ).lastrowid
             conn.executemany(
                 "INSERT INTO blobs (job_id, name, data) VALUES (?, ?, ?)",
                 [(rec.id, name, data) for name, data in blobs.items()],
             )
+        if seq is not None:
+            with self._queued_lock:
+                if self._queued is not None:
+                    bisect.insort(self._queued[1], seq)
         return rec, True
 
     def get(self, job_id: str) -> JobRecord | None:
@@ -224,15 +233,31 @@ class SQLiteJobStore(JobStore):
         return JobPage(items=items, next_cursor=next_cursor)
 
     def queue_position(self, job_id: str) -> int | None:
-        with self._read() as conn:
-            row = conn.execute("SELECT status, seq FROM jobs WHERE id = ?", (job_id,)).fetchone()
-            if not row or row[0] != JobStatus.QUEUED.value:
-                return None
-            ahead = conn.execute(
-                "SELECT COUNT(*) FROM jobs WHERE status = ? AND seq < ?",
-                (JobStatus.QUEUED.value, row[1]),
-            ).fetchone()[0]
-        return int(ahead) + 1
+        conn = self._conn()
+        row = conn.execute("SELECT status, seq FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if not row or row[0] != JobStatus.QUEUED.value:
+            return None
+        return bisect.bisect_left(self._queued_seqs(conn), row[1]) + 1
+
+    def _queued_seqs(self, conn: sqlite3.Connection) -> list[int]:
+        # One scan of the queue index per position_cache_seconds, not one COUNT per poll.
+        now = time.monotonic()
+        with self._queued_lock:
+            if self._queued is not None and now - self._queued[0] < self.position_cache_seconds:
+                return self._queued[1]
+        seqs = [
+            int(r[0])
+            for r in conn.execute(
+                "SELECT seq FROM jobs WHERE status = ? ORDER BY seq", (JobStatus.QUEUED.value,)
+            )
+        ]
+        with self._queued_lock:
+            self._queued = (now, seqs)
+        return seqs
+
+    def _forget_queue(self) -> None:
+        with self._queued_lock:
+            self._queued = None
 
     def _reap(self, conn: sqlite3.Connection, now: float) -> None:
         rows = conn.execute(
@@ -260,8 +285,15 @@ class SQLiteJobStore(JobStore):
         if n < 1:
             raise ValueError("n must be positive")
         now = self.clock()
-        stamp = utc_from_timestamp(now)
         expires = utc_from_timestamp(now + self._lease(lease_seconds))
+        try:
+            return self._claim(worker_id, n, now, expires)
+        finally:
+            # Reaping and claiming both change the queue.
+            self._forget_queue()
+
+    def _claim(self, worker_id: str, n: int, now: float, expires: datetime) -> list[JobRecord]:
+        stamp = utc_from_timestamp(now)
         with self._write() as conn:
             self._reap(conn, now)
             self._touch_worker(conn, worker_id, now)
@@ -335,6 +367,7 @@ class SQLiteJobStore(JobStore):
                 rec.cancel_requested = True
                 rec.updated = stamp
                 self._save(conn, rec)
+        self._forget_queue()
         return rec
 
     def finish(

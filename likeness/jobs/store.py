@@ -51,6 +51,22 @@ class IdempotencyConflict(LikenessError):
         )
 
 
+class StoreUnavailable(LikenessError):
+    """The backend did not answer in time or refused the connection: retry later."""
+
+    status = 503
+    retry_after_seconds = 5
+    headers = {"Retry-After": str(retry_after_seconds)}
+
+    def __init__(
+        self, code: str = "store_unavailable", message: str = "", *, status: int | None = None
+    ) -> None:
+        message = message or (
+            f"The job store is not answering; retry in {self.retry_after_seconds} s."
+        )
+        super().__init__(code, message, status=status)
+
+
 class InvalidCursor(LikenessError):
     status = 422
 

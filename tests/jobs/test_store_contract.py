@@ -579,3 +579,18 @@ def test_redis_expires_finished_jobs_only(redis_backend: Backend) -> None:
     assert client.ttl(f"{prefix}job:{queued.id}") == -1
     assert client.ttl(f"{prefix}blobs:{queued.id}") == -1
     client.close()
+
+
+def test_sqlite_positions_are_a_snapshot_that_own_writes_keep_exact(tmp_path: Path) -> None:
+    backend = Backend("sqlite", str(tmp_path / "jobs.sqlite3"))
+    api = backend.open(position_cache_seconds=3600)
+    worker = backend.open()  # another process sharing the file
+    a, b, c = add(api, 3)
+    assert [api.queue_position(j.id) for j in (a, b, c)] == [1, 2, 3]
+    [d] = add(api, 1)  # this store's own writes update its snapshot at once
+    assert api.queue_position(d.id) == 4
+    worker.claim("w1")  # another process's claim shows once the snapshot is renewed
+    assert api.queue_position(b.id) == 2
+    assert isinstance(api, SQLiteJobStore)
+    api.position_cache_seconds = 0
+    assert [api.queue_position(j.id) for j in (a, b, c, d)] == [None, 1, 2, 3]

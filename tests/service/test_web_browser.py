@@ -76,6 +76,9 @@ def test_the_page_upscales_a_thumbnail_in_headless_chromium(
             page.goto(served_url + "/")
             # The controls are filled from GET /labels.
             expect(page.locator("#race option")).to_have_count(6, timeout=10_000)
+            # No result placeholders (empty images, an empty report) before there is a job.
+            for placeholder in ("#results", "#res-result", "#report", "#progress-box"):
+                expect(page.locator(placeholder)).to_be_hidden()
             # A rejected submission shows the API's {code, message}.
             page.set_input_files(
                 "#thumbnail",
@@ -83,6 +86,7 @@ def test_the_page_upscales_a_thumbnail_in_headless_chromium(
             )
             page.click("#submit")
             expect(page.locator("#error")).to_contain_text("not_an_image", timeout=10_000)
+            expect(page.locator("#results")).to_be_hidden()  # a refused request made no job
             page.select_option("#race", "Asian")
             page.select_option("select[data-attribute='Smiling']", "1")
             page.set_input_files("#thumbnail", str(THUMBNAIL))

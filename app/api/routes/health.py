@@ -4,6 +4,7 @@ orchestrators and scrapers, and reveal only counts."""
 from __future__ import annotations
 
 import logging
+from functools import partial
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, PlainTextResponse
@@ -11,7 +12,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from app.api.deps import SettingsDep, StoreDep
 from app.api.errors import ErrorBody, error_response
 from app.api.schemas import Health, Ready
-from likeness.jobs import JobStatus
+from likeness.jobs import AsyncJobStore, JobStatus
 from likeness.settings import Settings
 from likeness.worker_stats import read_stats, render, stats_dir
 
@@ -22,8 +23,9 @@ PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
 
 
 @router.get("/healthz", response_model=Health, summary="Liveness")
-def healthz() -> Health:
-    """200 whenever the process answers; says nothing about the store or workers."""
+async def healthz() -> Health:
+    """200 whenever the process answers; says nothing about the store or workers, and
+    waits on neither the store nor a thread."""
     return Health()
 
 
@@ -33,12 +35,12 @@ def healthz() -> Health:
     summary="Readiness",
     responses={503: {"model": ErrorBody, "description": "store_unreachable or no_worker."}},
 )
-def readyz(settings: SettingsDep, store: StoreDep) -> Ready | JSONResponse:
+async def readyz(settings: SettingsDep, store: StoreDep) -> Ready | JSONResponse:
     """200 when the job store answers and a worker heartbeated within
     LIKENESS_WORKER_HEARTBEAT_TIMEOUT_SECONDS; otherwise 503 with the reason."""
     try:
-        store.ping()
-        last = store.last_worker_heartbeat()
+        await store.ping()
+        last = await store.last_worker_heartbeat()
     except Exception as exc:
         log.warning("readiness: job store unreachable: %s", exc)
         return error_response(503, "store_unreachable", "The job store does not answer.")
@@ -53,14 +55,14 @@ def readyz(settings: SettingsDep, store: StoreDep) -> Ready | JSONResponse:
     return Ready(last_worker_heartbeat=last)
 
 
-def _exposition(store: StoreDep, settings: Settings) -> str:
+async def _exposition(store: AsyncJobStore, settings: Settings) -> str:
     lines = [
         "# HELP likeness_store_up Whether the job store answered the scrape (1) or not (0).",
         "# TYPE likeness_store_up gauge",
     ]
     try:
-        counts = store.counts_by_status()
-        last = store.last_worker_heartbeat()
+        counts = await store.counts_by_status()
+        last = await store.last_worker_heartbeat()
     except Exception as exc:
         log.warning("metrics: job store unreachable: %s", exc)
         return "\n".join([*lines, "likeness_store_up 0", ""])
@@ -84,7 +86,8 @@ def _exposition(store: StoreDep, settings: Settings) -> str:
             f"likeness_worker_last_heartbeat_timestamp_seconds {last.timestamp():.3f}",
         ]
     # Batch sizes, step and job durations come from the workers sharing our data directory.
-    lines += render(read_stats(stats_dir(settings.data_dir)))
+    stats = await store.off_loop(partial(read_stats, stats_dir(settings.data_dir)))
+    lines += render(stats)
     return "\n".join([*lines, ""])
 
 
@@ -94,7 +97,7 @@ def _exposition(store: StoreDep, settings: Settings) -> str:
     summary="Prometheus metrics",
     responses={200: {"content": {PROMETHEUS_TEXT: {}}, "description": "Text exposition."}},
 )
-def metrics(store: StoreDep, settings: SettingsDep) -> PlainTextResponse:
+async def metrics(store: StoreDep, settings: SettingsDep) -> PlainTextResponse:
     """Jobs by status, queue depth, worker heartbeat age and, from the workers sharing
     LIKENESS_DATA_DIR, batch sizes and job and step durations, in Prometheus text format."""
-    return PlainTextResponse(_exposition(store, settings), media_type=PROMETHEUS_TEXT)
+    return PlainTextResponse(await _exposition(store, settings), media_type=PROMETHEUS_TEXT)

@@ -15,7 +15,7 @@ from app.api.deps import OwnerDep, StoreDep
 from app.api.errors import ERROR_RESPONSES, ErrorBody
 from app.api.schemas import JobList, JobView
 from likeness.errors import LikenessError
-from likeness.jobs import RESULT_BLOB, JobRecord, JobStatus, JobStore
+from likeness.jobs import RESULT_BLOB, AsyncJobStore, JobRecord, JobStatus
 from likeness.jobs.models import utc_from_timestamp
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
@@ -31,20 +31,22 @@ class JobNotFound(LikenessError):
         super().__init__("not_found", f"There is no job {job_id!r} for this caller.")
 
 
-def load_own_job(store: JobStore, owner: str, job_id: str) -> JobRecord:
-    job = store.get(job_id) if _JOB_ID.fullmatch(job_id) else None
+async def load_own_job(
+    store: AsyncJobStore, owner: str, job_id: str
+) -> tuple[JobRecord, int | None]:
+    """The caller's job and its queue position (while queued)."""
+    job, position = await store.get(job_id) if _JOB_ID.fullmatch(job_id) else (None, None)
     if job is None or job.owner != owner:
         raise JobNotFound(job_id)
-    return job
+    return job, position
 
 
-def view(request: Request, store: JobStore, job: JobRecord) -> JobView:
-    position = store.queue_position(job.id) if job.status is JobStatus.QUEUED else None
+def view(request: Request, store: AsyncJobStore, job: JobRecord, position: int | None) -> JobView:
     return JobView.of(request, job, position, utc_from_timestamp(store.clock()))
 
 
 @router.get("", response_model=JobList, summary="List your jobs", responses=ERROR_RESPONSES)
-def list_jobs(
+async def list_jobs(
     request: Request,
     store: StoreDep,
     owner: OwnerDep,
@@ -56,9 +58,10 @@ def list_jobs(
     ] = None,
 ) -> JobList:
     """The caller's jobs, newest first, a page at a time."""
-    page = store.list_jobs(owner, limit=limit, cursor=cursor)
+    page, positions = await store.list_jobs(owner, limit=limit, cursor=cursor)
     return JobList(
-        items=[view(request, store, job) for job in page.items], next_cursor=page.next_cursor
+        items=[view(request, store, job, positions.get(job.id)) for job in page.items],
+        next_cursor=page.next_cursor,
     )
 
 
@@ -69,9 +72,12 @@ def list_jobs(
     summary="A job's status",
     responses=ERROR_RESPONSES,
 )
-def get_job(request: Request, job_id: str, store: StoreDep, owner: OwnerDep) -> JobView:
-    """Status, queue position, progress, timings, and the report or error once final."""
-    return view(request, store, load_own_job(store, owner, job_id))
+async def get_job(request: Request, job_id: str, store: StoreDep, owner: OwnerDep) -> JobView:
+    """Status, queue position, progress, timings, and the report or error once final.
+
+    The position is at most about a second old under load."""
+    job, position = await load_own_job(store, owner, job_id)
+    return view(request, store, job, position)
 
 
 @router.get(
@@ -89,15 +95,16 @@ def get_job(request: Request, job_id: str, store: StoreDep, owner: OwnerDep) -> 
         },
     },
 )
-def get_job_result(job_id: str, store: StoreDep, owner: OwnerDep) -> Response:
-    job = load_own_job(store, owner, job_id)
+async def get_job_result(job_id: str, store: StoreDep, owner: OwnerDep) -> Response:
+    job, _ = await load_own_job(store, owner, job_id)
     if not job.status.is_final:
         raise LikenessError(
             "result_not_ready",
             f"The job is {job.status.value}; the result exists once it has succeeded.",
             status=404,
         )
-    data = store.get_blob(job.id, RESULT_BLOB) if job.status is JobStatus.SUCCEEDED else None
+    succeeded = job.status is JobStatus.SUCCEEDED
+    data = await store.get_blob(job.id, RESULT_BLOB) if succeeded else None
     if data is None:
         raise LikenessError(
             "no_result", f"The job ended {job.status.value} and has no result image.", status=404
@@ -119,17 +126,18 @@ def get_job_result(job_id: str, store: StoreDep, owner: OwnerDep) -> Response:
         409: {"model": ErrorBody, "description": "The job already ended (code job_finished)."},
     },
 )
-def cancel_job(request: Request, job_id: str, store: StoreDep, owner: OwnerDep) -> JobView:
+async def cancel_job(request: Request, job_id: str, store: StoreDep, owner: OwnerDep) -> JobView:
     """A queued job is canceled at once; a running one stops at its next step check.
 
     Canceling a canceled job is a no-op; a succeeded or failed one answers 409.
     """
-    load_own_job(store, owner, job_id)
-    job = store.request_cancel(job_id)
+    await load_own_job(store, owner, job_id)
+    job = await store.request_cancel(job_id)
     if job is None:  # it expired between the two calls
         raise JobNotFound(job_id)
     if job.status in (JobStatus.SUCCEEDED, JobStatus.FAILED):
         raise LikenessError(
             "job_finished", f"The job already {job.status.value}; nothing to cancel.", status=409
         )
-    return view(request, store, job)
+    # Never queued after a cancel request: canceled, running (flagged) or final.
+    return view(request, store, job, None)

@@ -28,7 +28,7 @@ class LabelsView(BaseModel):
     summary="Race and attribute names",
     responses=ERROR_RESPONSES,
 )
-def get_labels(labels: LabelsDep, owner: OwnerDep) -> LabelsView:
+async def get_labels(labels: LabelsDep, owner: OwnerDep) -> LabelsView:
     """The label names of the loaded weights (re-read when the manifest changes)."""
     del owner  # only checked: with API keys, this needs one like every other route
     return LabelsView(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, File, Header, Request, Response, UploadFile
@@ -16,10 +17,10 @@ from likeness.errors import LikenessError
 router = APIRouter(tags=["upscale"])
 
 
-def read_upload(upload: UploadFile, field: str, limit: int) -> Upload:
+async def read_upload(upload: UploadFile, field: str, limit: int) -> Upload:
     # Starlette has spooled the part already; read one byte past the limit to detect excess.
-    upload.file.seek(0)
-    data = upload.file.read(limit + 1)
+    await upload.seek(0)
+    data = await upload.read(limit + 1)
     if len(data) > limit:
         raise LikenessError(
             "upload_too_large", f"{field} is larger than the limit of {limit} bytes.", status=413
@@ -50,9 +51,19 @@ def _is_empty_file_input(upload: UploadFile) -> bool:
             "description": "A file over the byte or pixel limit (codes upload_too_large, "
             "image_too_large, request_too_large).",
         },
+        429: {
+            "model": ErrorBody,
+            "description": "Too many reference photos being checked at once "
+            "(code reference_checks_busy); retry after Retry-After seconds.",
+        },
+        503: {
+            "model": ErrorBody,
+            "description": "The job store does not answer (code store_unavailable); retry "
+            "after Retry-After seconds.",
+        },
     },
 )
-def submit_upscale(
+async def submit_upscale(
     request: Request,
     response: Response,
     settings: SettingsDep,
@@ -65,7 +76,8 @@ def submit_upscale(
         File(
             description="The low-resolution face (PNG, JPEG, WEBP, BMP or GIF), roughly centred; "
             "non-square images are centre-cropped. At most LIKENESS_MAX_UPLOAD_BYTES bytes and "
-            "LIKENESS_MAX_PIXELS pixels."
+            "LIKENESS_THUMBNAIL_MAX_PIXELS pixels (default: 8 times the generator's side, "
+            "squared)."
         ),
     ],
     form: Annotated[dict[str, Any], Depends(request_form)],
@@ -89,23 +101,27 @@ def submit_upscale(
     `succeeded`. Nothing is stored when any check fails.
     """
     limit = settings.max_upload_bytes
-    thumb_upload = read_upload(thumbnail, "thumbnail", limit)
+    thumb_upload = await read_upload(thumbnail, "thumbnail", limit)
     ref_upload = (
         None
         if reference is None or _is_empty_file_input(reference)
-        else read_upload(reference, "reference", limit)
+        else await read_upload(reference, "reference", limit)
     )
-    record, blobs = build_job(
-        thumbnail=thumb_upload,
-        reference=ref_upload,
-        form=form,
-        owner=owner,
-        idempotency_key=idempotency_key,
-        settings=settings,
-        labels=labels,
-        check_reference=check_reference,
+    # The request's one trip off the event loop: decode, hash, check, (SQLite) insert.
+    job, created = await store.create(
+        partial(
+            build_job,
+            thumbnail=thumb_upload,
+            reference=ref_upload,
+            form=form,
+            owner=owner,
+            idempotency_key=idempotency_key,
+            settings=settings,
+            labels=labels,
+            check_reference=check_reference,
+            thumbnail_max_pixels=request.app.state.thumbnail_max_pixels,
+        )
     )
-    job, created = store.create(record, blobs)
     response.headers["Location"] = str(request.url_for("get_job", job_id=job.id))
     if not created:
         response.headers["Idempotent-Replayed"] = "true"

@@ -14,5 +14,5 @@ router = APIRouter()
 
 # Kept out of the OpenAPI schema: it is a page for people, not part of the API contract.
 @router.get("/", include_in_schema=False)
-def index() -> FileResponse:
+async def index() -> FileResponse:
     return FileResponse(STATIC_DIR / "index.html", media_type="text/html; charset=utf-8")

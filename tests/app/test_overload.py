@@ -1,0 +1,296 @@
+"""The API under overload and outages: store outages answer 503 with Retry-After and
+recover, reference checks beyond the limit answer 429, thumbnails over the pixel
+limit are refused from the header, and /healthz answers while the store hangs."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from PIL import Image
+
+from app.limits import thumbnail_max_pixels
+from app.main import create_app
+from likeness.images import DecodedImage, decode_image
+from likeness.jobs.sqlite_store import SQLiteJobStore
+from likeness.settings import Settings
+from tests.app.test_api import (
+    REDIS_SKIP,
+    REDIS_URL,
+    THUMB,
+    TestClient,
+    make_settings,
+    png,
+    png_header_bomb,
+    stored_jobs,
+    submit,
+)
+
+needs_redis = pytest.mark.skipif(bool(REDIS_SKIP), reason=REDIS_SKIP or "")
+
+
+# -- a Redis connection a test can cut or freeze ----------------------------------------------
+
+
+class RedisRelay:
+    """A TCP relay to the test Redis on a fixed local port: ``down()`` closes it (connections
+    refused), ``up()`` opens it again on the same port, ``frozen`` holds every byte."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self.frozen = False
+        self.port = 0
+        self._conns: list[socket.socket] = []
+        self._listener: socket.socket | None = None
+        self.up()
+
+    def up(self) -> None:
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(64)
+        self.port = listener.getsockname()[1]
+        self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def down(self) -> None:
+        if self._listener is not None:
+            self._listener.shutdown(socket.SHUT_RDWR)  # wakes the thread blocked in accept()
+            self._listener.close()
+            self._listener = None
+        for conn in self._conns:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+            conn.close()
+        self._conns.clear()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(self.target)
+            self._conns += [client, server]
+            for a, b in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                while self.frozen:
+                    time.sleep(0.01)
+                dst.sendall(data)
+        except OSError:
+            pass
+
+
+@pytest.fixture
+def relay() -> Iterator[RedisRelay]:
+    host, port = REDIS_URL.split("//", 1)[1].split("/", 1)[0].split(":")
+    r = RedisRelay((host, int(port)))
+    yield r
+    r.frozen = False
+    r.down()
+
+
+@pytest.fixture
+def redis_client(relay: RedisRelay, tmp_path: Path) -> Iterator[TestClient]:
+    prefix = f"likeness-test:{uuid.uuid4().hex}:"
+    settings = make_settings(
+        "redis",
+        tmp_path,
+        prefix,
+        store=f"redis://127.0.0.1:{relay.port}/{REDIS_URL.rsplit('/', 1)[1]}",
+        store_timeout_seconds=0.5,
+    )
+    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+        yield client
+    r = redis.Redis.from_url(REDIS_URL)
+    keys = list(r.scan_iter(match=prefix + "*"))
+    if keys:
+        r.delete(*keys)
+    r.close()
+
+
+def assert_unavailable(response: Any) -> None:
+    assert response.status_code == 503, response.text
+    assert response.json()["code"] == "store_unavailable"
+    assert int(response.headers["Retry-After"]) > 0
+
+
+@needs_redis
+def test_a_redis_outage_answers_503_and_the_api_recovers(
+    redis_client: TestClient, relay: RedisRelay
+) -> None:
+    job_id = submit(redis_client).json()["id"]
+    relay.down()
+    assert_unavailable(redis_client.get(f"/jobs/{job_id}"))
+    assert_unavailable(submit(redis_client))
+    assert_unavailable(redis_client.post(f"/jobs/{job_id}/cancel"))
+    assert_unavailable(redis_client.get("/jobs"))
+    assert redis_client.get("/readyz").status_code == 503
+    assert redis_client.get("/healthz").status_code == 200
+    relay.up()
+    r = redis_client.get(f"/jobs/{job_id}")
+    assert r.status_code == 200 and r.json()["status"] == "queued"
+    assert submit(redis_client).status_code == 202
+
+
+@needs_redis
+def test_a_frozen_redis_answers_503_in_time_while_healthz_answers(
+    redis_client: TestClient, relay: RedisRelay
+) -> None:
+    job_id = submit(redis_client).json()["id"]
+    relay.frozen = True
+    with ThreadPoolExecutor(4) as pool:
+        t0 = time.monotonic()
+        polls = [pool.submit(redis_client.get, f"/jobs/{job_id}") for _ in range(3)]
+        time.sleep(0.1)  # the polls are waiting on Redis now
+        assert redis_client.get("/healthz").status_code == 200
+        assert time.monotonic() - t0 < 0.45  # before any poll's 0.5 s store timeout
+        for poll in polls:
+            assert_unavailable(poll.result())
+    assert time.monotonic() - t0 < 3
+    relay.frozen = False
+    assert redis_client.get(f"/jobs/{job_id}").status_code == 200
+
+
+class HangingStore(SQLiteJobStore):
+    """Reads block until ``release`` is set, like a store whose disk stopped answering."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.release = threading.Event()
+
+    def get(self, job_id: str) -> Any:
+        self.release.wait(10)
+        return super().get(job_id)
+
+
+def test_healthz_answers_while_every_store_thread_hangs(tmp_path: Path) -> None:
+    store = HangingStore(tmp_path / "jobs.sqlite3")
+    settings = make_settings("sqlite", tmp_path, "", store_timeout_seconds=0.5)
+    try:
+        with (
+            TestClient(create_app(settings, store=store)) as client,
+            ThreadPoolExecutor(12) as pool,
+        ):
+            # More polls than the store has threads: all of them are stuck in get().
+            polls = [pool.submit(client.get, f"/jobs/{'0' * 32}") for _ in range(10)]
+            time.sleep(0.2)
+            t0 = time.monotonic()
+            assert client.get("/healthz").status_code == 200
+            assert time.monotonic() - t0 < 0.2
+            for poll in polls:
+                assert_unavailable(poll.result())
+            store.release.set()
+            assert client.get(f"/jobs/{'0' * 32}").status_code == 404
+    finally:
+        store.release.set()
+        store.close()
+
+
+# -- reference checks beyond the limit ---------------------------------------------------------
+
+
+def test_reference_checks_beyond_the_limit_answer_429(tmp_path: Path) -> None:
+    settings = make_settings("sqlite", tmp_path, "", reference_checks_max=1)
+    entered, release = threading.Event(), threading.Event()
+
+    def slow_check(data: bytes) -> DecodedImage:
+        entered.set()
+        release.wait(10)
+        return decode_image(data)
+
+    with TestClient(create_app(settings)) as client, ThreadPoolExecutor(1) as pool:
+        client.app.state.reference_checker = slow_check  # type: ignore[attr-defined]
+        first = pool.submit(submit, client, reference=png(64, seed=1))
+        assert entered.wait(10)
+        r = submit(client, reference=png(64, seed=2))
+        assert r.status_code == 429 and r.json()["code"] == "reference_checks_busy"
+        assert int(r.headers["Retry-After"]) > 0
+        assert submit(client).status_code == 202  # no reference: never limited
+        release.set()
+        assert first.result().status_code == 202
+        assert stored_jobs(client) == 2  # the refused one left nothing behind
+        assert submit(client, reference=png(64, seed=2)).status_code == 202  # a slot is free
+
+
+# -- pixel limits -------------------------------------------------------------------------------
+
+
+def write_manifest(weights: Path, resolution: int) -> None:
+    weights.mkdir(parents=True, exist_ok=True)
+    entry = {
+        "name": "g",
+        "kind": "generator",
+        "default": True,
+        "file": "g.pt",
+        "sha256": "0" * 64,
+        "config": {"resolution": resolution},
+    }
+    (weights / "manifest.json").write_text(json.dumps({"models": [entry]}))
+
+
+def test_thumbnail_limit_is_eight_times_the_default_generators_side(tmp_path: Path) -> None:
+    base = make_settings("sqlite", tmp_path, "")
+    assert thumbnail_max_pixels(base) == 1024 * 1024  # no manifest: the bundled 128 px
+    write_manifest(tmp_path / "weights", 32)
+    assert thumbnail_max_pixels(base) == 256 * 256
+    assert thumbnail_max_pixels(base.model_copy(update={"thumbnail_max_pixels": 5000})) == 5000
+    capped = base.model_copy(update={"thumbnail_max_pixels": 10**9})
+    assert thumbnail_max_pixels(capped) == base.max_pixels
+
+
+def large_face_photo() -> bytes:
+    from skimage import data
+
+    buf = io.BytesIO()
+    face = Image.fromarray(data.astronaut()[20:260, 110:350]).resize((600, 600))
+    face.save(buf, format="JPEG", quality=85)
+    return buf.getvalue()
+
+
+def test_thumbnails_over_the_limit_are_refused_from_the_header(tmp_path: Path) -> None:
+    write_manifest(tmp_path / "weights", 16)  # thumbnails up to 128 x 128
+    with TestClient(create_app(make_settings("sqlite", tmp_path, ""))) as client:
+        assert submit(client, png(128)).status_code == 202
+        r = submit(client, png_header_bomb(129, 128))
+        assert (r.status_code, r.json()["code"]) == (413, "image_too_large")
+        assert "thumbnail" in r.json()["message"]
+        # A reference photo is not a thumbnail: it keeps max_pixels and is shrunk to check it.
+        r = submit(client, THUMB, reference=large_face_photo())
+        assert r.status_code == 202, r.text
+        assert stored_jobs(client) == 2
+
+
+def test_the_face_check_sees_a_shrunk_photo(tmp_path: Path) -> None:
+    from app.main import reference_checker
+
+    settings = Settings(
+        data_dir=tmp_path, weights_dir=tmp_path / "w", reference_check_max_side=100
+    ).model_copy(update={"reference_face_check": True})
+    checker = reference_checker(settings)
+    seen: list[tuple[int, ...]] = []
+
+    class Detector:
+        def detect(self, pixels: Any, max_side: int | None = None) -> Any:
+            seen.append(pixels.shape)
+            raise RuntimeError("stop here")
+
+    checker._detector = Detector()  # type: ignore[attr-defined]
+    with pytest.raises(RuntimeError):
+        checker(png(400, seed=6))
+    assert seen == [(100, 100, 3)]
