@@ -2,7 +2,7 @@
 
     python bench/extractor_baseline.py --out docs/bench/extractor_f0.json
 
-On held-out people of our split (likeness/splits.py) it measures what issue 4
+On held-out people of our split (likeness/splits.py) it measures what the project
 asks of F0: CelebA-HQ Same/Diff angles, race top-1 on UTKFace for an MLP on
 frozen F0 features, and attribute mAP of an MLP trained with and without
 inverse class frequency weights. Features are computed once and cached in

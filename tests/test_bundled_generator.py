@@ -1,4 +1,4 @@
-"""The generator that ships in weights/ (issue 3): it is the default, it loads
+"""The generator that ships in weights/: it is the default, it loads
 offline with its mapping fit, and a short search upscales a real face with it."""
 
 from __future__ import annotations

@@ -448,3 +448,16 @@ def test_a_channels_last_synthesis_searches_like_the_default(tiny, monkeypatch) 
     nhwc = run_search(g, fit, thumbs, config)
     torch.testing.assert_close(nhwc.candidates, plain.candidates, atol=1e-5, rtol=0)
     torch.testing.assert_close(nhwc.candidate_mse, plain.candidate_mse, atol=1e-7, rtol=1e-4)
+
+
+def test_without_a_seed_it_picks_one_it_reports_and_leaves_torchs_generator_alone(tiny) -> None:
+    g, fit = tiny
+    thumbs = _target(g, 21)
+    config = SearchConfig(steps=2, restarts=1)
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    result = run_search(g, fit, thumbs, config)
+    assert torch.equal(torch.rand(3), expected)
+    again = run_search(g, fit, thumbs, config.model_copy(update={"seed": result.seed}))
+    assert torch.equal(result.images, again.images)

@@ -1,4 +1,4 @@
-"""Measuring and shipping a trained generator (issue 3): the quality measures
+"""Measuring and shipping a trained generator: the quality measures
 behave, and shipping writes a loadable fp16 file that the manifest describes."""
 
 from __future__ import annotations

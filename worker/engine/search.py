@@ -27,6 +27,7 @@ import torch
 from pydantic import BaseModel, Field
 from torch import Tensor
 
+from likeness.request import choose_seed
 from worker.engine.downscale import downscale, downscale_factor
 from worker.engine.generator import Generator
 from worker.engine.mapping_fit import MappingFit
@@ -273,7 +274,7 @@ def latent_search(
     elif config.seed is not None:
         seed = config.seed
     else:
-        seed = int(torch.randint(0, 2**31 - 1, ()).item())
+        seed = choose_seed()  # not from torch's global generator: that is the caller's
     targets = thumbnails.repeat_interleave(k, dim=0)  # element i·K + j: thumbnail i, restart j
     n = b * k
 

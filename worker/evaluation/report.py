@@ -32,7 +32,7 @@ PAPER: dict[str, Any] = {
 
 
 def targets(t1: dict[str, Any], t2: dict[str, Any], t3: dict[str, Any]) -> list[dict[str, Any]]:
-    """Issue 5's targets (the paper's claims at our scale), each checked on the tables."""
+    """The targets (the paper's claims at our scale), each checked on the tables."""
     race = {k: r["overall"] for k, r in t2["rows"].items()}
     same = t1["rows"]["CelebA-Same"]["F"]["mean"]
     ours = t1["rows"]["Lookalike-Ours"]["F"]["mean"]
