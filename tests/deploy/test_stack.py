@@ -48,8 +48,11 @@ JOB_TIMEOUT = 600.0
 START_TIMEOUT = 600.0
 # Few steps: a shared CPU may run them seconds apart.
 SHORT_JOB = {"steps": "5", "restarts": "1"}
-# The job a worker is killed in lasts about this long, at the speed a short job measured.
-LONG_JOB_SECONDS = 30.0
+PROBE_JOB = {"steps": "40", "restarts": "1"}
+# The job a worker is killed in lasts about this long, at the speed the probe measured:
+# long enough that it is still running after `docker kill` on a loaded host.
+LONG_JOB_SECONDS = 60.0
+LARGEST_BATCH = 8  # jobs a worker claims at once at most, by default
 STEPS_MAX = 1000  # the service's default limit (settings.steps_max)
 METRIC = re.compile(r'^likeness_worker_jobs_total\{worker="([^"]+)",status="(\w+)"\} (\d+)$')
 
@@ -266,10 +269,12 @@ def test_a_thumbnail_becomes_a_png(stack: Stack) -> None:
 def test_a_killed_worker_s_job_completes_once_after_up(stack: Stack) -> None:
     stack.compose("up", "-d", "--scale", "worker=1")
     stack.wait_for_workers(1)
-    probe = stack.wait_for(stack.submit(**SHORT_JOB))
+    # The probe's steps are many enough that its first (slow) step hardly counts, so the
+    # long job is not cut short by an overestimated step time.
+    probe = stack.wait_for(stack.submit(**PROBE_JOB))
     step_seconds = probe["result"]["timings"]["step_seconds"]
     # Past the service's step limit the job grows by restarts instead (a batched restart
-    # costs less than a step, so the job is shorter then, but still many seconds long).
+    # costs less than a step, so the job is shorter then, but still long enough).
     steps = max(10, math.ceil(LONG_JOB_SECONDS / step_seconds))
     restarts = min(8, math.ceil(steps / STEPS_MAX))
     steps = min(steps, STEPS_MAX)
@@ -325,7 +330,9 @@ def test_two_workers_both_take_jobs(stack: Stack) -> None:
     stack.compose("up", "-d", "--scale", "worker=2")
     stack.wait_for_workers(2)
     workers = set(stack.containers("worker"))
-    jobs = [stack.submit(**SHORT_JOB, seed=str(n)) for n in range(6)]
+    # More than two of a worker's largest default batch (8 jobs), so one worker cannot
+    # take them all in one claim while the other waits.
+    jobs = [stack.submit(**SHORT_JOB, seed=str(n)) for n in range(2 * LARGEST_BATCH + 1)]
     took: dict[str, int] = {}
     for job_id in jobs:
         job = stack.wait_for(job_id)
