@@ -57,7 +57,7 @@ NONE = Strategy("none", "no control (PULSE)")
 IDENTITY_F0 = Strategy("identity-f0", "identity objective with F0", "f0", identity=True)
 IDENTITY_F = Strategy("identity-f", "identity objective with F", "f", identity=True)
 ATTRIBUTES = Strategy(
-    "attributes", "attribute objective (the one attribute asked about)", "f", attributes=True
+    "attributes", "attribute objective (one pair per search)", "f", attributes=True
 )
 RACE = Strategy("race", "race objective", "f", race=True)
 IDENTITY_RACE = Strategy(
