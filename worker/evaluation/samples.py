@@ -63,6 +63,22 @@ class Samples:
         """The rows whose person has a second photo: the only ones the identity rows use."""
         return [i for i, r in enumerate(self.references) if r is not None]
 
+    def subset(self, rows: Sequence[int]) -> Samples:
+        """These rows only, in this order."""
+        rows = list(rows)
+        return Samples(
+            dataset=self.dataset,
+            names=[self.names[i] for i in rows],
+            reference_names=[self.reference_names[i] for i in rows],
+            identities=[self.identities[i] for i in rows],
+            photos=self.photos[rows],
+            references=[self.references[i] for i in rows],
+            thumbnails=self.thumbnails[rows],
+            seeds=[self.seeds[i] for i in rows],
+            labels=self.labels[rows],
+            skipped=self.skipped,
+        )
+
     def reference_photos(self, rows: Sequence[int]) -> Tensor:
         """(len(rows), 3, S, S): the reference photos of ``rows`` (each must have one)."""
         refs = [self.references[i] for i in rows]

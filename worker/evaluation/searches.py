@@ -70,7 +70,8 @@ UTKFACE_STRATEGIES = (NONE, IDENTITY_F, RACE, IDENTITY_RACE)
 @dataclass(frozen=True)
 class Job:
     """One search: a sample row and, for the attribute strategy, the one attribute whose
-    true value it asks for."""
+    true value it asks for (None there: all five Table 3 attributes at once, which only
+    the steering bench asks for)."""
 
     row: int
     attribute: str | None = None
@@ -133,9 +134,11 @@ def _targets(
     if strategy.attributes:
         column = {a: c for c, a in enumerate(TABLE3_ATTRIBUTES)}
         attrs = [
-            {j.attribute: int(samples.labels[j.row, column[j.attribute]])}
+            {
+                a: int(samples.labels[j.row, column[a]])
+                for a in (TABLE3_ATTRIBUTES if j.attribute is None else (j.attribute,))
+            }
             for j in jobs
-            if j.attribute is not None
         ]
     return races, attrs
 
@@ -343,3 +346,24 @@ def run_plan(
         batches=n_batches,
         files=[p.name for p in plan.paths],
     )
+
+
+def run_strategy(
+    models: Models,
+    samples: Samples,
+    strategy: Strategy,
+    steps: int,
+    restarts: int,
+    batch: int,
+    cache: Path,
+    on_progress: OnProgress | None = None,
+    weights: ObjectiveWeights | None = None,
+) -> Outputs:
+    """Plan and run a strategy in one go, one job per row it applies to (the identity
+    objective: the rows with a second photo; the attribute objective: all five attributes
+    of each row at once). ``likeness evaluate`` plans its jobs itself."""
+    rows = samples.with_reference if strategy.identity else range(len(samples))
+    plan = plan_strategy(
+        models, samples, strategy, [Job(r) for r in rows], steps, restarts, cache, weights
+    )
+    return run_plan(models, plan, steps, restarts, batch, on_progress, weights)
