@@ -206,6 +206,8 @@ def main() -> None:
         sets.append((celeba.dataset, celeba, ATTRIBUTES, attribute_scores, celeba.photos))
     if args.identity:
         people = celeba_samples(args.data_root / "celebahq", args.identity, THUMBNAIL, args.seed)
+        people = people.subset(people.with_reference)  # the identity objective needs an I'
+        references = people.reference_photos(range(len(people)))
         # "photos" here are the references I': their angle to I is Table 1's CelebA-Same;
         # "photos_resampled" are I itself, blurred: what the generator's blur alone costs
         sets.append(
@@ -213,10 +215,10 @@ def main() -> None:
                 "identity",
                 people,
                 IDENTITY_F,
-                lambda m, images, _labels, photos=people.photos, refs=people.references: (
-                    identity_scores(m, images, photos, refs)
+                lambda m, images, _labels, photos=people.photos, refs=references: identity_scores(
+                    m, images, photos, refs
                 ),
-                people.references,
+                references,
             )
         )
     started = time.perf_counter()

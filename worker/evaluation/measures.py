@@ -28,6 +28,8 @@ def embed(extractor: FaceExtractor, images: Tensor) -> Tensor:
     """(N, 3, H, W) in [0, 1] → unit embeddings (N, D) on the CPU, no flip: what the
     identity objective compares."""
     device = _device(extractor)
+    if not len(images):
+        return torch.zeros(0, extractor.embedding_dim)
     out = []
     for chunk in images.split(BATCH):
         n, _, h, w = chunk.shape
@@ -56,6 +58,8 @@ def judge_crops(judge: JudgeNet, images: Tensor) -> Tensor:
 @torch.no_grad()
 def judge_logits(judge: JudgeNet, images: Tensor) -> Tensor:
     """The judge's logits (N, labels) on the CPU, through its own path (judge_crops)."""
+    if not len(images):
+        return torch.zeros(0, len(judge.labels))
     return predict(judge, judge_crops(judge, images)).cpu()
 
 

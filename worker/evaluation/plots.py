@@ -62,24 +62,31 @@ def reidentification_bars(
     path: Path,
 ) -> None:
     """Tables 2 and 3 at a glance: overall race and average attribute accuracy per
-    strategy (bars), the paper's (black ticks, percent in ``paper["table2"|"table3"]``)."""
+    strategy (bars), the judge's on the real photos (dotted line) and the paper's (black
+    ticks, percent in ``paper["table2"|"table3"]``); a strategy with no rows is left out."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     panels = (
         (
             axes[0],
-            {s: r["overall"] for s, r in table2["rows"].items()},
+            {s: r["overall"]["rate"] for s, r in table2["rows"].items() if r["overall"]["n"]},
+            table2["photo"]["overall"]["rate"],
             paper["table2"],
             f"race re-identification (UTKFace, N={table2['n']})",
         ),
         (
             axes[1],
-            {s: r["average"] for s, r in table3["rows"].items()},
+            {
+                s: r["average"]["rate"]
+                for s, r in table3["rows"].items()
+                if r["average"]["attributes"]
+            },
+            table3["photo"]["average"]["rate"],
             paper["table3"],
             f"attribute re-identification (CelebA-HQ, N={table3['n']})",
         ),
     )
-    for ax, values, theirs, title in panels:
+    for ax, values, photo, theirs, title in panels:
         names = list(values)
         heights = [np.nan if values[s] is None else 100 * values[s] for s in names]
         bars = ax.bar(range(len(names)), heights, color="tab:blue", label="ours")
@@ -94,6 +101,10 @@ def reidentification_bars(
             label="paper",
             zorder=3,
         )
+        if photo is not None:
+            ax.axhline(
+                100 * photo, color="tab:green", linestyle=":", label="judge on the real photos"
+            )
         ax.legend(fontsize=8, loc="upper left")
         ax.set_xticks(
             range(len(names)),

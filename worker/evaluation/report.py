@@ -31,32 +31,65 @@ PAPER: dict[str, Any] = {
 }
 
 
+# The paper's 92.1% (race, identity + race objectives) and 96.0% (attribute objective)
+# were read by judges that are near perfect on real photos; ours are not, so the targets
+# are fractions of the same judge's rate on the real photos of the same rows.
+RACE_RATIO = 0.90
+ATTRIBUTE_RATIO = 0.95
+
+
+def _versus(cell: dict[str, Any], count: str = "n") -> str:
+    """A rate beside the judge's on the real photos of the same rows, and their ratio;
+    ``count`` names the cell's size (rows, or attributes for an average)."""
+    if not cell[count] or cell["rate"] is None:
+        return "not measured (no rows)"
+    return (
+        f"{_pct(cell['rate'])} vs {_pct(cell['photo'])} on the photos "
+        f"(ratio {_ratio(cell['ratio'])}, {count}={cell[count]})"
+    )
+
+
+def _at_least(cell: dict[str, Any], bound: float, count: str = "n") -> bool | None:
+    if not cell[count] or cell["ratio"] is None:
+        return None
+    return bool(cell["ratio"] >= bound)
+
+
 def targets(t1: dict[str, Any], t2: dict[str, Any], t3: dict[str, Any]) -> list[dict[str, Any]]:
-    """The targets (the paper's claims at our scale), each checked on the tables."""
+    """The targets, stated as the paper states its results, each checked on the tables;
+    ``met`` is None where the tables hold no row to check it on."""
     race = {k: r["overall"] for k, r in t2["rows"].items()}
-    same = t1["rows"]["CelebA-Same"]["F"]["mean"]
-    ours = t1["rows"]["Lookalike-Ours"]["F"]["mean"]
+    attributes = t3["rows"]["attributes"]["average"]
+    same = t1["rows"]["CelebA-Same"]["F"]
+    ours = t1["rows"]["Lookalike-Ours"]["F"]
+    none, alone = race["none"], race["race"]
     return [
         {
-            "target": "race re-identification with the race objective ≥ 90%",
-            "ours": _pct(race["race"]),
-            "met": race["race"] >= 0.9,
+            "target": "Table 1: Lookalike-Ours mean angle under the shipped F below CelebA-Same's",
+            "ours": f"{ours['mean']:.1f}° vs {same['mean']:.1f}°"
+            if ours["n"] and same["n"]
+            else "not measured (no pairs)",
+            "met": bool(ours["mean"] < same["mean"]) if ours["n"] and same["n"] else None,
         },
         {
-            "target": "race re-identification with both objectives above either alone",
-            "ours": f"{_pct(race['identity+race'])} vs {_pct(race['identity-f'])} (identity), "
-            f"{_pct(race['race'])} (race)",
-            "met": race["identity+race"] > max(race["identity-f"], race["race"]),
+            "target": "Table 2: race re-identification with the identity and race objectives "
+            f"≥ {RACE_RATIO:.0%} of the judge's rate on the real photos",
+            "ours": _versus(race["identity+race"]),
+            "met": _at_least(race["identity+race"], RACE_RATIO),
         },
         {
-            "target": "attribute re-identification with the attribute objective ≥ 95%",
-            "ours": _pct(t3["rows"]["attributes"]["average"]),
-            "met": t3["rows"]["attributes"]["average"] >= 0.95,
+            "target": "Table 2: race re-identification with the race objective alone above no "
+            "control",
+            "ours": f"{_pct(alone['rate'])} vs {_pct(none['rate'])}"
+            if alone["n"] and none["n"]
+            else "not measured (no rows)",
+            "met": bool(alone["rate"] > none["rate"]) if alone["n"] and none["n"] else None,
         },
         {
-            "target": "Lookalike-Ours mean angle under F below CelebA-Same's",
-            "ours": f"{ours:.1f}° vs {same:.1f}°",
-            "met": ours < same,
+            "target": "Table 3: attribute re-identification with the attribute objective "
+            f"≥ {ATTRIBUTE_RATIO:.0%} of the judge's rate on the real photos",
+            "ours": _versus(attributes, "attributes"),
+            "met": _at_least(attributes, ATTRIBUTE_RATIO, "attributes"),
         },
     ]
 
@@ -64,13 +97,21 @@ def targets(t1: dict[str, Any], t2: dict[str, Any], t3: dict[str, Any]) -> list[
 def target_lines(checks: list[dict[str, Any]]) -> list[str]:
     return _table(
         ["target", "ours", "met"],
-        [[c["target"], c["ours"], "yes" if c["met"] else "**no**"] for c in checks],
+        [[c["target"], c["ours"], _met(c["met"])] for c in checks],
     )
 
 
 def write_results(results: dict[str, Any], path: Path) -> None:
     """All numbers as JSON (NaN written as null: strict JSON readers choke on NaN)."""
     path.write_text(json.dumps(json_safe(results), indent=2) + "\n")
+
+
+def _met(met: bool | None) -> str:
+    return "not measured" if met is None else "yes" if met else "**no**"
+
+
+def _ratio(x: float | None) -> str:
+    return "–" if x is None else f"{x:.2f}"
 
 
 def _pct(x: float | None) -> str:
@@ -142,10 +183,18 @@ def table1_lines(t1: dict[str, Any]) -> list[str]:
     )
 
 
-def table2_lines(t2: dict[str, Any], labels: dict[str, str], photo: dict[str, Any]) -> list[str]:
+def _cell(cell: dict[str, Any]) -> str:
+    """rate / the judge's rate on the same rows' photos (ratio), or – without rows."""
+    if not cell["n"]:
+        return "–"
+    return f"{_pct(cell['rate'])} / {_pct(cell['photo'])} ({_ratio(cell['ratio'])})"
+
+
+def table2_lines(t2: dict[str, Any], labels: dict[str, str]) -> list[str]:
     races = list(t2["n_per_race"])
     header = [
         "strategy",
+        "n",
         "overall (ours)",
         *[f"{r} (n={t2['n_per_race'][r]})" for r in races],
         "overall (paper)",
@@ -156,46 +205,55 @@ def table2_lines(t2: dict[str, Any], labels: dict[str, str], photo: dict[str, An
         rows.append(
             [
                 labels[strategy],
-                _pct(r["overall"]),
-                *[_pct(r["per_race"][x]) for x in races],
+                str(r["overall"]["n"]),
+                _cell(r["overall"]),
+                *[_cell(r["per_race"][x]) for x in races],
                 "–" if paper is None else f"{paper}%",
             ]
         )
+    photo = t2["photo"]
     rows.append(
         [
             "*the held-out photo itself (the judge on real photos)*",
-            _pct(photo["overall"]),
-            *[_pct(photo["per_race"][x]) for x in races],
+            str(photo["overall"]["n"]),
+            _pct(photo["overall"]["rate"]),
+            *[_pct(photo["per_race"][x]["rate"]) for x in races],
             "–",
         ]
     )
     return _table(header, rows)
 
 
-def table3_lines(t3: dict[str, Any], labels: dict[str, str], photo: dict[str, Any]) -> list[str]:
-    attrs = list(t3["positives"])
+def table3_lines(t3: dict[str, Any], labels: dict[str, str]) -> list[str]:
+    attrs = t3["attributes"]
     header = [
         "strategy",
-        *[f"{a} ({t3['positives'][a]}/{t3['n']} positive)" for a in attrs],
+        *[
+            f"{a} ({t3['positives'][a]} with / "
+            f"{t3['rows_per_attribute'][a] - t3['positives'][a]} without)"
+            for a in attrs
+        ],
         "average (ours)",
         "average (paper)",
     ]
     rows = []
     for strategy, r in t3["rows"].items():
         paper = PAPER["table3"].get(strategy)
+        avg = r["average"]
         rows.append(
             [
                 labels[strategy],
-                *[_pct(r["per_attribute"][a]) for a in attrs],
-                _pct(r["average"]),
+                *[_cell(r["per_attribute"][a]) for a in attrs],
+                _cell({**avg, "n": avg["attributes"]}),
                 "–" if paper is None else f"{paper}%",
             ]
         )
+    photo = t3["photo"]
     rows.append(
         [
             "*the held-out photo itself (the judge on real photos)*",
-            *[_pct(photo["per_attribute"][a]) for a in attrs],
-            _pct(photo["average"]),
+            *[_pct(photo["per_attribute"][a]["rate"]) for a in attrs],
+            _pct(photo["average"]["rate"]),
             "–",
         ]
     )
@@ -212,20 +270,22 @@ def search_lines(searches: dict[str, dict[str, Any]], labels: dict[str, str]) ->
                 labels[strategy],
                 str(s["n"]),
                 _pct(s["accepted"]),
-                f"{s['mean_mse']:.4f}",
+                "–" if s["mean_mse"] is None else f"{s['mean_mse']:.4f}",
                 f"{s['search_seconds']:.0f}",
-                f"{s['cached_batches']}/{s['batches']}",
+                f"{s['cached_jobs']}/{s['n']}",
+                str(s["batches_searched"]),
             ]
         )
     return _table(
         [
             "data set",
             "strategy",
-            "N",
+            "searches",
             "accepted",
             "mean downscale MSE",
             "search time (s)",
-            "batches read from the cache",
+            "read from the cache",
+            "batches searched",
         ],
         rows,
     )
@@ -250,6 +310,7 @@ def write_readme(results: dict[str, Any], path: Path) -> None:
     c = results["config"]
     labels = results["strategy_labels"]
     t1, t2, t3 = results["table1"], results["table2"], results["table3"]
+    cel, utk = results["samples"]["celebahq"], results["samples"]["utkface"]
     weights = _table(
         ["role", "name", "sha256 (prefix)"],
         [[w["role"], f"`{w['name']}`", f"`{w['sha256'][:12]}`"] for w in results["weights"]],
@@ -282,11 +343,13 @@ def write_readme(results: dict[str, Any], path: Path) -> None:
         "",
         "## Table 1: angle between features (degrees, mean ± SD)",
         "",
-        f"N = {t1['rows']['CelebA-Same']['F0']['n']} held-out CelebA-HQ people with two or more "
-        "photos; I and I' are a person's first two photos. CelebA-Same: (I, I'); CelebA-Diff: "
-        "as many random pairs of different people among those photos; PULSE-Pairs: I vs the "
-        "plain search's output from I's thumbnail; Lookalike-Baseline / -Ours: I vs the output "
-        "of the search with the identity objective through F0 / F, reference I'.",
+        f"{cel['with_second_photo']} of the {cel['n']} held-out CelebA-HQ people have a second "
+        f"photo (the other {cel['skipped_for_identity']} are left out of the pairs); I "
+        "and I' are a person's first two photos. CelebA-Same: (I, I'); CelebA-Diff: as many "
+        "random pairs of different people among those photos; PULSE-Pairs: I vs the plain "
+        "search's output from I's thumbnail (all people); Lookalike-Baseline / -Ours: I vs "
+        "the output of the search with the identity objective through F0 / F, reference I' "
+        "(never I itself).",
         "",
         *table1_lines(t1),
         "",
@@ -296,28 +359,39 @@ def write_readme(results: dict[str, Any], path: Path) -> None:
         "",
         f"N = {t2['n']} held-out UTKFace images, race-balanced as far as the split allows; the "
         "race judge (`judge-race`) reads each output; accuracy = its race equals the photo's. "
-        "The identity objective's reference is the photo itself (UTKFace has no identities); "
-        "the race objective's target is the photo's true race.",
+        "Each cell: the outputs' rate / the judge's rate on the real photos of the same rows "
+        "(the ratio). The race objective's target is the photo's true race. The identity "
+        "objective needs another photo of the same person as its reference: UTKFace has no "
+        f"identities, so {utk['skipped_for_identity']} of the {utk['n']} images are skipped "
+        "for the identity rows.",
         "",
-        *table2_lines(t2, labels, results["photo_judges"]["race"]),
+        *table2_lines(t2, labels),
         "",
         "## Table 3: attribute re-identification (CelebA-HQ)",
         "",
-        f"N = {t3['n']} held-out CelebA-HQ people (the searches of Table 1, plus one with the "
-        "attribute objective); the attribute judge (`judge-attributes`) reads each output; "
-        "accuracy = its 0/1 equals the photo's label. **Scale-down:** the attribute objective "
-        "targets all five attributes at once, with the photo's true values (the paper asks for "
-        "one attribute-value pair per search).",
+        f"N = {t3['n']} held-out CelebA-HQ people (the searches of Table 1); each attribute is "
+        "scored on a balanced set of them: every person of its rarer value and as many of the "
+        "other, so a judge that always answers the majority value scores 50%. The attribute "
+        "objective asks for one attribute-value pair per search (the photo's true value of "
+        "the attribute scored), as in the paper. The attribute judge (`judge-attributes`) "
+        "reads each output; accuracy = its 0/1 equals the photo's label. Each cell: the "
+        "outputs' rate / the judge's rate on the real photos of the same rows (the ratio); "
+        "the identity rows cover the people with a second photo only. "
+        + (
+            f"Left out, with one value only among these people: {', '.join(t3['excluded'])}."
+            if t3["excluded"]
+            else "No attribute had to be left out."
+        ),
         "",
-        *table3_lines(t3, labels, results["photo_judges"]["attributes"]),
+        *table3_lines(t3, labels),
         "",
         "![re-identification](reidentification.png)",
         "",
         "## Targets",
         "",
-        "The paper's claims as scaled to this project, checked on the tables above "
-        "(the last rows of Tables 2 and 3, the judges on the held-out photos themselves, show "
-        "how far the judges can be trusted at this N):",
+        "The paper's results, stated as the paper states them and checked on the tables "
+        "above: re-identification as a fraction of what the same judge reads on the real "
+        "photos, since at our scale the judges themselves are far from perfect.",
         "",
         *target_lines(results["targets"]),
         "",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import zipfile
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,7 +35,9 @@ from worker.training.extractor_data import cached_landmarks, read_image
 
 @dataclass
 class Samples:
-    """N held-out photos I, each with a reference photo and its labels.
+    """N held-out photos I, with their labels and, where the data set has one, a reference:
+    another photo of the same person, which the identity objective steers toward (never
+    I itself: that would hand the search the answer).
 
     Every photo is in the FFHQ frame the generator draws (CelebA-HQ already is;
     UTKFace chips are re-framed), so photos and outputs align alike: with the
@@ -43,10 +46,10 @@ class Samples:
 
     dataset: str  # "celebahq" or "utkface"
     names: list[str]  # zip member of each photo I
-    reference_names: list[str]  # the reference photo I' (CelebA-HQ) or I itself (UTKFace)
+    reference_names: list[str | None]  # another photo I' of the person, None if there is none
     identities: list[str]  # CelebA person id; UTKFace: the file (each image its own person)
     photos: Tensor  # (N, 3, S, S) in [0, 1]
-    references: Tensor  # (N, 3, S, S) in [0, 1]
+    references: list[Tensor | None]  # (3, S, S) in [0, 1] per row, None without a photo I'
     thumbnails: np.ndarray  # (N, t, t, 3) uint8: bicubic downscale of the photos
     seeds: list[int]  # one per thumbnail, shared by every strategy
     labels: np.ndarray  # CelebA-HQ: (N, 5) 0/1 of TABLE3_ATTRIBUTES; UTKFace: (N,) race index
@@ -54,6 +57,34 @@ class Samples:
 
     def __len__(self) -> int:
         return len(self.names)
+
+    @property
+    def with_reference(self) -> list[int]:
+        """The rows whose person has a second photo: the only ones the identity rows use."""
+        return [i for i, r in enumerate(self.references) if r is not None]
+
+    def subset(self, rows: Sequence[int]) -> Samples:
+        """These rows only, in this order."""
+        rows = list(rows)
+        return Samples(
+            dataset=self.dataset,
+            names=[self.names[i] for i in rows],
+            reference_names=[self.reference_names[i] for i in rows],
+            identities=[self.identities[i] for i in rows],
+            photos=self.photos[rows],
+            references=[self.references[i] for i in rows],
+            thumbnails=self.thumbnails[rows],
+            seeds=[self.seeds[i] for i in rows],
+            labels=self.labels[rows],
+            skipped=self.skipped,
+        )
+
+    def reference_photos(self, rows: Sequence[int]) -> Tensor:
+        """(len(rows), 3, S, S): the reference photos of ``rows`` (each must have one)."""
+        refs = [self.references[i] for i in rows]
+        if any(r is None for r in refs):
+            raise ValueError("a row without a second photo of its person has no reference")
+        return torch.stack([r for r in refs if r is not None])
 
 
 def thumbnail_seed(seed: int, dataset: str, name: str) -> int:
@@ -75,27 +106,28 @@ def read_images(zip_path: Path, names: list[str]) -> Tensor:
 
 
 def celeba_samples(root: Path, count: int, thumbnail: int, seed: int) -> Samples:
-    """``count`` held-out people with two or more photos: I and I' are their first two
-    (by file name); the labels are I's five Table 3 attributes."""
+    """``count`` held-out people in a fixed hash order: I is each one's first photo (by file
+    name), the reference I' their second, None for the people with a single photo (they
+    count for Table 3's no-control and attribute rows, not for the identity rows); the
+    labels are I's five Table 3 attributes."""
     require_set(root)
     rows = {r["file"]: r for r in read_rows(root / "labels.csv")}
     photos_of: dict[str, list[str]] = defaultdict(list)
     for name in members(root / "labels.csv", "test"):
         photos_of[rows[name]["identity"]].append(name)
-    people = sorted(
-        (p for p, names in photos_of.items() if len(names) >= 2),
-        key=lambda p: (unit_hash(p, ORDER_SALT), p),
-    )[:count]
-    if len(people) < 2:
+    people = sorted(photos_of, key=lambda p: (unit_hash(p, ORDER_SALT), p))[:count]
+    names = [sorted(photos_of[p])[0] for p in people]
+    refs: list[str | None] = [
+        sorted(photos_of[p])[1] if len(photos_of[p]) > 1 else None for p in people
+    ]
+    with_second = sum(b is not None for b in refs)
+    if with_second < 2:
         raise LikenessError(
             "data_not_found",
-            f"{root} has {len(people)} held-out people with "
-            "two or more photos; Table 1 needs at least 2",
+            f"only {with_second} of the first {len(people)} held-out people in {root} have a "
+            "second photo; Table 1 needs at least 2 (ask for more with --celeba)",
             status=404,
         )
-    pairs = [sorted(photos_of[p])[:2] for p in people]
-    names, refs = [a for a, _ in pairs], [b for _, b in pairs]
-    photos = read_images(root / "images.zip", names)
     missing = [a for a in TABLE3_ATTRIBUTES if a not in rows[names[0]]]
     if missing:
         raise LikenessError(
@@ -103,13 +135,16 @@ def celeba_samples(root: Path, count: int, thumbnail: int, seed: int) -> Samples
             f"{root / 'labels.csv'} lacks the attribute columns {', '.join(missing)}",
             status=404,
         )
+    photos = read_images(root / "images.zip", names)
+    second = read_images(root / "images.zip", [b for b in refs if b is not None])
+    it = iter(second)
     return Samples(
         dataset="celebahq",
         names=names,
         reference_names=refs,
         identities=people,
         photos=photos,
-        references=read_images(root / "images.zip", refs),
+        references=[None if b is None else next(it) for b in refs],
         thumbnails=make_thumbnails(photos, thumbnail),
         seeds=[thumbnail_seed(seed, "celebahq", n) for n in names],
         labels=np.array([[int(rows[n][a]) for a in TABLE3_ATTRIBUTES] for n in names]),
@@ -120,7 +155,8 @@ def utkface_samples(
     root: Path, count: int, thumbnail: int, seed: int, landmark_cache: Path
 ) -> Samples:
     """``count`` held-out UTKFace images, as race-balanced as the split allows (the paper
-    used FairFace, which is balanced); each image is its own reference photo.
+    used FairFace, which is balanced). UTKFace has no identities, so no image has a second
+    photo of its person to serve as an identity reference: the identity rows skip them all.
 
     MTCNN locates the face once per image (cached by member name); images where it
     finds none are passed over, since they cannot be framed like the generator's faces.
@@ -168,10 +204,10 @@ def utkface_samples(
     return Samples(
         dataset="utkface",
         names=names,
-        reference_names=list(names),
+        reference_names=[None] * len(names),
         identities=list(names),
         photos=photos,
-        references=photos,
+        references=[None] * len(names),
         thumbnails=make_thumbnails(photos, thumbnail),
         seeds=[thumbnail_seed(seed, "utkface", n) for n in names],
         labels=np.array([race[n] for n in names]),

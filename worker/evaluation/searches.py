@@ -1,18 +1,22 @@
-"""The strategies of Tables 1–3 and their batched searches, cached on disk.
+"""The strategies of Tables 1–3 and their batched searches, cached on disk per thumbnail.
 
-A batch's result is stored under a key that hashes everything it depends on
-(thumbnails, seeds, targets, reference photos, the generator's and the
-extractor's sha256, the search and objective settings, the device type), so an
-interrupted run resumes at the first missing batch and a re-run only scores.
+A strategy runs a list of jobs: one thumbnail each, with that strategy's targets
+(the attribute strategy asks for one attribute-value pair per job, as the paper
+does). Each job's output is stored under a key that hashes everything it depends
+on (thumbnail, seed, targets, reference photo, the generator's and the
+extractor's sha256, the search and objective settings, the device type); the
+search gives each thumbnail of a batch the image it would get alone with its
+seed, so a re-run searches only the jobs whose key it has not seen, in batches.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -31,7 +35,7 @@ from worker.evaluation.samples import Samples
 from worker.pipeline import Objective, build_objective
 from worker.pipeline import upscale as run_upscale
 
-CACHE_VERSION = 1  # bump when what a cached batch holds or means changes
+CACHE_VERSION = 2  # bump when what a cached batch holds or means changes
 
 # (steps just done, a short status) → None: the caller's progress bar
 OnProgress = Callable[[int, str], None]
@@ -44,15 +48,17 @@ class Strategy:
     name: str
     label: str
     extractor: Literal["f", "f0"] | None = None
-    identity: bool = False  # reference: I' (CelebA-HQ) or the photo itself (UTKFace)
+    identity: bool = False  # reference: another photo I' of the person (rows without one skip)
     race: bool = False  # target: the photo's true race
-    attributes: bool = False  # targets: the photo's true values of the five Table 3 attributes
+    attributes: bool = False  # one job per (row, attribute): the photo's true value of it
 
 
 NONE = Strategy("none", "no control (PULSE)")
 IDENTITY_F0 = Strategy("identity-f0", "identity objective with F0", "f0", identity=True)
 IDENTITY_F = Strategy("identity-f", "identity objective with F", "f", identity=True)
-ATTRIBUTES = Strategy("attributes", "attribute objective (five at once)", "f", attributes=True)
+ATTRIBUTES = Strategy(
+    "attributes", "attribute objective (one pair per search)", "f", attributes=True
+)
 RACE = Strategy("race", "race objective", "f", race=True)
 IDENTITY_RACE = Strategy(
     "identity+race", "identity and race objectives", "f", identity=True, race=True
@@ -61,18 +67,55 @@ CELEBA_STRATEGIES = (NONE, IDENTITY_F0, IDENTITY_F, ATTRIBUTES)
 UTKFACE_STRATEGIES = (NONE, IDENTITY_F, RACE, IDENTITY_RACE)
 
 
+@dataclass(frozen=True)
+class Job:
+    """One search: a sample row and, for the attribute strategy, the one attribute whose
+    true value it asks for (None there: all five Table 3 attributes at once, which only
+    the steering bench asks for)."""
+
+    row: int
+    attribute: str | None = None
+
+
+def strategy_jobs(
+    strategy: Strategy, samples: Samples, subsets: Mapping[str, Sequence[int]]
+) -> list[Job]:
+    """The searches a strategy runs on ``samples``: every row; for the identity objective,
+    the rows with a second photo of the person; for the attribute objective, one job per
+    row of each attribute's balanced rows (``subsets``)."""
+    if strategy.attributes:
+        return [Job(r, a) for a, rows in subsets.items() for r in rows]
+    rows = samples.with_reference if strategy.identity else range(len(samples))
+    return [Job(r) for r in rows]
+
+
 @dataclass
 class Outputs:
-    """One strategy's upscaled faces for all N thumbnails of a sample set."""
+    """One strategy's upscaled faces, one per job, in job order."""
 
-    images: Tensor  # (N, 3, R, R) in [0, 1] (from 8-bit pixels)
-    accepted: np.ndarray  # (N,) bool: downscale MSE ≤ eps and constraints held
-    mse: np.ndarray  # (N,) downscale MSE of the chosen candidate
-    reports: list[dict[str, Any]]  # pipeline.upscale's report per thumbnail
+    jobs: list[Job]
+    images: Tensor  # (J, 3, R, R) in [0, 1] (from 8-bit pixels)
+    accepted: np.ndarray  # (J,) bool: downscale MSE ≤ eps and constraints held
+    mse: np.ndarray  # (J,) downscale MSE of the chosen candidate
+    reports: list[dict[str, Any]]  # pipeline.upscale's report per job
     search_seconds: float  # time the searches took when they ran (cached or not)
-    batches: int = 0
-    cached_batches: int = 0
-    files: list[str] = field(default_factory=list)  # the cache files, in batch order
+    cached_jobs: int = 0
+    batches: int = 0  # batches searched by this run
+    files: list[str] = field(default_factory=list)  # the cache files, in job order
+
+    @property
+    def rows(self) -> np.ndarray:
+        return np.array([j.row for j in self.jobs], dtype=int)
+
+    def for_attribute(self, attribute: str, rows: Sequence[int]) -> list[int]:
+        """The jobs that answer about ``attribute`` on ``rows``: its own (the attribute
+        strategy) or, for the other strategies, theirs on those rows."""
+        wanted = set(rows)
+        return [
+            k
+            for k, j in enumerate(self.jobs)
+            if j.row in wanted and j.attribute in (None, attribute)
+        ]
 
 
 def search_config(models: Models, steps: int, restarts: int) -> SearchConfig:
@@ -82,39 +125,43 @@ def search_config(models: Models, steps: int, restarts: int) -> SearchConfig:
 
 
 def _targets(
-    strategy: Strategy, samples: Samples, rows: Sequence[int]
+    strategy: Strategy, samples: Samples, jobs: Sequence[Job]
 ) -> tuple[list[str | None], list[dict[str, int]]]:
-    races: list[str | None] = [None] * len(rows)
-    attrs: list[dict[str, int]] = [{} for _ in rows]
+    races: list[str | None] = [None] * len(jobs)
+    attrs: list[dict[str, int]] = [{} for _ in jobs]
     if strategy.race:
-        races = [UTKFACE_RACES[int(samples.labels[i])] for i in rows]
+        races = [UTKFACE_RACES[int(samples.labels[j.row])] for j in jobs]
     if strategy.attributes:
+        column = {a: c for c, a in enumerate(TABLE3_ATTRIBUTES)}
         attrs = [
-            {a: int(v) for a, v in zip(TABLE3_ATTRIBUTES, samples.labels[i], strict=True)}
-            for i in rows
+            {
+                a: int(samples.labels[j.row, column[a]])
+                for a in (TABLE3_ATTRIBUTES if j.attribute is None else (j.attribute,))
+            }
+            for j in jobs
         ]
     return races, attrs
 
 
-def batch_key(
+def job_key(
     models: Models,
     samples: Samples,
-    rows: Sequence[int],
+    job: Job,
     strategy: Strategy,
     config: SearchConfig,
     weights: ObjectiveWeights | None = None,
 ) -> str:
-    """sha256 of everything the batch's outputs depend on."""
-    races, attrs = _targets(strategy, samples, rows)
+    """sha256 of everything the job's output depends on."""
+    races, attrs = _targets(strategy, samples, [job])
     spec: dict[str, Any] = {
         "version": CACHE_VERSION,
         "strategy": strategy.name,
         "dataset": samples.dataset,
         "generator": models.generator.sha256,
         "search": config.model_dump(mode="json"),
-        "seeds": [samples.seeds[i] for i in rows],
-        "races": races,
-        "attributes": attrs,
+        "seed": samples.seeds[job.row],
+        "race": races[0],
+        "attributes": attrs[0],
         "device": models.device.type,
     }
     if strategy.extractor is not None:
@@ -122,10 +169,9 @@ def batch_key(
         spec["extractor"] = sha
         spec["objective"] = with_threshold(weights, theta).model_dump(mode="json")
     h = hashlib.sha256(json.dumps(spec, sort_keys=True).encode())
-    h.update(np.ascontiguousarray(samples.thumbnails[list(rows)]).tobytes())
+    h.update(np.ascontiguousarray(samples.thumbnails[job.row]).tobytes())
     if strategy.identity:
-        refs = samples.references[list(rows)].mul(255).round().byte()
-        h.update(refs.numpy().tobytes())
+        h.update(samples.reference_photos([job.row]).mul(255).round().byte().numpy().tobytes())
     return h.hexdigest()
 
 
@@ -138,19 +184,19 @@ def with_threshold(weights: ObjectiveWeights | None, theta: float) -> ObjectiveW
 def strategy_objective(
     models: Models,
     samples: Samples,
-    rows: Sequence[int],
+    jobs: Sequence[Job],
     strategy: Strategy,
     weights: ObjectiveWeights | None = None,
 ) -> Objective | None:
-    """The strategy's targets for these thumbnails, weighted by ``weights`` (default:
+    """The strategy's targets for these jobs, weighted by ``weights`` (default:
     ObjectiveWeights' documented defaults) with the extractor's own θ_t."""
     if strategy.extractor is None:
         return None
     extractor, theta, _ = models.extractor(strategy.extractor)
-    references: list[Tensor | None] = [None] * len(rows)
+    references: list[Tensor | None] = [None] * len(jobs)
     if strategy.identity:
-        references = list(embed(extractor, samples.references[list(rows)]))
-    races, attrs = _targets(strategy, samples, rows)
+        references = list(embed(extractor, samples.reference_photos([j.row for j in jobs])))
+    races, attrs = _targets(strategy, samples, jobs)
     return build_objective(extractor, with_threshold(weights, theta), races, attrs, references)
 
 
@@ -173,34 +219,133 @@ def _load(path: Path) -> dict[str, Any] | None:
 def search_batch(
     models: Models,
     samples: Samples,
-    rows: Sequence[int],
+    jobs: Sequence[Job],
     strategy: Strategy,
     config: SearchConfig,
     on_step: Callable[[SearchStep], None] | None,
     weights: ObjectiveWeights | None = None,
-) -> dict[str, Any]:
-    """One batched search through worker/pipeline.py (the worker's path): 8-bit outputs,
-    acceptance, downscale MSE and the per-thumbnail reports."""
+) -> list[dict[str, Any]]:
+    """One batched search through worker/pipeline.py (the worker's path): per job its
+    8-bit output, acceptance, downscale MSE, report and share of the search time."""
     started = time.perf_counter()
-    objective = strategy_objective(models, samples, rows, strategy, weights)
+    objective = strategy_objective(models, samples, jobs, strategy, weights)
     results = run_upscale(
         models.generator,
-        list(samples.thumbnails[list(rows)]),
+        [samples.thumbnails[j.row] for j in jobs],
         config,
         on_step=on_step,
-        seeds=[samples.seeds[i] for i in rows],
+        seeds=[samples.seeds[j.row] for j in jobs],
         objective=objective,
     )
-    return {
-        "pixels": torch.from_numpy(np.stack([r.pixels for r in results])),
-        "accepted": torch.tensor([bool(r.report["accepted"]) for r in results]),
-        "mse": torch.tensor(
-            [float(r.report["downscale_mse"]) for r in results], dtype=torch.float64
-        ),
-        # JSON text: plain data that torch.load(weights_only=True) reads back as is
-        "reports": json.dumps([r.report for r in results]),
-        "seconds": time.perf_counter() - started,
-    }
+    seconds = (time.perf_counter() - started) / len(jobs)
+    return [
+        {
+            "pixels": torch.from_numpy(np.ascontiguousarray(r.pixels)),
+            "accepted": bool(r.report["accepted"]),
+            "mse": float(r.report["downscale_mse"]),
+            # JSON text: plain data that torch.load(weights_only=True) reads back as is
+            "report": json.dumps(r.report),
+            "seconds": seconds,
+        }
+        for r in results
+    ]
+
+
+@dataclass
+class Plan:
+    """A strategy's jobs on one sample set, each with its cache file and, if that file
+    already holds it, its result."""
+
+    samples: Samples
+    strategy: Strategy
+    jobs: list[Job]
+    paths: list[Path]
+    done: list[dict[str, Any] | None]
+
+    @property
+    def missing(self) -> list[int]:
+        return [k for k, d in enumerate(self.done) if d is None]
+
+    def batches(self, batch: int) -> int:
+        return math.ceil(len(self.missing) / batch)
+
+
+def plan_strategy(
+    models: Models,
+    samples: Samples,
+    strategy: Strategy,
+    jobs: list[Job],
+    steps: int,
+    restarts: int,
+    cache: Path,
+    weights: ObjectiveWeights | None = None,
+) -> Plan:
+    """Which of ``jobs`` the cache already holds (for these sizes and ``weights``)."""
+    config = search_config(models, steps, restarts)
+    paths = [
+        cache / f"{samples.dataset}-{strategy.name}-"
+        f"{job_key(models, samples, j, strategy, config, weights)[:32]}.pt"
+        for j in jobs
+    ]
+    return Plan(samples, strategy, jobs, paths, [_load(p) for p in paths])
+
+
+def run_plan(
+    models: Models,
+    plan: Plan,
+    steps: int,
+    restarts: int,
+    batch: int,
+    on_progress: OnProgress | None = None,
+    weights: ObjectiveWeights | None = None,
+) -> Outputs:
+    """Search the plan's missing jobs, ``batch`` at a time, saving each job's result as its
+    batch finishes (an interrupted run loses at most one batch), and gather all of them.
+    ``weights``: the objectives' settings (default: ObjectiveWeights' documented defaults)."""
+    config = search_config(models, steps, restarts)
+    done = list(plan.done)
+    missing = plan.missing
+    cached = len(plan.jobs) - len(missing)
+    n_batches = plan.batches(batch)
+    name = f"{plan.samples.dataset} {plan.strategy.name}"
+    for b, start in enumerate(range(0, len(missing), batch)):
+        chunk = missing[start : start + batch]
+        status = f"{name} {b + 1}/{n_batches}"
+
+        def on_step(s: SearchStep, status: str = status) -> None:
+            if on_progress is not None:
+                on_progress(1, status)
+
+        results = search_batch(
+            models,
+            plan.samples,
+            [plan.jobs[k] for k in chunk],
+            plan.strategy,
+            config,
+            on_step,
+            weights,
+        )
+        for k, payload in zip(chunk, results, strict=True):
+            _save(plan.paths[k], payload)
+            done[k] = payload
+    parts = [d for d in done if d is not None]
+    r = models.resolution
+    pixels = (
+        torch.stack([p["pixels"] for p in parts])
+        if parts
+        else torch.zeros(0, r, r, 3, dtype=torch.uint8)
+    )
+    return Outputs(
+        jobs=plan.jobs,
+        images=pixels.permute(0, 3, 1, 2).float().div(255),
+        accepted=np.array([bool(p["accepted"]) for p in parts], dtype=bool),
+        mse=np.array([float(p["mse"]) for p in parts], dtype=np.float64),
+        reports=[json.loads(p["report"]) for p in parts],
+        search_seconds=float(sum(p["seconds"] for p in parts)),
+        cached_jobs=cached,
+        batches=n_batches,
+        files=[p.name for p in plan.paths],
+    )
 
 
 def run_strategy(
@@ -214,42 +359,11 @@ def run_strategy(
     on_progress: OnProgress | None = None,
     weights: ObjectiveWeights | None = None,
 ) -> Outputs:
-    """Every thumbnail of ``samples`` under ``strategy``, ``batch`` at a time; batches are
-    fixed slices, so a larger N reuses the smaller run's batches. ``weights``: the
-    objectives' settings (default: ObjectiveWeights' documented defaults)."""
-    config = search_config(models, steps, restarts)
-    parts: list[dict[str, Any]] = []
-    files: list[str] = []
-    cached = 0
-    n_batches = -(-len(samples) // batch)
-    for b, start in enumerate(range(0, len(samples), batch)):
-        rows = list(range(start, min(start + batch, len(samples))))
-        key = batch_key(models, samples, rows, strategy, config, weights)
-        path = cache / f"{samples.dataset}-{strategy.name}-{key[:32]}.pt"
-        status = f"{samples.dataset} {strategy.name} {b + 1}/{n_batches}"
-        payload = _load(path)
-        if payload is not None:
-            cached += 1
-            if on_progress is not None:
-                on_progress(steps, f"{status} (cached)")
-        else:
-
-            def on_step(s: SearchStep, status: str = status) -> None:
-                if on_progress is not None:
-                    on_progress(1, status)
-
-            payload = search_batch(models, samples, rows, strategy, config, on_step, weights)
-            _save(path, payload)
-        parts.append(payload)
-        files.append(path.name)
-    pixels = torch.cat([p["pixels"] for p in parts])
-    return Outputs(
-        images=pixels.permute(0, 3, 1, 2).float().div(255),
-        accepted=torch.cat([p["accepted"] for p in parts]).numpy(),
-        mse=torch.cat([p["mse"] for p in parts]).numpy(),
-        reports=[r for p in parts for r in json.loads(p["reports"])],
-        search_seconds=float(sum(p["seconds"] for p in parts)),
-        batches=n_batches,
-        cached_batches=cached,
-        files=files,
+    """Plan and run a strategy in one go, one job per row it applies to (the identity
+    objective: the rows with a second photo; the attribute objective: all five attributes
+    of each row at once). ``likeness evaluate`` plans its jobs itself."""
+    rows = samples.with_reference if strategy.identity else range(len(samples))
+    plan = plan_strategy(
+        models, samples, strategy, [Job(r) for r in rows], steps, restarts, cache, weights
     )
+    return run_plan(models, plan, steps, restarts, batch, on_progress, weights)
