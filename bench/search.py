@@ -6,6 +6,8 @@
     python bench/search.py --config ffhq1024 --batch 8 --device cuda --precision bf16
 
     python bench/search.py --sweep --out docs/bench/search_sweep.json   # the CPU table
+    python bench/search.py --weights weights/generator.pt --batch 8 --restarts 4 \
+        --precision bf16 --channels-last --race White             # steered by the bundled F
 
 --sweep runs each cell of a table in its own process (so each peak RSS is its
 own): the bundled generator at batch 1/2/4/8 x 4 restarts and the FFHQ-1024
@@ -36,7 +38,9 @@ import torch
 from worker.engine.checkpoints import load_generator
 from worker.engine.generator import Generator, GeneratorConfig
 from worker.engine.mapping_fit import fit_mapping
+from worker.engine.objectives import objective_loss
 from worker.engine.search import SearchConfig, latent_search
+from worker.pipeline import build_objective, load_extractor, objective_weights
 
 CONFIGS = {
     "ffhq1024": lambda: GeneratorConfig.stylegan2(1024, channel_multiplier=2),
@@ -66,6 +70,10 @@ def parse() -> argparse.Namespace:
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--channels-last", action="store_true", help="NHWC activations")
     p.add_argument("--compile", default="off", help="torch.compile mode (off, default, ...)")
+    p.add_argument(
+        "--race",
+        help="steer every thumbnail towards this race with the bundled F (the --race search)",
+    )
     p.add_argument("--sweep", action="store_true", help="run the whole table (see above)")
     p.add_argument(
         "--sweep-settings",
@@ -211,7 +219,19 @@ def main() -> None:
         channels_last=args.channels_last,
         compile=args.compile,
     )
-    search = latent_search(g, fit, thumbs, config)
+    extra_loss = None
+    if args.race:
+        # The objective exactly as `likeness upscale --race` builds it.
+        extractor, threshold, _ = load_extractor(None, device)
+        objective = build_objective(
+            extractor,
+            objective_weights(threshold_deg=threshold),
+            [args.race] * args.batch,
+            [{}] * args.batch,
+            [None] * args.batch,
+        )
+        extra_loss = objective_loss(extractor, objective.targets, objective.weights, args.restarts)
+    search = latent_search(g, fit, thumbs, config, extra_loss)
     times, warmup = [], 0.0
     for i in range(total_steps):
         if device.type == "cuda":
@@ -241,6 +261,7 @@ def main() -> None:
                 "precision": args.precision,
                 "channels_last": args.channels_last,
                 "compile": args.compile,
+                "race": args.race,
                 "elements_per_step": elements,
                 "thumb": args.thumb,
                 "timed_steps": args.steps,
