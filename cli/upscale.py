@@ -150,16 +150,17 @@ def upscale(
         res = model.generator.config.resolution
         thumb = prepare_thumbnail(data, res)
         number_format = fastest_precision(precision, dev)  # type: ignore[arg-type]
+        layout = fastest_layout(None, dev, number_format)
         config = resolve_search(
             request,
             model,
             geocross_weight=geocross_weight,
             precision=number_format,
-            channels_last=fastest_layout(None, dev, number_format),
+            channels_last=layout,
         )
         objective = None
         if request.has_targets or reference_bytes is not None:
-            ext, threshold, _ = load_extractor(extractor, dev)
+            ext, threshold, _ = load_extractor(extractor, dev, channels_last=layout)
             embedding = None
             if reference_bytes is not None:
                 try:
