@@ -150,7 +150,8 @@ def main() -> None:
 
     def run(which: str, samples: Any, strategy: Any, cache: Path) -> Any:
         models.generator.search_defaults = settings[which]
-        return run_strategy(models, samples, strategy, args.steps, args.restarts, args.batch, cache)
+        batch = args.reference_batch if which == "reference" else args.batch
+        return run_strategy(models, samples, strategy, args.steps, args.restarts, batch, cache)
 
     results: dict[str, Any] = {}
     seconds: dict[str, float] = {"reference": 0.0, "candidate": 0.0}
