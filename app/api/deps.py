@@ -22,7 +22,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from app.api.errors import Unauthorized
 from app.labels import Labels, load_labels
 from likeness.errors import LikenessError
-from likeness.face_detect import MIN_FACE_SIZE, OnnxMTCNN
+from likeness.face_detect import MIN_FACE_SIZE, OnnxMTCNN, SharedDetector
 from likeness.images import DecodedImage, decode_image
 from likeness.jobs import ANONYMOUS, AsyncJobStore
 from likeness.settings import Settings
@@ -108,24 +108,15 @@ class FaceReferenceChecker:
     """
 
     def __init__(
-        self, max_pixels: int, manifests: tuple[Path, ...], min_prob: float, max_side: int
+        self, max_pixels: int, detector: SharedDetector, min_prob: float, max_side: int
     ) -> None:
         self.max_pixels = max_pixels
         self.max_side = max_side
-        self.manifests = manifests
         self.min_prob = min_prob
-        self._detector: OnnxMTCNN | None = None
-        self._lock = threading.Lock()
+        self.shared = detector
 
     def detector(self) -> OnnxMTCNN:
-        with self._lock:
-            if self._detector is None:
-                # The first manifest that lists a detector; the last one's error otherwise.
-                usable = [m for m in self.manifests if OnnxMTCNN.listed_in(m)]
-                self._detector = OnnxMTCNN.from_manifest(
-                    usable[0] if usable else self.manifests[-1]
-                )
-            return self._detector
+        return self.shared.get()
 
     def __call__(self, data: bytes) -> DecodedImage:
         # Shrunk while decoding: the detector never sees (or allocates) the full photo.
