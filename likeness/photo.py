@@ -17,8 +17,9 @@ import numpy as np
 from PIL import Image
 
 from likeness.errors import LikenessError
-from likeness.face_detect import MIN_FACE_SIZE, MTCNN_OFFSET, Detections
+from likeness.face_detect import MIN_FACE_SIZE, MTCNN_OFFSET, Detections, SharedDetector
 from likeness.images import valid_thumbnail_sizes
+from likeness.settings import Settings
 
 # Where the five landmarks (eyes, nose, mouth corners, in image order) sit in a centred
 # FFHQ / CelebA-HQ framed face, the framing the generator draws and the search matches,
@@ -218,7 +219,9 @@ def paste_face(
     if match_colours and ring.sum() >= 16:
         for c in range(3):
             f, p = warped[..., c][ring], region[..., c][ring]
-            ratio = float(np.clip((p.std() + 1e-3) / (f.std() + 1e-3), 1 / MAX_STD_RATIO, MAX_STD_RATIO))
+            ratio = float(
+                np.clip((p.std() + 1e-3) / (f.std() + 1e-3), 1 / MAX_STD_RATIO, MAX_STD_RATIO)
+            )
             adjusted = (warped[..., c] - f.mean()) * ratio + p.mean()
             shift[c] = float(p.mean() - f.mean())
             warped[..., c] = adjusted
@@ -402,7 +405,9 @@ def crops_for(pixels: np.ndarray, chosen: Sequence[PhotoFace]) -> list[np.ndarra
     return [frame_crop(pixels, f.to_unit, f.thumbnail_size) for f in chosen]
 
 
-def output_factor(chosen: Sequence[PhotoFace], resolution: int, width: int, height: int, max_side: int) -> int:
+def output_factor(
+    chosen: Sequence[PhotoFace], resolution: int, width: int, height: int, max_side: int
+) -> int:
     """The integer enlargement of the photo at which the smallest chosen face's upscaled
     resolution is used (its frame spans ``resolution`` pixels), within ``max_side``."""
     if not chosen:
@@ -430,3 +435,33 @@ def composite(
     for k in order:
         pasted[k] = paste_face(canvas, upscaled[k], chosen[k].to_unit, factor)
     return Composite(canvas, factor, [p for p in pasted if p is not None])
+
+
+def resolve_mode(mode: str, width: int, height: int, thumbnail_max_side: int) -> str:
+    """``thumbnail`` or ``photo``: auto decides by the image's longer side."""
+    if mode != "auto":
+        return mode
+    return "thumbnail" if max(width, height) <= thumbnail_max_side else "photo"
+
+
+def plan_with_settings(
+    pixels: np.ndarray,
+    detector: SharedDetector,
+    resolution: int,
+    faces: FacesSpec,
+    settings: Settings,
+) -> PhotoPlan:
+    """Detect the faces of a decoded photo and plan them with the settings' limits: the
+    one way the CLI, the API and the worker choose a photo's faces."""
+    height, width = pixels.shape[:2]
+    found = detector.detect(pixels, max_side=settings.photo_detect_max_side)
+    return plan_photo(
+        found,
+        width,
+        height,
+        resolution,
+        faces=faces,
+        max_faces=settings.photo_max_faces,
+        min_prob=settings.photo_min_face_prob,
+        detect_max_side=settings.photo_detect_max_side,
+    )

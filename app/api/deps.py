@@ -13,7 +13,6 @@ import hmac
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Annotated, Protocol
 
 from fastapi import Depends, Request

@@ -63,6 +63,8 @@ class PublicOptions(BaseModel):
     attr_weight: float | None = Field(default=None, description="None: the engine's default.")
     eps: float | None = Field(default=None, description="None: the engine's default.")
     views: int | None = Field(default=None, description="None: the engine's default (1).")
+    mode: str = Field(default="thumbnail", description="thumbnail or photo, as decided.")
+    faces: str = Field(default="all", description="Photo mode: the faces asked for.")
 
     @classmethod
     def of(cls, options: JobOptions) -> PublicOptions:

@@ -169,6 +169,7 @@ def batch_key(options: JobOptions, thumbnail_side: int) -> str:
             "attr_weight",
             "eps",
             "views",
+            "mode",
         }
     )
     shared["thumbnail_side"] = thumbnail_side
