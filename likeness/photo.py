@@ -110,7 +110,8 @@ def mtcnn_to_continuous(landmarks: np.ndarray) -> np.ndarray:
 def unit_frame_transform(landmarks: np.ndarray) -> np.ndarray:
     """The photo → unit FFHQ frame (side 1) similarity of one face's five landmarks
     (continuous photo coordinates)."""
-    return estimate_similarity(landmarks[None], frame_points(1.0))[0]
+    m: np.ndarray = estimate_similarity(landmarks[None], frame_points(1.0))[0]
+    return m
 
 
 def frame_side(to_unit: np.ndarray) -> float:
@@ -373,11 +374,12 @@ def plan_photo(
             status=422,
         )
     wanted = parse_faces(faces)
+    chosen: list[PhotoFace]
     if wanted == "all":
         chosen = usable
     elif wanted == "largest":
         chosen = usable[:1]
-    else:
+    elif isinstance(wanted, list):
         by_index = {f.index: f for f in usable}
         missing = [i for i in wanted if i not in by_index]
         if missing:
@@ -450,9 +452,12 @@ def plan_with_settings(
     resolution: int,
     faces: FacesSpec,
     settings: Settings,
+    *,
+    max_faces: int | None = None,
 ) -> PhotoPlan:
     """Detect the faces of a decoded photo and plan them with the settings' limits: the
-    one way the CLI, the API and the worker choose a photo's faces."""
+    one way the CLI, the API and the worker choose a photo's faces. ``max_faces``
+    replaces the settings' limit (a listing of every face passes a large one)."""
     height, width = pixels.shape[:2]
     found = detector.detect(pixels, max_side=settings.photo_detect_max_side)
     return plan_photo(
@@ -461,7 +466,7 @@ def plan_with_settings(
         height,
         resolution,
         faces=faces,
-        max_faces=settings.photo_max_faces,
+        max_faces=settings.photo_max_faces if max_faces is None else max_faces,
         min_prob=settings.photo_min_face_prob,
         detect_max_side=settings.photo_detect_max_side,
     )

@@ -137,6 +137,33 @@ class JobList(BaseModel):
     )
 
 
+class DetectedFace(BaseModel):
+    index: int = Field(..., description="The face's index, largest face first (from 0).")
+    box: list[float] = Field(..., description="x1, y1, x2, y2 in the photo's pixels.")
+    prob: float = Field(..., description="The detector's confidence.")
+    face_side: float = Field(
+        ..., description="Side in photo pixels of the face's FFHQ frame: its own resolution."
+    )
+    thumbnail_size: int = Field(..., description="Thumbnail side the face is searched at.")
+    usable: bool = Field(..., description="Whether photo mode upscales this face.")
+    reason: str | None = Field(default=None, description="Why not, when not usable.")
+    chosen: bool = Field(..., description="Part of faces=all.")
+    landmarks: list[list[float]] = Field(..., description="Eyes, nose, mouth corners (x, y).")
+    to_thumbnail: list[list[float]] = Field(
+        ..., description="2x3 similarity from photo to thumbnail coordinates (pixel corners)."
+    )
+
+
+class FacesResponse(BaseModel):
+    width: int = Field(..., description="The photo's width in pixels.")
+    height: int = Field(..., description="The photo's height in pixels.")
+    min_face_size: float = Field(
+        ..., description="The smallest face side (pixels) the detector finds in this photo."
+    )
+    max_faces: int = Field(..., description="Most faces one request may choose.")
+    faces: list[DetectedFace] = Field(..., description="Every face found, largest first.")
+
+
 class Health(BaseModel):
     status: str = Field(default="ok", description="Always 'ok': the process answers.")
 
