@@ -9,6 +9,7 @@ in. Transforms are 2×3 matrices ``M`` with ``dst = M[:, :2] @ src + M[:, 2]``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -195,11 +196,12 @@ def paste_face(
     factor: int,
     *,
     match_colours: bool = True,
+    feather: bool = True,
 ) -> Pasted:
     """Blend an upscaled face (R, R, 3) uint8 in its FFHQ frame into ``canvas`` (the
     photo enlarged ``factor`` times), in place: warped back with the inverse of the
     face's transform, faded in by a feathered mask, its colours matched to the ring of
-    the canvas under the mask's fade."""
+    the canvas under the mask's fade (``feather`` False: a hard-edged paste, to compare)."""
     side = face.shape[0]
     big_to_frame = compose(scaling(side), compose(to_unit, scaling(1.0 / factor)))
     frame_to_big = invert_affine(big_to_frame)
@@ -214,6 +216,8 @@ def paste_face(
     warped = warp(face, box_to_frame, size).astype(np.float32)
     mask = warp(feathered_mask(side)[..., None], box_to_frame, size, Image.Resampling.BILINEAR)
     mask = np.clip(mask[..., 0], 0.0, 1.0)
+    if not feather:
+        mask = (mask > 0).astype(np.float32)
     region = canvas[y0:y1, x0:x1].astype(np.float32)
     shift = [0.0, 0.0, 0.0]
     ring = (mask > 0.05) & (mask < 0.95)
@@ -410,11 +414,12 @@ def crops_for(pixels: np.ndarray, chosen: Sequence[PhotoFace]) -> list[np.ndarra
 def output_factor(
     chosen: Sequence[PhotoFace], resolution: int, width: int, height: int, max_side: int
 ) -> int:
-    """The integer enlargement of the photo at which the smallest chosen face's upscaled
-    resolution is used (its frame spans ``resolution`` pixels), within ``max_side``."""
+    """The least integer enlargement of the photo at which the smallest chosen face's
+    upscaled resolution is used in full (its frame spans ``resolution`` pixels, or within
+    5 % of it), within ``max_side``."""
     if not chosen:
         return 1
-    wanted = round(resolution / min(f.side for f in chosen))
+    wanted = math.ceil(resolution / min(f.side for f in chosen) * 0.95)
     cap = max(1, max_side // max(width, height))
     return int(max(1, min(wanted, cap)))
 
