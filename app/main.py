@@ -17,13 +17,15 @@ from app.api.body_limit import BodySizeLimit
 from app.api.deps import (
     DecodeOnlyReferenceChecker,
     FaceReferenceChecker,
+    PhotoPlanner,
     ReferenceChecker,
     ReferenceGate,
 )
 from app.api.errors import install_exception_handlers
 from app.api.routes import api_router
 from app.api.routes.web import STATIC_DIR
-from app.limits import thumbnail_max_pixels
+from app.limits import FALLBACK_GENERATOR_SIDE, default_generator_side, thumbnail_max_pixels
+from likeness.face_detect import SharedDetector
 from likeness.jobs import JobStore, async_store, open_store_from_settings
 from likeness.manifest import BUNDLED_MANIFEST_PATH
 from likeness.settings import Settings, get_settings
@@ -36,6 +38,11 @@ Upscale a face thumbnail by searching a generator's latent space for faces
 that downscale to it, optionally steered by race, attributes and the identity
 of a reference photo. Submissions are jobs: `POST /upscale` answers 202 with
 links to poll and to fetch the result. Errors are JSON `{code, message}`.
+
+A photo with small faces anywhere in it works too (mode `photo`, or `auto` for an
+image larger than a thumbnail): its faces are detected, aligned, upscaled and pasted
+back into an enlarged copy; `POST /faces` lists the faces first, and
+`GET /jobs/{id}/faces/{n}` returns each upscaled face.
 """
 
 
@@ -46,14 +53,20 @@ def _version() -> str:
         return "0+unknown"
 
 
-def reference_checker(settings: Settings) -> ReferenceChecker:
-    if not settings.reference_face_check:
-        return DecodeOnlyReferenceChecker(settings.max_pixels)
+def face_detector(settings: Settings) -> SharedDetector:
     # The detector ships with the project, so it is found beside the bundled
     # manifest even when LIKENESS_WEIGHTS_DIR points at a folder of other weights.
+    return SharedDetector((settings.manifest_path, BUNDLED_MANIFEST_PATH))
+
+
+def reference_checker(
+    settings: Settings, detector: SharedDetector | None = None
+) -> ReferenceChecker:
+    if not settings.reference_face_check:
+        return DecodeOnlyReferenceChecker(settings.max_pixels)
     return FaceReferenceChecker(
         settings.max_pixels,
-        (settings.manifest_path, BUNDLED_MANIFEST_PATH),
+        detector or face_detector(settings),
         settings.reference_min_face_prob,
         settings.reference_check_max_side,
     )
@@ -78,6 +91,7 @@ def create_app(settings: Settings | None = None, *, store: JobStore | None = Non
             yield
         finally:
             app.state.reference_gate.close()
+            app.state.photo_gate.close()
             await app.state.async_store.aclose()
             app.state.async_store = None
             if owned:
@@ -97,8 +111,14 @@ def create_app(settings: Settings | None = None, *, store: JobStore | None = Non
     app.state.settings = settings
     app.state.store = store
     app.state.async_store = None
-    app.state.reference_checker = reference_checker(settings)
+    detector = face_detector(settings)
+    app.state.reference_checker = reference_checker(settings, detector)
     app.state.reference_gate = ReferenceGate(settings.reference_checks_max)
+    side = default_generator_side(settings.manifest_path) or FALLBACK_GENERATOR_SIDE
+    app.state.photo_planner = PhotoPlanner(detector, settings, side)
+    app.state.photo_gate = ReferenceGate(
+        settings.reference_checks_max, "photo", "photo_checks_busy"
+    )
     app.state.thumbnail_max_pixels = thumbnail_max_pixels(settings)
     install_exception_handlers(app)
     app.include_router(api_router)

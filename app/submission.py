@@ -16,6 +16,7 @@ from likeness.errors import LikenessError
 from likeness.images import DecodedImage, decode_image
 from likeness.jobs import InputFile, JobOptions, JobRecord, batch_key, request_hash
 from likeness.labels import canonical_attributes, canonical_race, parse_attribute_pairs
+from likeness.photo import PhotoPlan, resolve_mode
 from likeness.request import choose_seed, settle, validate_request
 from likeness.settings import Settings
 
@@ -72,23 +73,35 @@ def build_job(
     labels: Labels,
     check_reference: Callable[[bytes], DecodedImage],
     thumbnail_max_pixels: int | None = None,
+    plan_photo: Callable[[DecodedImage, str], PhotoPlan] | None = None,
 ) -> tuple[JobRecord, dict[str, bytes]]:
     """Validate the whole request, then assemble the queued job and its input blobs.
 
-    Blocking (decoding, hashing, the reference check): call it off the event loop.
+    The image is a thumbnail or a photo as ``mode`` says (auto: by its longer side);
+    each has its own pixel limit, and a photo must have usable faces (``plan_photo``
+    finds them, or refuses with no_face, invalid_faces or too_many_faces).
+    Blocking (decoding, hashing, face detection, the reference check): call it off the
+    event loop.
     """
     key = check_idempotency_key(idempotency_key)
-    thumb_limit = thumbnail_max_pixels or settings.max_pixels
-    thumb = decode_upload(thumbnail, lambda d: decode_image(d, max_pixels=thumb_limit))
-    ref = decode_upload(reference, check_reference) if reference is not None else None
     values = dict(form)
     values["attributes"] = parse_attribute_pairs(values.get("attributes") or [])
     wanted = settle(validate_request(values), settings)
+    thumb_limit = thumbnail_max_pixels or settings.max_pixels
+    # The header decides auto; a photo's own (larger) limit bounds what is decoded for it.
+    limit = thumb_limit if wanted.mode == "thumbnail" else settings.photo_max_pixels
+    thumb = decode_upload(thumbnail, lambda d: decode_image(d, max_pixels=limit))
+    width, height = thumb.original_size
+    mode = resolve_mode(wanted.mode, width, height, settings.thumbnail_max_side)
+    if mode == "photo" and plan_photo is not None:
+        plan_photo(thumb, wanted.faces)
+    ref = decode_upload(reference, check_reference) if reference is not None else None
     options = JobOptions.model_validate(
         wanted.model_dump()
         | {
             "race": canonical_race(wanted.race, labels.races),
             "attributes": canonical_attributes(wanted.attributes, labels.attributes),
+            "mode": mode,
         }
     )
     inputs = {"thumbnail": _input_file(thumbnail, thumb)}
@@ -102,7 +115,9 @@ def build_job(
     )
     if options.seed is None:
         options.seed = choose_seed()
-    options.batch_key = batch_key(options, min(thumb.pixels.shape[:2]))
+    # Photos run one job per search (their faces batched); thumbnails batch by size.
+    side = min(thumb.pixels.shape[:2]) if mode == "thumbnail" else 0
+    options.batch_key = batch_key(options, side)
     record = JobRecord(
         owner=owner,
         inputs=inputs,

@@ -29,6 +29,10 @@ PYRAMID_FACTOR = 0.709
 # pixel count, and a face under MIN_FACE_SIZE px at this size is too small to
 # serve as an identity reference (F sees 112-px crops) anyway.
 DETECT_MAX_SIDE = 1024
+# facenet-pytorch's landmarks are offset by +1 px from pixel-centre coordinates (a
+# 1-based legacy of the MATLAB original); this cascade reproduces them, offset and all.
+# Measured on CelebA-HQ: x + x_mirrored = W + 1 rather than W - 1.
+MTCNN_OFFSET = 1.0
 
 
 @dataclass(frozen=True)
@@ -304,6 +308,29 @@ class OnnxMTCNN:
             boxes[order, 4].astype(np.float64),
             landmarks[order].astype(np.float64),
         )
+
+
+class SharedDetector:
+    """One ``OnnxMTCNN`` for a process, loaded on first use from the first of
+    ``manifests`` that lists the detector (the last one's error otherwise)."""
+
+    def __init__(self, manifests: tuple[Path, ...]) -> None:
+        self.manifests = manifests
+        self._detector: OnnxMTCNN | None = None
+        self._lock = threading.Lock()
+
+    def get(self) -> OnnxMTCNN:
+        with self._lock:
+            if self._detector is None:
+                usable = [m for m in self.manifests if OnnxMTCNN.listed_in(m)]
+                self._detector = OnnxMTCNN.from_manifest(
+                    usable[0] if usable else self.manifests[-1]
+                )
+            return self._detector
+
+    def detect(self, pixels: np.ndarray, max_side: int | None) -> Detections:
+        """Every face in an (H, W, 3) uint8 photo, largest first: boxes, scores, landmarks."""
+        return self.get().detect(pixels, max_side=max_side)
 
 
 def _cells_to_boxes(

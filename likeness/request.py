@@ -92,6 +92,21 @@ class UpscaleRequest(BaseModel):
         "mirroring and blur, at that many times F's cost. Omitted: the engine's (1).",
     )
 
+    mode: Literal["auto", "thumbnail", "photo"] = Field(
+        default="auto",
+        description="thumbnail: the image is one face framed like FFHQ (non-square images "
+        "are centre-cropped); photo: faces are detected anywhere in it, aligned, upscaled "
+        "and pasted back into an enlarged copy; auto: thumbnail when the longer side is at "
+        "most LIKENESS_THUMBNAIL_MAX_SIDE (64) pixels, else photo.",
+    )
+    faces: str = Field(
+        default="all",
+        max_length=200,
+        pattern=r"^\s*(all|largest|\d+(\s*,\s*\d+)*)\s*$",
+        description="Photo mode: which detected faces to upscale: all, largest, or face "
+        "indices (largest face first, from 0) such as 0,2. Targets apply to each of them.",
+    )
+
     @property
     def has_targets(self) -> bool:
         return bool(self.race or self.attributes)
@@ -129,6 +144,12 @@ def out_of_range(
     )
 
 
+_CHOICES = {
+    "mode": "auto, thumbnail or photo",
+    "faces": "all, largest or face indices such as 0,2",
+}
+
+
 def validate_request(values: dict[str, Any]) -> UpscaleRequest:
     """The request from parsed values; a value outside its bounds is a 422 that names it."""
     try:
@@ -136,6 +157,12 @@ def validate_request(values: dict[str, Any]) -> UpscaleRequest:
     except ValidationError as exc:
         for err in exc.errors():
             name = str(err["loc"][0]) if err.get("loc") else ""
+            if name in ("mode", "faces"):
+                raise LikenessError(
+                    f"invalid_{name}",
+                    f"{name} must be {_CHOICES[name]}; got {values.get(name)!r}.",
+                    status=422,
+                ) from None
             if name in UpscaleRequest.model_fields and name not in ("race", "attributes"):
                 raise out_of_range(name, values.get(name)) from None
         raise LikenessError(

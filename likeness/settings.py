@@ -77,6 +77,46 @@ class Settings(BaseSettings):
         "1024*1024 for the bundled 128-px generator: no generator scale needs more. "
         "max_pixels still bounds reference photos, which the face check shrinks first.",
     )
+    thumbnail_max_side: int = Field(
+        default=64,
+        ge=1,
+        description="Upscale mode auto: an image whose longer side is at most this many "
+        "pixels is a face thumbnail, a larger one a photo whose faces are detected.",
+    )
+    photo_max_pixels: int = Field(
+        default=4096 * 4096,
+        gt=0,
+        description="Largest accepted width*height of a photo (upscale mode photo), checked "
+        "from the header before any pixel is decoded (default 4096*4096).",
+    )
+    photo_detect_max_side: int = Field(
+        default=2048,
+        ge=64,
+        description="Photos are shrunk to at most this many pixels on their longer side "
+        "before faces are detected in them (the detector finds faces of 20 pixels and up "
+        "at that size); the faces are then cut from the full photo.",
+    )
+    photo_max_faces: int = Field(
+        default=8,
+        ge=1,
+        le=64,
+        description="Most faces one photo request upscales; a photo with more faces chosen "
+        "is refused (422 too_many_faces) and the request can pick some.",
+    )
+    photo_min_face_prob: float = Field(
+        default=0.9,
+        ge=0.0,
+        le=1.0,
+        description="Face probability the detector must reach for a face of a photo to be "
+        "upscaled; less certain detections are listed, not upscaled.",
+    )
+    photo_output_max_side: int = Field(
+        default=4096,
+        ge=64,
+        description="Longest side of a photo mode result: the photo is enlarged by the "
+        "integer factor at which its smallest chosen face keeps its upscaled resolution, "
+        "but no further than this.",
+    )
     reference_check_max_side: int = Field(
         default=1024,
         ge=64,

@@ -26,8 +26,10 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
+from torch import Tensor
 
 from likeness.errors import LikenessError
+from likeness.face_detect import SharedDetector
 from likeness.images import decode_image, prepare_thumbnail
 from likeness.jobs import (
     REFERENCE_BLOB,
@@ -38,7 +40,10 @@ from likeness.jobs import (
     JobStatus,
     JobStore,
     Progress,
+    face_blob,
 )
+from likeness.manifest import BUNDLED_MANIFEST_PATH
+from likeness.photo import PhotoPlan, plan_with_settings
 from likeness.request import choose_seed
 from likeness.settings import Settings
 from likeness.worker_stats import WorkerStats
@@ -49,13 +54,14 @@ from worker.engine.search import Precision, SearchConfig, SearchStep, SearchStop
 from worker.engine.speed import fastest_layout, fastest_precision
 from worker.pipeline import (
     Objective,
-    Upscaled,
+    UpscaledPhoto,
     build_objective,
     canonical_targets,
     objective_weights,
     reference_embedding,
     resolve_search,
     upscale,
+    upscale_photo,
 )
 
 log = logging.getLogger("likeness.worker")
@@ -82,6 +88,13 @@ class WorkerContext:
     abort: Callable[[], bool] = lambda: False  # True: drop the batch now, leases run out
     extractor: FaceExtractor | None = None  # None: targets are accepted but not applied
     threshold_deg: float = DEFAULT_THRESHOLD_DEG
+    detector: SharedDetector | None = None  # photo jobs' face detector, loaded on first use
+
+    def face_detector(self) -> SharedDetector:
+        if self.detector is None:
+            # The detector ships with the project: found beside the bundled manifest too.
+            self.detector = SharedDetector((self.settings.manifest_path, BUNDLED_MANIFEST_PATH))
+        return self.detector
 
     @property
     def heartbeat_seconds(self) -> float:
@@ -96,6 +109,7 @@ class Job:
     size: int
     notes: list[str]
     decode_seconds: float
+    photo: PhotoPlan | None = None  # photo mode: the faces to upscale in ``pixels``
 
     @property
     def id(self) -> str:
@@ -158,7 +172,11 @@ def run_batch(ctx: WorkerContext, records: list[JobRecord]) -> None:
     batch_id = records[0].batch_id if records else None
     try:
         jobs = decode_jobs(batch, records)
-        for group in group_compatible(jobs):
+        for job in [j for j in jobs if j.photo is not None]:
+            if ctx.abort():
+                break
+            run_photo_job(batch, job)
+        for group in group_compatible([j for j in jobs if j.photo is None]):
             if ctx.abort():
                 break
             run_group(batch, group)
@@ -191,12 +209,26 @@ def decode_jobs(batch: Batch, records: Iterable[JobRecord]) -> list[Job]:
             batch.fail(rec.id, "input_missing", "The job's thumbnail is no longer stored.")
             continue
         try:
+            if rec.options.mode == "photo":
+                jobs.append(decode_photo(batch.ctx, rec, data, resolution, started))
+                continue
             thumb = prepare_thumbnail(data, resolution, max_pixels=batch.ctx.settings.max_pixels)
         except LikenessError as exc:
             batch.fail(rec.id, exc.code, exc.message)
             continue
         jobs.append(Job(rec, thumb.pixels, thumb.size, thumb.notes, time.perf_counter() - started))
     return jobs
+
+
+def decode_photo(
+    ctx: WorkerContext, rec: JobRecord, data: bytes, resolution: int, started: float
+) -> Job:
+    """A photo job: the photo and its faces, chosen as the API chose them on submission."""
+    photo = decode_image(data, max_pixels=ctx.settings.photo_max_pixels)
+    plan = plan_with_settings(
+        photo.pixels, ctx.face_detector(), resolution, rec.options.faces, ctx.settings
+    )
+    return Job(rec, photo.pixels, 0, photo.notes, time.perf_counter() - started, photo=plan)
 
 
 def group_compatible(jobs: list[Job]) -> list[list[Job]]:
@@ -337,40 +369,49 @@ def has_targets(job: Job) -> bool:
     return bool(o.race or o.attributes or REFERENCE_BLOB in job.record.inputs)
 
 
+def job_targets(batch: Batch, job: Job) -> tuple[str | None, dict[str, int], Tensor | None] | None:
+    """A job's race, attributes and reference embedding as F reads them; None when F
+    cannot use them (the job has failed then)."""
+    ext = batch.ctx.extractor
+    assert ext is not None
+    o = job.record.options
+    try:
+        race, attributes = canonical_targets(ext, o.race, o.attributes)
+    except LikenessError as exc:
+        batch.fail(job.id, exc.code, exc.message)
+        return None
+    embedding = None
+    if REFERENCE_BLOB in job.record.inputs:
+        data = batch.ctx.store.get_blob(job.id, REFERENCE_BLOB)
+        try:
+            if data is None:
+                raise LikenessError(
+                    "input_missing", "The job's reference photo is no longer stored."
+                )
+            pixels = decode_image(data, max_pixels=batch.ctx.settings.max_pixels).pixels
+            embedding = reference_embedding(ext, pixels)
+        except LikenessError as exc:
+            batch.fail(job.id, exc.code, f"reference: {exc.message}")
+            return None
+    return race, attributes, embedding
+
+
 def group_objective(batch: Batch, group: list[Job]) -> tuple[list[Job], Objective | None]:
     """The group's targets through F; a job whose targets F cannot use fails alone."""
     ext = batch.ctx.extractor
     if ext is None or not any(has_targets(job) for job in group):
         return group, None
-    kept, targets, references = [], [], []
+    kept, targets = [], []
     for job in group:
-        o = job.record.options
-        try:
-            wanted = canonical_targets(ext, o.race, o.attributes)
-        except LikenessError as exc:
-            batch.fail(job.id, exc.code, exc.message)
-            continue
-        embedding = None
-        if REFERENCE_BLOB in job.record.inputs:
-            data = batch.ctx.store.get_blob(job.id, REFERENCE_BLOB)
-            try:
-                if data is None:
-                    raise LikenessError(
-                        "input_missing", "The job's reference photo is no longer stored."
-                    )
-                pixels = decode_image(data, max_pixels=batch.ctx.settings.max_pixels).pixels
-                embedding = reference_embedding(ext, pixels)
-            except LikenessError as exc:
-                batch.fail(job.id, exc.code, f"reference: {exc.message}")
-                continue
-        kept.append(job)
-        targets.append(wanted)
-        references.append(embedding)
+        wanted = job_targets(batch, job)
+        if wanted is not None:
+            kept.append(job)
+            targets.append(wanted)
     if not kept:
         return kept, None
     weights = objective_weights(kept[0].record.options, batch.ctx.threshold_deg)
     return kept, build_objective(
-        ext, weights, [r for r, _ in targets], [a for _, a in targets], references
+        ext, weights, [t[0] for t in targets], [t[1] for t in targets], [t[2] for t in targets]
     )
 
 
@@ -427,7 +468,7 @@ def run_group(batch: Batch, group: list[Job]) -> None:
         report = job_report(
             ctx,
             job,
-            result,
+            result.report | {"thumbnail_size": job.size},
             len(group),
             search_seconds,
             encode_seconds=time.perf_counter() - started_encode,
@@ -452,7 +493,7 @@ def encode_png(pixels: np.ndarray) -> bytes:
 def job_report(
     ctx: WorkerContext,
     job: Job,
-    result: Upscaled,
+    result: dict[str, Any],
     batch_size: int,
     search_seconds: float,
     *,
@@ -463,10 +504,9 @@ def job_report(
     notes = list(job.notes)
     if ctx.extractor is None and has_targets(job):
         notes.append(NOT_APPLIED_NOTE)
-    steps = max(1, int(result.report.get("steps") or o.steps))
+    steps = max(1, int(result.get("steps") or o.steps))
     return {
-        **result.report,
-        "thumbnail_size": job.size,
+        **result,
         "resolution": ctx.model.generator.config.resolution,
         "notes": notes,
         "weights": {"name": ctx.weights_name, "sha256": ctx.model.sha256},
@@ -483,3 +523,77 @@ def job_report(
             "worker_seconds": round(time.monotonic() - claimed_at, 4),
         },
     }
+
+
+def run_photo_job(batch: Batch, job: Job) -> None:
+    """A photo job: its chosen faces' searches batched by thumbnail size, the faces pasted
+    back; the composite is the result, each face and its aligned thumbnail a blob."""
+    ctx = batch.ctx
+    plan = job.photo
+    assert plan is not None
+    objective_for = None
+    if ctx.extractor is not None and has_targets(job):
+        wanted = job_targets(batch, job)
+        if wanted is None:
+            return
+        ext, (race, attributes, embedding) = ctx.extractor, wanted
+        weights = objective_weights(job.record.options, ctx.threshold_deg)
+
+        def objective_for(n: int) -> Objective | None:
+            return build_objective(ext, weights, [race] * n, [attributes] * n, [embedding] * n)
+
+    config = search_config(job, ctx.settings, ctx.model, ctx.device)
+    watch = StepWatch(batch, [job])
+    log.info(
+        "batch %s: photo job %s, %d face(s), %d steps x %d restarts",
+        job.record.batch_id,
+        job.id,
+        len(plan.chosen),
+        config.steps,
+        config.restarts,
+    )
+    started = time.perf_counter()
+    try:
+        result = upscale_photo(
+            ctx.model,
+            job.pixels,
+            plan,
+            config,
+            seed=_seed(job),
+            max_side=ctx.settings.photo_output_max_side,
+            on_step=watch,
+            objective_for=objective_for,
+        )
+    except SearchStopped:
+        log.info("photo job %s: search stopped (canceled, lost, or abort)", job.id)
+        return
+    except LikenessError as exc:
+        if job.id in watch.active:
+            batch.fail(job.id, exc.code, exc.message)
+        return
+    finally:
+        ctx.stats.record_batch(len(plan.chosen))
+        ctx.stats.record_steps(watch.steps_seen, watch.step_seconds)
+    search_seconds = time.perf_counter() - started
+    if job.id not in watch.active:
+        return
+    started_encode = time.perf_counter()
+    blobs = photo_blobs(result)
+    report = job_report(
+        ctx,
+        job,
+        result.report() | {"steps": config.steps},
+        len(plan.chosen),
+        search_seconds,
+        encode_seconds=time.perf_counter() - started_encode,
+        claimed_at=batch.claimed_at,
+    )
+    batch.finish(job.id, JobStatus.SUCCEEDED, result=report, result_blobs=blobs)
+
+
+def photo_blobs(result: UpscaledPhoto) -> dict[str, bytes]:
+    blobs = {RESULT_BLOB: encode_png(result.composite.pixels)}
+    for face, upscaled, crop in zip(result.plan.chosen, result.faces, result.crops, strict=True):
+        blobs[face_blob(face.index)] = encode_png(upscaled.pixels)
+        blobs[face_blob(face.index, "thumbnail")] = encode_png(crop)
+    return blobs

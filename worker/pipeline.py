@@ -18,6 +18,7 @@ from torch import Tensor
 from likeness.errors import LikenessError
 from likeness.labels import canonical_attributes, canonical_race
 from likeness.manifest import resolve_weights, sha256_file
+from likeness.photo import Composite, PhotoPlan, composite, crops_for, output_factor
 from likeness.request import UpscaleRequest
 from worker.engine.checkpoints import LoadedGenerator, load_generator
 from worker.engine.face.export import load_export
@@ -320,3 +321,94 @@ def element_report(result: SearchResult, i: int, config: SearchConfig) -> dict[s
                 f"{config.eps:g} after {result.steps} steps x {config.restarts} restarts"
             )
     return report
+
+
+@dataclass
+class UpscaledPhoto:
+    """A photo with its chosen faces upscaled and pasted back, and each face's result."""
+
+    plan: PhotoPlan
+    crops: list[np.ndarray]  # each chosen face in its FFHQ frame at its thumbnail size
+    faces: list[Upscaled]  # in the order of ``plan.chosen``
+    composite: Composite
+
+    @property
+    def accepted(self) -> bool:
+        return all(bool(u.report["accepted"]) for u in self.faces)
+
+    def report(self) -> dict[str, Any]:
+        """The photo's report: its faces (all detected, the chosen ones with their search
+        report) and how the result was composed."""
+        chosen = {
+            f.index: (f, u, p)
+            for f, u, p in zip(self.plan.chosen, self.faces, self.composite.pasted, strict=True)
+        }
+        faces = []
+        for face in self.plan.faces:
+            entry = face.describe()
+            if face.index in chosen:
+                _, upscaled, pasted = chosen[face.index]
+                entry["result"] = upscaled.report
+                entry["pasted_box"] = list(pasted.box)
+                entry["colour_shift"] = [round(v, 2) for v in pasted.colour_shift]
+            faces.append(entry)
+        height, width = self.composite.pixels.shape[:2]
+        return {
+            "mode": "photo",
+            "accepted": self.accepted,
+            "photo": {"width": self.plan.width, "height": self.plan.height},
+            "output": {"width": width, "height": height, "factor": self.composite.factor},
+            "min_face_size": round(self.plan.min_face_size, 1),
+            "faces_chosen": [f.index for f in self.plan.chosen],
+            "faces": faces,
+        }
+
+
+def face_seed(seed: int, index: int) -> int:
+    """Face ``index``'s seed: the same whichever faces are chosen and batched with it."""
+    return (seed + index) % (2**63)
+
+
+def upscale_photo(
+    model: LoadedGenerator,
+    pixels: np.ndarray,
+    plan: PhotoPlan,
+    config: SearchConfig,
+    *,
+    seed: int,
+    max_side: int,
+    on_step: Callable[[SearchStep], bool | None] | None = None,
+    on_group: Callable[[int, int, int], None] | None = None,
+    objective_for: Callable[[int], Objective | None] | None = None,
+) -> UpscaledPhoto:
+    """Upscale the chosen faces of a photo and paste them back into an enlarged copy.
+
+    Faces whose thumbnails share a size run as one batched search (``upscale``), each
+    with its own seed (``face_seed``); ``objective_for(n)`` gives the targets of a batch
+    of n faces (the same targets for each). ``on_group(size, faces, group_index)`` is
+    told before each batch. The photo is enlarged by the factor at which the smallest
+    chosen face's new resolution is used, within ``max_side``.
+    """
+    chosen = plan.chosen
+    resolution = model.generator.config.resolution
+    crops = crops_for(pixels, chosen)
+    by_size: dict[int, list[int]] = {}
+    for k, face in enumerate(chosen):
+        by_size.setdefault(face.thumbnail_size, []).append(k)
+    results: dict[int, Upscaled] = {}
+    for g, (size, members) in enumerate(sorted(by_size.items(), reverse=True)):
+        if on_group is not None:
+            on_group(size, len(members), g)
+        out = upscale(
+            model,
+            [crops[k] for k in members],
+            config,
+            on_step=on_step,
+            seeds=[face_seed(seed, chosen[k].index) for k in members],
+            objective=objective_for(len(members)) if objective_for is not None else None,
+        )
+        results.update(zip(members, out, strict=True))
+    faces = [results[k] for k in range(len(chosen))]
+    factor = output_factor(chosen, resolution, plan.width, plan.height, max_side)
+    pasted = composite(pixels, chosen, [u.pixels for u in faces], factor)
+    return UpscaledPhoto(plan, crops, faces, pasted)

@@ -13,8 +13,7 @@ import hmac
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
-from typing import Annotated, Protocol
+from typing import Annotated, ParamSpec, Protocol, TypeVar
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -22,9 +21,10 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from app.api.errors import Unauthorized
 from app.labels import Labels, load_labels
 from likeness.errors import LikenessError
-from likeness.face_detect import MIN_FACE_SIZE, OnnxMTCNN
+from likeness.face_detect import MIN_FACE_SIZE, OnnxMTCNN, SharedDetector
 from likeness.images import DecodedImage, decode_image
 from likeness.jobs import ANONYMOUS, AsyncJobStore
+from likeness.photo import PhotoPlan, plan_with_settings
 from likeness.settings import Settings
 
 
@@ -40,6 +40,9 @@ async def get_store(request: Request) -> AsyncJobStore:
         raise RuntimeError("the job store is not open; run the app with its lifespan")
     return store
 
+
+P = ParamSpec("P")
+T = TypeVar("T")
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 StoreDep = Annotated[AsyncJobStore, Depends(get_store)]
@@ -108,24 +111,15 @@ class FaceReferenceChecker:
     """
 
     def __init__(
-        self, max_pixels: int, manifests: tuple[Path, ...], min_prob: float, max_side: int
+        self, max_pixels: int, detector: SharedDetector, min_prob: float, max_side: int
     ) -> None:
         self.max_pixels = max_pixels
         self.max_side = max_side
-        self.manifests = manifests
         self.min_prob = min_prob
-        self._detector: OnnxMTCNN | None = None
-        self._lock = threading.Lock()
+        self.shared = detector
 
     def detector(self) -> OnnxMTCNN:
-        with self._lock:
-            if self._detector is None:
-                # The first manifest that lists a detector; the last one's error otherwise.
-                usable = [m for m in self.manifests if OnnxMTCNN.listed_in(m)]
-                self._detector = OnnxMTCNN.from_manifest(
-                    usable[0] if usable else self.manifests[-1]
-                )
-            return self._detector
+        return self.shared.get()
 
     def __call__(self, data: bytes) -> DecodedImage:
         # Shrunk while decoding: the detector never sees (or allocates) the full photo.
@@ -149,29 +143,32 @@ class ReferenceChecksBusy(LikenessError):
 
 
 class ReferenceGate:
-    """At most ``limit`` reference checks at once in this process; one more is refused
-    at once (429) rather than queued, so a flood of large photos cannot pile up.
+    """At most ``limit`` checks of uploaded photos at once in this process; one more is
+    refused at once (429) rather than queued, so a flood of large photos cannot pile up.
 
     The checks run on the gate's own ``limit`` threads: the memory a large photo takes
     is reused by the next check on the same thread instead of being held by every
-    thread of the request pool.
+    thread of the request pool. Reference photos and photo-mode photos have a gate each.
     """
 
-    def __init__(self, limit: int) -> None:
+    def __init__(
+        self, limit: int, what: str = "reference photo", code: str = "reference_checks_busy"
+    ) -> None:
         self.limit = limit
+        self.what, self.code = what, code
         self._slots = threading.BoundedSemaphore(limit)
-        self._threads = ThreadPoolExecutor(limit, thread_name_prefix="likeness-reference")
+        self._threads = ThreadPoolExecutor(limit, thread_name_prefix="likeness-check")
 
-    def guard(self, check: ReferenceChecker) -> Callable[[bytes], DecodedImage]:
-        def checked(data: bytes) -> DecodedImage:
+    def guard(self, check: Callable[P, T]) -> Callable[P, T]:
+        def checked(*args: P.args, **kwargs: P.kwargs) -> T:
             if not self._slots.acquire(blocking=False):
                 raise ReferenceChecksBusy(
-                    "reference_checks_busy",
-                    f"{self.limit} reference photo(s) are being checked already; retry in "
+                    self.code,
+                    f"{self.limit} {self.what}(s) are being checked already; retry in "
                     f"{ReferenceChecksBusy.retry_after_seconds} s.",
                 )
             try:
-                return self._threads.submit(check, data).result()
+                return self._threads.submit(check, *args, **kwargs).result()
             finally:
                 self._slots.release()
 
@@ -181,9 +178,35 @@ class ReferenceGate:
         self._threads.shutdown(wait=False, cancel_futures=True)
 
 
+class PhotoPlanner:
+    """Finds the faces of a photo (the ONNX MTCNN) and chooses them as the worker will:
+    ``likeness.photo.plan_with_settings`` with the generator side the API serves."""
+
+    def __init__(self, detector: SharedDetector, settings: Settings, resolution: int) -> None:
+        self.detector, self.settings, self.resolution = detector, settings, resolution
+
+    def __call__(self, image: DecodedImage, faces: str, limit: bool = True) -> PhotoPlan:
+        return plan_with_settings(
+            image.pixels,
+            self.detector,
+            self.resolution,
+            faces,
+            self.settings,
+            max_faces=None if limit else 10**6,
+        )
+
+
 async def get_reference_checker(request: Request) -> Callable[[bytes], DecodedImage]:
     gate: ReferenceGate = request.app.state.reference_gate
     return gate.guard(request.app.state.reference_checker)
 
 
 ReferenceCheckerDep = Annotated[Callable[[bytes], DecodedImage], Depends(get_reference_checker)]
+
+
+async def get_photo_planner(request: Request) -> Callable[..., PhotoPlan]:
+    gate: ReferenceGate = request.app.state.photo_gate
+    return gate.guard(request.app.state.photo_planner)
+
+
+PhotoPlannerDep = Annotated[Callable[..., PhotoPlan], Depends(get_photo_planner)]

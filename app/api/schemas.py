@@ -63,6 +63,8 @@ class PublicOptions(BaseModel):
     attr_weight: float | None = Field(default=None, description="None: the engine's default.")
     eps: float | None = Field(default=None, description="None: the engine's default.")
     views: int | None = Field(default=None, description="None: the engine's default (1).")
+    mode: str = Field(default="thumbnail", description="thumbnail or photo, as decided.")
+    faces: str = Field(default="all", description="Photo mode: the faces asked for.")
 
     @classmethod
     def of(cls, options: JobOptions) -> PublicOptions:
@@ -133,6 +135,33 @@ class JobList(BaseModel):
     next_cursor: str | None = Field(
         default=None, description="Pass as ?cursor= for the next page; null on the last page."
     )
+
+
+class DetectedFace(BaseModel):
+    index: int = Field(..., description="The face's index, largest face first (from 0).")
+    box: list[float] = Field(..., description="x1, y1, x2, y2 in the photo's pixels.")
+    prob: float = Field(..., description="The detector's confidence.")
+    face_side: float = Field(
+        ..., description="Side in photo pixels of the face's FFHQ frame: its own resolution."
+    )
+    thumbnail_size: int = Field(..., description="Thumbnail side the face is searched at.")
+    usable: bool = Field(..., description="Whether photo mode upscales this face.")
+    reason: str | None = Field(default=None, description="Why not, when not usable.")
+    chosen: bool = Field(..., description="Part of faces=all.")
+    landmarks: list[list[float]] = Field(..., description="Eyes, nose, mouth corners (x, y).")
+    to_thumbnail: list[list[float]] = Field(
+        ..., description="2x3 similarity from photo to thumbnail coordinates (pixel corners)."
+    )
+
+
+class FacesResponse(BaseModel):
+    width: int = Field(..., description="The photo's width in pixels.")
+    height: int = Field(..., description="The photo's height in pixels.")
+    min_face_size: float = Field(
+        ..., description="The smallest face side (pixels) the detector finds in this photo."
+    )
+    max_faces: int = Field(..., description="Most faces one request may choose.")
+    faces: list[DetectedFace] = Field(..., description="Every face found, largest first.")
 
 
 class Health(BaseModel):

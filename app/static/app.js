@@ -1,4 +1,6 @@
 // The likeness web page: submit a thumbnail to POST /upscale, poll GET /jobs/{id}, show the result.
+// A photo (larger than a thumbnail) is sent to POST /faces first: its faces are drawn with a
+// checkbox each, and the checked ones are upscaled (mode=photo, faces=indices).
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -7,6 +9,8 @@ const POLL_MS = 500;
 const VIEW_PX = 256;
 let currentJob = null;
 let thumbFile = null;
+let photoFaces = null; // POST /faces' answer while a photo is chosen, else null
+const THUMBNAIL_MAX_SIDE = 64; // the server's default LIKENESS_THUMBNAIL_MAX_SIDE
 
 function headers() {
   // Only with a key: a server without API keys must not see a stray Authorization header.
@@ -69,9 +73,65 @@ async function loadLabels() {
 
 function setThumbnail(file) {
   thumbFile = file;
+  photoFaces = null;
+  $("photo-box").hidden = true;
   const img = $("thumb-preview");
   img.src = URL.createObjectURL(file);
+  img.onload = () => {
+    if (Math.max(img.naturalWidth, img.naturalHeight) > THUMBNAIL_MAX_SIDE) findFaces(file, img);
+  };
   img.hidden = false;
+}
+
+// A photo: ask the server for its faces, draw them numbered, and offer a checkbox each.
+async function findFaces(file, img) {
+  clearError();
+  $("photo-box").hidden = false;
+  $("photo-info").textContent = "looking for faces…";
+  $("face-picks").innerHTML = "";
+  const form = new FormData();
+  form.append("photo", file, file.name || "photo.png");
+  let found;
+  try {
+    found = await (await api("/faces", { method: "POST", body: form })).json();
+  } catch (err) {
+    $("photo-info").textContent = "";
+    return showError(err.code, err.message);
+  }
+  if (thumbFile !== file) return; // another file was chosen meanwhile
+  photoFaces = found;
+  const usable = found.faces.filter((f) => f.usable).length;
+  $("photo-info").textContent = `${found.width}×${found.height} photo: ${found.faces.length} face(s) found, ` +
+    `${usable} usable (faces of at least ${Math.round(found.min_face_size)} px are found; at most ` +
+    `${found.max_faces} per request). Tick the faces to upscale:`;
+  const canvas = $("photo-canvas");
+  const scale = Math.min(1, 720 / found.width);
+  canvas.width = Math.round(found.width * scale);
+  canvas.height = Math.round(found.height * scale);
+  const ctx = canvas.getContext("2d");
+  ctx.drawImage(img, 0, 0, canvas.width, canvas.height);
+  ctx.lineWidth = 2;
+  ctx.font = "bold 14px system-ui, sans-serif";
+  for (const face of found.faces) {
+    const [x1, y1, x2, y2] = face.box.map((v) => v * scale);
+    ctx.strokeStyle = ctx.fillStyle = face.usable ? "#0c0" : "#c00";
+    ctx.strokeRect(x1, y1, x2 - x1, y2 - y1);
+    ctx.fillText(String(face.index), x1 + 2, Math.max(14, y1 - 3));
+    const label = document.createElement("label");
+    const box = document.createElement("input");
+    box.type = "checkbox";
+    box.dataset.face = String(face.index);
+    box.checked = face.usable && face.index < found.max_faces;
+    box.disabled = !face.usable;
+    if (!face.usable) label.className = "unusable";
+    label.title = face.reason || `searched as a ${face.thumbnail_size}px thumbnail`;
+    label.append(box, document.createTextNode(` face ${face.index} (${Math.round(face.face_side)} px)`));
+    $("face-picks").append(label);
+  }
+}
+
+function chosenFaces() {
+  return [...document.querySelectorAll("#face-picks input:checked")].map((box) => box.dataset.face);
 }
 
 function wireDrop() {
@@ -98,6 +158,10 @@ function buildForm() {
   }
   for (const id of ["steps", "restarts", "views", "seed"]) {
     if ($(id).value !== "") form.append(id, $(id).value);
+  }
+  if (photoFaces) {
+    form.append("mode", "photo");
+    form.append("faces", chosenFaces().join(","));
   }
   return form;
 }
@@ -141,7 +205,44 @@ function showReport(report) {
   }
 }
 
+async function showPhotoResult(job) {
+  const report = job.result || {};
+  const url = URL.createObjectURL(await (await api(job.links.result)).blob());
+  $("res-photo").src = URL.createObjectURL(thumbFile);
+  $("res-composite").src = url;
+  $("download-photo").href = url;
+  $("download-photo").download = `likeness-${job.id}.png`;
+  const faces = $("res-faces");
+  faces.innerHTML = "";
+  const body = $("photo-report").tBodies[0];
+  body.innerHTML = "";
+  for (const face of (report.faces || []).filter((f) => f.chosen)) {
+    for (const kind of ["thumbnail", "upscaled"]) {
+      const blob = await (await api(`/jobs/${job.id}/faces/${face.index}?kind=${kind}`)).blob();
+      const fig = document.createElement("figure");
+      const img = document.createElement("img");
+      img.src = URL.createObjectURL(blob);
+      img.alt = `face ${face.index} ${kind}`;
+      if (kind === "thumbnail") img.className = "pixelated";
+      const cap = document.createElement("figcaption");
+      cap.textContent = `face ${face.index}: ${kind}`;
+      fig.append(img, cap);
+      faces.append(fig);
+    }
+    const r = face.result || {};
+    const row = body.insertRow();
+    const targets = Object.keys(r).filter((k) => k.startsWith("race") || k.startsWith("attributes") || k.startsWith("identity"));
+    for (const value of [face.index, face.box.map(Math.round).join(", "), `${face.thumbnail_size}px`,
+      String(r.accepted), r.downscale_mse == null ? "–" : r.downscale_mse.toPrecision(4),
+      targets.map((k) => `${k}: ${JSON.stringify(r[k])}`).join("; ") || "–"]) {
+      row.insertCell().textContent = String(value);
+    }
+  }
+  $("photo-results").hidden = false;
+}
+
 async function showResult(job) {
+  if (job.result && job.result.mode === "photo") return showPhotoResult(job);
   const resp = await api(job.links ? job.links.result : `/jobs/${job.id}/result`);
   const url = URL.createObjectURL(await resp.blob());
   const thumbUrl = URL.createObjectURL(thumbFile);
@@ -189,7 +290,9 @@ async function submit(event) {
   event.preventDefault();
   clearError();
   if (!thumbFile) return showError("no_thumbnail", "choose or drop a thumbnail first");
+  if (photoFaces && chosenFaces().length === 0) return showError("no_faces_chosen", "tick at least one face to upscale");
   $("results").hidden = true;
+  $("photo-results").hidden = true;
   $("submit").disabled = true;
   try {
     const job = await (await api("/upscale", { method: "POST", body: buildForm() })).json();

@@ -20,6 +20,7 @@ from likeness.jobs.models import (
     JobStatus,
     Progress,
     batch_key,
+    face_blob,
     new_job_id,
     request_hash,
 )
@@ -47,6 +48,7 @@ __all__ = [
     "ThreadedJobStore",
     "async_store",
     "batch_key",
+    "face_blob",
     "new_job_id",
     "open_store",
     "open_store_from_settings",

@@ -37,6 +37,12 @@ REFERENCE_BLOB = "reference"
 RESULT_BLOB = "result.png"
 
 
+def face_blob(index: int, kind: str = "") -> str:
+    """Blob name of a photo job's face ``index``: the upscaled face, or (``kind``
+    "thumbnail") the aligned thumbnail it was upscaled from."""
+    return f"face-{index}{'-' + kind if kind else ''}.png"
+
+
 def new_job_id() -> str:
     """128 random bits as hex: unguessable, so an id alone reveals nothing about others."""
     return secrets.token_hex(16)
@@ -169,6 +175,7 @@ def batch_key(options: JobOptions, thumbnail_side: int) -> str:
             "attr_weight",
             "eps",
             "views",
+            "mode",
         }
     )
     shared["thumbnail_side"] = thumbnail_side

@@ -265,9 +265,10 @@ def large_face_photo() -> bytes:
 
 def test_thumbnails_over_the_limit_are_refused_from_the_header(tmp_path: Path) -> None:
     write_manifest(tmp_path / "weights", 16)  # thumbnails up to 128 x 128
+    thumbnail = {"mode": "thumbnail"}  # auto takes an image this large for a photo
     with TestClient(create_app(make_settings("sqlite", tmp_path, ""))) as client:
-        assert submit(client, png(128)).status_code == 202
-        r = submit(client, png_header_bomb(129, 128))
+        assert submit(client, png(128), data=thumbnail).status_code == 202
+        r = submit(client, png_header_bomb(129, 128), data=thumbnail)
         assert (r.status_code, r.json()["code"]) == (413, "image_too_large")
         assert "thumbnail" in r.json()["message"]
         # A reference photo is not a thumbnail: it keeps max_pixels and is shrunk to check it.
@@ -290,7 +291,7 @@ def test_the_face_check_sees_a_shrunk_photo(tmp_path: Path) -> None:
             seen.append(pixels.shape)
             raise RuntimeError("stop here")
 
-    checker._detector = Detector()  # type: ignore[attr-defined]
+    checker.shared._detector = Detector()  # type: ignore[attr-defined]
     with pytest.raises(RuntimeError):
         checker(png(400, seed=6))
     assert seen == [(100, 100, 3)]

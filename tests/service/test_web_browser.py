@@ -112,3 +112,46 @@ def test_the_page_upscales_a_thumbnail_in_headless_chromium(
             assert not errors, errors
         finally:
             browser.close()
+
+
+def test_the_page_shows_a_photos_faces_and_upscales_the_ticked_ones(
+    served_url: str, tmp_path: Path
+) -> None:
+    from playwright.sync_api import expect, sync_playwright
+
+    from tests.commands.test_upscale_photo_cli import astronaut_photo
+
+    photo = tmp_path / "photo.png"
+    astronaut_photo().save(photo)
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(
+            executable_path=str(CHROMIUM),
+            headless=True,
+            args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"],
+        )
+        try:
+            page = browser.new_page(viewport={"width": 1100, "height": 1100})
+            errors: list[str] = []
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            page.goto(served_url + "/")
+            page.set_input_files("#thumbnail", str(photo))
+            # POST /faces answers: one checkbox per face, the faces drawn on the photo.
+            expect(page.locator("#face-picks input")).to_have_count(3, timeout=30_000)
+            assert "3 face(s) found" in page.inner_text("#photo-info")
+            page.uncheck("#face-picks input[data-face='1']")
+            page.fill("#steps", "3")
+            page.fill("#restarts", "1")
+            page.click("#submit")
+            expect(page.locator("#photo-results")).to_be_visible(timeout=120_000)
+            expect(page.locator("#error")).to_be_hidden()
+            # Faces 0 and 2: each with its aligned thumbnail and its upscaled face.
+            expect(page.locator("#res-faces img")).to_have_count(4)
+            expect(page.locator("#photo-report tbody tr")).to_have_count(2)
+            page.wait_for_function(
+                "document.getElementById('res-composite').naturalWidth >= 400", timeout=10_000
+            )
+            shot = Path(os.environ.get("LIKENESS_PHOTO_SCREENSHOT") or tmp_path / "photo.png")
+            page.screenshot(path=str(shot), full_page=True)
+            assert not errors, errors
+        finally:
+            browser.close()

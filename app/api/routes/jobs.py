@@ -7,15 +7,15 @@ so ids cannot be probed.
 from __future__ import annotations
 
 import re
-from typing import Annotated
+from typing import Annotated, Literal
 
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Path, Query, Request, Response
 
 from app.api.deps import OwnerDep, StoreDep
 from app.api.errors import ERROR_RESPONSES, ErrorBody
 from app.api.schemas import JobList, JobView
 from likeness.errors import LikenessError
-from likeness.jobs import RESULT_BLOB, AsyncJobStore, JobRecord, JobStatus
+from likeness.jobs import RESULT_BLOB, AsyncJobStore, JobRecord, JobStatus, face_blob
 from likeness.jobs.models import utc_from_timestamp
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
@@ -113,6 +113,56 @@ async def get_job_result(job_id: str, store: StoreDep, owner: OwnerDep) -> Respo
         data,
         media_type="image/png",
         headers={"Content-Disposition": f'inline; filename="{job.id}.png"'},
+    )
+
+
+@router.get(
+    "/{job_id}/faces/{index}",
+    name="get_job_face",
+    response_class=Response,
+    summary="One upscaled face of a photo job",
+    responses={
+        200: {"content": {"image/png": {}}, "description": "The face as PNG."},
+        **ERROR_RESPONSES,
+        404: {
+            "model": ErrorBody,
+            "description": "No such job (not_found), not finished yet (result_not_ready), or "
+            "no such face in its result (no_result).",
+        },
+    },
+)
+async def get_job_face(
+    job_id: str,
+    store: StoreDep,
+    owner: OwnerDep,
+    index: Annotated[int, Path(ge=0, le=10**6, description="The face's index in the report.")],
+    kind: Annotated[
+        Literal["upscaled", "thumbnail"],
+        Query(
+            description="upscaled: the face the search found, in its FFHQ frame at the "
+            "generator's side; thumbnail: the aligned crop of the photo it was searched from."
+        ),
+    ] = "upscaled",
+) -> Response:
+    job, _ = await load_own_job(store, owner, job_id)
+    if not job.status.is_final:
+        raise LikenessError(
+            "result_not_ready",
+            f"The job is {job.status.value}; its faces exist once it has succeeded.",
+            status=404,
+        )
+    name = face_blob(index, "" if kind == "upscaled" else kind)
+    data = await store.get_blob(job.id, name) if job.status is JobStatus.SUCCEEDED else None
+    if data is None:
+        raise LikenessError(
+            "no_result",
+            f"The job has no face {index} (only photo jobs have faces; the report lists them).",
+            status=404,
+        )
+    return Response(
+        data,
+        media_type="image/png",
+        headers={"Content-Disposition": f'inline; filename="{job.id}-face{index}.png"'},
     )
 
 

@@ -22,6 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from likeness.face_detect import MTCNN_OFFSET
+from likeness.photo import FFHQ_FRAME_LANDMARKS
+from likeness.photo import estimate_similarity as estimate_similarity_np
+
 
 @dataclass(frozen=True)
 class Template:
@@ -65,24 +69,8 @@ SPHEREFACE_112x96 = Template(
     ),
 )
 
-# Fallback when MTCNN finds no face: where the five landmarks sit in a centred
-# FFHQ / CelebA-HQ framed face (the bundled generator's framing), as fractions
-# of (width, height) in continuous image coordinates (0 = left/top edge, 1 =
-# right/bottom edge). Obtained once as the mean MTCNN landmarks over the first
-# 2,000 images (sorted by name) of ../shared/data/celebahq at 128×128, all
-# detected; per-coordinate standard deviation 0.006-0.035 of the image size.
-FFHQ_FRAME_LANDMARKS: tuple[tuple[float, float], ...] = (
-    (0.3773, 0.4755),
-    (0.6261, 0.4758),
-    (0.4983, 0.6309),
-    (0.3884, 0.7311),
-    (0.6137, 0.7308),
-)
-
-# facenet-pytorch's landmarks are offset by +1 px from pixel-centre
-# coordinates (a 1-based legacy of the MATLAB original). Measured on CelebA-HQ:
-# x + x_mirrored = W + 1 rather than W - 1, and 2x/3x upsampling shifts agree.
-MTCNN_OFFSET = 1.0
+# Fallback when MTCNN finds no face: the FFHQ frame's landmarks (likeness.photo, which
+# photo mode aligns with too). MTCNN_OFFSET: facenet-pytorch's +1 px landmark offset.
 
 
 class AlignedFaces(NamedTuple):
@@ -170,24 +158,10 @@ def estimate_similarity(src: Tensor, dst: Tensor) -> Tensor:
     """
     # Tiny 2×2 problems: float64 on the CPU is exact enough and works for every
     # backend (MPS has no float64, CUDA pays a launch per op).
-    out_device = src.device
-    src = src.detach().to("cpu", torch.float64)
-    dst = dst.detach().to("cpu", torch.float64).expand_as(src)
-    n = src.shape[1]
-    mu_s, mu_d = src.mean(1, keepdim=True), dst.mean(1, keepdim=True)
-    sc, dc = src - mu_s, dst - mu_d
-    cov = dc.transpose(1, 2) @ sc / n  # [B, 2, 2]
-    u, sig, vt = torch.linalg.svd(cov)
-    # Flip the last singular direction when the best orthogonal map would be a reflection.
-    d = torch.sign(torch.linalg.det(u) * torch.linalg.det(vt))
-    d = torch.where(d == 0, torch.ones_like(d), d)
-    diag = torch.stack([torch.ones_like(d), d], dim=1)  # [B, 2]
-    rot = u @ torch.diag_embed(diag) @ vt
-    var_s = sc.pow(2).sum((1, 2)) / n
-    scale = (sig * diag).sum(1) / var_s.clamp_min(1e-12)
-    lin = scale[:, None, None] * rot
-    trans = mu_d.transpose(1, 2) - lin @ mu_s.transpose(1, 2)  # [B, 2, 1]
-    return torch.cat([lin, trans], dim=2).to(out_device, torch.float32)
+    src64 = src.detach().to("cpu", torch.float64).numpy()
+    dst64 = dst.detach().to("cpu", torch.float64).expand_as(src.detach().cpu()).numpy()
+    m = torch.from_numpy(estimate_similarity_np(src64, dst64))
+    return m.to(src.device, torch.float32)
 
 
 def invert_affine(m: Tensor) -> Tensor:
