@@ -222,7 +222,7 @@ def main() -> None:
     extra_loss = None
     if args.race:
         # The objective exactly as `likeness upscale --race` builds it.
-        extractor, threshold, _ = load_extractor(None, device, channels_last=args.channels_last)
+        extractor, threshold, _ = load_extractor(None, device)
         objective = build_objective(
             extractor,
             objective_weights(threshold_deg=threshold),

@@ -200,17 +200,16 @@ def upscale(
         model, name = load_search_model(weights, dev)
         res = model.generator.config.resolution
         number_format = fastest_precision(precision, dev)  # type: ignore[arg-type]
-        layout = fastest_layout(None, dev, number_format)
         config = resolve_search(
             request,
             model,
             geocross_weight=geocross_weight,
             precision=number_format,
-            channels_last=layout,
+            channels_last=fastest_layout(None, dev, number_format),
         )
         make_objective: Callable[[int], Objective | None] = lambda n: None  # noqa: E731
         if request.has_targets or reference_bytes is not None:
-            ext, threshold, _ = load_extractor(extractor, dev, channels_last=layout)
+            ext, threshold, _ = load_extractor(extractor, dev)
             embedding = None
             if reference_bytes is not None:
                 try:

@@ -23,7 +23,6 @@ from likeness.request import UpscaleRequest
 from worker.engine.checkpoints import LoadedGenerator, load_generator
 from worker.engine.face.export import load_export
 from worker.engine.face.extractor import FaceExtractor
-from worker.engine.face.mobilefacenet import MobileFaceNet, fold_batch_norms
 from worker.engine.objectives import (
     DEFAULT_THRESHOLD_DEG,
     ObjectiveWeights,
@@ -171,14 +170,9 @@ def build_objective(
 
 
 def load_extractor(
-    spec: str | None,
-    device: torch.device,
-    manifest_path: Path | None = None,
-    channels_last: bool = False,
+    spec: str | None, device: torch.device, manifest_path: Path | None = None
 ) -> tuple[FaceExtractor, float, str]:
-    """F with its race and attribute heads, its threshold angle θ_t, and its display name,
-    frozen for inference (batch norms folded; ``channels_last``: NHWC weights, as the
-    search's layout, which is faster where bf16 runs on a CPU).
+    """F with its race and attribute heads, its threshold angle θ_t, and its display name.
 
     ``spec`` None: the manifest's default extractor. θ_t comes from the export itself
     (fitted when F was trained); older exports without one get ``DEFAULT_THRESHOLD_DEG``.
@@ -188,12 +182,7 @@ def load_extractor(
         raise LikenessError(
             "weights_corrupt", f"{path} does not match its manifest sha256 (re-checkout weights/)"
         )
-    extractor = load_export(path).eval()
-    if isinstance(extractor.backbone, MobileFaceNet):
-        fold_batch_norms(extractor.backbone)  # frozen from here on
-    extractor = extractor.to(device)
-    if channels_last:
-        extractor = extractor.to(memory_format=torch.channels_last)
+    extractor = load_export(path).to(device).eval()
     for p in extractor.parameters():
         p.requires_grad_(False)
     threshold = extractor.threshold_deg

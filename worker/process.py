@@ -32,7 +32,7 @@ from likeness.jobs import JobStore, open_store_from_settings
 from likeness.settings import Settings, get_settings
 from likeness.worker_health import new_worker_id
 from likeness.worker_stats import REFRESH_SECONDS, WorkerStats, remove_stale, stats_dir, write_stats
-from worker.batch import WorkerContext, number_format, run_batch
+from worker.batch import WorkerContext, run_batch
 from worker.engine.checkpoints import LoadedGenerator
 from worker.engine.face.extractor import FaceExtractor
 from worker.engine.objectives import DEFAULT_THRESHOLD_DEG
@@ -237,10 +237,7 @@ def load_worker_extractor(
     the worker still runs: it matches thumbnails only and says so in each report."""
     try:
         extractor, threshold, name = load_extractor(
-            settings.extractor,
-            device,
-            settings.manifest_path,
-            channels_last=number_format(settings, device)[1],
+            settings.extractor, device, settings.manifest_path
         )
     except LikenessError as exc:
         if exc.code != "no_default_weights" or settings.extractor is not None:
