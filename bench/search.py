@@ -40,7 +40,7 @@ from worker.engine.generator import Generator, GeneratorConfig
 from worker.engine.mapping_fit import fit_mapping
 from worker.engine.objectives import objective_loss
 from worker.engine.search import SearchConfig, latent_search
-from worker.pipeline import build_objective, load_extractor, objective_weights
+from worker.pipeline import build_objective, freeze_extractor, load_extractor, objective_weights
 
 CONFIGS = {
     "ffhq1024": lambda: GeneratorConfig.stylegan2(1024, channel_multiplier=2),
@@ -223,6 +223,7 @@ def main() -> None:
     if args.race:
         # The objective exactly as `likeness upscale --race` builds it.
         extractor, threshold, _ = load_extractor(None, device)
+        freeze_extractor(extractor, channels_last=args.channels_last)
         objective = build_objective(
             extractor,
             objective_weights(threshold_deg=threshold),

@@ -181,6 +181,7 @@ def upscale(
         from worker.engine.speed import fastest_layout, fastest_precision
         from worker.pipeline import (
             build_objective,
+            freeze_extractor,
             load_extractor,
             load_search_model,
             objective_weights,
@@ -200,16 +201,18 @@ def upscale(
         model, name = load_search_model(weights, dev)
         res = model.generator.config.resolution
         number_format = fastest_precision(precision, dev)  # type: ignore[arg-type]
+        layout = fastest_layout(None, dev, number_format)
         config = resolve_search(
             request,
             model,
             geocross_weight=geocross_weight,
             precision=number_format,
-            channels_last=fastest_layout(None, dev, number_format),
+            channels_last=layout,
         )
         make_objective: Callable[[int], Objective | None] = lambda n: None  # noqa: E731
         if request.has_targets or reference_bytes is not None:
             ext, threshold, _ = load_extractor(extractor, dev)
+            freeze_extractor(ext, channels_last=layout)
             embedding = None
             if reference_bytes is not None:
                 try:

@@ -50,7 +50,7 @@ from likeness.worker_stats import WorkerStats
 from worker.engine.checkpoints import LoadedGenerator
 from worker.engine.face.extractor import FaceExtractor
 from worker.engine.objectives import DEFAULT_THRESHOLD_DEG
-from worker.engine.search import SearchConfig, SearchStep, SearchStopped
+from worker.engine.search import Precision, SearchConfig, SearchStep, SearchStopped
 from worker.engine.speed import fastest_layout, fastest_precision
 from worker.pipeline import (
     Objective,
@@ -251,17 +251,23 @@ def group_compatible(jobs: list[Job]) -> list[list[Job]]:
     return list(groups.values())
 
 
+def number_format(settings: Settings, device: torch.device) -> tuple[Precision, bool]:
+    """The precision and layout (channels-last or not) this worker's searches run in."""
+    precision = fastest_precision(settings.search_precision, device)
+    return precision, fastest_layout(settings.search_channels_last, device, precision)
+
+
 def search_config(
     job: Job, settings: Settings, model: LoadedGenerator, device: torch.device
 ) -> SearchConfig:
     """The job's search, run the way this worker's settings say (precision, layout,
     compile) on its device."""
-    precision = fastest_precision(settings.search_precision, device)
+    precision, channels_last = number_format(settings, device)
     return resolve_search(
         job.record.options,
         model,
         precision=precision,
-        channels_last=fastest_layout(settings.search_channels_last, device, precision),
+        channels_last=channels_last,
         compile=settings.search_compile,
     )
 

@@ -32,12 +32,12 @@ from likeness.jobs import JobStore, open_store_from_settings
 from likeness.settings import Settings, get_settings
 from likeness.worker_health import new_worker_id
 from likeness.worker_stats import REFRESH_SECONDS, WorkerStats, remove_stale, stats_dir, write_stats
-from worker.batch import WorkerContext, run_batch
+from worker.batch import WorkerContext, number_format, run_batch
 from worker.engine.checkpoints import LoadedGenerator
 from worker.engine.face.extractor import FaceExtractor
 from worker.engine.objectives import DEFAULT_THRESHOLD_DEG
 from worker.engine.speed import best_batch_size, fastest_precision
-from worker.pipeline import load_extractor, load_search_model, pick_device
+from worker.pipeline import freeze_extractor, load_extractor, load_search_model, pick_device
 
 log = logging.getLogger("likeness.worker")
 
@@ -239,6 +239,7 @@ def load_worker_extractor(
         extractor, threshold, name = load_extractor(
             settings.extractor, device, settings.manifest_path
         )
+        freeze_extractor(extractor, channels_last=number_format(settings, device)[1])
     except LikenessError as exc:
         if exc.code != "no_default_weights" or settings.extractor is not None:
             raise

@@ -9,7 +9,7 @@ import torch
 
 from worker.engine.face.extractor import FaceExtractor, angle
 from worker.engine.face.iresnet import get_backbone
-from worker.engine.face.mobilefacenet import MobileFaceNet, load_mobilefacenet
+from worker.engine.face.mobilefacenet import MobileFaceNet, fold_batch_norms, load_mobilefacenet
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared"
 CKPT = SHARED / "weights" / "mobilefacenet_casia_068.ckpt"
@@ -136,3 +136,29 @@ def test_pretrained_mobilefacenet_separates_lfw_identities() -> None:
     diff = angle(emb[[0, 1]], emb[[2, 3]], degrees=True)
     # About 72° is the LFW threshold for this model (bench/lfw_verification.py).
     assert same.max() < 65 < 75 < diff.min(), (same, diff)
+
+
+def test_folded_batch_norms_give_the_same_embedding_and_input_gradient() -> None:
+    torch.manual_seed(0)
+    model = MobileFaceNet()
+    for m in model.modules():  # statistics far from the identity, so a wrong fold shows
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+    model.eval()
+    x = torch.randn(3, 3, 112, 96, requires_grad=True)
+    want = model(x)
+    (want_grad,) = torch.autograd.grad(want.square().sum(), x)
+    folded = fold_batch_norms(model)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    got = folded(x)
+    (got_grad,) = torch.autograd.grad(got.square().sum(), x)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got_grad, want_grad, rtol=1e-3, atol=1e-4)
+
+
+def test_batch_norms_are_not_folded_in_training_mode() -> None:
+    with pytest.raises(ValueError, match="eval mode"):
+        fold_batch_norms(MobileFaceNet().train())

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 # Input normalisation the checkpoint was trained with, expressed on [0, 1]
 # images: (x * 255 - 127.5) / 128 == (x - MEAN) / STD.
@@ -101,6 +102,26 @@ class MobileFaceNet(nn.Module):
         x = self.conv2(self.blocks(x))
         x = self.linear1(self.linear7(x))
         return x.flatten(1)
+
+
+def fold_batch_norms(model: MobileFaceNet) -> MobileFaceNet:
+    """Fold every BatchNorm into the convolution before it, in place, for a frozen model in
+    eval mode: the same function, and its forward and backward passes cost about a fifth less
+    on a CPU, where the search pays F's backward pass at every step. Not for training (the
+    statistics are gone) nor for saving (the state_dict no longer matches the checkpoint)."""
+    if model.training:
+        raise ValueError("fold batch norms only of a model in eval mode")
+    for block in model.modules():
+        if isinstance(block, ConvBlock) and isinstance(block.bn, nn.BatchNorm2d):
+            block.conv = fuse_conv_bn_eval(block.conv, block.bn)
+            block.bn = nn.Identity()  # type: ignore[assignment]
+        elif isinstance(block, Bottleneck):
+            layers = list(block.conv)
+            for i, (a, b) in enumerate(zip(layers, layers[1:], strict=False)):
+                if isinstance(a, nn.Conv2d) and isinstance(b, nn.BatchNorm2d):
+                    block.conv[i] = fuse_conv_bn_eval(a, b)
+                    block.conv[i + 1] = nn.Identity()
+    return model
 
 
 def from_state_dict(state: dict[str, Tensor]) -> MobileFaceNet:
