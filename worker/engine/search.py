@@ -74,9 +74,10 @@ class SearchConfig(BaseModel):
     # How the generator runs; none of these changes what is optimised.
     precision: Precision = Field(
         "fp32",
-        description="fp32, or bf16: the generator (and the extra losses' networks) run under "
-        "bfloat16 autocast, which tensor-core GPUs run several times faster; the images are "
-        "cast back to float32 before every loss, and the latents, noise, Adam state, sphere "
+        description="fp32, or bf16: the generator runs under bfloat16 autocast, which "
+        "tensor-core GPUs run several times faster; the images are cast back to float32 "
+        "before every loss, the extra losses' networks (F) run in float32, and the "
+        "latents, noise, Adam state, sphere "
         "projection and best-so-far tracking stay float32. Results differ from fp32 by "
         "rounding. CPUs with bf16 units (AVX512-BF16, AMX) gain too; others lose",
     )
@@ -315,8 +316,10 @@ def latent_search(
         }
         constraints: dict[str, Tensor] = {}
         if extra_loss is not None:
-            with autocast(config, device):  # F in bf16 too; its losses back in float32
-                extra = extra_loss(img)
+            # F stays float32: it is small beside the generator (no faster in bf16 on a
+            # CPU), and its steering gradients in bf16 led searches to faces that F reads
+            # as the target race but an independent judge does not.
+            extra = extra_loss(img)
             if not isinstance(extra, ExtraTerms):
                 extra = ExtraTerms(extra)
             terms.update({name: t.float() for name, t in extra.losses.items()})
