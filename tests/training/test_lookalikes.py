@@ -534,3 +534,22 @@ def test_celebahq_photos_reach_f_as_their_training_crops(tmp_path: Path) -> None
     assert photos.shape == (3, 3, 128, 128)
     crops = looks.framed_crops(_extractor(), photos)
     assert torch.equal(crops, torch.stack([faces[i][0] for i in range(3)]))
+
+
+def test_cli_saves_parts_and_resumes_from_them(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    runner = CliRunner()
+    first = ["train-extractor", "--smoke", "--out", str(tmp_path / "a"), "--lfw-pairs", "0"]
+    r = runner.invoke(app, [*first, "--save-parts", str(tmp_path / "parts")])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "parts" / "checkpoint.pt.parts.json").is_file()
+    again = ["train-extractor", "--smoke", "--out", str(tmp_path / "b"), "--steps", "5"]
+    r = runner.invoke(app, [*again, "--resume", str(tmp_path / "parts")])
+    assert r.exit_code == 0, r.output
+    assert f"resuming from {tmp_path / 'parts'}" in r.output.replace("\n", "")
+    assert "stopped (done) at step 5" in r.output
+    r = runner.invoke(app, [*again, "--resume", str(tmp_path / "nothing")])
+    assert r.exit_code == 2 and "no such checkpoint" in r.output
