@@ -305,7 +305,8 @@ def train_extractor(
             err.print(f"resuming from {resume_path}", highlight=False)
         err.print(
             f"train-extractor: {config.architecture}, data "
-            f"{config.data_root or 'synthetic'}, init {config.weights or 'random'}, batch "
+            f"{config.data_root or 'synthetic'}, "
+            f"init {config.init_export or config.weights or 'random'}, batch "
             f"{config.batch}, head fit {config.head_epochs} epochs, {config.steps} steps, "
             f"out {config.out}",
             highlight=False,
