@@ -73,7 +73,27 @@ def train_extractor(
     ] = None,
     resume: Annotated[
         str | None,
-        typer.Option(help="checkpoint file, or 'auto' for <out>/checkpoint.pt if present"),
+        typer.Option(
+            help="checkpoint file, a folder holding one, committed parts (the --save-parts "
+            "folder), or 'auto' for <out>/checkpoint.pt if present; lookalikes the run folder "
+            "lacks are drawn again from the checkpoint's records"
+        ),
+    ] = None,
+    save_parts: Annotated[
+        Path | None,
+        typer.Option(
+            help="also write every checkpoint (with the lookalike records, no pixels) as ≤15 "
+            "MiB parts in this folder, replacing the previous ones: small enough to commit; "
+            "resume elsewhere with --resume FOLDER"
+        ),
+    ] = None,
+    init_export: Annotated[
+        Path | None,
+        typer.Option(
+            help="start from an F export (e.g. weights/extractor.pt: backbone, heads, θ_t) "
+            "instead of --weights: only the ArcFace centres are fitted, and --steps defaults "
+            "to 0, so the lookalike stage starts at once"
+        ),
     ] = None,
     fp16: Annotated[bool, typer.Option("--fp16", help="export weights as float16")] = False,
     max_images: Annotated[
@@ -148,6 +168,29 @@ def train_extractor(
     lookalike_batch: Annotated[
         int | None, typer.Option(min=1, help="thumbnails per search batch (default: 8)")
     ] = None,
+    first_search_threshold: Annotated[
+        float | None,
+        typer.Option(
+            min=0,
+            max=179.9,
+            help="θ (degrees) of the identity objective in meta-epoch 1's searches (default: "
+            "0, the paper's Algorithm 1: pull all the way; later ones use F's θ_t)",
+        ),
+    ] = None,
+    search_precision: Annotated[
+        str | None,
+        typer.Option(
+            help="the lookalike searches' number format: auto (default: bf16 + channels-last "
+            "where the CPU has bf16 units, as likeness upscale), fp32 or bf16"
+        ),
+    ] = None,
+    lfw_pairs: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            help="LFW held-out pairs measured around each meta-epoch (default: 2000; 0: off)",
+        ),
+    ] = None,
     smoke: Annotated[
         bool,
         typer.Option(
@@ -210,7 +253,13 @@ def train_extractor(
         search_restarts=search_restarts,
         lookalike_thumbnail=lookalike_thumbnail,
         lookalike_batch=lookalike_batch,
+        init_export=init_export,
+        first_search_threshold_deg=first_search_threshold,
+        search_precision=search_precision,
+        lfw_pairs=lfw_pairs,
     )
+    if init_export is not None and steps is None:
+        options["steps"] = 0  # F is trained already: straight to the lookalike stage
     overrides = {
         k: str(v) if isinstance(v, Path) else v for k, v in options.items() if v is not None
     }
@@ -228,6 +277,8 @@ def train_extractor(
 
         from worker.training.extractor.config import CHECKPOINT_NAME, ExtractorConfig
         from worker.training.extractor.loop import train
+        from worker.training.extractor.state import checkpoint_source
+        from worker.training.parts import has_parts
 
         threads = threads or (1 if smoke else None)
         if threads is not None:
@@ -238,7 +289,8 @@ def train_extractor(
             resume_path = candidate if candidate.is_file() else None
         elif resume is not None:
             resume_path = Path(resume)
-            if not resume_path.is_file():
+            source = checkpoint_source(resume_path)
+            if not source.is_file() and not has_parts(source):
                 raise LikenessError(
                     "checkpoint_not_found", f"no such checkpoint: {resume}", status=404
                 )
@@ -253,7 +305,8 @@ def train_extractor(
             err.print(f"resuming from {resume_path}", highlight=False)
         err.print(
             f"train-extractor: {config.architecture}, data "
-            f"{config.data_root or 'synthetic'}, init {config.weights or 'random'}, batch "
+            f"{config.data_root or 'synthetic'}, "
+            f"init {config.init_export or config.weights or 'random'}, batch "
             f"{config.batch}, head fit {config.head_epochs} epochs, {config.steps} steps, "
             f"out {config.out}",
             highlight=False,
@@ -266,15 +319,19 @@ def train_extractor(
                 "steps",
                 highlight=False,
             )
-        result = train(config, resume=resume_path)
+        result = train(config, resume=resume_path, save_parts=save_parts)
         err.print(
             f"stopped ({result.reason}) at step {result.step}; export {result.export}",
             highlight=False,
         )
         print_metrics(result.metrics)
-        print_stage(result.meta_history)
+        if save_parts is not None:
+            err.print(f"checkpoint parts in {save_parts} (commit them to carry on elsewhere)")
+        verdict = print_stage(result.meta_history, config.meta_epochs)
         if ship and result.reason == "signal":
             err.print("interrupted: not shipped", highlight=False)
+        elif ship and not verdict:
+            err.print("the lookalike stage's F is not shipped", highlight=False)
         elif ship:
             ship_export(result.export, into)
     except LikenessError as e:
@@ -301,24 +358,21 @@ def print_metrics(m: dict[str, Any]) -> None:
         )
 
 
-def print_stage(history: list[dict[str, Any]]) -> None:
-    """One line per measurement of the lookalike stage: before it, then per meta-epoch."""
+def print_stage(history: list[dict[str, Any]], meta_epochs: int) -> bool:
+    """The lookalike stage's curve, one line per measurement (before it, then after each
+    meta-epoch), and its verdict; True when there is no stage or F may ship."""
+    from worker.training.extractor.verdict import curve_line, stage_verdict
+
+    if meta_epochs == 0 and not history:
+        return True
     for entry in history:
-        m, looks = entry["metrics"], entry.get("lookalikes")
-        theta = m.get("threshold_deg")
-        line = (
-            f"meta-epoch {entry['meta_epoch']}: same {m['angle_same']['mean']:.1f}°, diff "
-            f"{m['angle_diff']['mean']:.1f}°, θ_t "
-            f"{'n/a' if theta is None else format(theta, '.1f')}°"
-        )
-        if looks is not None:
-            line += (
-                f"; lookalikes {looks['angle']['mean']:.1f}±{looks['angle']['sd']:.1f}° "
-                f"(at generation {looks['angle_at_generation']['mean']:.1f}±"
-                f"{looks['angle_at_generation']['sd']:.1f}°), accepted "
-                f"{looks['accepted']:.0%}"
-            )
-        err.print(line, highlight=False)
+        err.print(curve_line(entry), highlight=False)
+    ok, why = stage_verdict(history, meta_epochs)
+    if ok:
+        err.print("ship: F kept LFW, race and attributes within bounds", highlight=False)
+    for reason in why:
+        err.print(f"do not ship: {reason}", highlight=False)
+    return ok
 
 
 def ship_export(export: Path, into: Path | None) -> None:

@@ -1,10 +1,13 @@
 """Fast checks of the lookalike stage of train-extractor (PAPER.md §3 item 2): lookalike
-generation and its cache, the Siamese loss, meta-epochs end to end, exact resume."""
+generation and its cache, the Siamese loss, meta-epochs end to end (accumulated
+lookalikes, θ = 0 first), exact resume, the committed records and parts, the start from
+an export and the frozen copy of F the searches use."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 from pathlib import Path
 
@@ -15,7 +18,7 @@ import torch.nn.functional as F
 from likeness.errors import LikenessError
 from worker.engine.checkpoints import load_generator, save_generator
 from worker.engine.face.alignment import SPHEREFACE_112x96
-from worker.engine.face.export import load_export
+from worker.engine.face.export import export, load_export
 from worker.engine.generator import Generator, GeneratorConfig
 from worker.engine.mapping_fit import fit_mapping
 from worker.engine.objectives import ObjectiveWeights
@@ -24,18 +27,23 @@ from worker.training import lookalikes as looks
 from worker.training.extractor.config import ExtractorConfig
 from worker.training.extractor.loop import train
 from worker.training.extractor.model import build_model
+from worker.training.extractor.verdict import siamese_curve, stage_verdict
 from worker.training.extractor_data import SyntheticFaces
+from worker.training.parts import PART_BYTES, index_path
+
+
+def _tiny_generator(path: Path, seed: int) -> Path:
+    torch.manual_seed(seed)
+    g = Generator(
+        GeneratorConfig.slim(32, channel_max=16, channel_base=256, style_dim=16, n_mlp=2)
+    ).eval()
+    save_generator(path, g, mapping_fit=fit_mapping(g, samples=2000, batch=1000))
+    return path
 
 
 @pytest.fixture(scope="module")
 def generator_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    g = Generator(
-        GeneratorConfig.slim(32, channel_max=16, channel_base=256, style_dim=16, n_mlp=2)
-    ).eval()
-    path = tmp_path_factory.mktemp("generator") / "g.pt"
-    save_generator(path, g, mapping_fit=fit_mapping(g, samples=2000, batch=1000))
-    return path
+    return _tiny_generator(tmp_path_factory.mktemp("generator") / "g.pt", 0)
 
 
 def _extractor() -> torch.nn.Module:
@@ -94,7 +102,12 @@ def test_lookalikes_have_the_right_shapes_are_saved_per_batch_and_cached(
         thumbnail=16,
         batch=4,
     )
-    key = {"meta_epoch": 0, "threshold_deg": 60.0}
+    key = {
+        "meta_epoch": 0,
+        "threshold_deg": 60.0,
+        "search": settings.search.model_dump(mode="json"),
+        "generator": model.sha256,
+    }
     searches: list[int] = []
     real_search = looks.run_search
 
@@ -144,6 +157,121 @@ def test_lookalikes_have_the_right_shapes_are_saved_per_batch_and_cached(
     assert e.value.code == "lookalikes_mismatch"
 
 
+def _found(
+    generator_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, precision: str
+) -> tuple[looks.Lookalikes, list[object], object]:
+    """Six lookalikes, with the search results they came from."""
+    ext, model = _extractor(), load_generator(generator_path)
+    photos = SyntheticFaces("identity", 12, 4, SPHEREFACE_112x96, seed=0)
+    pairs = looks.choose_pairs(photos.targets, 3, seed=0, meta_epoch=0)
+    search = SearchConfig(steps=3, restarts=2, precision=precision)
+    settings = looks.LookalikeSettings(search, ObjectiveWeights(threshold_deg=0.0), 16, 4)
+    key = {"meta_epoch": 0, "search": search.model_dump(mode="json"), "generator": model.sha256}
+    results: list[object] = []
+    real_search = looks.run_search
+
+    def kept(*args: object, **kwargs: object) -> object:
+        results.append(real_search(*args, **kwargs))  # type: ignore[arg-type]
+        return results[-1]
+
+    monkeypatch.setattr(looks, "run_search", kept)
+    made = looks.generate_lookalikes(
+        ext, model, photos, pairs, settings, tmp_path / "m.pt", key, seed=0
+    )
+    return made, results, model
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_records_draw_the_searched_faces_again(
+    generator_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, precision: str
+) -> None:
+    made, results, model = _found(generator_path, tmp_path, monkeypatch, precision)
+    searched = looks.to_uint8(torch.cat([r.images for r in results])).float()  # type: ignore[attr-defined]
+    # what training sees is the record drawn in float32; it is the face the search chose
+    # up to float16 latents (and, for a bf16 search, bf16 rounding)
+    diff = (made.images.float() - searched).abs() / 255
+    assert float(diff.mean()) < (0.005 if precision == "fp32" else 0.03)
+    assert float(diff.max()) < (0.05 if precision == "fp32" else 0.35)
+    other = torch.roll(searched, 1, 0)  # another lookalike is far further away
+    assert float((made.images.float() - other).abs().mean() / 255) > 5 * float(diff.mean())
+    record = made.record()
+    assert "images" not in record and record["w_plus"].dtype == torch.float16
+    assert record["w_plus"].shape == (6, model.generator.n_latent, 16)  # type: ignore[attr-defined]
+    assert [t.dtype for t in record["noise"]] == [torch.float16] * len(record["noise"])
+    # drawn again elsewhere from the record alone: the very pixels
+    again = looks.from_record(record, model, tmp_path / "again" / "m.pt")  # type: ignore[arg-type]
+    assert torch.equal(again.images, made.images)
+    assert torch.equal(looks.read_lookalikes(tmp_path / "again" / "m.pt", None).images, made.images)  # type: ignore[union-attr]
+
+
+def test_records_refuse_another_generator(
+    generator_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    made, _, model = _found(generator_path, tmp_path, monkeypatch, "fp32")
+    other = load_generator(_tiny_generator(tmp_path / "other.pt", 1))
+    assert other.sha256 != model.sha256  # type: ignore[attr-defined]
+    with pytest.raises(LikenessError) as e:
+        looks.from_record(made.record(), other, tmp_path / "x.pt")
+    assert e.value.code == "generator_mismatch"
+    assert model.sha256 in e.value.message and other.sha256 in e.value.message  # type: ignore[attr-defined]
+    assert "git log -- weights/generator.pt" in e.value.message
+    assert not (tmp_path / "x.pt").exists()
+
+
+def test_the_searches_get_a_frozen_copy_and_f_is_untouched() -> None:
+    ext = _extractor().train()
+    before = {k: v.clone() for k, v in ext.state_dict().items()}
+    frozen = looks.frozen_copy(ext, channels_last=True)
+    assert frozen is not ext and ext.training
+    assert all(torch.equal(v, before[k]) for k, v in ext.state_dict().items())
+    assert ext.state_dict().keys() == before.keys()  # F's batch norms still there
+    bn = torch.nn.modules.batchnorm._BatchNorm
+    assert any(isinstance(m, bn) for m in ext.modules())
+    assert not any(isinstance(m, bn) for m in frozen.modules()), "folded in the copy"
+    assert not any(p.requires_grad for p in frozen.parameters())
+    assert all(p.requires_grad for p in ext.parameters())
+    crops = torch.rand(2, 3, 112, 96)
+    ext.eval()
+    with torch.no_grad():
+        assert torch.allclose(frozen.embed_crops(crops), ext.embed_crops(crops), atol=1e-4)
+
+
+def test_threshold_zero_is_a_valid_objective() -> None:
+    assert ObjectiveWeights(threshold_deg=0.0).threshold_deg == 0.0
+    with pytest.raises(ValueError):
+        ObjectiveWeights(threshold_deg=-1.0)
+    # θ = 0 never counts the reference reached: the pull stays strong at a small angle
+    near, far = torch.tensor([[1.0, 0.1]]), torch.tensor([[1.0, 0.0]])
+    from worker.engine.objectives import similarity_loss
+
+    at_zero = float(similarity_loss(near, far, 1.0, 0.0, 5.0))
+    at_theta = float(similarity_loss(near, far, 1.0, 70.0, 5.0))
+    assert at_zero > 0.5 > 1e-3 > at_theta
+
+
+def test_siamese_curve_and_the_ship_verdict() -> None:
+    curve = siamese_curve([float(i) for i in range(20)], points=4)
+    assert curve["means"] == [2.0, 7.0, 12.0, 17.0] and curve["steps"] == 20
+
+    def entry(k: int, lfw: float | None, race: float, attr: float) -> dict:
+        return {
+            "meta_epoch": k,
+            "metrics": {"race_top1": race, "attribute_map": attr},
+            "lfw": None if lfw is None else {"accuracy": lfw},
+        }
+
+    start = entry(0, 0.9765, 0.763, 0.560)
+    assert stage_verdict([start, entry(2, 0.9720, 0.755, 0.551)], 2) == (True, [])
+    ok, why = stage_verdict([start, entry(2, 0.9710, 0.763, 0.560)], 2)
+    assert not ok and why[0].startswith("lfw fell 0.55")
+    ok, why = stage_verdict([start, entry(2, 0.9765, 0.752, 0.560)], 2)
+    assert not ok and why[0].startswith("race fell 1.10")
+    ok, why = stage_verdict([start, entry(2, 0.99, 0.763, 0.548)], 2)
+    assert not ok and why[0].startswith("attr fell 1.20")
+    assert not stage_verdict([start, entry(1, 0.98, 0.8, 0.6)], 2)[0], "not finished"
+    assert not stage_verdict([entry(0, None, 0.7, 0.5), entry(2, None, 0.7, 0.5)], 2)[0]
+
+
 def _config(out: Path, generator: Path, meta_epochs: int) -> ExtractorConfig:
     return ExtractorConfig.smoke(
         out=str(out),
@@ -161,6 +289,7 @@ def _config(out: Path, generator: Path, meta_epochs: int) -> ExtractorConfig:
         search_restarts=1,
         lookalike_batch=4,
         generator=str(generator),
+        first_search_threshold_deg=0.0,
     )
 
 
@@ -174,11 +303,21 @@ def full_run(
 ) -> tuple[Path, list[float], object]:
     out = tmp_path_factory.mktemp("full")
     losses: list[float] = []
-    result = train(
-        _config(out, generator_path, 2),
-        progress=False,
-        on_step=lambda s, m: losses.append(m["loss"]),
-    )
+    trained_on: list[list[int]] = []  # per meta-epoch: the sizes of the sets drawn from
+    real = looks.accumulated
+
+    def spy(pairs: list[looks.LookalikePairs]) -> object:
+        trained_on.append([len(p) for p in pairs])
+        return real(pairs)
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(looks, "accumulated", spy)
+        result = train(
+            _config(out, generator_path, 2),
+            progress=False,
+            on_step=lambda s, m: losses.append(m["loss"]),
+        )
+    result.trained_on = trained_on  # type: ignore[attr-defined]
     return out, losses, result
 
 
@@ -196,9 +335,19 @@ def test_two_meta_epochs_write_lookalikes_metrics_and_an_export(full_run: tuple)
         assert stats["angle"]["pairs"] == 4 and 0 <= stats["angle"]["mean"] <= 180
         assert stats["angle_at_generation"]["pairs"] == 4
         assert "loss_siamese" in e and e["metrics"]["threshold_deg"] is not None
-    # the searches of meta-epoch 1 were steered with the θ_t re-fitted after meta-epoch 0
+    # meta-epoch 0 searched with θ = 0 (Algorithm 1's first round), meta-epoch 1 with the
+    # θ_t re-fitted after meta-epoch 0
+    assert entries[1]["lookalikes"]["threshold_at_generation_deg"] == 0.0
     theta_1 = entries[1]["metrics"]["threshold_deg"]
+    assert theta_1 > 0
     assert entries[2]["lookalikes"]["threshold_at_generation_deg"] == theta_1
+    # the Siamese steps of meta-epoch 1 drew from the lookalikes of both meta-epochs
+    assert result.trained_on == [[4], [4, 4]]
+    assert entries[2]["siamese_curve"]["steps"] == 2
+    # the checkpoint carries every meta-epoch's record, and no pixels
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert sorted(ckpt["lookalikes"]) == ["0", "1"]
+    assert all("images" not in r and r["done"] == 4 for r in ckpt["lookalikes"].values())
     exported = torch.load(result.export, weights_only=True)
     assert [e["meta_epoch"] for e in exported["metrics"]["siamese"]] == [0, 1, 2]
     assert load_export(result.export).threshold_deg == entries[2]["metrics"]["threshold_deg"]
@@ -250,6 +399,85 @@ def test_stage_from_a_finished_run_resumed_mid_meta_epoch_is_exact(
         b = torch.load(tmp_path / "lookalikes" / f"meta_{k}.pt", weights_only=True)
         assert torch.equal(a["images"], b["images"])
     assert [e["meta_epoch"] for e in _log(tmp_path) if e["reason"] == "meta_epoch"] == [0, 1, 2]
+
+
+def test_resume_from_committed_parts_on_a_new_machine_is_exact(
+    full_run: tuple, generator_path: Path, tmp_path: Path
+) -> None:
+    full_out, full_losses, full_result = full_run
+    first, parts = tmp_path / "first", tmp_path / "committed"
+    losses: list[float] = []
+
+    def record(step: int, metrics: dict[str, float]) -> None:
+        losses.append(metrics["loss"])
+        if step == 4:  # the first Siamese step of meta-epoch 1
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    stopped = train(
+        _config(first, generator_path, 2),
+        progress=False,
+        evaluate_at_end=False,
+        on_step=record,
+        save_parts=parts,
+    )
+    assert stopped.reason == "signal" and stopped.step == 4
+    files = sorted(p.name for p in parts.iterdir())
+    assert files == ["checkpoint.pt.part000", "checkpoint.pt.parts.json"]
+    assert all(p.stat().st_size <= PART_BYTES for p in parts.iterdir())
+    assert index_path(parts / "checkpoint.pt").is_file()
+    shutil.rmtree(first)  # the machine is gone: only the committed parts survive
+
+    second = tmp_path / "second"
+    resumed = train(
+        _config(second, generator_path, 2),
+        resume=parts,
+        progress=False,
+        on_step=record,
+        save_parts=parts,
+    )
+    assert resumed.reason == "done" and resumed.step == full_result.step
+    assert losses == full_losses, "the same steps as the uninterrupted run"
+    assert resumed.meta_history == full_result.meta_history
+    for k in (0, 1):  # the lookalike pixels, drawn again from the records, are the same
+        a = torch.load(full_out / "lookalikes" / f"meta_{k}.pt", weights_only=True)
+        b = torch.load(second / "lookalikes" / f"meta_{k}.pt", weights_only=True)
+        assert torch.equal(a["images"], b["images"])
+
+
+def test_resume_refuses_records_of_another_generator(generator_path: Path, tmp_path: Path) -> None:
+    plain = tmp_path / "run"
+    done = train(_config(plain, generator_path, 1), progress=False, evaluate_at_end=False)
+    ckpt = torch.load(done.checkpoint, weights_only=True)
+    ckpt["meta_epoch"], ckpt["meta_step"] = 0, 1  # as if stopped inside meta-epoch 0
+    torch.save(ckpt, tmp_path / "stopped.pt")
+    shutil.rmtree(plain / "lookalikes")
+    other = _tiny_generator(tmp_path / "other.pt", 1)
+    config = _config(plain, generator_path, 1).model_copy(update={"generator": str(other)})
+    with pytest.raises(LikenessError, match="git log -- weights/generator.pt") as e:
+        train(config, resume=tmp_path / "stopped.pt", progress=False)
+    assert e.value.code == "generator_mismatch"
+
+
+def test_the_stage_starts_from_an_export(generator_path: Path, tmp_path: Path) -> None:
+    torch.manual_seed(3)
+    source = build_model(ExtractorConfig.smoke(), classes=2).extractor.eval()
+    source.threshold_deg = 41.0
+    export(source, tmp_path / "f.pt", {}, False, {})
+    config = _config(tmp_path / "run", generator_path, 0).model_copy(
+        update={"init_export": str(tmp_path / "f.pt"), "steps": 0}
+    )
+    result = train(config, progress=False, evaluate_at_end=False)
+    ckpt = torch.load(result.checkpoint, weights_only=True)
+    model = ckpt["model"]
+    for name, tensor in source.state_dict().items():  # backbone and heads as exported
+        assert torch.equal(model[f"extractor.{name}"], tensor), name
+    fresh = build_model(config, classes=2).state_dict()  # the centres were fitted
+    assert not torch.equal(model["arcface.weight"], fresh["arcface.weight"])
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert log[0]["head_fit"]["faces"] == {"identity": 8}  # centres only
+    with pytest.raises(LikenessError, match="cannot read"):
+        bad = config.model_copy(update={"init_export": str(tmp_path / "run" / "log.jsonl")})
+        train(bad.model_copy(update={"out": str(tmp_path / "bad")}), progress=False)
 
 
 def test_the_stage_fails_at_once_without_a_generator(
@@ -306,3 +534,22 @@ def test_celebahq_photos_reach_f_as_their_training_crops(tmp_path: Path) -> None
     assert photos.shape == (3, 3, 128, 128)
     crops = looks.framed_crops(_extractor(), photos)
     assert torch.equal(crops, torch.stack([faces[i][0] for i in range(3)]))
+
+
+def test_cli_saves_parts_and_resumes_from_them(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    runner = CliRunner()
+    first = ["train-extractor", "--smoke", "--out", str(tmp_path / "a"), "--lfw-pairs", "0"]
+    r = runner.invoke(app, [*first, "--save-parts", str(tmp_path / "parts")])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "parts" / "checkpoint.pt.parts.json").is_file()
+    again = ["train-extractor", "--smoke", "--out", str(tmp_path / "b"), "--steps", "5"]
+    r = runner.invoke(app, [*again, "--resume", str(tmp_path / "parts")])
+    assert r.exit_code == 0, r.output
+    assert f"resuming from {tmp_path / 'parts'}" in r.output.replace("\n", "")
+    assert "stopped (done) at step 5" in r.output
+    r = runner.invoke(app, [*again, "--resume", str(tmp_path / "nothing")])
+    assert r.exit_code == 2 and "no such checkpoint" in r.output

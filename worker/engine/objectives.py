@@ -34,7 +34,11 @@ class ObjectiveWeights(BaseModel):
     race: float = Field(2.0, ge=0, description="weight of L_r (the reference code's 2.0)")
     attributes: float = Field(2.0, ge=0, description="weight of L_a")
     threshold_deg: float = Field(
-        DEFAULT_THRESHOLD_DEG, gt=0, lt=180, description="θ_t: F's same/different threshold angle"
+        DEFAULT_THRESHOLD_DEG,
+        ge=0,
+        lt=180,
+        description="θ_t: F's same/different threshold angle; 0 pulls toward the reference "
+        "without ever counting it reached (the lookalike stage's first searches)",
     )
     temperature_deg: float = Field(5.0, gt=0, description="τ of the similarity sigmoid")
     max_class_loss: float = Field(

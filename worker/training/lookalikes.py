@@ -15,11 +15,20 @@ framing, so both reach F through the frame's fixed landmarks, as the search's
 candidates do. Each meta-epoch's lookalikes are written to one file after
 every search batch: a crash loses at most a batch, and a resumed run reads
 them back instead of searching again.
+
+A lookalike's pixels are a face steered to reproduce a data-set person, so
+they stay in the run folder; what a run carries elsewhere (the checkpoint, and
+the parts committed from it) is its *record*: the W+ rows and trainable noise
+maps the search found (float16), the seed and restart that drew the other
+noise maps, and the generator's sha256. The pixels trained on are always the
+record drawn in float32 (``render_found``), so a run folder rebuilt from the
+records on another machine trains on the same pixels as the one it replaces.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,12 +49,19 @@ from worker.engine.objectives import (
     objective_loss,
     similarity_loss,
 )
-from worker.engine.search import SearchConfig, SearchStep, SearchStopped, run_search
-from worker.pipeline import build_objective
+from worker.engine.search import (
+    SearchConfig,
+    SearchStep,
+    SearchStopped,
+    render_found,
+    run_search,
+)
+from worker.pipeline import build_objective, freeze_extractor
 
 LOOKALIKE_DIR = "lookalikes"
-FORMAT = "likeness-lookalikes/1"
+FORMAT = "likeness-lookalikes/2"
 EMBED_BATCH = 64
+RENDER_BATCH = 16
 
 
 def lookalike_path(out: Path, meta_epoch: int) -> Path:
@@ -72,6 +88,15 @@ def embed_framed(extractor: FaceExtractor, images: Tensor) -> Tensor:
             for chunk in images.split(EMBED_BATCH)
         ]
     )
+
+
+def frozen_copy(extractor: FaceExtractor, channels_last: bool) -> FaceExtractor:
+    """A copy of F for the searches, frozen as ``likeness upscale`` freezes F (batch norms
+    folded, the search's layout), without parameter gradients. Never F itself: folding
+    is for a frozen F, and the F being trained must keep its statistics and stay
+    exportable."""
+    copied = copy.deepcopy(extractor).eval().requires_grad_(False)
+    return freeze_extractor(copied, channels_last=channels_last)
 
 
 @contextlib.contextmanager
@@ -134,35 +159,51 @@ class Lookalikes:
     accepted: Tensor  # (M,) bool: downscale MSE within eps
     mse: Tensor  # (M,)
     angle_deg: Tensor  # (M,) to its own photo, under the F that steered the search
+    w_plus: Tensor  # (M, L, D) float16: the W+ rows found
+    noise: list[Tensor]  # the trainable noise maps found, each (M, 1, h, w) float16
+    seed: Tensor  # (M,) long: the search seed, which drew the untrained noise maps …
+    restart: Tensor  # (M,) long: … of the restart chosen
     done: int
-    key: dict[str, Any]
+    key: dict[str, Any]  # the settings; key["generator"]: the generator's sha256
 
     @property
     def complete(self) -> bool:
         return self.done == len(self.photo)
 
-    def to_dict(self) -> dict[str, Any]:
+    def record(self) -> dict[str, Any]:
+        """Everything but the pixels: what the checkpoint carries, ≈ 7 KB a lookalike."""
         return {
             "format": FORMAT,
-            "images": self.images,
             "photo": self.photo,
             "reference": self.reference,
             "accepted": self.accepted,
             "mse": self.mse,
             "angle_deg": self.angle_deg,
+            "w_plus": self.w_plus,
+            "noise": self.noise,
+            "seed": self.seed,
+            "restart": self.restart,
             "done": self.done,
             "key": self.key,
         }
 
+    def to_dict(self) -> dict[str, Any]:
+        return self.record() | {"images": self.images}
+
 
 def choose_pairs(identities: Tensor, count: int, seed: int, meta_epoch: int) -> Tensor:
-    """(P, 2) photo indices, two photos each of up to ``count`` people with at least two:
-    a fixed random choice per (seed, meta-epoch), so each meta-epoch sees new people."""
-    g = torch.Generator().manual_seed(seed * 1_000_003 + meta_epoch)
+    """(P, 2) photo indices, two photos each of up to ``count`` people with at least two.
+
+    The people come from one fixed order per seed, meta-epoch k taking the k-th
+    ``count`` of it: new people every meta-epoch until all have had a turn (then
+    around again); the two photos are a fixed random choice per (seed, meta-epoch)."""
     people = [p for p in identities.unique().tolist() if int((identities == p).sum()) >= 2]
-    order = torch.randperm(len(people), generator=g)[:count].tolist()
+    order = torch.randperm(len(people), generator=torch.Generator().manual_seed(seed)).tolist()
+    start = meta_epoch * count
+    chosen = [order[(start + i) % len(order)] for i in range(min(count, len(order)))]
+    g = torch.Generator().manual_seed(seed * 1_000_003 + meta_epoch)
     pairs = []
-    for k in order:
+    for k in chosen:
         photos = (identities == people[k]).nonzero().flatten()
         pairs.append(photos[torch.randperm(len(photos), generator=g)[:2]])
     if not pairs:
@@ -203,23 +244,84 @@ class LookalikeSettings:
     batch: int  # thumbnails per search batch
 
 
-def _empty(pairs: Tensor, resolution: int, key: dict[str, Any]) -> Lookalikes:
-    m = 2 * len(pairs)
+def _empty(
+    pairs: Tensor, model: LoadedGenerator, trainable: int, key: dict[str, Any]
+) -> Lookalikes:
+    m, g = 2 * len(pairs), model.generator
+    r, shapes = g.config.resolution, g.noise_shapes()
     return Lookalikes(
-        images=torch.zeros(m, 3, resolution, resolution, dtype=torch.uint8),
+        images=torch.zeros(m, 3, r, r, dtype=torch.uint8),
         photo=pairs.flatten(),
         reference=pairs.flip(1).flatten(),
         accepted=torch.zeros(m, dtype=torch.bool),
         mse=torch.full((m,), float("nan")),
         angle_deg=torch.full((m,), float("nan")),
+        w_plus=torch.zeros(m, g.n_latent, g.config.style_dim, dtype=torch.float16),
+        noise=[
+            torch.zeros(m, 1, h, w, dtype=torch.float16)
+            for h, w in shapes[: min(trainable, len(shapes) - 1)]
+        ],
+        seed=torch.zeros(m, dtype=torch.long),
+        restart=torch.zeros(m, dtype=torch.long),
         done=0,
         key=key,
     )
 
 
-def read_lookalikes(path: Path, key: dict[str, Any]) -> Lookalikes | None:
+def render(model: LoadedGenerator, made: Lookalikes, rows: Tensor) -> Tensor:
+    """The pixels (uint8) of ``rows`` drawn from their records, in float32 on the
+    generator's device: what training sees, here or on any machine."""
+    device = next(model.generator.parameters()).device
+    restarts = int(made.key["search"]["restarts"])
+    out = []
+    for chunk in rows.split(RENDER_BATCH):
+        images = render_found(
+            model.generator,
+            made.w_plus[chunk].to(device),
+            [t[chunk] for t in made.noise],
+            made.seed[chunk].tolist(),
+            restarts,
+            made.restart[chunk].tolist(),
+        )
+        out.append(to_uint8(images))
+    return torch.cat(out) if out else made.images[:0]
+
+
+def check_generator(model: LoadedGenerator, key: dict[str, Any], what: str) -> None:
+    """Records only draw their faces again in the generator that searched them."""
+    if key["generator"] != model.sha256:
+        raise LikenessError(
+            "generator_mismatch",
+            f"{what} were searched in the generator with sha256 {key['generator']}, "
+            f"but {model.path} has sha256 {model.sha256}: pass that generator with "
+            "--generator (find the commit that shipped it with "
+            "`git log -- weights/generator.pt` and check the file out of it, e.g. "
+            "`git show COMMIT:weights/generator.pt > old_generator.pt`)",
+        )
+
+
+def from_record(record: dict[str, Any], model: LoadedGenerator, path: Path) -> Lookalikes:
+    """The lookalikes of a record, their pixels drawn again, and saved to ``path``."""
+    if record.get("format") != FORMAT:
+        raise LikenessError("bad_checkpoint", f"the lookalike record is not {FORMAT}")
+    check_generator(
+        model, record["key"], f"the lookalikes of meta-epoch {record['key']['meta_epoch'] + 1}"
+    )
+    r = model.generator.config.resolution
+    made = Lookalikes(
+        images=torch.zeros(len(record["photo"]), 3, r, r, dtype=torch.uint8),
+        **{k: v for k, v in record.items() if k != "format"},
+    )
+    made.images[: made.done] = render(model, made, torch.arange(made.done))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_torch_save(made.to_dict(), path)
+    return made
+
+
+def read_lookalikes(path: Path, key: dict[str, Any] | None) -> Lookalikes | None:
     """The lookalikes saved at ``path`` (maybe partial), None if there are none; a file
-    made with other settings is an error rather than silently mixed in."""
+    made with other settings than ``key`` (None: any) is an error rather than silently
+    mixed in."""
     if not path.is_file():
         return None
     try:
@@ -228,7 +330,7 @@ def read_lookalikes(path: Path, key: dict[str, Any]) -> Lookalikes | None:
         raise LikenessError("bad_checkpoint", f"cannot read {path}: {e}") from None
     if not isinstance(saved, dict) or saved.get("format") != FORMAT:
         raise LikenessError("bad_checkpoint", f"{path} is not a {FORMAT} file")
-    if saved["key"] != key:
+    if key is not None and saved["key"] != key:
         changed = sorted(
             k for k in key.keys() | saved["key"].keys() if key.get(k) != saved["key"].get(k)
         )
@@ -252,18 +354,21 @@ def generate_lookalikes(
     seed: int,
     on_step: Callable[[int, SearchStep], None] | None = None,
     should_stop: Callable[[], bool] = lambda: False,
+    on_batch: Callable[[Lookalikes], None] | None = None,
 ) -> Lookalikes:
     """Algorithm 1 for ``pairs`` (P, 2): the lookalikes at ``path``, searching only for
     the rows not there yet and saving after every batch. Returns them complete, or
     partial when ``should_stop`` said so (checked at every search step).
 
-    ``on_step(rows done, step)`` reports progress. F runs in eval mode without parameter
+    ``on_step(rows done, step)`` reports progress, ``on_batch`` gets them after every
+    saved batch. F runs in eval mode without parameter
     gradients; nothing here draws from the global RNG, so training after it takes the
     same steps whether the lookalikes were searched or read back.
     """
     assert model.mapping_fit is not None
     device = next(model.generator.parameters()).device
-    made = read_lookalikes(path, key) or _empty(pairs, model.generator.config.resolution, key)
+    trainable = settings.search.trainable_noise
+    made = read_lookalikes(path, key) or _empty(pairs, model, trainable, key)
     path.parent.mkdir(parents=True, exist_ok=True)
     meta_epoch = int(key["meta_epoch"])
     with inference(extractor):
@@ -295,7 +400,14 @@ def generate_lookalikes(
                 )
             except SearchStopped:
                 return made
-            images = to_uint8(result.images)
+            assert result.w_plus is not None
+            chosen = torch.arange(len(rows)), result.restart.cpu()
+            made.w_plus[rows] = result.w_plus.detach().cpu()[chosen].half()
+            for saved, found in zip(made.noise, result.noise, strict=True):
+                saved[rows] = found.detach().cpu()[chosen].half()
+            made.seed[rows] = torch.tensor(result.seeds)
+            made.restart[rows] = chosen[1]
+            images = render(model, made, rows)
             made.images[rows] = images
             made.accepted[rows] = result.accepted.cpu()
             made.mse[rows] = result.mse.detach().float().cpu()
@@ -306,6 +418,8 @@ def generate_lookalikes(
             ).cpu()
             made.done = int(rows[-1]) + 1
             atomic_torch_save(made.to_dict(), path)
+            if on_batch is not None:
+                on_batch(made)
             if should_stop():
                 return made
     return made
@@ -329,6 +443,12 @@ class LookalikePairs(Dataset[tuple[Tensor, Tensor]]):
 
 def training_pairs(looks: Lookalikes, photos: Dataset) -> LookalikePairs:
     return LookalikePairs(looks, to_uint8(read_photos(photos, looks.photo)))
+
+
+def accumulated(pairs: list[LookalikePairs]) -> Dataset[tuple[Tensor, Tensor]]:
+    """The lookalikes of every meta-epoch so far as one set, oldest first, as the paper
+    trains: a later F must not unlearn the confusions an earlier one was taught."""
+    return torch.utils.data.ConcatDataset(pairs)
 
 
 def angle_stats(angles: Tensor) -> dict[str, float]:

@@ -30,6 +30,11 @@ class ExtractorConfig(BaseModel):
         "MobileFaceNet .ckpt or an arcface_torch IResNet state_dict; "
         "None: random init (smoke)",
     )
+    init_export: str | None = Field(
+        None,
+        description="start from this F export (backbone, heads, θ_t) instead of --weights: "
+        "only the ArcFace centres are fitted (on frozen features) before training",
+    )
     data_root: str | None = Field(str(DATA_ROOT), description="None: synthetic data (smoke)")
     use_lfw: bool = False
     max_images: int | None = Field(None, description="cap per data set and split (quick runs)")
@@ -94,6 +99,28 @@ class ExtractorConfig(BaseModel):
         16, ge=2, description="thumbnail side the photos are downscaled to"
     )
     lookalike_batch: int = Field(8, ge=1, description="thumbnails per search batch")
+    # Algorithm 1's first round steers with θ = 0: before any Siamese training F's own θ_t
+    # would stop a search as soon as F calls the face the person, and the lookalikes would
+    # be only as convincing as F is gullible; θ = 0 never counts the target reached, so the
+    # first searches pull as close to the person as the thumbnail allows.
+    first_search_threshold_deg: float = Field(
+        0.0,
+        ge=0,
+        lt=180,
+        description="θ of the identity objective in meta-epoch 1's searches (later ones: "
+        "F's fitted θ_t)",
+    )
+    search_precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto",
+        description="the lookalike searches' number format: auto is the device's fastest "
+        "(bf16 with channels-last where a CPU has bf16 units), as likeness upscale runs",
+    )
+    lfw_pairs: int = Field(
+        2000,
+        ge=0,
+        description="LFW held-out pairs measured before and after each meta-epoch "
+        "(bench/lfw_verification.py's measure; needs lfw/ in the data root); 0: off",
+    )
     temperature_deg: float = Field(
         ObjectiveWeights.model_fields["temperature_deg"].default,
         gt=0,
@@ -139,4 +166,5 @@ RUN_FIELDS = (
     "lookalike_thumbnail",
     "lookalike_batch",
     "temperature_deg",
+    "search_precision",
 )

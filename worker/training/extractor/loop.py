@@ -18,9 +18,11 @@ from likeness.errors import LikenessError
 from likeness.splits import DEFAULT_SALT
 from worker.engine.checkpoints import LoadedGenerator
 from worker.engine.downscale import downscale_factor
-from worker.engine.face.export import export
+from worker.engine.face.export import export, load_export
 from worker.engine.objectives import DEFAULT_THRESHOLD_DEG, ObjectiveWeights
+from worker.engine.speed import fastest_layout, fastest_precision
 from worker.pipeline import load_search_model, pick_device
+from worker.training import lfw
 from worker.training import lookalikes as looks
 from worker.training.common import MetricMeans, StopSignal, rng_state, set_rng_state
 from worker.training.extractor.config import (
@@ -35,6 +37,8 @@ from worker.training.extractor.data import Data, dataset_targets, make_data, ori
 from worker.training.extractor.measures import evaluate
 from worker.training.extractor.state import TrainState, new_state, read_checkpoint, save_checkpoint
 from worker.training.extractor.steps import fit_heads, frozen_features, stream, train_step
+from worker.training.extractor.verdict import siamese_curve
+from worker.training.parts import split_into_parts
 
 
 def train_info(state: TrainState, data: Data) -> dict[str, Any]:
@@ -55,7 +59,7 @@ def train_info(state: TrainState, data: Data) -> dict[str, Any]:
         "device": str(state.device),
         "data": c.data_root or "synthetic",
         "use_lfw": c.use_lfw,
-        "init": c.weights,
+        "init": c.init_export or c.weights,
         "architecture": c.architecture,
         "head_epochs": c.head_epochs,
         "meta_epochs": state.meta_epoch,
@@ -119,7 +123,47 @@ def restore(state: TrainState, ckpt: dict[str, Any], data: Data) -> None:
     state.meta_step = int(ckpt.get("meta_step", 0))
     state.threshold_deg = ckpt.get("threshold_deg")
     state.meta_history = list(ckpt.get("meta_history", []))
+    state.meta_losses = list(ckpt.get("meta_losses", []))
+    state.lookalike_records = {int(k): r for k, r in ckpt.get("lookalikes", {}).items()}
     set_rng_state(ckpt["rng"])
+
+
+def start_from_export(state: TrainState, path: Path) -> None:
+    """F's backbone, heads and θ_t from an export; the ArcFace centres, which an export
+    does not carry, are left to the head fit (centres only)."""
+    try:
+        exported = load_export(path)
+    except LikenessError:
+        raise
+    except Exception as e:  # torch raises many types for a bad file
+        raise LikenessError("bad_checkpoint", f"cannot read the F export {path}: {e}") from None
+    arch = state.config.architecture
+    if type(exported.backbone) is not type(state.model.extractor.backbone):
+        raise LikenessError(
+            "bad_checkpoint",
+            f"{path} holds a {type(exported.backbone).__name__} backbone, not the "
+            f"{arch} of this run (--architecture)",
+        )
+    ext = state.model.extractor
+    ext.backbone.load_state_dict(exported.backbone.state_dict())
+    ext.race_head.load_state_dict(exported.race_head.state_dict())
+    ext.attribute_head.load_state_dict(exported.attribute_head.state_dict())
+    state.threshold_deg = exported.threshold_deg
+
+
+def restore_lookalikes(state: TrainState, generator: LoadedGenerator | None) -> None:
+    """The run folder's lookalikes as the checkpoint's records describe them: kept where
+    the folder has them (as far as the record, or further), else drawn again from the
+    records in the generator that searched them (a new machine's empty run folder)."""
+    out = Path(state.config.out)
+    for k, record in sorted(state.lookalike_records.items()):
+        path = looks.lookalike_path(out, k)
+        here = looks.read_lookalikes(path, record["key"]) if path.is_file() else None
+        if here is not None and here.done >= int(record["done"]):
+            continue
+        if generator is None:  # the stage is over: its lookalikes are not needed again
+            continue
+        state.lookalike_records[k] = looks.from_record(record, generator, path).record()
 
 
 def stage_generator(state: TrainState) -> LoadedGenerator | None:
@@ -162,8 +206,12 @@ class Session:
         bar: Any,
         evaluate_at_end: bool,
         on_step: Callable[[int, dict[str, float]], None] | None,
+        save_parts: Path | None = None,
     ) -> None:
         self.state, self.data, self.generator = state, data, generator
+        self.save_parts = save_parts
+        self.pair_sets: dict[int, looks.LookalikePairs] = {}  # per meta-epoch, for training
+        self.lfw: lfw.LfwPairs | None = None
         self.stop, self.bar = stop, bar
         self.config, self.out = state.config, Path(state.config.out)
         self.evaluate_at_end, self.on_step = evaluate_at_end, on_step
@@ -200,6 +248,8 @@ class Session:
         state, model = self.state, self.state.model
         state.train_seconds += time.monotonic() - self.last_save
         save_checkpoint(state, self.out / CHECKPOINT_NAME)
+        if self.save_parts is not None:  # the state a commit carries to the next machine
+            split_into_parts(self.out / CHECKPOINT_NAME, self.save_parts / CHECKPOINT_NAME)
         entry: dict[str, Any] = {
             "step": state.step,
             "reason": why,
@@ -246,6 +296,8 @@ class Session:
             self.checkpoint("periodic")
         batches = (next(self.streams[0]), next(self.streams[1]), next(self.streams[2]))
         self.last = metrics = train_step(state, batches, siamese)
+        if "loss_siamese" in metrics:
+            state.meta_losses.append(metrics["loss_siamese"])
         self.means.add(metrics)
         if self.on_step is not None:
             self.on_step(state.step, metrics)
@@ -264,7 +316,9 @@ class Session:
             self.bar.update(
                 self.task, status=f"head fit ({config.head_epochs} epochs on frozen features)"
             )
-            fit = fit_heads(state, frozen_features(state, self.data))
+            centres_only = config.init_export is not None  # the export's heads are trained
+            features = frozen_features(state, self.data, centres_only)
+            fit = fit_heads(state, features, centres_only)
             state.heads_fitted = True
             self.checkpoint("heads", info={"head_fit": fit})
         reason = self.stopping()  # the head fit may have used up the session
@@ -289,10 +343,15 @@ class Session:
             made = self.lookalikes()
             if not made.complete:
                 return self.stopping()
-            pairs = looks.training_pairs(made, self.data.photos)
+            pairs = self.pair_sets[state.meta_epoch] = looks.training_pairs(made, self.data.photos)
             seed = 1_000_003 * (state.meta_epoch + 1) + config.seed
             lookalike_stream = stream(
-                config, pairs, state.meta_step, seed, state.device, config.siamese_batch
+                config,
+                looks.accumulated([self.pairs_of(k) for k in range(state.meta_epoch + 1)]),
+                state.meta_step,
+                seed,
+                state.device,
+                config.siamese_batch,
             )
             while reason == "done" and state.meta_step < config.siamese_steps:
                 reason = self.step(next(lookalike_stream))
@@ -304,18 +363,41 @@ class Session:
             reason = self.stopping()
         return reason
 
+    def pairs_of(self, k: int) -> looks.LookalikePairs:
+        """Meta-epoch k's lookalikes with their photos, read back from the run folder once."""
+        if k not in self.pair_sets:
+            made = looks.read_lookalikes(looks.lookalike_path(self.out, k), None)
+            if made is None or not made.complete:
+                raise LikenessError(
+                    "bad_checkpoint",
+                    f"the lookalikes of meta-epoch {k + 1} are missing from "
+                    f"{self.out / looks.LOOKALIKE_DIR}, and the checkpoint has no record "
+                    "of them to draw them again",
+                )
+            self.pair_sets[k] = looks.training_pairs(made, self.data.photos)
+        return self.pair_sets[k]
+
+    def search_config(self) -> Any:
+        assert self.generator is not None
+        config, device = self.config, self.state.device
+        precision = fastest_precision(config.search_precision, device)
+        return self.generator.search_config(
+            steps=config.search_steps,
+            restarts=config.search_restarts,
+            precision=precision,
+            channels_last=fastest_layout(None, device, precision),
+        )
+
     def lookalikes(self) -> looks.Lookalikes:
         """This meta-epoch's lookalikes: read back, or searched for (partial on a stop)."""
         state, config = self.state, self.config
         assert self.generator is not None and state.threshold_deg is not None
         k = state.meta_epoch
+        # Algorithm 1's first round: θ = 0 (config.py says why); then F's own θ_t.
+        theta = config.first_search_threshold_deg if k == 0 else state.threshold_deg
         settings = looks.LookalikeSettings(
-            search=self.generator.search_config(
-                steps=config.search_steps, restarts=config.search_restarts
-            ),
-            objective=ObjectiveWeights(
-                threshold_deg=state.threshold_deg, temperature_deg=config.temperature_deg
-            ),
+            search=self.search_config(),
+            objective=ObjectiveWeights(threshold_deg=theta, temperature_deg=config.temperature_deg),
             thumbnail=config.lookalike_thumbnail,
             batch=config.lookalike_batch,
         )
@@ -342,9 +424,15 @@ class Session:
                 status=f"meta-epoch {k + 1}/{config.meta_epochs}: search step {s.step}/{s.steps}",
             )
 
+        def saved(made: looks.Lookalikes) -> None:
+            state.lookalike_records[k] = made.record()
+            if time.monotonic() - self.last_save >= config.checkpoint_minutes * 60:
+                self.checkpoint("periodic")
+
         rng = rng_state()  # searched or read back, the training after it draws alike
         made = looks.generate_lookalikes(
-            state.model.extractor,
+            # F as it is now, copied and frozen: refreshed every meta-epoch (and resume)
+            looks.frozen_copy(state.model.extractor, settings.search.channels_last),
             self.generator,
             self.data.photos,
             pairs,
@@ -354,7 +442,9 @@ class Session:
             config.seed,
             progress,
             lambda: self.stopping() != "done",
+            saved,
         )
+        state.lookalike_records[k] = made.record()
         set_rng_state(rng)
         self.bar.update(task, completed=made.done, visible=False)
         return made
@@ -372,12 +462,30 @@ class Session:
             "step": state.step,
             "metrics": {k: v for k, v in result.items() if k != "attribute_ap"},
         }
+        held = self.lfw_pairs()
+        if held is not None:
+            entry["lfw"] = lfw.verify(state.model.extractor, held)
         if made is not None:
             entry["lookalikes"] = looks.measure(
                 state.model.extractor, made[1], made[0], state.threshold_deg
             )
+            entry["siamese_curve"] = siamese_curve(state.meta_losses)
+        state.meta_losses = []
         state.meta_history.append(entry)
         self.checkpoint("meta_epoch", info=entry)
+
+    def lfw_pairs(self) -> lfw.LfwPairs | None:
+        """LFW's held-out pairs, aligned once per run folder; None without LFW data."""
+        c = self.config
+        root = Path(c.data_root) / "lfw" if c.data_root is not None else None
+        if root is None or c.lfw_pairs == 0 or not (root / "images.zip").is_file():
+            return None
+        if self.lfw is None:
+            self.bar.update(self.task, status="aligning LFW's held-out pairs (once)")
+            self.lfw = lfw.cached_pairs(
+                self.state.model.extractor, root, c.lfw_pairs, self.out / "cache"
+            )
+        return self.lfw
 
 
 def train(
@@ -387,11 +495,16 @@ def train(
     progress: bool = True,
     evaluate_at_end: bool = True,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
+    save_parts: Path | None = None,
 ) -> TrainResult:
     """Fit the heads (once), train jointly, then run the lookalike stage (or resume any
     of them) until done, ``max_minutes`` or SIGTERM/SIGINT; always leaves a checkpoint,
     an export and a log line behind. A SIGTERM during the head fit or an evaluation takes
-    effect when it ends, during the lookalike searches at the next search step."""
+    effect when it ends, during the lookalike searches at the next search step.
+
+    ``resume``: a checkpoint, its run folder or its committed parts; lookalikes the run
+    folder lacks are drawn again from the checkpoint's records. ``save_parts``: also
+    write every checkpoint there as parts small enough to commit."""
     device = pick_device(config.device)
     ckpt = read_checkpoint(resume) if resume is not None else None
     if ckpt is not None:
@@ -403,10 +516,13 @@ def train(
     state = new_state(config, data, device)
     if ckpt is not None:
         restore(state, ckpt, data)
+    elif config.init_export is not None:
+        start_from_export(state, Path(config.init_export))
     generator = stage_generator(state)
     Path(config.out).mkdir(parents=True, exist_ok=True)
+    restore_lookalikes(state, generator)
     with StopSignal() as stop, progress_bar(progress) as bar:
-        session = Session(state, data, generator, stop, bar, evaluate_at_end, on_step)
+        session = Session(state, data, generator, stop, bar, evaluate_at_end, on_step, save_parts)
         try:
             reason, entry = session.run()
         finally:

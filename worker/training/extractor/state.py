@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,10 +13,11 @@ from torch import Tensor
 from likeness.errors import LikenessError
 from worker.engine.checkpoints import atomic_torch_save
 from worker.training.common import rng_state
-from worker.training.extractor.config import ExtractorConfig
+from worker.training.extractor.config import CHECKPOINT_NAME, ExtractorConfig
 from worker.training.extractor.data import Data, dataset_targets
 from worker.training.extractor.losses import attribute_pos_weight
 from worker.training.extractor.model import ExtractorModel, build_model, build_optimizer
+from worker.training.parts import has_parts, join_parts
 
 
 @dataclass
@@ -32,6 +34,9 @@ class TrainState:
     meta_step: int = 0  # Siamese steps taken in the current meta-epoch
     threshold_deg: float | None = None  # θ_t of the last measurement: L_siamese's and the search's
     meta_history: list[dict[str, Any]] = field(default_factory=list)  # one entry per measurement
+    meta_losses: list[float] = field(default_factory=list)  # L_siamese per step, this meta-epoch
+    # per meta-epoch (0-based) the record of its lookalikes: everything but their pixels
+    lookalike_records: dict[int, dict[str, Any]] = field(default_factory=dict)
 
 
 def new_state(config: ExtractorConfig, data: Data, device: torch.device) -> TrainState:
@@ -62,6 +67,8 @@ def save_checkpoint(state: TrainState, path: Path) -> None:
             "meta_step": state.meta_step,
             "threshold_deg": state.threshold_deg,
             "meta_history": state.meta_history,
+            "meta_losses": state.meta_losses,
+            "lookalikes": {str(k): r for k, r in sorted(state.lookalike_records.items())},
             "classes": state.model.arcface.weight.shape[0],
             "train_seconds": state.train_seconds,
             "rng": rng_state(),
@@ -71,9 +78,20 @@ def save_checkpoint(state: TrainState, path: Path) -> None:
     )
 
 
+def checkpoint_source(path: Path) -> Path:
+    """A run folder (its checkpoint.pt), a checkpoint file, or a path with committed parts."""
+    return path / CHECKPOINT_NAME if path.is_dir() else path
+
+
 def read_checkpoint(path: Path) -> dict[str, Any]:
+    """A checkpoint file, a folder holding one, or the committed parts of one
+    (worker/training/parts.py), joined."""
+    path = checkpoint_source(path)
+    source: Path | io.BytesIO = path
+    if not path.is_file() and has_parts(path):
+        source = io.BytesIO(join_parts(path))
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(source, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise LikenessError(
             "checkpoint_not_found", f"no such checkpoint: {path}", status=404

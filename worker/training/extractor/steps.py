@@ -120,16 +120,21 @@ def stream(
         yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
 
-def frozen_features(state: TrainState, data: Data) -> tuple[Item, Item, Item]:
+def frozen_features(
+    state: TrainState, data: Data, centres_only: bool = False
+) -> tuple[Item, Item, Item]:
     """Backbone features (no gradient, on the CPU) and targets of every training face,
-    mirror images left out: identity, race, attributes."""
+    mirror images left out: identity, race, attributes (``centres_only``: identity only,
+    the others empty)."""
     ext = state.model.extractor
     ext.eval()
-    identity, race, attributes = (
+    sets = (originals(data.identity), originals(data.race), originals(data.attributes))
+    features = [
         _predict(ext, ds, len(ds), state.device, lambda f: f)  # type: ignore[arg-type]
-        for ds in (originals(data.identity), originals(data.race), originals(data.attributes))
-    )
-    return identity, race, attributes
+        for ds in sets[: 1 if centres_only else 3]
+    ]
+    none = (torch.zeros(0), torch.zeros(0))
+    return features[0], (features + [none])[1], (features + [none, none])[2]
 
 
 def _shuffled(n: int, batch: int, steps: int, g: torch.Generator) -> Tensor:
@@ -139,15 +144,21 @@ def _shuffled(n: int, batch: int, steps: int, g: torch.Generator) -> Tensor:
     return order[: steps * batch].view(steps, batch)
 
 
-def fit_heads(state: TrainState, features: tuple[Item, Item, Item]) -> dict[str, Any]:
+def fit_heads(
+    state: TrainState, features: tuple[Item, Item, Item], centres_only: bool = False
+) -> dict[str, Any]:
     """Fit the race and attribute heads and the ArcFace centres on frozen ``features`` for
     ``head_epochs`` epochs (an epoch: one pass over the largest set), with the joint
-    phase's losses; the backbone is not touched. Returns the first and last epochs'
-    mean losses."""
+    phase's losses; the backbone is not touched. ``centres_only``: the ArcFace centres
+    alone (F came with trained heads: an export has no centres). Returns the first and
+    last epochs' mean losses."""
     config, device = state.config, state.device
-    opt = torch.optim.Adam(fresh_parameters(state.model), lr=config.head_lr)
+    params = list(state.model.arcface.parameters()) if centres_only else None
+    opt = torch.optim.Adam(params or fresh_parameters(state.model), lr=config.head_lr)
     g = torch.Generator().manual_seed(config.seed)
     sets = [(x.to(device), y.to(device)) for x, y in features]
+    if centres_only:
+        sets = sets[:1]
     steps = math.ceil(max(len(y) for _, y in sets) / config.batch)
     state.model.train()  # the heads' dropout; the backbone does not run here
     epochs: list[dict[str, float]] = []
@@ -155,13 +166,12 @@ def fit_heads(state: TrainState, features: tuple[Item, Item, Item]) -> dict[str,
         orders = [_shuffled(len(y), config.batch, steps, g) for _, y in sets]
         means = MetricMeans()
         for k in range(steps):
-            parts = head_losses(
-                state,
-                tuple(
-                    (x[o[k]], y[o[k]])  # type: ignore[arg-type]
-                    for (x, y), o in zip(sets, orders, strict=True)
-                ),
-            )
+            batches = [(x[o[k]], y[o[k]]) for (x, y), o in zip(sets, orders, strict=True)]
+            if centres_only:
+                (x, y), arc = batches[0], state.model.arcface
+                parts = {"loss_arc": F.cross_entropy(arc(x, y), y)}
+            else:
+                parts = head_losses(state, tuple(batches))  # type: ignore[arg-type]
             opt.zero_grad(set_to_none=True)
             sum(parts.values()).backward()  # type: ignore[union-attr]
             opt.step()
@@ -172,7 +182,7 @@ def fit_heads(state: TrainState, features: tuple[Item, Item, Item]) -> dict[str,
         "steps_per_epoch": steps,
         "faces": {
             name: len(y)
-            for name, (_, y) in zip(("identity", "race", "attributes"), sets, strict=True)
+            for name, (_, y) in zip(("identity", "race", "attributes"), sets, strict=False)
         },
         "first_epoch": epochs[0] if epochs else {},
         "last_epoch": epochs[-1] if epochs else {},
