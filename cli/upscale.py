@@ -46,7 +46,10 @@ def upscale(
         str,
         typer.Option(
             help="photo mode: all, largest, or face indices (largest first, from 0) such as "
-            "0,2; --race, --attr and --reference apply to each chosen face"
+            "0,2; all and largest skip faces already over half the generator's side "
+            "(LIKENESS_PHOTO_MAX_FACE_FRACTION), which upscaling would not improve, and "
+            "refuse a photo with only such faces (exit 2); indices upscale them anyway. "
+            "--race, --attr and --reference apply to each chosen face"
         ),
     ] = "all",
     no_align: Annotated[
@@ -314,7 +317,9 @@ def _upscale_photo(
         err.print(f"note: {note}", highlight=False)
     for face in plan.faces:
         x1, y1, x2, y2 = face.box
-        state = "chosen" if face.chosen else ("not chosen" if face.usable else face.reason)
+        state = "chosen" if face.chosen else "not chosen"
+        if face.reason:
+            state = f"{state}: {face.reason}" if face.usable else face.reason
         err.print(
             f"face {face.index}: {x2 - x1:.0f}x{y2 - y1:.0f} px at ({x1:.0f}, {y1:.0f}), "
             f"thumbnail {face.thumbnail_size}px, {state}",

@@ -247,7 +247,10 @@ class PhotoFace:
     side: float  # the frame's side in photo pixels: the face's own resolution
     thumbnail_size: int  # the search's thumbnail side for it
     usable: bool
-    reason: str | None = None  # why not usable
+    # Its frame spans more than the planner's fraction of the generator's side: faces=all
+    # and faces=largest leave it as the enlarged photo's pixels.
+    large: bool = False
+    reason: str | None = None  # why it is not upscaled by default (or, chosen, why it is)
     chosen: bool = False
 
     def to_thumbnail(self) -> np.ndarray:
@@ -262,6 +265,7 @@ class PhotoFace:
             "face_side": round(self.side, 2),
             "thumbnail_size": self.thumbnail_size,
             "usable": self.usable,
+            "large": self.large,
             "reason": self.reason,
             "chosen": self.chosen,
             "landmarks": np.round(self.landmarks, 2).tolist(),
@@ -324,6 +328,18 @@ def detector_min_face(width: int, height: int, detect_max_side: int | None) -> f
     return MIN_FACE_SIZE / shrink
 
 
+def large_face_reason(side: float, resolution: int, chosen: bool) -> str:
+    """Why a face near or above the generator's side is left alone (or, when chosen by
+    index, that it is upscaled all the same)."""
+    why = (
+        f"already {side:.0f} px; the generator draws {resolution} px faces, "
+        "so upscaling would not add detail"
+    )
+    if chosen:
+        return f"{why}; upscaled all the same because it was chosen by index"
+    return f"{why}; left as the enlarged photo's pixels (choose it by index to upscale it)"
+
+
 def plan_photo(
     detections: Detections,
     width: int,
@@ -334,11 +350,18 @@ def plan_photo(
     max_faces: int,
     min_prob: float,
     detect_max_side: int | None,
+    max_face_fraction: float = 0.5,
+    listing: bool = False,
 ) -> PhotoPlan:
     """Which detected faces to upscale and how, or a LikenessError saying why none can be.
 
     A face is usable when the detector is sure of it (``min_prob``) and its box is at
     least MTCNN's smallest face; the others are listed with the reason, never guessed.
+    ``all`` and ``largest`` also leave out *large* faces, whose frame spans more than
+    ``max_face_fraction`` of the generator's side: the generator cannot enlarge them
+    even 2x, and its face pasted over the photo's would be blurrier and less like the
+    person than the photo's own pixels. Indices choose any usable face, large or not.
+    ``listing`` plans ``all`` for a listing of the faces: no refusal but ``no_face``.
     """
     min_face = detector_min_face(width, height, detect_max_side)
     found: list[PhotoFace] = []
@@ -369,6 +392,10 @@ def plan_photo(
         )
     plan = PhotoPlan(width, height, found, min_face)
     usable = [f for f in found if f.usable]
+    for f in usable:
+        f.large = f.side > max_face_fraction * resolution
+        if f.large:
+            f.reason = large_face_reason(f.side, resolution, chosen=False)
     if not usable:
         seen = f" ({len(found)} candidate(s) rejected: {found[0].reason})" if found else ""
         raise LikenessError(
@@ -377,12 +404,23 @@ def plan_photo(
             f"at least {min_face:.0f} pixels wide in a photo of this size.",
             status=422,
         )
-    wanted = parse_faces(faces)
+    wanted = "all" if listing else parse_faces(faces)
+    small = [f for f in usable if not f.large]
+    if not small and isinstance(wanted, str) and not listing:
+        sides = ", ".join(f"{f.side:.0f}" for f in usable)
+        raise LikenessError(
+            "faces_too_large",
+            f"every usable face of the {width}x{height} photo is already large: their frames "
+            f"span {sides} px, more than {max_face_fraction:g} of the generator's "
+            f"{resolution} px, so upscaling would not add detail. To upscale one all the same, "
+            f"choose it by index (faces=0 in the API, --faces 0 on the command line).",
+            status=422,
+        )
     chosen: list[PhotoFace]
     if wanted == "all":
-        chosen = usable
+        chosen = small
     elif wanted == "largest":
-        chosen = usable[:1]
+        chosen = small[:1]
     elif isinstance(wanted, list):
         by_index = {f.index: f for f in usable}
         missing = [i for i in wanted if i not in by_index]
@@ -394,7 +432,7 @@ def plan_photo(
                 status=422,
             )
         chosen = [by_index[i] for i in wanted]
-    if len(chosen) > max_faces:
+    if len(chosen) > max_faces and not listing:
         raise LikenessError(
             "too_many_faces",
             f"{len(chosen)} faces were chosen in the photo; at most {max_faces} are upscaled "
@@ -403,6 +441,8 @@ def plan_photo(
         )
     for f in chosen:
         f.chosen = True
+        if f.large:
+            f.reason = large_face_reason(f.side, resolution, chosen=True)
     return plan
 
 
@@ -458,11 +498,11 @@ def plan_with_settings(
     faces: FacesSpec,
     settings: Settings,
     *,
-    max_faces: int | None = None,
+    listing: bool = False,
 ) -> PhotoPlan:
     """Detect the faces of a decoded photo and plan them with the settings' limits: the
-    one way the CLI, the API and the worker choose a photo's faces. ``max_faces``
-    replaces the settings' limit (a listing of every face passes a large one)."""
+    one way the CLI, the API and the worker choose a photo's faces. ``listing``: every
+    face with what ``faces=all`` would choose, refused only when there is no face."""
     height, width = pixels.shape[:2]
     found = detector.detect(pixels, max_side=settings.photo_detect_max_side)
     return plan_photo(
@@ -471,7 +511,9 @@ def plan_with_settings(
         height,
         resolution,
         faces=faces,
-        max_faces=settings.photo_max_faces if max_faces is None else max_faces,
+        max_faces=settings.photo_max_faces,
         min_prob=settings.photo_min_face_prob,
         detect_max_side=settings.photo_detect_max_side,
+        max_face_fraction=settings.photo_max_face_fraction,
+        listing=listing,
     )

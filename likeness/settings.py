@@ -110,6 +110,14 @@ class Settings(BaseSettings):
         description="Face probability the detector must reach for a face of a photo to be "
         "upscaled; less certain detections are listed, not upscaled.",
     )
+    photo_max_face_fraction: float = Field(
+        default=0.5,
+        gt=0.0,
+        description="faces=all and faces=largest leave out a face whose frame spans more than "
+        "this fraction of the generator's side (0.5: a face the generator cannot enlarge at "
+        "least 2x): upscaling it would not add detail, so it keeps the enlarged photo's "
+        "pixels. Choosing it by index upscales it all the same.",
+    )
     photo_output_max_side: int = Field(
         default=4096,
         ge=64,

@@ -12,7 +12,7 @@ from PIL import Image
 from skimage import data
 
 from likeness.errors import LikenessError
-from likeness.face_detect import MIN_FACE_SIZE, OnnxMTCNN
+from likeness.face_detect import MIN_FACE_SIZE, Detections, OnnxMTCNN
 from likeness.photo import (
     FFHQ_FRAME_LANDMARKS,
     PhotoPlan,
@@ -67,11 +67,43 @@ def detector() -> OnnxMTCNN:
 
 @pytest.fixture(scope="module")
 def photo(detector: OnnxMTCNN) -> tuple[np.ndarray, list[Placed], PhotoPlan]:
+    """The collage with every face chosen by index: the geometry holds for large faces too."""
     pixels, placed = collage()
     h, w = pixels.shape[:2]
     found = detector.detect(pixels, max_side=2048)
-    plan = plan_photo(found, w, h, RESOLUTION, max_faces=8, min_prob=0.7, detect_max_side=2048)
+    every = ",".join(str(i) for i in range(len(found)))
+    plan = plan_photo(
+        found, w, h, RESOLUTION, faces=every, max_faces=8, min_prob=0.7, detect_max_side=2048
+    )
     return pixels, placed, plan
+
+
+def group_photo() -> np.ndarray:
+    """A group photo: five small LFW faces (frames of about 40-60 px, boxes just over the
+    detector's 20 px) and one large face, on a photo."""
+    faces = data.lfw_subset()
+    canvas = Image.fromarray(data.coffee()).resize((480, 360))
+    # (LFW face, top-left corner, side, tilt in degrees)
+    spots = [
+        (0, (20, 40), 30, 8),
+        (20, (110, 30), 30, -10),
+        (18, (200, 50), 34, 0),
+        (27, (300, 40), 28, 12),
+        (36, (390, 60), 32, -6),
+        (45, (150, 160), 110, 5),
+    ]
+    for k, (x, y), side, angle in spots:
+        face = Image.fromarray((faces[k] * 255).astype(np.uint8)).convert("RGB")
+        face = face.resize((side, side), Image.Resampling.LANCZOS).convert("RGBA")
+        face = face.rotate(angle, expand=True, resample=Image.Resampling.BICUBIC)
+        canvas.paste(face, (x, y), face)
+    return np.asarray(canvas.convert("RGB"))
+
+
+@pytest.fixture(scope="module")
+def group(detector: OnnxMTCNN) -> tuple[np.ndarray, Detections]:
+    pixels = group_photo()
+    return pixels, detector.detect(pixels, max_side=2048)
 
 
 def angle_of(m: np.ndarray) -> float:
@@ -214,20 +246,19 @@ def test_a_photo_without_faces_is_refused_with_its_size_and_the_smallest_face(
     assert "at least 40 pixels" in e.value.message
 
 
-def test_faces_are_chosen_and_limited(photo: tuple[np.ndarray, list[Placed], PhotoPlan]) -> None:
-    pixels, _, plan = photo
+def test_faces_are_chosen_and_limited(group: tuple[np.ndarray, Detections]) -> None:
+    pixels, found = group
     h, w = pixels.shape[:2]
-    found = _detections(plan)
 
     def chosen(spec: str, max_faces: int = 8) -> list[int]:
         p = plan_photo(
-            found, w, h, RESOLUTION, faces=spec, max_faces=max_faces, min_prob=0.7,
+            found, w, h, RESOLUTION, faces=spec, max_faces=max_faces, min_prob=0.9,
             detect_max_side=2048,
         )  # fmt: skip
         return [f.index for f in p.chosen]
 
-    assert chosen("all") == list(range(6))
-    assert chosen("largest") == [0]
+    assert chosen("all") == [1, 2, 3, 4, 5]  # face 0 is large (see below)
+    assert chosen("largest") == [1]
     assert chosen("4, 1") == [1, 4]
     with pytest.raises(LikenessError) as e:
         chosen("all", max_faces=3)
@@ -239,14 +270,86 @@ def test_faces_are_chosen_and_limited(photo: tuple[np.ndarray, list[Placed], Pho
         assert e.value.code == "invalid_faces"
 
 
-def _detections(plan: PhotoPlan):  # type: ignore[no-untyped-def]
-    from likeness.face_detect import Detections
-
+def _detections(plan: PhotoPlan, keep: list[int] | None = None) -> Detections:
+    """The plan's detections again (only the faces ``keep`` when given)."""
+    faces = [f for f in plan.faces if keep is None or f.index in keep]
     return Detections(
-        np.array([f.box for f in plan.faces]),
-        np.array([f.prob for f in plan.faces]),
-        np.array([f.landmarks + 1.0 - 0.5 for f in plan.faces]),
+        np.array([f.box for f in faces]),
+        np.array([f.prob for f in faces]),
+        np.array([f.landmarks + 1.0 - 0.5 for f in faces]),
     )
+
+
+def test_faces_the_generator_cannot_enlarge_are_left_alone_unless_chosen_by_index(
+    group: tuple[np.ndarray, Detections],
+) -> None:
+    pixels, found = group
+    h, w = pixels.shape[:2]
+
+    def plan(spec: str = "all", **kw: object) -> PhotoPlan:
+        args: dict = {"max_faces": 8, "min_prob": 0.9, "detect_max_side": 2048} | kw
+        return plan_photo(found, w, h, RESOLUTION, faces=spec, **args)
+
+    every = plan()
+    assert len(every.faces) == 6 and all(f.usable for f in every.faces)
+    big = every.faces[0]  # largest first
+    small = every.faces[1:]
+    # The small faces' frames are 40-60 px: the generator enlarges each at least 2x.
+    assert all(38 <= f.side <= 64 and f.thumbnail_size == 32 for f in small), [
+        f.side for f in small
+    ]
+    assert big.side > RESOLUTION / 2 and big.large and not big.chosen
+    assert f"already {big.side:.0f} px" in (big.reason or "")
+    assert f"{RESOLUTION} px faces" in (big.reason or "") and "by index" in (big.reason or "")
+    assert [f.index for f in every.chosen] == [f.index for f in small]
+    assert not any(f.large or f.reason for f in small)
+    assert big.describe()["large"] is True and big.describe()["chosen"] is False
+    # The output factor comes from the faces upscaled: the smallest small face reaches the
+    # generator's side, which the large face's frame alone would not ask for.
+    smallest = min(f.side for f in small)
+    factor = output_factor(every.chosen, RESOLUTION, w, h, max_side=4096)
+    assert factor == math.ceil(RESOLUTION / smallest * 0.95) >= 2
+    assert [f.index for f in plan("largest").chosen] == [1]
+
+    # Chosen by index, the large face is upscaled, and its reason says why.
+    by_index = plan("0,2")
+    assert [f.index for f in by_index.chosen] == [0, 2]
+    assert by_index.faces[0].large and "upscaled all the same" in (by_index.faces[0].reason or "")
+    only_big = plan("0")
+    assert output_factor(only_big.chosen, RESOLUTION, w, h, max_side=4096) == max(
+        1, math.ceil(RESOLUTION / big.side * 0.95)
+    )
+    # A looser fraction takes the large face into faces=all.
+    loose = plan(max_face_fraction=big.side / RESOLUTION + 0.01)
+    assert len(loose.chosen) == 6 and not loose.faces[0].large
+
+
+def test_a_photo_of_large_faces_only_is_refused_with_their_sizes(
+    group: tuple[np.ndarray, Detections],
+) -> None:
+    pixels, found = group
+    h, w = pixels.shape[:2]
+    every = plan_photo(found, w, h, RESOLUTION, max_faces=8, min_prob=0.9, detect_max_side=2048)
+    large_only = _detections(every, keep=[0])
+    for spec in ("all", "largest"):
+        with pytest.raises(LikenessError) as e:
+            plan_photo(
+                large_only, w, h, RESOLUTION, faces=spec, max_faces=8, min_prob=0.9,
+                detect_max_side=2048,
+            )  # fmt: skip
+        assert e.value.code == "faces_too_large" and e.value.status == 422
+        assert f"{every.faces[0].side:.0f} px" in e.value.message
+        assert f"{w}x{h}" in e.value.message and "--faces 0" in e.value.message
+    forced = plan_photo(
+        large_only, w, h, RESOLUTION, faces="0", max_faces=8, min_prob=0.9, detect_max_side=2048
+    )
+    assert [f.index for f in forced.chosen] == [0]
+    # A listing (POST /faces) shows the face and what faces=all would do: nothing.
+    listed = plan_photo(
+        large_only, w, h, RESOLUTION, max_faces=8, min_prob=0.9, detect_max_side=2048,
+        listing=True,
+    )  # fmt: skip
+    assert len(listed.faces) == 1 and not listed.chosen and listed.faces[0].large
 
 
 def test_sizes_modes_and_factors() -> None:

@@ -185,14 +185,14 @@ class PhotoPlanner:
     def __init__(self, detector: SharedDetector, settings: Settings, resolution: int) -> None:
         self.detector, self.settings, self.resolution = detector, settings, resolution
 
-    def __call__(self, image: DecodedImage, faces: str, limit: bool = True) -> PhotoPlan:
+    def __call__(self, image: DecodedImage, faces: str, listing: bool = False) -> PhotoPlan:
         return plan_with_settings(
             image.pixels,
             self.detector,
             self.resolution,
             faces,
             self.settings,
-            max_faces=None if limit else 10**6,
+            listing=listing,
         )
 
 

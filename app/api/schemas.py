@@ -145,8 +145,16 @@ class DetectedFace(BaseModel):
         ..., description="Side in photo pixels of the face's FFHQ frame: its own resolution."
     )
     thumbnail_size: int = Field(..., description="Thumbnail side the face is searched at.")
-    usable: bool = Field(..., description="Whether photo mode upscales this face.")
-    reason: str | None = Field(default=None, description="Why not, when not usable.")
+    usable: bool = Field(..., description="Whether photo mode can upscale this face.")
+    large: bool = Field(
+        default=False,
+        description="Its frame spans more than LIKENESS_PHOTO_MAX_FACE_FRACTION of the "
+        "generator's side: faces=all and largest leave it as the photo's pixels, an index "
+        "upscales it anyway.",
+    )
+    reason: str | None = Field(
+        default=None, description="Why it is not upscaled by default: not usable, or large."
+    )
     chosen: bool = Field(..., description="Part of faces=all.")
     landmarks: list[list[float]] = Field(..., description="Eyes, nose, mouth corners (x, y).")
     to_thumbnail: list[list[float]] = Field(

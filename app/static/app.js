@@ -101,8 +101,12 @@ async function findFaces(file, img) {
   if (thumbFile !== file) return; // another file was chosen meanwhile
   photoFaces = found;
   const usable = found.faces.filter((f) => f.usable).length;
+  const large = found.faces.filter((f) => f.usable && f.large).length;
+  // Large faces (over half the generator's side) are not ticked: upscaling them would not
+  // add detail, but the server upscales a ticked one all the same.
+  const largeNote = large ? `; ${large} already large, left as they are unless ticked` : "";
   $("photo-info").textContent = `${found.width}×${found.height} photo: ${found.faces.length} face(s) found, ` +
-    `${usable} usable (faces of at least ${Math.round(found.min_face_size)} px are found; at most ` +
+    `${usable} usable${largeNote} (faces of at least ${Math.round(found.min_face_size)} px are found; at most ` +
     `${found.max_faces} per request). Tick the faces to upscale:`;
   const canvas = $("photo-canvas");
   const scale = Math.min(1, 720 / found.width);
@@ -112,20 +116,24 @@ async function findFaces(file, img) {
   ctx.drawImage(img, 0, 0, canvas.width, canvas.height);
   ctx.lineWidth = 2;
   ctx.font = "bold 14px system-ui, sans-serif";
+  let ticked = 0;
   for (const face of found.faces) {
     const [x1, y1, x2, y2] = face.box.map((v) => v * scale);
-    ctx.strokeStyle = ctx.fillStyle = face.usable ? "#0c0" : "#c00";
+    ctx.strokeStyle = ctx.fillStyle = !face.usable ? "#c00" : face.large ? "#e80" : "#0c0";
     ctx.strokeRect(x1, y1, x2 - x1, y2 - y1);
     ctx.fillText(String(face.index), x1 + 2, Math.max(14, y1 - 3));
     const label = document.createElement("label");
     const box = document.createElement("input");
     box.type = "checkbox";
     box.dataset.face = String(face.index);
-    box.checked = face.usable && face.index < found.max_faces;
+    box.checked = face.chosen && ticked < found.max_faces;
+    if (box.checked) ticked += 1;
     box.disabled = !face.usable;
     if (!face.usable) label.className = "unusable";
+    else if (face.large) label.className = "large";
     label.title = face.reason || `searched as a ${face.thumbnail_size}px thumbnail`;
-    label.append(box, document.createTextNode(` face ${face.index} (${Math.round(face.face_side)} px)`));
+    const note = face.usable && face.large ? ", already large" : "";
+    label.append(box, document.createTextNode(` face ${face.index} (${Math.round(face.face_side)} px${note})`));
     $("face-picks").append(label);
   }
 }

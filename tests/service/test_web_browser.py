@@ -138,6 +138,15 @@ def test_the_page_shows_a_photos_faces_and_upscales_the_ticked_ones(
             # POST /faces answers: one checkbox per face, the faces drawn on the photo.
             expect(page.locator("#face-picks input")).to_have_count(3, timeout=30_000)
             assert "3 face(s) found" in page.inner_text("#photo-info")
+            # The API plans for the bundled 128-px generator: face 0 (an 84-px frame) is
+            # already large, so it is not ticked; faces 1 and 2 are.
+            assert "1 already large" in page.inner_text("#photo-info")
+            assert not page.is_checked("#face-picks input[data-face='0']")
+            assert "already large" in page.inner_text("#face-picks label:has(input[data-face='0'])")
+            assert page.is_checked("#face-picks input[data-face='1']")
+            assert page.is_checked("#face-picks input[data-face='2']")
+            # Ticked by hand, the large face is upscaled all the same.
+            page.check("#face-picks input[data-face='0']")
             page.uncheck("#face-picks input[data-face='1']")
             page.fill("#steps", "3")
             page.fill("#restarts", "1")

@@ -64,7 +64,10 @@ def _is_empty_file_input(upload: UploadFile) -> bool:
             "model": ErrorBody,
             "description": "Invalid input; among the codes: no_face (a photo without a usable "
             "face: the message gives the image size and the smallest face the detector "
-            "finds in it), too_many_faces, invalid_faces, invalid_mode, out_of_range.",
+            "finds in it), faces_too_large (faces=all or largest, but every usable face is "
+            "already over half the generator's side: the message gives their sizes; choose "
+            "one by index to upscale it anyway), too_many_faces, invalid_faces, "
+            "invalid_mode, out_of_range.",
         },
         429: {
             "model": ErrorBody,
@@ -189,7 +192,7 @@ async def find_faces(
         image = decode_upload(
             upload, lambda d: decode_image(d, max_pixels=settings.photo_max_pixels)
         )
-        plan = plan_photo(image, "all", limit=False)
+        plan = plan_photo(image, "all", listing=True)
         return FacesResponse.model_validate(
             plan.describe() | {"max_faces": settings.photo_max_faces}
         )
