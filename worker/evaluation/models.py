@@ -20,7 +20,7 @@ from worker.engine.checkpoints import LoadedGenerator
 from worker.engine.face.extractor import FaceExtractor
 from worker.engine.objectives import DEFAULT_THRESHOLD_DEG
 from worker.evaluation.config import TABLE3_ATTRIBUTES, THUMBNAIL, EvalConfig
-from worker.pipeline import load_extractor, load_search_model
+from worker.pipeline import freeze_extractor, load_extractor, load_search_model
 from worker.training.judges import JudgeNet, load_judge
 
 
@@ -90,6 +90,7 @@ def load_f(config: EvalConfig, device: torch.device) -> tuple[FaceExtractor, flo
     try:
         path, _ = resolve_weights(config.extractor, "extractor")
         f, threshold, name = load_extractor(config.extractor, device)
+        freeze_extractor(f)  # F is only read and searched through here
     except LikenessError as e:
         if e.code == "no_default_weights":
             raise LikenessError(

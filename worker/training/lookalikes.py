@@ -17,12 +17,13 @@ every search batch: a crash loses at most a batch, and a resumed run reads
 them back instead of searching again.
 
 A lookalike's pixels are a face steered to reproduce a data-set person, so
-they stay in the run folder; what a run carries elsewhere (the checkpoint, and
-the parts committed from it) is its *record*: the W+ rows and trainable noise
-maps the search found (float16), the seed and restart that drew the other
-noise maps, and the generator's sha256. The pixels trained on are always the
-record drawn in float32 (``render_found``), so a run folder rebuilt from the
-records on another machine trains on the same pixels as the one it replaces.
+they stay in the run folder, as does the run checkpoint's *record* of each:
+the W+ rows and trainable noise maps the search found (float16), the seed and
+restart that drew the other noise maps, and the generator's sha256. Records
+redraw faces of data-set people too, so the parts committed from the
+checkpoint leave them out. The pixels trained on are always the record drawn
+in float32 (``render_found``), so lookalikes redrawn from records train as the
+originals did (up to float rounding on other hardware).
 """
 
 from __future__ import annotations

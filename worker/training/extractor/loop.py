@@ -30,6 +30,7 @@ from worker.training.extractor.config import (
     EXPORT_NAME,
     LOG_NAME,
     RUN_FIELDS,
+    SHARED_CHECKPOINT_NAME,
     ExtractorConfig,
     Item,
 )
@@ -211,6 +212,7 @@ class Session:
         self.state, self.data, self.generator = state, data, generator
         self.save_parts = save_parts
         self.pair_sets: dict[int, looks.LookalikePairs] = {}  # per meta-epoch, for training
+        self.warned_missing = False
         self.lfw: lfw.LfwPairs | None = None
         self.stop, self.bar = stop, bar
         self.config, self.out = state.config, Path(state.config.out)
@@ -249,7 +251,10 @@ class Session:
         state.train_seconds += time.monotonic() - self.last_save
         save_checkpoint(state, self.out / CHECKPOINT_NAME)
         if self.save_parts is not None:  # the state a commit carries to the next machine
-            split_into_parts(self.out / CHECKPOINT_NAME, self.save_parts / CHECKPOINT_NAME)
+            shared = self.out / SHARED_CHECKPOINT_NAME
+            save_checkpoint(state, shared, records=False)
+            split_into_parts(shared, self.save_parts / CHECKPOINT_NAME)
+            shared.unlink()
         entry: dict[str, Any] = {
             "step": state.step,
             "reason": why,
@@ -347,7 +352,7 @@ class Session:
             seed = 1_000_003 * (state.meta_epoch + 1) + config.seed
             lookalike_stream = stream(
                 config,
-                looks.accumulated([self.pairs_of(k) for k in range(state.meta_epoch + 1)]),
+                looks.accumulated(self.accumulated_pairs()),
                 state.meta_step,
                 seed,
                 state.device,
@@ -363,17 +368,29 @@ class Session:
             reason = self.stopping()
         return reason
 
-    def pairs_of(self, k: int) -> looks.LookalikePairs:
-        """Meta-epoch k's lookalikes with their photos, read back from the run folder once."""
+    def accumulated_pairs(self) -> list[looks.LookalikePairs]:
+        """The lookalikes of every meta-epoch so far that the run folder holds, this one's
+        last. Committed state carries no lookalikes (they redraw faces steered to reproduce
+        data-set people), so on a new machine the earlier meta-epochs' are gone and the
+        Siamese steps draw from those made since."""
+        sets = [self.pairs_of(k) for k in range(self.state.meta_epoch)]
+        missing = [k + 1 for k, s in enumerate(sets) if s is None]
+        if missing and not self.warned_missing:
+            self.warned_missing = True
+            print(
+                f"lookalikes of meta-epoch(s) {', '.join(map(str, missing))} are not in "
+                f"{self.out / looks.LOOKALIKE_DIR} (a new machine): training on the rest",
+                flush=True,
+            )
+        return [s for s in sets if s is not None] + [self.pair_sets[self.state.meta_epoch]]
+
+    def pairs_of(self, k: int) -> looks.LookalikePairs | None:
+        """Meta-epoch k's lookalikes with their photos, read back from the run folder once;
+        None when the folder lacks them and no record can draw them again."""
         if k not in self.pair_sets:
             made = looks.read_lookalikes(looks.lookalike_path(self.out, k), None)
             if made is None or not made.complete:
-                raise LikenessError(
-                    "bad_checkpoint",
-                    f"the lookalikes of meta-epoch {k + 1} are missing from "
-                    f"{self.out / looks.LOOKALIKE_DIR}, and the checkpoint has no record "
-                    "of them to draw them again",
-                )
+                return None
             self.pair_sets[k] = looks.training_pairs(made, self.data.photos)
         return self.pair_sets[k]
 

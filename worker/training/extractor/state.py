@@ -54,7 +54,9 @@ def new_state(config: ExtractorConfig, data: Data, device: torch.device) -> Trai
     )
 
 
-def save_checkpoint(state: TrainState, path: Path) -> None:
+def save_checkpoint(state: TrainState, path: Path, records: bool = True) -> None:
+    """The run's checkpoint; ``records`` False leaves the lookalikes' records out (a copy
+    fit to commit: they redraw faces steered to reproduce data-set people)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_torch_save(
         {
@@ -68,7 +70,9 @@ def save_checkpoint(state: TrainState, path: Path) -> None:
             "threshold_deg": state.threshold_deg,
             "meta_history": state.meta_history,
             "meta_losses": state.meta_losses,
-            "lookalikes": {str(k): r for k, r in sorted(state.lookalike_records.items())},
+            "lookalikes": {str(k): r for k, r in sorted(state.lookalike_records.items())}
+            if records
+            else {},
             "classes": state.model.arcface.weight.shape[0],
             "train_seconds": state.train_seconds,
             "rng": rng_state(),
