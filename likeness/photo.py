@@ -413,7 +413,8 @@ def plan_photo(
             f"every usable face of the {width}x{height} photo is already large: their frames "
             f"span {sides} px, more than {max_face_fraction:g} of the generator's "
             f"{resolution} px, so upscaling would not add detail. To upscale one all the same, "
-            f"choose it by index (faces=0 in the API, --faces 0 on the command line).",
+            f"choose it by index (faces={usable[0].index} in the API, --faces "
+            f"{usable[0].index} on the command line).",
             status=422,
         )
     chosen: list[PhotoFace]
