@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 from likeness.errors import LikenessError
@@ -28,22 +29,32 @@ def has_parts(checkpoint: Path) -> bool:
 
 def split_into_parts(source: Path, checkpoint: Path, part_bytes: int = PART_BYTES) -> list[Path]:
     """Write ``source`` as ``<checkpoint>.partNNN`` files plus the index; stale parts of
-    an earlier, longer version are removed (a new version replaces the old)."""
+    an earlier, longer version are removed (a new version replaces the old). Everything is
+    written under temporary names first and renamed into place at the end, so a stop
+    while writing leaves the previous parts whole."""
     data = source.read_bytes()
     checkpoint.parent.mkdir(parents=True, exist_ok=True)
-    for old in checkpoint.parent.glob(checkpoint.name + ".part[0-9]*"):
-        old.unlink()
-    parts = []
+    parts, staged = [], []
     for i, start in enumerate(range(0, max(len(data), 1), part_bytes)):
         path = checkpoint.with_name(f"{checkpoint.name}.part{i:03d}")
         chunk = data[start : start + part_bytes]
-        path.write_bytes(chunk)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_bytes(chunk)
+        staged.append((tmp, path))
         parts.append(
             {"file": path.name, "bytes": len(chunk), "sha256": hashlib.sha256(chunk).hexdigest()}
         )
     index = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(), "parts": parts}
-    index_path(checkpoint).write_text(json.dumps(index, indent=2) + "\n")
-    return [checkpoint.with_name(p["file"]) for p in parts]
+    index_tmp = index_path(checkpoint).with_name(index_path(checkpoint).name + ".tmp")
+    index_tmp.write_text(json.dumps(index, indent=2) + "\n")
+    for tmp, path in staged:
+        os.replace(tmp, path)
+    os.replace(index_tmp, index_path(checkpoint))
+    keep = {path.name for _, path in staged}
+    for old in checkpoint.parent.glob(checkpoint.name + ".part[0-9][0-9][0-9]"):
+        if old.name not in keep:
+            old.unlink()
+    return [path for _, path in staged]
 
 
 def join_parts(checkpoint: Path) -> bytes:
