@@ -174,7 +174,9 @@ def train_extractor(
             min=0,
             max=179.9,
             help="θ (degrees) of the identity objective in meta-epoch 1's searches (default: "
-            "0, the paper's Algorithm 1: pull all the way; later ones use F's θ_t)",
+            "0, the paper's Algorithm 1: pull all the way; later ones use F's θ_t). With the "
+            "bundled 128-px generator 0 pulls faces far off their thumbnails; pass F's θ_t "
+            "(docs/training.md)",
         ),
     ] = None,
     search_precision: Annotated[
