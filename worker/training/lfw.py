@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import io
+import pickle
 import zipfile
 from collections import defaultdict
 from collections.abc import Callable
@@ -24,6 +25,7 @@ from PIL import Image
 from torch import Tensor
 
 from likeness.splits import split_of
+from worker.engine.checkpoints import atomic_torch_save
 from worker.engine.face.extractor import FaceExtractor, angle
 from worker.engine.face.verification import best_angle_threshold, threshold_accuracy
 
@@ -129,10 +131,13 @@ def cached_pairs(extractor: FaceExtractor, root: Path, pairs: int, cache: Path) 
     LFW crops are not to be committed)."""
     path = cache / f"lfw_test_{pairs}_{extractor.template.name}.pt"
     if path.is_file():
-        return LfwPairs(**torch.load(path, weights_only=True))
+        try:
+            return LfwPairs(**torch.load(path, weights_only=True))
+        except (RuntimeError, EOFError, TypeError, pickle.UnpicklingError):
+            pass  # a cache cut short by a crash: made again below
     made = align_pairs(extractor, root, "test", pairs)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(made.__dict__, path)
+    atomic_torch_save(made.__dict__, path)
     return made
 
 
