@@ -405,22 +405,24 @@ def test_stage_from_a_finished_run_resumed_mid_meta_epoch_is_exact(
 def test_committed_parts_carry_no_lookalikes_and_a_new_machine_trains_on(
     full_run: tuple, generator_path: Path, tmp_path: Path
 ) -> None:
-    full_out, full_losses, full_result = full_run
+    full_result = full_run[2]
     first, parts = tmp_path / "first", tmp_path / "committed"
-    losses: list[float] = []
 
-    def record(step: int, metrics: dict[str, float]) -> None:
-        losses.append(metrics["loss"])
-        if step == 4:  # the first Siamese step of meta-epoch 1
+    def stop_in_meta_epoch_1(step: int, metrics: dict[str, float]) -> None:
+        if step == 4:  # its first Siamese step
             os.kill(os.getpid(), signal.SIGTERM)
 
-    stopped = train(
-        _config(first, generator_path, 2),
-        progress=False,
-        evaluate_at_end=False,
-        on_step=record,
-        save_parts=parts,
-    )
+    def leg(out: Path, resume: Path | None = None) -> object:
+        return train(
+            _config(out, generator_path, 2),
+            resume=resume,
+            progress=False,
+            evaluate_at_end=False,
+            on_step=stop_in_meta_epoch_1 if resume is None else None,
+            save_parts=parts,
+        )
+
+    stopped = leg(first)
     assert stopped.reason == "signal" and stopped.step == 4
     files = sorted(p.name for p in parts.iterdir())
     assert files == ["checkpoint.pt.part000", "checkpoint.pt.parts.json"]
@@ -433,13 +435,7 @@ def test_committed_parts_carry_no_lookalikes_and_a_new_machine_trains_on(
     shutil.rmtree(first)  # the machine is gone: only the committed parts survive
 
     second = tmp_path / "second"
-    resumed = train(
-        _config(second, generator_path, 2),
-        resume=parts,
-        progress=False,
-        on_step=record,
-        save_parts=parts,
-    )
+    resumed = leg(second, resume=parts)
     assert resumed.reason == "done" and resumed.step == full_result.step
     assert [h["meta_epoch"] for h in resumed.meta_history] == [0, 1, 2]
     # The second meta-epoch's lookalikes were searched again; the first's are gone, so
