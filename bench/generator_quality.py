@@ -48,10 +48,11 @@ from likeness.errors import LikenessError
 from likeness.labels import UTKFACE_RACES
 from worker.engine.face.extractor import FaceExtractor
 from worker.evaluation.config import THUMBNAIL, EvalConfig
+from worker.evaluation.figures import to_pixels
 from worker.evaluation.measures import judge_features, race_predictions
 from worker.evaluation.models import Models, load_models
 from worker.evaluation.plots import GridRow, qualitative_grid
-from worker.evaluation.run import landmark_cache, to_pixels
+from worker.evaluation.run import landmark_cache
 from worker.evaluation.samples import Samples, celeba_samples, utkface_samples
 from worker.evaluation.searches import NONE, RACE, Outputs, Strategy, run_strategy, search_config
 from worker.pipeline import load_search_model

@@ -35,6 +35,22 @@ def evaluate_command(
     batch: Annotated[
         int | None, typer.Option(min=1, help="thumbnails per batched search (default: 8)")
     ] = None,
+    swap_people: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            help="UTKFace thumbnails asked for every race, race_swaps.png (default: 4; "
+            "--quick 2; 0: no figure)",
+        ),
+    ] = None,
+    pair_people: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            help="CelebA-HQ thumbnails asked for each attribute on and off, "
+            "attribute_pairs.png (default: 2; --quick 1; 0: no figure)",
+        ),
+    ] = None,
     seed: Annotated[
         int | None,
         typer.Option(help="base of the per-thumbnail seeds, shared by every strategy (default: 0)"),
@@ -125,6 +141,8 @@ def evaluate_command(
         steps=steps,
         restarts=restarts,
         batch=batch,
+        swap_people=swap_people,
+        pair_people=pair_people,
         seed=seed,
         weights=weights,
         extractor=extractor,
@@ -148,8 +166,5 @@ def evaluate_command(
     for check in results["targets"]:
         met = {None: "not measured", True: "met", False: "not met"}[check["met"]]
         err.print(f"{check['target']}: {check['ours']} ({met})", highlight=False)
-    err.print(
-        f"wrote {config.out / 'README.md'}, results.json, angles.png, "
-        "reidentification.png and grid.png",
-        highlight=False,
-    )
+    pngs = ["angles.png", "reidentification.png", *results["figures"]]
+    err.print(f"wrote {config.out / 'README.md'}, results.json, {', '.join(pngs)}", highlight=False)

@@ -1,19 +1,26 @@
 """`likeness evaluate` end to end on a synthetic data root with tiny random networks:
 every table and file, sane values, the requested N, the protocol (references, one
-attribute per search, balanced attribute sets), a second run served by the cache and a
-larger run that searches only what is new."""
+attribute per search, balanced attribute sets), a second run served by the cache, a
+larger run that searches only what is new, and the figures: their own searches, their
+grids, no held-out photo in them, and off with a count of 0."""
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
+import zipfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
+import torch
+from PIL import Image
 from typer.testing import CliRunner
 
+import worker.evaluation.figures as figures
 import worker.evaluation.searches as searches
 from cli.main import app
 from likeness.labels import UTKFACE_RACES
@@ -21,13 +28,17 @@ from likeness.manifest import load_manifest
 from tests.conftest import SHARED
 from tests.evaluation.synthetic import TinyWeights, write_data_root, write_tiny_weights
 from worker.evaluation.config import TABLE3_ATTRIBUTES
+from worker.evaluation.plots import DPI, GridRow, grid_inches
 from worker.evaluation.tables import PAIR_TYPES
 
 # 3 held-out people with two photos and one with a single photo (write_data_root), all
 # evaluated; UTKFace: 2 held-out images per race, 5 evaluated, then 7
 PEOPLE, UTK_PER_RACE = 3, 2
 CELEBA, UTK, UTK_MORE = PEOPLE + 1, len(UTKFACE_RACES), len(UTKFACE_RACES) + 2
-FILES = ("README.md", "results.json", "angles.png", "reidentification.png", "grid.png")
+# the figures' people: race swaps on 2 UTKFace thumbnails, attribute pairs on 1 CelebA-HQ one
+SWAP, PAIR = 2, 1
+FIGURES = ("grid.png", "lookalikes.png", "race_swaps.png", "attribute_pairs.png")
+FILES = ("README.md", "results.json", "angles.png", "reidentification.png", *FIGURES)
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +48,14 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, TinyWeights]:
     return d, write_tiny_weights(d / "weights")
 
 
-def evaluate(d: Path, weights: TinyWeights, out: str, *extra: str, utkface: int = UTK) -> Any:
+def evaluate(
+    d: Path,
+    weights: TinyWeights,
+    out: str,
+    *extra: str,
+    utkface: int = UTK,
+    figures: tuple[int, int] = (SWAP, PAIR),
+) -> Any:
     args = [
         "evaluate",
         "--data-root",
@@ -62,6 +80,10 @@ def evaluate(d: Path, weights: TinyWeights, out: str, *extra: str, utkface: int 
         "cpu",
         "--threads",
         "1",
+        "--swap-people",
+        str(figures[0]),
+        "--pair-people",
+        str(figures[1]),
         *weights.options(),
         *extra,
     ]
@@ -70,32 +92,61 @@ def evaluate(d: Path, weights: TinyWeights, out: str, *extra: str, utkface: int 
 
 @pytest.fixture(scope="module")
 def runs(setup: tuple[Path, TinyWeights]) -> dict[str, Any]:
-    """The evaluation run three times (into three output folders), counting the searches:
-    twice alike, then with more UTKFace images."""
+    """The evaluation run four times (into four output folders), counting the searches:
+    twice alike, then with more UTKFace images, then with the figures off. The first run
+    also records the targets of every batch searched and what each figure drew."""
     d, weights = setup
-    calls: list[list[int]] = [[], [], []]
-    original = searches.run_upscale
-    mp = pytest.MonkeyPatch()
-    results = []
-    try:
-        for k, (out, utkface) in enumerate((("first", UTK), ("second", UTK), ("more", UTK_MORE))):
+    names = ("first", "second", "more", "off")
+    calls: dict[str, list[int]] = {name: [] for name in names}
+    targets: list[tuple[str, str, int, str | None, dict[str, int]]] = []
+    drawn: dict[str, tuple[list[GridRow], list[str]]] = {}
+    original, search_batch, grid = (
+        searches.run_upscale,
+        searches.search_batch,
+        figures.qualitative_grid,
+    )
 
-            def counting(*args: Any, k: int = k, **kwargs: Any) -> Any:
-                calls[k].append(len(args[1]))
+    def recording(models: Any, samples: Any, jobs: Any, strategy: Any, *rest: Any) -> Any:
+        races, attrs = searches.job_targets(strategy, samples, jobs)
+        for job, race, attr in zip(jobs, races, attrs, strict=True):
+            targets.append((samples.dataset, strategy.name, job.row, race, attr))
+        return search_batch(models, samples, jobs, strategy, *rest)
+
+    def drawing(rows: list[GridRow], columns: list[str], path: Path) -> None:
+        drawn[path.name] = (list(rows), list(columns))
+        grid(rows, columns, path)
+
+    mp = pytest.MonkeyPatch()
+    results = {}
+    try:
+        for name in names:
+
+            def counting(*args: Any, name: str = name, **kwargs: Any) -> Any:
+                calls[name].append(len(args[1]))
                 return original(*args, **kwargs)
 
             mp.setattr(searches, "run_upscale", counting)
-            results.append(evaluate(d, weights, out, utkface=utkface))
+            if name == "first":
+                mp.setattr(searches, "search_batch", recording)
+                mp.setattr(figures, "qualitative_grid", drawing)
+            else:
+                mp.setattr(searches, "search_batch", search_batch)
+                mp.setattr(figures, "qualitative_grid", grid)
+            results[name] = evaluate(
+                d,
+                weights,
+                name,
+                utkface=UTK_MORE if name == "more" else UTK,
+                figures=(0, 0) if name == "off" else (SWAP, PAIR),
+            )
     finally:
         mp.undo()
     return {
         "dir": d,
-        "first": results[0],
-        "second": results[1],
-        "more": results[2],
-        "first_calls": calls[0],
-        "second_calls": calls[1],
-        "more_calls": calls[2],
+        **results,
+        **{f"{name}_calls": calls[name] for name in names},
+        "targets": targets,
+        "drawn": drawn,
     }
 
 
@@ -131,11 +182,25 @@ def test_every_file_is_written(runs: dict[str, Any]) -> None:
     assert "of the judge's rate on the real photos" in readme  # the targets as ratios
 
 
+def pair_searches(r: dict[str, Any], labels: dict[str, dict[str, str]]) -> int:
+    """The attribute-pair figure's own searches: both values of each attribute on its
+    people, less the photo's own value where Table 3's balanced set already has the row."""
+    names = r["samples"]["celebahq"]["names"]
+    return sum(
+        not (labels[names[i]][a] == str(v) and i in r["table3_rows"].get(a, []))
+        for i in range(PAIR)
+        for a in TABLE3_ATTRIBUTES
+        for v in (0, 1)
+    )
+
+
 def test_searches_run_once_per_job_in_batches(runs: dict[str, Any]) -> None:
     r = results_of(runs)
     attribute_jobs = sum(
         expected_attribute_rows(runs["dir"], r["samples"]["celebahq"]["names"]).values()
     )
+    pairs = pair_searches(r, celeba_labels(runs["dir"]))
+    assert 0 < pairs < 2 * len(TABLE3_ATTRIBUTES) * PAIR  # Table 3's searches are reused
 
     def batches(n: int) -> list[int]:
         return [min(3, n - s) for s in range(0, n, 3)]
@@ -145,13 +210,18 @@ def test_searches_run_once_per_job_in_batches(runs: dict[str, Any]) -> None:
         + batches(PEOPLE) * 2  # identity with F0 and with F: the people with a second photo
         + batches(attribute_jobs)  # one search per person and attribute of its balanced set
         + batches(UTK) * 2  # no control and race; the identity rows have no UTKFace image
+        + batches(SWAP * (len(UTKFACE_RACES) - 1))  # race swaps: the races not the photo's
+        + batches(pairs)  # attribute pairs: the values Table 3 did not search
     )
     assert sorted(runs["first_calls"]) == sorted(expected)
+    assert r["searches"]["utkface/race-swaps"]["n"] == SWAP * (len(UTKFACE_RACES) - 1)
+    assert r["searches"]["celebahq/attribute-pairs"]["n"] == pairs
 
 
 def test_a_second_run_only_reads_the_cache(runs: dict[str, Any]) -> None:
     first, second = results_of(runs), results_of(runs, "second")
     assert runs["second_calls"] == []
+    assert {"utkface/race-swaps", "celebahq/attribute-pairs"} <= set(second["searches"])
     for key in ("table1", "table2", "table3", "angles"):
         assert first[key] == second[key], key
     assert all(s["cached_jobs"] == s["n"] for s in second["searches"].values())
@@ -272,6 +342,91 @@ def test_tables_have_sane_values_and_the_requested_n(runs: dict[str, Any]) -> No
     none, race = t2["rows"]["none"]["overall"]["rate"], t2["rows"]["race"]["overall"]["rate"]
     alone = next(k for k in checks if "alone above no control" in k)
     assert checks[alone] == (race > none)
+
+
+def test_figures_ask_for_every_race_and_both_values_searching_nothing_twice(
+    runs: dict[str, Any],
+) -> None:
+    results_of(runs)
+    searched = runs["targets"]
+    # the photo's own race or value is the tables' search, read back from its cache file
+    keys = [(d, s, i, race, tuple(sorted(attrs.items()))) for d, s, i, race, attrs in searched]
+    assert len(keys) == len(set(keys))
+    for row in range(SWAP):
+        races = {race for d, s, i, race, _ in searched if (d, s, i) == ("utkface", "race", row)}
+        assert races == set(UTKFACE_RACES)
+    for row in range(PAIR):
+        for a in TABLE3_ATTRIBUTES:
+            values = {
+                attrs[a]
+                for d, s, i, _, attrs in searched
+                if (d, s, i) == ("celebahq", "attributes", row) and list(attrs) == [a]
+            }
+            assert values == {0, 1}, a
+
+
+def test_figures_have_their_grids(runs: dict[str, Any]) -> None:
+    r = results_of(runs)
+    out, drawn = runs["dir"] / "first", runs["drawn"]
+    assert set(drawn) == set(r["figures"]) == set(FIGURES)
+    shapes = {
+        "lookalikes.png": (PEOPLE, 3),  # PULSE, identity with F0, identity with F
+        "race_swaps.png": (SWAP, 1 + len(UTKFACE_RACES)),  # PULSE, then each race asked
+        "attribute_pairs.png": (PAIR, 2 * len(TABLE3_ATTRIBUTES)),  # each attribute on, off
+    }
+    for name, (n_rows, n_columns) in shapes.items():
+        rows, columns = drawn[name]
+        assert (len(rows), len(columns)) == (n_rows, n_columns), name
+        for row in rows:  # every cell filled and captioned
+            assert set(row.cells) == set(row.captions) == set(columns), name
+        with Image.open(out / name) as png:
+            size = grid_inches(n_rows, n_columns, captioned=True)
+            assert png.size == (round(size[0] * DPI), round(size[1] * DPI)), name
+        assert r["figures"][name]["captions"] == [
+            [row.captions[c] for c in columns] for row in rows
+        ]
+        assert f"]({name})" in (out / "README.md").read_text()
+    swaps, _ = drawn["race_swaps.png"]
+    assert all(c.removeprefix("judge: ") in UTKFACE_RACES for c in swaps[0].captions.values())
+    assert r["figures"]["race_swaps.png"]["names"] == r["samples"]["utkface"]["names"][:SWAP]
+    pairs, _ = drawn["attribute_pairs.png"]
+    for a in TABLE3_ATTRIBUTES:  # one of the two is the photo's own value
+        own = ["photo's value" in pairs[0].captions[f"{a}: {v}"] for v in ("yes", "no")]
+        assert sorted(own) == [False, True], a
+
+
+def test_figures_show_no_held_out_photo(runs: dict[str, Any]) -> None:
+    results_of(runs)
+    d = runs["dir"]
+    searched = [
+        torch.load(f, weights_only=True)["pixels"].numpy()
+        for pattern in ("celebahq-*.pt", "utkface-*.pt")
+        for f in (d / "cache").glob(pattern)
+    ]
+    photos = []
+    for dataset in ("celebahq", "utkface"):
+        with zipfile.ZipFile(d / "data" / dataset / "images.zip") as zf:
+            for member in zf.namelist():
+                with Image.open(io.BytesIO(zf.read(member))) as image:
+                    photos.append(np.asarray(image.convert("RGB").resize((32, 32)), int))
+    for name, (rows, _) in runs["drawn"].items():
+        for row in rows:
+            assert row.thumbnail.shape == (16, 16, 3), name
+            for cell in row.cells.values():
+                assert any(np.array_equal(cell, face) for face in searched), name
+                assert all(np.abs(cell - photo).mean() > 10 for photo in photos), name
+
+
+def test_a_count_of_zero_turns_the_figures_off(runs: dict[str, Any]) -> None:
+    r = results_of(runs, "off")
+    out = runs["dir"] / "off"
+    assert runs["off_calls"] == []
+    assert set(r["figures"]) == {"grid.png", "lookalikes.png"}
+    assert not (out / "race_swaps.png").exists() and not (out / "attribute_pairs.png").exists()
+    assert not any(k.endswith(("race-swaps", "attribute-pairs")) for k in r["searches"])
+    readme = (out / "README.md").read_text()
+    assert "lookalikes.png" in readme and "race_swaps.png" not in readme
+    assert "--swap-people 0 --pair-people 0" in r["command"]
 
 
 def test_missing_judge_says_how_to_get_one(setup: tuple[Path, TinyWeights]) -> None:

@@ -14,9 +14,19 @@ from likeness.labels import UTKFACE_RACES
 from tests.evaluation.synthetic import write_data_root
 from worker.engine.face.ffhq_frame import soft_pad
 from worker.engine.objectives import ObjectiveWeights
-from worker.evaluation.config import QUICK, EvalConfig
+from worker.evaluation.config import QUICK, TABLE3_ATTRIBUTES, EvalConfig
 from worker.evaluation.samples import Samples, celeba_samples, make_thumbnails, thumbnail_seed
-from worker.evaluation.searches import ATTRIBUTES, IDENTITY_F, NONE, strategy_jobs
+from worker.evaluation.searches import (
+    ATTRIBUTES,
+    IDENTITY_F,
+    NONE,
+    RACE,
+    Job,
+    attribute_pair_jobs,
+    job_targets,
+    race_swap_jobs,
+    strategy_jobs,
+)
 from worker.evaluation.tables import (
     angle_stats,
     balanced_subsets,
@@ -243,8 +253,9 @@ def identity_of(root: Path) -> dict[str, str]:
         return {r["file"]: r["identity"] for r in csv.DictReader(f)}
 
 
-def test_jobs_one_attribute_per_search_and_identity_only_with_a_reference() -> None:
-    samples = Samples(
+def three_samples(labels: np.ndarray) -> Samples:
+    """Three rows, the second without a second photo of its person."""
+    return Samples(
         dataset="celebahq",
         names=["a", "b", "c"],
         reference_names=["a2", None, "c2"],
@@ -253,8 +264,12 @@ def test_jobs_one_attribute_per_search_and_identity_only_with_a_reference() -> N
         references=[torch.zeros(3, 8, 8), None, torch.zeros(3, 8, 8)],
         thumbnails=np.zeros((3, 4, 4, 3), np.uint8),
         seeds=[1, 2, 3],
-        labels=np.zeros((3, 5), int),
+        labels=labels,
     )
+
+
+def test_jobs_one_attribute_per_search_and_identity_only_with_a_reference() -> None:
+    samples = three_samples(np.zeros((3, 5), int))
     subsets = {"Male": [0, 1], "Smiling": [1, 2]}
     assert [j.row for j in strategy_jobs(NONE, samples, subsets)] == [0, 1, 2]
     assert [j.row for j in strategy_jobs(IDENTITY_F, samples, subsets)] == [0, 2]
@@ -265,3 +280,36 @@ def test_jobs_one_attribute_per_search_and_identity_only_with_a_reference() -> N
         (1, "Smiling"),
         (2, "Smiling"),
     ]
+
+
+def test_race_swaps_ask_each_person_for_every_race() -> None:
+    samples = three_samples(np.array([1, 3, 0]))  # UTKFace: a race index per row
+    jobs = race_swap_jobs(samples, 2)
+    assert [j.row for j in jobs] == [0] * 5 + [1] * 5
+    races, attrs = job_targets(RACE, samples, jobs)
+    assert races == [*UTKFACE_RACES, *UTKFACE_RACES] and attrs == [{}] * 10
+    # Table 2's own job asks for the photo's race: the swap to that race is the same search
+    assert job_targets(RACE, samples, [Job(0)])[0] == [UTKFACE_RACES[1]]
+    assert len(race_swap_jobs(samples, 9)) == 15 and race_swap_jobs(samples, 0) == []
+
+
+def test_attribute_pairs_ask_each_attribute_on_and_off() -> None:
+    labels = np.array([[1, 0, 1, 0, 1], [0, 0, 0, 0, 0], [1, 1, 1, 1, 1]])
+    samples = three_samples(labels)
+    jobs = attribute_pair_jobs(samples, 1)
+    assert len(jobs) == 2 * len(TABLE3_ATTRIBUTES) and {j.row for j in jobs} == {0}
+    _, attrs = job_targets(ATTRIBUTES, samples, jobs)
+    assert attrs == [{a: v} for a in TABLE3_ATTRIBUTES for v in (1, 0)]
+    # a job that names no value asks for the photo's own: Table 3's search
+    assert job_targets(ATTRIBUTES, samples, [Job(0, "Male")])[1] == [{"Male": 0}]
+    assert attribute_pair_jobs(samples, 0) == []
+    with pytest.raises(ValueError):
+        Job(0, value=1)  # a value belongs to one attribute
+
+
+def test_figure_counts_reach_the_command_and_quick_keeps_them_small() -> None:
+    assert (EvalConfig().swap_people, EvalConfig().pair_people) == (4, 2)
+    quick = EvalConfig.with_quick(True)
+    assert (quick.swap_people, quick.pair_people) == (QUICK["swap_people"], QUICK["pair_people"])
+    off = EvalConfig(swap_people=0, pair_people=0)
+    assert "--swap-people 0 --pair-people 0" in off.command()

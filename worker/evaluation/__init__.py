@@ -10,7 +10,9 @@ attributes); the outputs are scored by F0, F and the independent judges.
 - ``searches``: the strategies and the batched, disk-cached searches
 - ``measures``: embeddings and judge predictions of photos and outputs
 - ``tables``: the numbers of Tables 1–3 from those measures (NumPy only)
-- ``plots``: the angle histograms, the accuracy bars and the qualitative grid
+- ``plots``: the angle histograms, the accuracy bars and the qualitative grids
+- ``figures``: the qualitative figure of each table and the overview grid, and the
+  searches only they need
 - ``report``: results.json and the Markdown report beside the paper's numbers
 - ``run``: the whole evaluation, end to end
 """

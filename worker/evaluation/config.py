@@ -5,8 +5,9 @@ people and 128 UTKFace images. With the bundled 128-px generator a plain
 100-step, 4-restart search costs about 16 s per thumbnail in batches of 8, a
 steered one about 35 s (F's forward and backward pass over the candidates at
 every step). CelebA-HQ runs about 128 plain, ~190 identity and ~450 attribute
-searches (one per person and attribute of each balanced set), UTKFace 256:
-about 7 hours on 2 cores, minutes on a GPU. Every output is cached, so a run
+searches (one per person and attribute of each balanced set), UTKFace 256;
+the figures add 16 race and at most 20 attribute searches: about 7 hours on 2
+cores, minutes on a GPU. Every output is cached, so a run
 resumes where it stopped and a larger N reuses the smaller run's searches.
 """
 
@@ -39,7 +40,15 @@ STEERING_OPTIONS = {
 }
 
 # --quick: a few images and steps, for CI and a smoke check on ../shared.
-QUICK = {"celeba": 4, "utkface": 5, "steps": 5, "restarts": 2, "batch": 8}
+QUICK = {
+    "celeba": 4,
+    "utkface": 5,
+    "steps": 5,
+    "restarts": 2,
+    "batch": 8,
+    "swap_people": 2,
+    "pair_people": 1,
+}
 
 
 class EvalConfig(BaseModel):
@@ -72,6 +81,16 @@ class EvalConfig(BaseModel):
         description="views F sees of each candidate "
         "in the steered searches (default: ObjectiveWeights')",
     )
+    # The figures' own searches: few, so they cost little beside the tables' (0: no figure).
+    swap_people: int = Field(
+        4, ge=0, description="UTKFace thumbnails asked for every race (race_swaps.png)"
+    )
+    pair_people: int = Field(
+        2,
+        ge=0,
+        description="CelebA-HQ thumbnails asked for each attribute on and off "
+        "(attribute_pairs.png)",
+    )
     quick: bool = Field(False, description="tiny sizes (QUICK) for CI and smoke checks")
 
     @classmethod
@@ -103,6 +122,10 @@ class EvalConfig(BaseModel):
             str(self.restarts),
             "--batch",
             str(self.batch),
+            "--swap-people",
+            str(self.swap_people),
+            "--pair-people",
+            str(self.pair_people),
             "--seed",
             str(self.seed),
             "--f0",

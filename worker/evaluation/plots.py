@@ -7,13 +7,15 @@ held-out photos themselves stay out of the repository.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from worker.evaluation.tables import PAIR_TYPES
+
+DPI = 120
 
 
 def _pyplot() -> Any:
@@ -50,7 +52,7 @@ def angle_histograms(
         ax.set_xlim(0, 180)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=DPI)
     plt.close(fig)
 
 
@@ -117,7 +119,7 @@ def reidentification_bars(
         ax.set_ylabel("judge accuracy (%)")
         ax.set_title(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=DPI)
     plt.close(fig)
 
 
@@ -126,6 +128,13 @@ class GridRow:
     label: str  # e.g. "CelebA-HQ #3"
     thumbnail: np.ndarray  # (t, t, 3) uint8
     cells: dict[str, np.ndarray]  # column → (R, R, 3) uint8 output; absent: not run
+    captions: dict[str, str] = field(default_factory=dict)  # column → a line under its cell
+
+
+def grid_inches(rows: int, columns: int, captioned: bool) -> tuple[float, float]:
+    """The figure size of ``qualitative_grid`` for ``rows`` × ``columns`` outputs (the
+    thumbnail column added), with room for a line under each cell if ``captioned``."""
+    return 1.6 * (columns + 1), (1.95 if captioned else 1.7) * rows
 
 
 def nearest_upscale(thumbnail: np.ndarray, size: int) -> np.ndarray:
@@ -135,23 +144,26 @@ def nearest_upscale(thumbnail: np.ndarray, size: int) -> np.ndarray:
 
 
 def qualitative_grid(rows: Sequence[GridRow], columns: Sequence[str], path: Path) -> None:
-    """Per row: the thumbnail (nearest-upscaled), then one output per column; a strategy
-    that was not run on a row's data set is left blank."""
+    """Per row: the thumbnail (nearest-upscaled), then one output per column, with its
+    caption if the row has one; a column without an output on a row is left blank."""
     plt = _pyplot()
     size = max((c.shape[0] for r in rows for c in r.cells.values()), default=64)
     fig, axes = plt.subplots(
         len(rows),
         len(columns) + 1,
         squeeze=False,
-        figsize=(1.6 * (len(columns) + 1), 1.7 * len(rows)),
+        figsize=grid_inches(len(rows), len(columns), any(r.captions for r in rows)),
     )
+    t = rows[0].thumbnail.shape[0] if rows else 16
     for i, row in enumerate(rows):
         axes[i][0].imshow(nearest_upscale(row.thumbnail, size), interpolation="nearest")
         axes[i][0].set_ylabel(row.label, fontsize=7)
         for j, column in enumerate(columns, start=1):
             if column in row.cells:
                 axes[i][j].imshow(row.cells[column])
-        for j, title in enumerate(["16×16 thumbnail", *columns]):
+            if column in row.captions:
+                axes[i][j].set_xlabel(row.captions[column], fontsize=6)
+        for j, title in enumerate([f"{t}×{t} thumbnail", *columns]):
             ax = axes[i][j]
             ax.set_xticks([])
             ax.set_yticks([])
@@ -160,5 +172,5 @@ def qualitative_grid(rows: Sequence[GridRow], columns: Sequence[str], path: Path
             if j > 0 and columns[j - 1] not in row.cells:
                 ax.set_facecolor("#eeeeee")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=DPI)
     plt.close(fig)

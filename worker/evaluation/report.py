@@ -306,6 +306,32 @@ def _weights(w: dict[str, Any]) -> str:
     )
 
 
+# What each figure shows, in the README's order.
+FIGURES = {
+    "grid.png": "per row: plain PULSE and the search with each target; blank where a "
+    "strategy does not apply to the row's data set.",
+    "lookalikes.png": "Table 1: per person with a second photo, plain PULSE and the identity "
+    "objective through F0 and through F (reference: the second photo); under each face its "
+    "angle to the person's photo I under F0 and F, the table's measure.",
+    "race_swaps.png": "Table 2: per UTKFace thumbnail (its true race in the row label), plain "
+    "PULSE and the race objective asking for each of the five races; under each face the "
+    "race the judge reads.",
+    "attribute_pairs.png": "Table 3: per CelebA-HQ thumbnail, the attribute objective asking "
+    "for each attribute on (yes) and off (no), side by side; under each face the attribute "
+    "judge's reading of that attribute, and which value is the photo's.",
+}
+
+
+def figure_lines(figures: dict[str, dict[str, Any]]) -> list[str]:
+    """Each figure written, with a line saying what it shows; the searches only a figure
+    needed are counted in the table above."""
+    lines = []
+    for name, what in FIGURES.items():
+        if name in figures:
+            lines += [f"`{name}` — {what}", "", f"![{name}]({name})", ""]
+    return lines
+
+
 def write_readme(results: dict[str, Any], path: Path) -> None:
     c = results["config"]
     labels = results["strategy_labels"]
@@ -401,11 +427,10 @@ def write_readme(results: dict[str, Any], path: Path) -> None:
         "",
         "## Qualitative",
         "",
-        "Per row: the thumbnail (nearest-upscaled), plain PULSE, and the search with each "
-        "target; blank where a strategy does not apply to the row's data set.",
+        "Generated faces and the thumbnails they came from only, never a held-out photo; "
+        "each thumbnail nearest-upscaled.",
         "",
-        "![qualitative grid](grid.png)",
-        "",
+        *figure_lines(results["figures"]),
         "## What differs from the paper",
         "",
         *[f"- {note}" for note in results["notes"]],

@@ -16,6 +16,7 @@ import torch
 from likeness.labels import UTKFACE_RACES
 from worker.engine.objectives import ObjectiveWeights
 from worker.evaluation.config import STEERING_OPTIONS, TABLE3_ATTRIBUTES, THUMBNAIL, EvalConfig
+from worker.evaluation.figures import FIGURE_LABELS, figure_plans, write_figures
 from worker.evaluation.measures import (
     angles_deg,
     attribute_predictions,
@@ -23,12 +24,7 @@ from worker.evaluation.measures import (
     race_predictions,
 )
 from worker.evaluation.models import Models, load_models
-from worker.evaluation.plots import (
-    GridRow,
-    angle_histograms,
-    qualitative_grid,
-    reidentification_bars,
-)
+from worker.evaluation.plots import angle_histograms, reidentification_bars
 from worker.evaluation.report import PAPER, targets, write_readme, write_results
 from worker.evaluation.samples import Samples, celeba_samples, utkface_samples
 from worker.evaluation.searches import (
@@ -43,17 +39,6 @@ from worker.evaluation.searches import (
 from worker.evaluation.tables import Readings, balanced_subsets, table1, table2, table3
 from worker.pipeline import pick_device
 from worker.training.extractor.measures import same_diff_pairs
-
-GRID_ROWS = 3  # per data set
-# The grid's columns: strategy name → column title.
-GRID_COLUMNS = {
-    "none": "PULSE",
-    "identity-f0": "identity (F0)",
-    "identity-f": "identity (F)",
-    "race": "race",
-    "attributes": "one attribute",
-    "identity+race": "identity + race",
-}
 
 Log = Callable[[str], None]
 
@@ -132,7 +117,7 @@ def run_searches(
             bar.update(task, advance=steps, status=status)
 
         for plan in plans:
-            outputs[plan.samples.dataset, plan.strategy.name] = run_plan(
+            outputs[plan.samples.dataset, plan.name] = run_plan(
                 models,
                 plan,
                 config.steps,
@@ -193,28 +178,6 @@ def attribute_readings(
     return result
 
 
-def grid_rows(
-    celeba: Samples, utk: Samples, outputs: dict[tuple[str, str], Outputs]
-) -> list[GridRow]:
-    """The first rows of each set (CelebA-HQ: of the people with a second photo, so the
-    identity columns are filled); a strategy with several jobs on a row shows the first."""
-    rows = []
-    for samples, label in ((celeba, "CelebA-HQ"), (utk, "UTKFace")):
-        shown = (samples.with_reference or list(range(len(samples))))[:GRID_ROWS]
-        for n, i in enumerate(shown):
-            cells = {}
-            for (dataset, strategy), out in outputs.items():
-                jobs = [k for k, j in enumerate(out.jobs) if j.row == i]
-                if dataset == samples.dataset and jobs:
-                    cells[GRID_COLUMNS[strategy]] = to_pixels(out.images[jobs[0]])
-            rows.append(GridRow(f"{label} #{n + 1}", samples.thumbnails[i], cells))
-    return rows
-
-
-def to_pixels(image: torch.Tensor) -> np.ndarray:
-    return image.mul(255).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
-
-
 def notes(models: Models, celeba: Samples, utk: Samples) -> list[str]:
     g = models.generator.generator.config
     names = {w.role: w.name for w in models.weights}
@@ -270,6 +233,10 @@ def evaluate(config: EvalConfig, *, progress: bool = True, log: Log = print) -> 
                 f"({wanted} requested)"
             )
     plans, subsets, excluded = plan_searches(models, config, celeba, utk)
+    # the figures' searches that the tables run too are read from the tables' outputs
+    figures = figure_plans(models, config, celeba, utk, steering_settings(config))
+    planned = {path for plan in plans for path in plan.paths}
+    plans += [plan.without(planned) for plan in figures.values()]
     outputs = run_searches(models, config, plans, progress)
     log("scoring the outputs with F0, F and the judges")
 
@@ -294,6 +261,7 @@ def evaluate(config: EvalConfig, *, progress: bool = True, log: Log = print) -> 
     )
 
     labels = {s.name: s.label for s in (*CELEBA_STRATEGIES, *UTKFACE_STRATEGIES)}
+    labels |= FIGURE_LABELS
     searches = {
         f"{d}/{s}": {
             "n": len(o.jobs),
@@ -359,9 +327,7 @@ def evaluate(config: EvalConfig, *, progress: bool = True, log: Log = print) -> 
         config.out / "angles.png",
     )
     reidentification_bars(t2, t3, labels, PAPER, config.out / "reidentification.png")
-    qualitative_grid(
-        grid_rows(celeba, utk, outputs), list(GRID_COLUMNS.values()), config.out / "grid.png"
-    )
+    results["figures"] = write_figures(models, celeba, utk, outputs, figures, config.out)
     results["seconds"] = time.perf_counter() - started
     write_results(results, config.out / "results.json")
     write_readme(results, config.out / "README.md")

@@ -2,7 +2,8 @@
 
 A strategy runs a list of jobs: one thumbnail each, with that strategy's targets
 (the attribute strategy asks for one attribute-value pair per job, as the paper
-does). Each job's output is stored under a key that hashes everything it depends
+does); the figures add jobs that ask for other races and values than the photo's.
+Each job's output is stored under a key that hashes everything it depends
 on (thumbnail, seed, targets, reference photo, the generator's and the
 extractor's sha256, the search and objective settings, the device type); the
 search gives each thumbnail of a batch the image it would get alone with its
@@ -16,7 +17,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -69,12 +70,20 @@ UTKFACE_STRATEGIES = (NONE, IDENTITY_F, RACE, IDENTITY_RACE)
 
 @dataclass(frozen=True)
 class Job:
-    """One search: a sample row and, for the attribute strategy, the one attribute whose
-    true value it asks for (None there: all five Table 3 attributes at once, which only
-    the steering bench asks for)."""
+    """One search: a sample row and, for the attribute strategy, the one attribute it asks
+    about (None there: all five Table 3 attributes at once, at their true values, which
+    only the steering bench asks for). The targets are the photo's own unless ``value``
+    (the attribute's value asked for) or ``race`` (the race asked for) says otherwise:
+    the figures ask for the other values too."""
 
     row: int
     attribute: str | None = None
+    value: int | None = None
+    race: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.value is not None and self.attribute is None:
+            raise ValueError("a value is asked for one attribute only")
 
 
 def strategy_jobs(
@@ -87,6 +96,25 @@ def strategy_jobs(
         return [Job(r, a) for a, rows in subsets.items() for r in rows]
     rows = samples.with_reference if strategy.identity else range(len(samples))
     return [Job(r) for r in rows]
+
+
+def race_swap_jobs(samples: Samples, people: int) -> list[Job]:
+    """Table 2's figure, for the race strategy: the first ``people`` rows (UTKFace samples
+    interleave the races, so one per race where the set allows), each asked for every
+    race. The true race's search is Table 2's own, the same cache file."""
+    return [Job(r, race=race) for r in range(min(people, len(samples))) for race in UTKFACE_RACES]
+
+
+def attribute_pair_jobs(samples: Samples, people: int) -> list[Job]:
+    """Table 3's figure, for the attribute strategy: the first ``people`` rows, each asked
+    for each Table 3 attribute on (1) and off (0); the photo's own value is Table 3's
+    search wherever the row is in that attribute's balanced set."""
+    return [
+        Job(r, a, value)
+        for r in range(min(people, len(samples)))
+        for a in TABLE3_ATTRIBUTES
+        for value in (1, 0)
+    ]
 
 
 @dataclass
@@ -124,18 +152,20 @@ def search_config(models: Models, steps: int, restarts: int) -> SearchConfig:
     return models.generator.search_config(steps=steps, restarts=restarts)
 
 
-def _targets(
+def job_targets(
     strategy: Strategy, samples: Samples, jobs: Sequence[Job]
 ) -> tuple[list[str | None], list[dict[str, int]]]:
+    """Per job, the race and the attribute values its search asks for: the photo's own
+    unless the job names others."""
     races: list[str | None] = [None] * len(jobs)
     attrs: list[dict[str, int]] = [{} for _ in jobs]
     if strategy.race:
-        races = [UTKFACE_RACES[int(samples.labels[j.row])] for j in jobs]
+        races = [j.race or UTKFACE_RACES[int(samples.labels[j.row])] for j in jobs]
     if strategy.attributes:
         column = {a: c for c, a in enumerate(TABLE3_ATTRIBUTES)}
         attrs = [
             {
-                a: int(samples.labels[j.row, column[a]])
+                a: int(samples.labels[j.row, column[a]]) if j.value is None else j.value
                 for a in (TABLE3_ATTRIBUTES if j.attribute is None else (j.attribute,))
             }
             for j in jobs
@@ -151,8 +181,9 @@ def job_key(
     config: SearchConfig,
     weights: ObjectiveWeights | None = None,
 ) -> str:
-    """sha256 of everything the job's output depends on."""
-    races, attrs = _targets(strategy, samples, [job])
+    """sha256 of everything the job's output depends on: its targets as resolved, so a
+    job naming the photo's own race or value shares the file of one that leaves it out."""
+    races, attrs = job_targets(strategy, samples, [job])
     spec: dict[str, Any] = {
         "version": CACHE_VERSION,
         "strategy": strategy.name,
@@ -196,7 +227,7 @@ def strategy_objective(
     references: list[Tensor | None] = [None] * len(jobs)
     if strategy.identity:
         references = list(embed(extractor, samples.reference_photos([j.row for j in jobs])))
-    races, attrs = _targets(strategy, samples, jobs)
+    races, attrs = job_targets(strategy, samples, jobs)
     return build_objective(extractor, with_threshold(weights, theta), races, attrs, references)
 
 
@@ -254,13 +285,15 @@ def search_batch(
 @dataclass
 class Plan:
     """A strategy's jobs on one sample set, each with its cache file and, if that file
-    already holds it, its result."""
+    already holds it, its result; ``name``: what its outputs are filed under (the
+    strategy's name, or a figure's for the searches only a figure asks for)."""
 
     samples: Samples
     strategy: Strategy
     jobs: list[Job]
     paths: list[Path]
     done: list[dict[str, Any] | None]
+    name: str
 
     @property
     def missing(self) -> list[int]:
@@ -268,6 +301,19 @@ class Plan:
 
     def batches(self, batch: int) -> int:
         return math.ceil(len(self.missing) / batch)
+
+    def without(self, paths: Collection[Path]) -> Plan:
+        """This plan less the jobs whose cache file is in ``paths``: another plan searches
+        those (a figure's searches that a table already runs)."""
+        keep = [k for k, p in enumerate(self.paths) if p not in paths]
+        return Plan(
+            self.samples,
+            self.strategy,
+            [self.jobs[k] for k in keep],
+            [self.paths[k] for k in keep],
+            [self.done[k] for k in keep],
+            self.name,
+        )
 
 
 def plan_strategy(
@@ -279,15 +325,17 @@ def plan_strategy(
     restarts: int,
     cache: Path,
     weights: ObjectiveWeights | None = None,
+    name: str | None = None,
 ) -> Plan:
-    """Which of ``jobs`` the cache already holds (for these sizes and ``weights``)."""
+    """Which of ``jobs`` the cache already holds (for these sizes and ``weights``); the
+    outputs are filed under ``name`` (default: the strategy's)."""
     config = search_config(models, steps, restarts)
     paths = [
         cache / f"{samples.dataset}-{strategy.name}-"
         f"{job_key(models, samples, j, strategy, config, weights)[:32]}.pt"
         for j in jobs
     ]
-    return Plan(samples, strategy, jobs, paths, [_load(p) for p in paths])
+    return Plan(samples, strategy, jobs, paths, [_load(p) for p in paths], name or strategy.name)
 
 
 def run_plan(
@@ -346,6 +394,11 @@ def run_plan(
         batches=n_batches,
         files=[p.name for p in plan.paths],
     )
+
+
+def images_by_file(outputs: Iterable[Outputs]) -> dict[str, Tensor]:
+    """Every output by its cache file's name: a job's image, whichever plan searched it."""
+    return {f: image for o in outputs for f, image in zip(o.files, o.images, strict=True)}
 
 
 def run_strategy(
