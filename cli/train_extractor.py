@@ -75,14 +75,14 @@ def train_extractor(
         str | None,
         typer.Option(
             help="checkpoint file, a folder holding one, committed parts (the --save-parts "
-            "folder), or 'auto' for <out>/checkpoint.pt if present; lookalikes the run folder "
-            "lacks are drawn again from the checkpoint's records"
+            "folder), or 'auto' for <out>/checkpoint.pt if present; the current meta-epoch's "
+            "lookalikes the run folder lacks are searched again"
         ),
     ] = None,
     save_parts: Annotated[
         Path | None,
         typer.Option(
-            help="also write every checkpoint (with the lookalike records, no pixels) as ≤15 "
+            help="also write every checkpoint (no lookalikes: they stay in <out>) as ≤15 "
             "MiB parts in this folder, replacing the previous ones: small enough to commit; "
             "resume elsewhere with --resume FOLDER"
         ),

@@ -120,9 +120,6 @@ class SearchResult:
     constraints: dict[str, Tensor] = field(default_factory=dict)
     limits: dict[str, float] = field(default_factory=dict)
     w_plus: Tensor | None = None  # (B, K, n_latent, style_dim)
-    # the trainable (coarsest) noise maps at the best step, each (B, K, 1, h, w): with
-    # w_plus, the seed and the restart, what ``render_found`` needs to draw a face again
-    noise: list[Tensor] = field(default_factory=list)
     seed: int = 0
     steps: int = 0
     seeds: list[int] = field(default_factory=list)  # (B,) the seed each thumbnail's restarts used
@@ -292,7 +289,6 @@ def latent_search(
     best_feasible = torch.zeros(n, dtype=torch.bool, device=device)
     best_img = torch.zeros(n, 3, res, res, device=device)
     best_w = torch.zeros(n, generator.n_latent, generator.config.style_dim, device=device)
-    best_noise = [torch.zeros_like(t) for t in trainable]
     best_terms: dict[str, Tensor] = {}
     best_constraints: dict[str, Tensor] = {}
     limits: dict[str, float] = {}
@@ -350,8 +346,6 @@ def latent_search(
             best_mse = torch.where(better, mse, best_mse)
             best_img = torch.where(better.view(-1, 1, 1, 1), img, best_img)
             best_w = torch.where(better.view(-1, 1, 1), w, best_w)
-            for i, t in enumerate(trainable):  # the values this step synthesised with
-                best_noise[i] = torch.where(better.view(-1, 1, 1, 1), t, best_noise[i])
             for name, t in terms.items():
                 prev = best_terms.get(name, torch.zeros_like(t))
                 best_terms[name] = torch.where(better, t.detach(), prev)
@@ -378,7 +372,6 @@ def latent_search(
         best_constraints,
         limits,
     )
-    result.noise = [t.view(b, k, *t.shape[1:]) for t in best_noise]
     result.seeds = [int(s) for s in seeds] if seeds is not None else [seed] * b
     return result
 
@@ -430,29 +423,6 @@ def _choose(
     )
 
 
-def render_found(
-    generator: Generator,
-    w_plus: Tensor,
-    trainable_noise: Sequence[Tensor],
-    seeds: Sequence[int],
-    restarts: int,
-    restart: Sequence[int],
-) -> Tensor:
-    """The faces (N, 3, R, R) in [0, 1] that searches found, drawn again in float32 from
-    what they leave: each one's W+ (N, L, D), its trainable noise maps (each (N, 1, h, w)),
-    and, for the maps the search did not train, the seed and restart that drew them
-    (``restarts`` per search, as ``init_variables`` draws them)."""
-    device = w_plus.device
-    fixed = [_draw(generator, restarts, int(s))[1] for s in seeds]
-    noise = [
-        torch.stack([maps[i][int(r)] for maps, r in zip(fixed, restart, strict=True)]).to(device)
-        for i in range(len(fixed[0]))
-    ]
-    noise[: len(trainable_noise)] = [t.to(device).float() for t in trainable_noise]
-    with torch.no_grad():
-        return ((generator.synthesis(w_plus.float(), noise).float() + 1) / 2).clamp(0, 1)
-
-
 def run_search(
     generator: Generator,
     fit: MappingFit,
@@ -485,7 +455,6 @@ __all__: Sequence[str] = [
     "latent_search",
     "lr_factor",
     "project_to_sphere",
-    "render_found",
     "run_search",
     "downscale_mse",
     "synthesis_fn",

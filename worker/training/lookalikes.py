@@ -12,18 +12,11 @@ pulled toward its mirror image.
 
 Photos (CelebA-HQ) and lookalikes (the generator's output) share the FFHQ
 framing, so both reach F through the frame's fixed landmarks, as the search's
-candidates do. Each meta-epoch's lookalikes are written to one file after
-every search batch: a crash loses at most a batch, and a resumed run reads
-them back instead of searching again.
-
-A lookalike's pixels are a face steered to reproduce a data-set person, so
-they stay in the run folder, as does the run checkpoint's *record* of each:
-the W+ rows and trainable noise maps the search found (float16), the seed and
-restart that drew the other noise maps, and the generator's sha256. Records
-redraw faces of data-set people too, so the parts committed from the
-checkpoint leave them out. The pixels trained on are always the record drawn
-in float32 (``render_found``), so lookalikes redrawn from records train as the
-originals did (up to float rounding on other hardware).
+candidates do. Each meta-epoch's lookalikes (the faces the searches chose, as
+uint8 pixels) are written to one file in the run folder after every search
+batch: a crash loses at most a batch, and a resumed run reads them back instead
+of searching again. They are faces steered to reproduce data-set people, so
+they stay in the run folder; nothing of them goes into the run checkpoint.
 """
 
 from __future__ import annotations
@@ -31,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import copy
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -54,15 +47,14 @@ from worker.engine.search import (
     SearchConfig,
     SearchStep,
     SearchStopped,
-    render_found,
     run_search,
 )
 from worker.pipeline import build_objective, freeze_extractor
 
 LOOKALIKE_DIR = "lookalikes"
+# Files from before the search latents were dropped hold them too; reading ignores them.
 FORMAT = "likeness-lookalikes/2"
 EMBED_BATCH = 64
-RENDER_BATCH = 16
 
 
 def lookalike_path(out: Path, meta_epoch: int) -> Path:
@@ -160,10 +152,6 @@ class Lookalikes:
     accepted: Tensor  # (M,) bool: downscale MSE within eps
     mse: Tensor  # (M,)
     angle_deg: Tensor  # (M,) to its own photo, under the F that steered the search
-    w_plus: Tensor  # (M, L, D) float16: the W+ rows found
-    noise: list[Tensor]  # the trainable noise maps found, each (M, 1, h, w) float16
-    seed: Tensor  # (M,) long: the search seed, which drew the untrained noise maps …
-    restart: Tensor  # (M,) long: … of the restart chosen
     done: int
     key: dict[str, Any]  # the settings; key["generator"]: the generator's sha256
 
@@ -171,25 +159,8 @@ class Lookalikes:
     def complete(self) -> bool:
         return self.done == len(self.photo)
 
-    def record(self) -> dict[str, Any]:
-        """Everything but the pixels: what the checkpoint carries, ≈ 7 KB a lookalike."""
-        return {
-            "format": FORMAT,
-            "photo": self.photo,
-            "reference": self.reference,
-            "accepted": self.accepted,
-            "mse": self.mse,
-            "angle_deg": self.angle_deg,
-            "w_plus": self.w_plus,
-            "noise": self.noise,
-            "seed": self.seed,
-            "restart": self.restart,
-            "done": self.done,
-            "key": self.key,
-        }
-
     def to_dict(self) -> dict[str, Any]:
-        return self.record() | {"images": self.images}
+        return {"format": FORMAT} | {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 def choose_pairs(identities: Tensor, count: int, seed: int, meta_epoch: int) -> Tensor:
@@ -245,78 +216,18 @@ class LookalikeSettings:
     batch: int  # thumbnails per search batch
 
 
-def _empty(
-    pairs: Tensor, model: LoadedGenerator, trainable: int, key: dict[str, Any]
-) -> Lookalikes:
-    m, g = 2 * len(pairs), model.generator
-    r, shapes = g.config.resolution, g.noise_shapes()
+def _empty(pairs: Tensor, resolution: int, key: dict[str, Any]) -> Lookalikes:
+    m = 2 * len(pairs)
     return Lookalikes(
-        images=torch.zeros(m, 3, r, r, dtype=torch.uint8),
+        images=torch.zeros(m, 3, resolution, resolution, dtype=torch.uint8),
         photo=pairs.flatten(),
         reference=pairs.flip(1).flatten(),
         accepted=torch.zeros(m, dtype=torch.bool),
         mse=torch.full((m,), float("nan")),
         angle_deg=torch.full((m,), float("nan")),
-        w_plus=torch.zeros(m, g.n_latent, g.config.style_dim, dtype=torch.float16),
-        noise=[
-            torch.zeros(m, 1, h, w, dtype=torch.float16)
-            for h, w in shapes[: min(trainable, len(shapes) - 1)]
-        ],
-        seed=torch.zeros(m, dtype=torch.long),
-        restart=torch.zeros(m, dtype=torch.long),
         done=0,
         key=key,
     )
-
-
-def render(model: LoadedGenerator, made: Lookalikes, rows: Tensor) -> Tensor:
-    """The pixels (uint8) of ``rows`` drawn from their records, in float32 on the
-    generator's device: what training sees, here or on any machine."""
-    device = next(model.generator.parameters()).device
-    restarts = int(made.key["search"]["restarts"])
-    out = []
-    for chunk in rows.split(RENDER_BATCH):
-        images = render_found(
-            model.generator,
-            made.w_plus[chunk].to(device),
-            [t[chunk] for t in made.noise],
-            made.seed[chunk].tolist(),
-            restarts,
-            made.restart[chunk].tolist(),
-        )
-        out.append(to_uint8(images))
-    return torch.cat(out) if out else made.images[:0]
-
-
-def check_generator(model: LoadedGenerator, key: dict[str, Any], what: str) -> None:
-    """Records only draw their faces again in the generator that searched them."""
-    if key["generator"] != model.sha256:
-        raise LikenessError(
-            "generator_mismatch",
-            f"{what} were searched in the generator with sha256 {key['generator']}, "
-            f"but {model.path} has sha256 {model.sha256}: pass that generator with "
-            "--generator (find the commit that shipped it with "
-            "`git log -- weights/generator.pt` and check the file out of it, e.g. "
-            "`git show COMMIT:weights/generator.pt > old_generator.pt`)",
-        )
-
-
-def from_record(record: dict[str, Any], model: LoadedGenerator, path: Path) -> Lookalikes:
-    """The lookalikes of a record, their pixels drawn again, and saved to ``path``."""
-    if record.get("format") != FORMAT:
-        raise LikenessError("bad_checkpoint", f"the lookalike record is not {FORMAT}")
-    check_generator(
-        model, record["key"], f"the lookalikes of meta-epoch {record['key']['meta_epoch'] + 1}"
-    )
-    r = model.generator.config.resolution
-    made = Lookalikes(
-        images=torch.zeros(len(record["photo"]), 3, r, r, dtype=torch.uint8),
-        **{k: v for k, v in record.items() if k != "format"},
-    )
-    made.images[: made.done] = render(model, made, torch.arange(made.done))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_torch_save(made.to_dict(), path)
-    return made
 
 
 def read_lookalikes(path: Path, key: dict[str, Any] | None) -> Lookalikes | None:
@@ -341,7 +252,7 @@ def read_lookalikes(path: Path, key: dict[str, Any] | None) -> Lookalikes | None
             f"({', '.join(changed)}); resume with the same lookalike options "
             "or remove the file to make them again",
         )
-    return Lookalikes(**{k: v for k, v in saved.items() if k != "format"})
+    return Lookalikes(**{f.name: saved[f.name] for f in fields(Lookalikes)})
 
 
 def generate_lookalikes(
@@ -355,21 +266,18 @@ def generate_lookalikes(
     seed: int,
     on_step: Callable[[int, SearchStep], None] | None = None,
     should_stop: Callable[[], bool] = lambda: False,
-    on_batch: Callable[[Lookalikes], None] | None = None,
 ) -> Lookalikes:
     """Algorithm 1 for ``pairs`` (P, 2): the lookalikes at ``path``, searching only for
     the rows not there yet and saving after every batch. Returns them complete, or
     partial when ``should_stop`` said so (checked at every search step).
 
-    ``on_step(rows done, step)`` reports progress, ``on_batch`` gets them after every
-    saved batch. F runs in eval mode without parameter
+    ``on_step(rows done, step)`` reports progress. F runs in eval mode without parameter
     gradients; nothing here draws from the global RNG, so training after it takes the
     same steps whether the lookalikes were searched or read back.
     """
     assert model.mapping_fit is not None
     device = next(model.generator.parameters()).device
-    trainable = settings.search.trainable_noise
-    made = read_lookalikes(path, key) or _empty(pairs, model, trainable, key)
+    made = read_lookalikes(path, key) or _empty(pairs, model.generator.config.resolution, key)
     path.parent.mkdir(parents=True, exist_ok=True)
     meta_epoch = int(key["meta_epoch"])
     with inference(extractor):
@@ -401,14 +309,7 @@ def generate_lookalikes(
                 )
             except SearchStopped:
                 return made
-            assert result.w_plus is not None
-            chosen = torch.arange(len(rows)), result.restart.cpu()
-            made.w_plus[rows] = result.w_plus.detach().cpu()[chosen].half()
-            for saved, found in zip(made.noise, result.noise, strict=True):
-                saved[rows] = found.detach().cpu()[chosen].half()
-            made.seed[rows] = torch.tensor(result.seeds)
-            made.restart[rows] = chosen[1]
-            images = render(model, made, rows)
+            images = to_uint8(result.images)
             made.images[rows] = images
             made.accepted[rows] = result.accepted.cpu()
             made.mse[rows] = result.mse.detach().float().cpu()
@@ -419,8 +320,6 @@ def generate_lookalikes(
             ).cpu()
             made.done = int(rows[-1]) + 1
             atomic_torch_save(made.to_dict(), path)
-            if on_batch is not None:
-                on_batch(made)
             if should_stop():
                 return made
     return made

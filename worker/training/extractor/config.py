@@ -12,7 +12,6 @@ from worker.engine.objectives import ObjectiveWeights
 from worker.engine.search import SearchConfig
 
 CHECKPOINT_NAME = "checkpoint.pt"
-SHARED_CHECKPOINT_NAME = "checkpoint.shared.pt"  # what --save-parts splits: no lookalike records
 EXPORT_NAME = "extractor.pt"
 LOG_NAME = "log.jsonl"
 DEFAULT_WEIGHTS = Path("../shared/weights/mobilefacenet_casia_068.ckpt")

@@ -30,7 +30,6 @@ from worker.training.extractor.config import (
     EXPORT_NAME,
     LOG_NAME,
     RUN_FIELDS,
-    SHARED_CHECKPOINT_NAME,
     ExtractorConfig,
     Item,
 )
@@ -125,7 +124,7 @@ def restore(state: TrainState, ckpt: dict[str, Any], data: Data) -> None:
     state.threshold_deg = ckpt.get("threshold_deg")
     state.meta_history = list(ckpt.get("meta_history", []))
     state.meta_losses = list(ckpt.get("meta_losses", []))
-    state.lookalike_records = {int(k): r for k, r in ckpt.get("lookalikes", {}).items()}
+    # Older checkpoints also carry "lookalikes" (the lookalikes' latents): left unread.
     set_rng_state(ckpt["rng"])
 
 
@@ -150,21 +149,6 @@ def start_from_export(state: TrainState, path: Path) -> None:
     ext.race_head.load_state_dict(exported.race_head.state_dict())
     ext.attribute_head.load_state_dict(exported.attribute_head.state_dict())
     state.threshold_deg = exported.threshold_deg
-
-
-def restore_lookalikes(state: TrainState, generator: LoadedGenerator | None) -> None:
-    """The run folder's lookalikes as the checkpoint's records describe them: kept where
-    the folder has them (as far as the record, or further), else drawn again from the
-    records in the generator that searched them (a new machine's empty run folder)."""
-    out = Path(state.config.out)
-    for k, record in sorted(state.lookalike_records.items()):
-        path = looks.lookalike_path(out, k)
-        here = looks.read_lookalikes(path, record["key"]) if path.is_file() else None
-        if here is not None and here.done >= int(record["done"]):
-            continue
-        if generator is None:  # the stage is over: its lookalikes are not needed again
-            continue
-        state.lookalike_records[k] = looks.from_record(record, generator, path).record()
 
 
 def stage_generator(state: TrainState) -> LoadedGenerator | None:
@@ -251,10 +235,7 @@ class Session:
         state.train_seconds += time.monotonic() - self.last_save
         save_checkpoint(state, self.out / CHECKPOINT_NAME)
         if self.save_parts is not None:  # the state a commit carries to the next machine
-            shared = self.out / SHARED_CHECKPOINT_NAME
-            save_checkpoint(state, shared, records=False)
-            split_into_parts(shared, self.save_parts / CHECKPOINT_NAME)
-            shared.unlink()
+            split_into_parts(self.out / CHECKPOINT_NAME, self.save_parts / CHECKPOINT_NAME)
         entry: dict[str, Any] = {
             "step": state.step,
             "reason": why,
@@ -370,9 +351,9 @@ class Session:
 
     def accumulated_pairs(self) -> list[looks.LookalikePairs]:
         """The lookalikes of every meta-epoch so far that the run folder holds, this one's
-        last. Committed state carries no lookalikes (they redraw faces steered to reproduce
-        data-set people), so on a new machine the earlier meta-epochs' are gone and the
-        Siamese steps draw from those made since."""
+        last. Committed state carries no lookalikes (faces steered to reproduce data-set
+        people), so on a new machine the earlier meta-epochs' are gone and the Siamese
+        steps draw from those made since."""
         sets = [self.pairs_of(k) for k in range(self.state.meta_epoch)]
         missing = [k + 1 for k, s in enumerate(sets) if s is None]
         if missing and not self.warned_missing:
@@ -386,7 +367,7 @@ class Session:
 
     def pairs_of(self, k: int) -> looks.LookalikePairs | None:
         """Meta-epoch k's lookalikes with their photos, read back from the run folder once;
-        None when the folder lacks them and no record can draw them again."""
+        None when the folder lacks them (or holds them unfinished)."""
         if k not in self.pair_sets:
             made = looks.read_lookalikes(looks.lookalike_path(self.out, k), None)
             if made is None or not made.complete:
@@ -441,11 +422,6 @@ class Session:
                 status=f"meta-epoch {k + 1}/{config.meta_epochs}: search step {s.step}/{s.steps}",
             )
 
-        def saved(made: looks.Lookalikes) -> None:
-            state.lookalike_records[k] = made.record()
-            if time.monotonic() - self.last_save >= config.checkpoint_minutes * 60:
-                self.checkpoint("periodic")
-
         rng = rng_state()  # searched or read back, the training after it draws alike
         made = looks.generate_lookalikes(
             # F as it is now, copied and frozen: refreshed every meta-epoch (and resume)
@@ -459,9 +435,7 @@ class Session:
             config.seed,
             progress,
             lambda: self.stopping() != "done",
-            saved,
         )
-        state.lookalike_records[k] = made.record()
         set_rng_state(rng)
         self.bar.update(task, completed=made.done, visible=False)
         return made
@@ -519,8 +493,8 @@ def train(
     an export and a log line behind. A SIGTERM during the head fit or an evaluation takes
     effect when it ends, during the lookalike searches at the next search step.
 
-    ``resume``: a checkpoint, its run folder or its committed parts; lookalikes the run
-    folder lacks are drawn again from the checkpoint's records. ``save_parts``: also
+    ``resume``: a checkpoint, its run folder or its committed parts; the current
+    meta-epoch's lookalikes the run folder lacks are searched again. ``save_parts``: also
     write every checkpoint there as parts small enough to commit."""
     device = pick_device(config.device)
     ckpt = read_checkpoint(resume) if resume is not None else None
@@ -537,7 +511,6 @@ def train(
         start_from_export(state, Path(config.init_export))
     generator = stage_generator(state)
     Path(config.out).mkdir(parents=True, exist_ok=True)
-    restore_lookalikes(state, generator)
     with StopSignal() as stop, progress_bar(progress) as bar:
         session = Session(state, data, generator, stop, bar, evaluate_at_end, on_step, save_parts)
         try:

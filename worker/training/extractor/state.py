@@ -35,8 +35,6 @@ class TrainState:
     threshold_deg: float | None = None  # θ_t of the last measurement: L_siamese's and the search's
     meta_history: list[dict[str, Any]] = field(default_factory=list)  # one entry per measurement
     meta_losses: list[float] = field(default_factory=list)  # L_siamese per step, this meta-epoch
-    # per meta-epoch (0-based) the record of its lookalikes: everything but their pixels
-    lookalike_records: dict[int, dict[str, Any]] = field(default_factory=dict)
 
 
 def new_state(config: ExtractorConfig, data: Data, device: torch.device) -> TrainState:
@@ -54,9 +52,9 @@ def new_state(config: ExtractorConfig, data: Data, device: torch.device) -> Trai
     )
 
 
-def save_checkpoint(state: TrainState, path: Path, records: bool = True) -> None:
-    """The run's checkpoint; ``records`` False leaves the lookalikes' records out (a copy
-    fit to commit: they redraw faces steered to reproduce data-set people)."""
+def save_checkpoint(state: TrainState, path: Path) -> None:
+    """The run's checkpoint. It holds nothing of the lookalikes (they stay in the run
+    folder's lookalike files), so it is fit to commit as it is."""
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_torch_save(
         {
@@ -70,9 +68,6 @@ def save_checkpoint(state: TrainState, path: Path, records: bool = True) -> None
             "threshold_deg": state.threshold_deg,
             "meta_history": state.meta_history,
             "meta_losses": state.meta_losses,
-            "lookalikes": {str(k): r for k, r in sorted(state.lookalike_records.items())}
-            if records
-            else {},
             "classes": state.model.arcface.weight.shape[0],
             "train_seconds": state.train_seconds,
             "rng": rng_state(),
