@@ -3,7 +3,8 @@
     python bench/generator_quality.py --weights weights/generator.pt \
         --out docs/bench/generator_quality.json
 
-- face rate: MTCNN finds a face with probability >= 0.95 in N random samples;
+- face rate: MTCNN finds a face with probability >= 0.95 in N random samples,
+  and those samples' sharpness (below) as a share of held-out photos';
 - FD: Fréchet distance between MobileFaceNet embeddings (MTCNN-aligned crops)
   of N samples and of N real held-out CelebA-HQ photos (val + test people);
 - search fit: fraction of held-out people's 16x16 thumbnails (bicubic from
@@ -167,9 +168,10 @@ def main() -> None:
     with Progress(console=Console(stderr=True)) as bar:
         if "face" not in args.skip:
             task = bar.add_task("face rate", total=args.face_samples)
-            probs = []
+            probs, sharp = [], []
             for images in samples(G, args.face_samples, seed=args.seed):
                 probs.append(face_probabilities(images))
+                sharp.append(sharpness(images))
                 bar.advance(task, len(images))
             p = torch.cat(probs)
             report["face_rate"] = {
@@ -177,6 +179,19 @@ def main() -> None:
                 "samples": len(p),
                 "threshold": FACE_PROBABILITY,
                 "mean_probability": float(p.mean()),
+            }
+            # the prior's own sharpness: what training moves first, no search needed
+            photos = held_out_photos(
+                args.data_root / "celebahq", args.face_samples, one_per_person=True
+            )
+            sample_mean = float(torch.cat(sharp).mean())
+            photo_mean = float(sharpness(photos).mean())
+            report["sample_sharpness"] = {
+                "samples": sample_mean,
+                "photos": photo_mean,
+                "over_photos": ratio(sample_mean, photo_mean),
+                "n": len(p),
+                "photos_n": len(photos),
             }
         if "fd" not in args.skip:
             real_photos = held_out_photos(
