@@ -112,6 +112,14 @@ def train_generator(
             "(default: 0, at once)"
         ),
     ] = None,
+    d_lr_ratio: Annotated[
+        float | None,
+        typer.Option(
+            min=0.01,
+            help="D's learning rate as a multiple of G's (two time-scale updates; a resume may "
+            "change it; default: 1)",
+        ),
+    ] = None,
     batch: Annotated[int | None, typer.Option(min=1, help="batch size (default: 8)")] = None,
     kimg: Annotated[
         float | None,
@@ -219,6 +227,7 @@ def train_generator(
         perceptual_weight=perceptual_weight,
         adv_start_kimg=adv_start_kimg,
         adv_ramp_kimg=adv_ramp_kimg,
+        d_lr_ratio=d_lr_ratio,
         init_generator=init_generator,
         prior_members=prior_members,
     )

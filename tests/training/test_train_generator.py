@@ -540,3 +540,24 @@ def test_vae_export_fits_the_prior_to_the_listed_members(tmp_path: Path) -> None
     plain = run(tiny(tmp_path / "plain", steps=3, **listed))
     fitted = run(tiny(tmp_path / "fitted", steps=3, prior_members=tmp_path / "dark.txt", **listed))
     assert fitted == plain
+
+
+def test_d_lr_ratio_sets_d_lr_and_a_resume_may_change_it(tmp_path: Path) -> None:
+    def d_lr(path: Path) -> float:
+        return read_checkpoint(path)["opt_D"]["param_groups"][0]["lr"]
+
+    ckpt_path = tmp_path / "checkpoint.pt"
+    run(tiny(tmp_path, steps=2))
+    base = d_lr(ckpt_path)
+    assert base == pytest.approx(0.002 * 2 / 3)  # lr × the lazy R1 ratio (r1_every 2)
+    # a checkpoint from before the option resumes at ratio 1
+    ckpt = read_checkpoint(ckpt_path)
+    ckpt["train_config"].pop("d_lr_ratio")
+    torch.save(ckpt, tmp_path / "old.pt")
+    run(tiny(tmp_path, steps=3), resume=tmp_path / "old.pt")
+    assert d_lr(ckpt_path) == pytest.approx(base)
+    run(tiny(tmp_path, steps=4, d_lr_ratio=4.0), resume=ckpt_path)
+    saved = read_checkpoint(ckpt_path)
+    assert d_lr(ckpt_path) == pytest.approx(4 * base)
+    assert saved["train_config"]["d_lr_ratio"] == 4.0
+    assert saved["opt_G"]["param_groups"][0]["lr"] == pytest.approx(0.002)

@@ -73,6 +73,13 @@ class TrainConfig(BaseModel):
     )
     batch: int = Field(8, ge=1)
     lr: float = Field(0.002, gt=0, description="Adam lr before the lazy-reg correction")
+    d_lr_ratio: float = Field(
+        1.0,
+        gt=0,
+        description="D's lr as a multiple of lr (two time-scale updates): G moves every step "
+        "by both its autoencoder and its adversarial update, and a D that cannot keep up "
+        "sits at chance and sharpens nothing",
+    )
     r1_gamma: float = Field(0.5, ge=0, description="R1 weight; ~0.0002·res²/batch suits small data")
     r1_every: int = Field(16, ge=1, description="D steps between R1 penalties (lazy R1)")
     pl_weight: float = Field(0.0, ge=0, description="path-length weight; 0 turns it off (port: 2)")
@@ -184,6 +191,7 @@ RUN_FIELDS = frozenset(
         "adv_start_kimg",
         "adv_ramp_kimg",
         "prior_members",
+        "d_lr_ratio",
     }
 )
 

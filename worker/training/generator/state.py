@@ -91,8 +91,8 @@ def build_state(config: TrainConfig, device: torch.device) -> TrainState:
     g_ratio = config.pl_every / (config.pl_every + 1) if config.pl_weight > 0 else 1.0
     d_ratio = config.r1_every / (config.r1_every + 1)
 
-    def adam(params: Iterator[nn.Parameter], ratio: float) -> torch.optim.Adam:
-        return torch.optim.Adam(params, lr=config.lr * ratio, betas=(0.0, 0.99**ratio))
+    def adam(params: Iterator[nn.Parameter], ratio: float, scale: float = 1.0) -> torch.optim.Adam:
+        return torch.optim.Adam(params, lr=config.lr * ratio * scale, betas=(0.0, 0.99**ratio))
 
     fp16 = amp_dtype(config, device) == torch.float16
     state = TrainState(
@@ -102,7 +102,7 @@ def build_state(config: TrainConfig, device: torch.device) -> TrainState:
         D=D,
         G_ema=G_ema,
         opt_G=adam(G.parameters(), g_ratio),
-        opt_D=adam(D.parameters(), d_ratio),
+        opt_D=adam(D.parameters(), d_ratio, config.d_lr_ratio),
         scaler_G=torch.amp.GradScaler("cuda") if fp16 else None,
         scaler_D=torch.amp.GradScaler("cuda") if fp16 else None,
         augment=parse_policy(config.augment),
@@ -183,7 +183,10 @@ def load_checkpoint(state: TrainState, ckpt: dict[str, Any]) -> None:
     state.D.load_state_dict(ckpt["D"])
     state.G_ema.load_state_dict(ckpt["G_ema"])
     state.opt_G.load_state_dict(ckpt["opt_G"])
+    d_lr = state.opt_D.param_groups[0]["lr"]
     state.opt_D.load_state_dict(ckpt["opt_D"])
+    for group in state.opt_D.param_groups:  # a resume may change d_lr_ratio; the rest is saved
+        group["lr"] = d_lr
     if state.E is not None and state.opt_E is not None and state.codes is not None:
         state.E.load_state_dict(ckpt["E"])
         state.opt_E.load_state_dict(ckpt["opt_E"])
