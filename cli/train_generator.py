@@ -240,6 +240,7 @@ def train_generator(
         from pydantic import ValidationError
 
         from worker.training.generator.loop import train
+        from worker.training.generator_data import built_without_masks
 
         # tiny nets lose more to thread hand-offs than they gain, worst on a busy machine
         threads = threads or (1 if smoke else None)
@@ -265,6 +266,13 @@ def train_generator(
             f"data {config.data or 'synthetic'}, out {config.out}",
             highlight=False,
         )
+        if config.data is not None and built_without_masks(config.data):
+            err.print(
+                f"[yellow]warning:[/] {config.data} was built before validity masks: its "
+                "framed UTKFace chips train with their invented margins taken as real "
+                "(rebuild it with prepare-generator-data)",
+                highlight=False,
+            )
         result = train(config, resume=resume_path)
     except LikenessError as e:
         err.print(f"[bold red]error:[/] {e.message}", highlight=False)

@@ -1,4 +1,5 @@
-"""`likeness prepare-generator-data`: held-in photos only, UTKFace framed like evaluation's."""
+"""`likeness prepare-generator-data`: held-in photos only, UTKFace framed like evaluation's,
+with the mask of what the chip showed."""
 
 from __future__ import annotations
 
@@ -18,10 +19,20 @@ from likeness.errors import LikenessError
 from likeness.splits import split_of
 from tests.evaluation.synthetic import write_data_root
 from worker.engine.downscale import downscale
-from worker.engine.face.alignment import detect_landmarks
-from worker.engine.face.ffhq_frame import to_ffhq_frame
+from worker.engine.face.alignment import (
+    detect_landmarks,
+    estimate_similarity,
+    fallback_landmarks,
+    invert_affine,
+)
+from worker.engine.face.ffhq_frame import ffhq_frame, ffhq_frame_mask, to_ffhq_frame
 from worker.training.extractor_data import read_image
-from worker.training.generator_data import plan_mix, write_mix
+from worker.training.generator_data import (
+    PROVENANCE_MEMBER,
+    built_without_masks,
+    plan_mix,
+    write_mix,
+)
 from worker.training.images_zip import ImagesZip
 
 runner = CliRunner()
@@ -63,14 +74,26 @@ def test_zip_holds_framed_faces_and_provenance(data_root: Path, tmp_path: Path) 
         chip = plan.utkface[2][0]
         framed = read_image(zf, f"utkface/{chip}")
     assert len([n for n in names if n.startswith("celebahq/")]) == 2
-    assert provenance["utkface_per_race"]["Asian"] == 1
+    assert provenance["utkface_per_race"]["Asian"] == 1 and provenance["format"] == 2
     assert framed.shape == (3, 64, 64)
     # the chip is warped exactly as `likeness evaluate` warps its held-out chips
     with zipfile.ZipFile(data_root / "utkface" / "images.zip") as zf:
         original = read_image(zf, chip)[None]
-    expected = to_ffhq_frame(original, detect_landmarks(original)[0])
-    expected = downscale(expected, 64)[0]
+    landmarks = detect_landmarks(original)[0]
+    expected = downscale(to_ffhq_frame(original, landmarks), 64)[0]
     assert (framed - expected.clamp(0, 1)).abs().max() <= 1 / 255 + 1e-6
+    # ... and its mask travels as the alpha channel; CelebA-HQ photos have none
+    images = ImagesZip(out, 64, mirror=True)
+    at = images.names.index(f"utkface/{chip}")
+    image, mask = images[at]
+    expected_mask = downscale(ffhq_frame_mask(original, landmarks), 64)[0]
+    assert (mask - expected_mask).abs().max() <= 1 / 255 + 1e-6
+    assert mask.min() == 0 and mask.max() == 1  # some of the frame is invented
+    assert (image - (framed * 2 - 1)).abs().max() < 1e-6  # the colours under alpha 0 too
+    flipped_image, flipped_mask = images[at + len(images.names)]
+    assert torch.equal(flipped_image, image.flip(-1)) and torch.equal(flipped_mask, mask.flip(-1))
+    celeba = images.names.index(next(n for n in names if n.startswith("celebahq/")))
+    assert torch.equal(images[celeba][1], torch.ones(1, 64, 64))
     # the tight chip (face fills it) shrinks into the generator's frame: more background
     assert not torch.allclose(
         framed,
@@ -125,8 +148,52 @@ def test_cli_writes_a_zip_the_trainer_reads(data_root: Path, tmp_path: Path) -> 
     assert result.exit_code == 0, result.output
     assert "7 images" in result.output
     images = ImagesZip(out, 32)
-    assert len(images) == 7 and images[0].shape == (3, 32, 32)
+    assert len(images) == 7 and images[0][0].shape == (3, 32, 32)
     missing = runner.invoke(
         app, ["prepare-generator-data", "--data-root", str(tmp_path / "nowhere"), "--out", str(out)]
     )
     assert missing.exit_code == 2 and "no " in missing.output
+
+
+def test_frame_mask_is_one_on_the_chip_and_zero_on_the_invented_margin() -> None:
+    # a chip whose face fills it (its landmarks spread twice as wide as the frame's)
+    size = 48
+    centre = torch.tensor([size / 2 - 0.5, size / 2 - 0.5])
+    landmarks = (fallback_landmarks(1, size, size) - centre) * 2 + centre
+    chip = torch.rand(1, 3, size, size)
+    mask = ffhq_frame_mask(chip, landmarks)[0, 0]
+    # where each frame pixel's centre came from, in chip pixels (the warp's own transform)
+    frame_to_chip = invert_affine(estimate_similarity(landmarks, ffhq_frame(size).tensor()))[0]
+    yy, xx = torch.meshgrid(torch.arange(size * 1.0), torch.arange(size * 1.0), indexing="ij")
+    src = frame_to_chip[:, :2] @ torch.stack([xx.flatten(), yy.flatten()]) + frame_to_chip[:, 2:]
+    inside = ((src > 0.5) & (src < size - 1.5)).all(0).view(size, size)
+    outside = ((src < -1.5) | (src > size + 0.5)).any(0).view(size, size)
+    assert inside.any() and outside.any()
+    assert torch.allclose(mask[inside], torch.tensor(1.0))
+    assert torch.equal(mask[outside], torch.zeros(int(outside.sum())))
+    assert 0.15 < float(mask.mean()) < 0.5  # most of the frame is invented
+
+
+def test_an_old_mix_without_masks_is_told_apart(data_root: Path, tmp_path: Path) -> None:
+    out = tmp_path / "images.zip"
+    write_mix(data_root, out, plan_mix(data_root, 1, 1), 32, tmp_path / "lm.pt")
+    assert not built_without_masks(out)
+    old = tmp_path / "old.zip"
+    with zipfile.ZipFile(out) as src, zipfile.ZipFile(old, "w") as dst:
+        for name in src.namelist():
+            data = src.read(name)
+            if name == PROVENANCE_MEMBER:
+                made = json.loads(data)
+                made.pop("format")
+                data = json.dumps(made).encode()
+            dst.writestr(name, data)
+    assert built_without_masks(old)
+    assert not built_without_masks(data_root / "utkface" / "images.zip")  # not a mix
+    args = ["--smoke", "--data", str(old), "--resolution", "16", "--kimg", "0.004"]
+    result = runner.invoke(
+        app,
+        ["train-generator", *args, "--channel-base", "128", "--device", "cpu"]
+        + ["--out", str(tmp_path / "run")],
+    )
+    assert result.exit_code == 0, result.output
+    assert "built before validity masks" in " ".join(result.output.split())  # (wrapped)

@@ -1,5 +1,6 @@
 """train-generator: the loop on synthetic images, exact resume, D layout,
-DiffAugment and the zip data set (on a zip the test writes itself)."""
+DiffAugment, the zip data set (on a zip the test writes itself) and learning
+from the measured pixels of masked images only."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from torch import Tensor
 from torch.utils.data import DataLoader
 from typer.testing import CliRunner
 
@@ -251,14 +253,21 @@ def test_diffaugment_policy_parsing() -> None:
 # ---------------------------------------------------------------- data
 
 
-def write_zip(path: Path, colours: list[tuple[int, int, int]], size: int = 64) -> list[str]:
+def write_zip(
+    path: Path, colours: list[tuple[int, int, int]], size: int = 64, masked: bool = False
+) -> list[str]:
+    """Flat images with a black left half; ``masked``: the right quarter is invented
+    (alpha 0), as prepare-generator-data marks a framed chip's margin."""
     names = [f"{i:05d}.webp" for i in range(len(colours))]
     with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as zf:
         for name, colour in zip(names, colours, strict=True):
-            image = Image.new("RGB", (size, size), colour)
+            image = Image.new("RGBA" if masked else "RGB", (size, size), colour)
             image.paste((0, 0, 0), (0, 0, size // 2, size))  # left half black: shows a flip
+            if masked:
+                image.putalpha(Image.new("L", (size, size), 255))
+                image.paste((9, 9, 9, 0), (size * 3 // 4, 0, size, size))
             buf = io.BytesIO()
-            image.save(buf, format="WEBP", lossless=True)
+            image.save(buf, format="WEBP", lossless=True, exact=True)
             zf.writestr(name, buf.getvalue())
         zf.writestr("labels.csv", "file,identity\n")
     return names
@@ -269,24 +278,39 @@ def test_images_zip_reads_resizes_mirrors_and_filters(tmp_path: Path) -> None:
     names = write_zip(path, [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255)])
     ds = ImagesZip(path, 32)
     assert len(ds) == 4 and ds.names == names  # labels.csv is not an image
-    x = ds[0]
+    x, mask = ds[0]
     assert x.shape == (3, 32, 32) and x.dtype == torch.float32
+    assert torch.equal(mask, torch.ones(1, 32, 32))  # no alpha: every pixel measured
     assert x.min() >= -1 and x.max() <= 1
     assert torch.allclose(x[:, :, -1], torch.tensor([1.0, -1.0, -1.0])[:, None], atol=0.02)
     assert torch.allclose(x[:, :, 0], torch.tensor(-1.0), atol=0.02)
 
     mirrored = ImagesZip(path, 32, mirror=True)
-    assert len(mirrored) == 8 and torch.equal(mirrored[4 + 1], mirrored[1].flip(-1))
+    assert len(mirrored) == 8 and torch.equal(mirrored[4 + 1][0], mirrored[1][0].flip(-1))
 
     split = ImagesZip(path, 32, members=[names[2], names[0]])
-    assert len(split) == 2 and torch.equal(split[1], x)
+    assert len(split) == 2 and torch.equal(split[1][0], x)
     with pytest.raises(LikenessError, match="not in images.zip"):
         ImagesZip(path, 32, members=["nobody.webp"])
 
     # the open handle never travels to another process
     assert pickle.loads(pickle.dumps(ds))._zip is None
     loader = DataLoader(ds, batch_size=2, num_workers=1)
-    assert torch.equal(torch.cat(list(loader))[0], x)
+    assert torch.equal(next(iter(loader))[0][0], x)
+
+
+def test_images_zip_reads_the_alpha_channel_as_the_mask(tmp_path: Path) -> None:
+    path = tmp_path / "images.zip"
+    write_zip(path, [(255, 0, 0), (0, 255, 0)], masked=True)
+    ds = ImagesZip(path, 32, mirror=True)
+    x, mask = ds[0]
+    assert mask.shape == (1, 32, 32)
+    assert torch.equal(mask[..., :22], torch.ones(1, 32, 22))  # bicubic: a soft edge
+    assert torch.equal(mask[..., 26:], torch.zeros(1, 32, 6))
+    # the colours under alpha 0 are read as stored, not premultiplied
+    assert torch.allclose(x[..., -1], torch.tensor(9 / 127.5 - 1), atol=1e-6)
+    flipped, flipped_mask = ds[2]
+    assert torch.equal(flipped, x.flip(-1)) and torch.equal(flipped_mask, mask.flip(-1))
 
 
 def test_step_sampler_resumes_the_same_stream() -> None:
@@ -352,8 +376,9 @@ def test_vae_reconstruction_improves_on_a_fixed_batch(tmp_path: Path) -> None:
     state = build_state(config, torch.device("cpu"))
     from worker.training.images_zip import SyntheticImages
 
-    real = torch.stack([SyntheticImages(16, 4)[i] for i in range(4)])
-    l1 = [train_step(state, real)["rec_l1"] for _ in range(40)]
+    real = torch.stack([SyntheticImages(16, 4)[i][0] for i in range(4)])
+    mask = torch.ones(4, 1, 16, 16)
+    l1 = [train_step(state, real, mask)["rec_l1"] for _ in range(40)]
     assert sum(l1[-5:]) / 5 < 0.6 * sum(l1[:5]) / 5
 
 
@@ -527,7 +552,7 @@ def test_vae_export_fits_the_prior_to_the_listed_members(tmp_path: Path) -> None
     )
     state = build_state(config, torch.device("cpu"))
     load_checkpoint(state, ckpt)
-    dark = torch.stack([ImagesZip(data, 16)[i] for i in range(4)])
+    dark = torch.stack([ImagesZip(data, 16)[i][0] for i in range(4)])
     expected = encoded_codes(state.E, state.G, [dark], seed=config.seed).double().mean(0)
     G = exported_generator(state)
     with torch.no_grad():
@@ -561,3 +586,86 @@ def test_d_lr_ratio_sets_d_lr_and_a_resume_may_change_it(tmp_path: Path) -> None
     assert d_lr(ckpt_path) == pytest.approx(4 * base)
     assert saved["train_config"]["d_lr_ratio"] == 4.0
     assert saved["opt_G"]["param_groups"][0]["lr"] == pytest.approx(0.002)
+
+
+# ---------------------------------------------------------------- measured pixels only
+
+
+def half_mask(batch: int = 2, size: int = 16) -> Tensor:
+    """Masks whose right half was not measured."""
+    mask = torch.ones(batch, 1, size, size)
+    mask[..., size // 2 :] = 0
+    return mask
+
+
+def test_reconstruction_terms_see_the_measured_pixels_only() -> None:
+    from worker.engine.downscale import downscale
+    from worker.engine.face.extractor import FaceExtractor
+    from worker.engine.face.mobilefacenet import MobileFaceNet
+    from worker.training.generator.vae import reconstruction_terms
+
+    torch.manual_seed(0)
+    face = FaceExtractor.with_backbone(MobileFaceNet()).eval().requires_grad_(False)
+    real, fake = torch.rand(2, 2, 3, 64, 64) * 2 - 1
+    ones = torch.ones(2, 1, 64, 64)
+    # all measured: the terms as they were before masks
+    terms = reconstruction_terms(fake, real, ones, face, perceptual=True)
+    assert torch.allclose(terms["l1"], (fake - real).abs().mean())
+    old_lowres = sum(
+        (downscale((fake + 1) / 2, s) - downscale((real + 1) / 2, s)).pow(2).mean()
+        for s in (16, 32)
+    )
+    assert torch.allclose(terms["lowres"], old_lowres)
+    # right half not measured: the fake there changes no term and gets no gradient
+    mask = half_mask(2, 64)
+    fake = fake.requires_grad_(True)
+    terms = reconstruction_terms(fake, real, mask, face, perceptual=True)
+    other = fake.detach() + (1 - mask) * torch.randn_like(fake)
+    changed = reconstruction_terms(other, real, mask, face, perceptual=True)
+    for name in ("l1", "lowres", "perceptual"):
+        assert torch.equal(terms[name], changed[name]), name
+        (grad,) = torch.autograd.grad(terms[name], fake, retain_graph=True)
+        assert torch.equal(grad[..., 32:], torch.zeros_like(grad[..., 32:])), name
+        assert grad[..., :32].abs().sum() > 0, name
+    # a mean over the measured pixels: the left half's L1, not half of it
+    left = (fake.detach() - real)[..., :32].abs().mean()
+    assert torch.allclose(terms["l1"], left)
+
+
+def test_measurement_is_the_identity_for_all_valid_masks_and_blind_where_invalid() -> None:
+    from worker.training.generator.measurement import measure
+
+    torch.manual_seed(0)
+    images = torch.rand(2, 3, 16, 16) * 2 - 1
+    assert torch.equal(measure(images, torch.ones(2, 1, 16, 16)), images)
+    mask = half_mask()
+    measured = measure(images, mask)
+    assert torch.equal(measured[..., :8], images[..., :8])  # measured pixels stay
+    # The unmeasured half is a function of the measured half alone: new pixels there
+    # change nothing (bit for bit); new pixels in the measured half change it (the fill).
+    assert torch.equal(measure(images + (1 - mask) * torch.randn_like(images), mask), measured)
+    moved = measure(images + mask * 0.5, mask)
+    assert not torch.allclose(moved[..., 8:], measured[..., 8:])
+    # a plain background: no colour beyond the measured pixels' range
+    assert measured[..., 8:].min() >= images[..., :8].min() - 1e-6
+    assert measured[..., 8:].max() <= images[..., :8].max() + 1e-6
+    # gradients: from the unmeasured half to the measured pixels only
+    x = images.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(measure(x, mask)[..., 8:].sum(), x)
+    assert torch.equal(grad[..., 8:], torch.zeros_like(grad[..., 8:]))
+    assert grad[..., :8].abs().sum() > 0
+
+
+def test_vae_gan_on_masked_images_trains_finite_and_resumes_exactly(tmp_path: Path) -> None:
+    data = tmp_path / "faces.zip"
+    write_zip(data, [(40 * i, 255 - 30 * i, 128) for i in range(8)], size=32, masked=True)
+    face = random_mobilefacenet(tmp_path / "mfn.ckpt")
+    extra = dict(objective="vae-gan", face_weights=face, perceptual_weight=1.0, data=data)
+    full = run(tiny(tmp_path / "full", steps=4, **extra))
+    assert all(math.isfinite(v) for m in full.values() for v in m.values())
+    assert {"loss_D", "rec_adv", "rec_perceptual", "r1"} <= set(full[1])
+    first = run(tiny(tmp_path / "split", steps=2, **extra))
+    rest = run(
+        tiny(tmp_path / "split", steps=4, **extra), resume=tmp_path / "split" / "checkpoint.pt"
+    )
+    assert {**first, **rest} == full

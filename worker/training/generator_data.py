@@ -9,6 +9,12 @@ exactly as ``likeness evaluate`` frames its held-out thumbnails.
 
 Only the ``train`` split of likeness/splits.py is used, so the held-out people
 that ``likeness evaluate`` scores are never drawn from.
+
+About 70% of a framed chip is background the warp invented (``soft_pad``), so
+each framed chip carries its validity mask as the WebP alpha channel (1 where
+the pixel came from the chip): the trainer learns from the measured pixels only
+(worker/training/generator/measurement.py). CelebA-HQ photos have no alpha: all
+of them is real.
 """
 
 from __future__ import annotations
@@ -30,12 +36,15 @@ from likeness.errors import LikenessError
 from likeness.labels import UTKFACE_RACES
 from likeness.splits import members, race_balanced_order, read_rows, require_set, unit_hash
 from worker.engine.downscale import downscale
-from worker.engine.face.ffhq_frame import to_ffhq_frame
+from worker.engine.face.ffhq_frame import ffhq_frame_mask, to_ffhq_frame
 from worker.training.extractor_data import cached_landmarks, read_image
 
 PROVENANCE_MEMBER = "provenance.json"
 ORDER_SALT = "generator-data"
 CHUNK = 64  # UTKFace chips detected and warped at a time
+# provenance.json's "format": 2 since framed chips carry their validity mask as alpha
+# (a zip without the field was built before: its chips' invented margins pass as real)
+MIX_FORMAT = 2
 
 
 @dataclass
@@ -59,6 +68,7 @@ class MixSummary:
     skipped_no_face: int  # UTKFace chips MTCNN found no face in (left out)
     seconds: float
     sources: dict[str, str] = field(default_factory=dict)
+    format: int = MIX_FORMAT
 
     @property
     def images(self) -> int:
@@ -92,14 +102,18 @@ def plan_mix(data_root: Path, celeba: int, utkface_per_race: int) -> MixPlan:
     return plan
 
 
-def encode(image: torch.Tensor, size: int) -> bytes:
+def encode(image: torch.Tensor, size: int, mask: torch.Tensor | None = None) -> bytes:
     """(3, S, S) in [0, 1] → a ``size``-px lossless WebP (the trainer reads it as is),
-    resized with the engine's bicubic (PIL's, as the trainer would resize it)."""
+    resized with the engine's bicubic (PIL's, as the trainer would resize it); a
+    (1, S, S) ``mask`` in [0, 1] becomes its alpha channel."""
+    if mask is not None:
+        image = torch.cat([image, mask])
     if image.shape[-1] != size:
         image = downscale(image[None], size)[0]
     pixels = image.clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).numpy()
     buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format="WEBP", lossless=True)
+    # exact: keep the colours where alpha is 0 (the trainer shows them to D as they are)
+    Image.fromarray(pixels).save(buf, format="WEBP", lossless=True, exact=True)
     return buf.getvalue()
 
 
@@ -112,14 +126,16 @@ def write_framed(
     landmark_cache: Path,
 ) -> int:
     """Warp the chips of ``chunk`` in which MTCNN finds a face into the FFHQ frame and
-    store them as ``utkface/<name>``; returns how many it stored."""
+    store them, with their validity masks, as ``utkface/<name>``; returns how many."""
     landmarks, found = cached_landmarks(src_path, chunk, landmark_cache)
     chosen = [i for i, ok in enumerate(found.tolist()) if ok]
     if not chosen:
         return 0
     chips = torch.stack([read_image(src, chunk[i]) for i in chosen])
-    for i, image in zip(chosen, to_ffhq_frame(chips, landmarks[chosen]), strict=True):
-        dst.writestr(f"utkface/{chunk[i]}", encode(image, size))
+    framed = to_ffhq_frame(chips, landmarks[chosen])
+    masks = ffhq_frame_mask(chips, landmarks[chosen])
+    for i, image, mask in zip(chosen, framed, masks, strict=True):
+        dst.writestr(f"utkface/{chunk[i]}", encode(image, size, mask))
     return len(chosen)
 
 
@@ -182,3 +198,15 @@ def write_mix(
     finally:
         tmp.unlink(missing_ok=True)
     return summary
+
+
+def built_without_masks(path: Path) -> bool:
+    """Whether ``path`` is a prepare-generator-data zip from before validity masks that
+    holds framed chips: it trains, but with the chips' invented margins taken as real."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as zf:
+        if PROVENANCE_MEMBER not in zf.namelist():
+            return False
+        made = json.loads(zf.read(PROVENANCE_MEMBER))
+    return made.get("format", 1) < MIX_FORMAT and sum(made["utkface_per_race"].values()) > 0

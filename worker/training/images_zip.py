@@ -1,6 +1,10 @@
 """Image data sets for GAN training: a zip of images (the ../shared format) and
 a synthetic stand-in for smoke runs.
 
+Both yield ``(image, mask)``: the mask is 1 where the image shows what was
+photographed and 0 where it was invented (an image's alpha channel; no alpha,
+all 1), so the trainer can learn from measured pixels only.
+
 Both index mirrored copies as ``index + len(base)``: a horizontal flip that is a
 function of the index, not of a random draw, so the data order (and thus an
 exact resume) depends only on the sampler.
@@ -25,13 +29,20 @@ from likeness.errors import LikenessError
 IMAGE_SUFFIXES = (".webp", ".png", ".jpg", ".jpeg", ".bmp")
 
 
-def to_tensor(image: Image.Image, resolution: int) -> Tensor:
-    """RGB PIL image → (3, res, res) float tensor in [-1, 1]; bicubic if resized."""
-    image = image.convert("RGB")
+def to_tensors(image: Image.Image, resolution: int) -> tuple[Tensor, Tensor]:
+    """PIL image → (3, res, res) RGB in [-1, 1] and its (1, res, res) mask in [0, 1]: the
+    alpha channel, or all 1 without one; both bicubic if resized (each on its own: PIL
+    would premultiply an RGBA image's colours by its alpha)."""
+    rgb = image.convert("RGB")
+    alpha = image.getchannel("A") if "A" in image.getbands() else None
     if image.size != (resolution, resolution):
-        image = image.resize((resolution, resolution), Image.Resampling.BICUBIC)
-    array = np.asarray(image, dtype=np.float32)
-    return torch.from_numpy(array).permute(2, 0, 1).div(127.5).sub(1.0)
+        size = (resolution, resolution)
+        rgb = rgb.resize(size, Image.Resampling.BICUBIC)
+        alpha = alpha.resize(size, Image.Resampling.BICUBIC) if alpha is not None else None
+    x = torch.from_numpy(np.asarray(rgb, dtype=np.float32)).permute(2, 0, 1).div(127.5).sub(1.0)
+    if alpha is None:
+        return x, torch.ones(1, resolution, resolution)
+    return x, torch.from_numpy(np.asarray(alpha, dtype=np.float32))[None].div(255.0)
 
 
 def read_member_list(path: str | Path) -> list[str]:
@@ -40,7 +51,7 @@ def read_member_list(path: str | Path) -> list[str]:
     return [s.strip() for s in lines if s.strip() and not s.lstrip().startswith("#")]
 
 
-class ImagesZip(Dataset[Tensor]):
+class ImagesZip(Dataset[tuple[Tensor, Tensor]]):
     """Images stored as members of one zip, read directly (no extraction).
 
     The zip is opened lazily once per process: a ``ZipFile`` handle shared
@@ -89,13 +100,13 @@ class ImagesZip(Dataset[Tensor]):
             self._pid = os.getpid()
         return self._zip
 
-    def __getitem__(self, index: int) -> Tensor:
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
         base, flip = index % len(self.names), index >= len(self.names)
         with self._open().open(self.names[base]) as f:
             image = Image.open(io.BytesIO(f.read()))
             image.load()
-        x = to_tensor(image, self.resolution)
-        return x.flip(-1) if flip else x
+        x, mask = to_tensors(image, self.resolution)
+        return (x.flip(-1), mask.flip(-1)) if flip else (x, mask)
 
     def __getstate__(self) -> dict:
         # spawned workers get a pickled copy: send the path, not the open handle
@@ -104,8 +115,9 @@ class ImagesZip(Dataset[Tensor]):
         return state
 
 
-class SyntheticImages(Dataset[Tensor]):
-    """Smooth random images (a few soft coloured blobs) for smoke runs and tests.
+class SyntheticImages(Dataset[tuple[Tensor, Tensor]]):
+    """Smooth random images (a few soft coloured blobs) for smoke runs and tests,
+    every pixel valid.
 
     Each image is a pure function of (seed, index), so no file is needed and
     runs stay reproducible.
@@ -119,7 +131,7 @@ class SyntheticImages(Dataset[Tensor]):
     def __len__(self) -> int:
         return self.count * (2 if self.mirror else 1)
 
-    def __getitem__(self, index: int) -> Tensor:
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
         base, flip = index % self.count, index >= self.count
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + base)
         r = self.resolution
@@ -131,7 +143,7 @@ class SyntheticImages(Dataset[Tensor]):
             blob = torch.exp(-(((yy - cy) / sy) ** 2 + ((xx - cx) / sx) ** 2))
             x = x + (torch.rand(3, 1, 1, generator=g) * 2 - 1) * blob
         x = x.clamp(-1, 1)
-        return x.flip(-1) if flip else x
+        return (x.flip(-1) if flip else x), torch.ones(1, r, r)
 
 
 class StepSampler(Sampler[int]):

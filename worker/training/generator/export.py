@@ -68,7 +68,8 @@ def exported_generator(state: TrainState) -> Generator:
         faces = ImagesZip(c.data, c.resolution, members=read_member_list(c.prior_members))
         # its own generator: otherwise creating the iterator draws from the run's RNG
         loader = DataLoader(faces, batch_size=64, generator=torch.Generator().manual_seed(c.seed))
-        codes = CodeMoments.exact(encoded_codes(state.E, state.G, loader, c.seed))
+        images = (real for real, _ in loader)
+        codes = CodeMoments.exact(encoded_codes(state.E, state.G, images, c.seed))
     if codes is None or codes.weight <= 0:
         return state.G_ema
     G = copy.deepcopy(state.G_ema)

@@ -73,7 +73,7 @@ def fd_probe(config: TrainConfig, state: TrainState) -> FDProbe | None:
     face = state.face or load_face_model(config.face_weights, state.device)
     if config.data is None:  # smoke runs: other synthetic images stand in for photos
         synthetic = SyntheticImages(config.resolution, n, seed=config.seed + 1)
-        photos = torch.stack([synthetic[i] for i in range(n)]).add(1).div(2)
+        photos = torch.stack([synthetic[i][0] for i in range(n)]).add(1).div(2)
     else:
         if not (config.data.parent / "labels.csv").is_file():
             raise LikenessError(
@@ -84,7 +84,7 @@ def fd_probe(config: TrainConfig, state: TrainState) -> FDProbe | None:
     return FDProbe(face, photo_embeddings(face, photos))
 
 
-def make_dataset(config: TrainConfig) -> Dataset[Tensor]:
+def make_dataset(config: TrainConfig) -> Dataset[tuple[Tensor, Tensor]]:
     if config.data is None:
         return SyntheticImages(
             config.resolution, config.synthetic_count, config.seed, mirror=config.mirror
@@ -94,8 +94,12 @@ def make_dataset(config: TrainConfig) -> Dataset[Tensor]:
 
 
 def batches(
-    config: TrainConfig, dataset: Dataset[Tensor], start_step: int, device: torch.device
-) -> Iterator[Tensor]:
+    config: TrainConfig,
+    dataset: Dataset[tuple[Tensor, Tensor]],
+    start_step: int,
+    device: torch.device,
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """Endless (images, masks) batches from ``start_step`` on."""
     workers = config.workers if config.workers is not None else (4 if device.type == "cuda" else 0)
     loader = DataLoader(
         dataset,
@@ -107,8 +111,8 @@ def batches(
         # its own generator: otherwise creating the iterator draws from the global RNG
         generator=torch.Generator().manual_seed(config.seed),
     )
-    for real in loader:
-        yield real.to(device, non_blocking=True)
+    for real, mask in loader:
+        yield real.to(device, non_blocking=True), mask.to(device, non_blocking=True)
 
 
 @dataclass
@@ -233,7 +237,7 @@ def train(
         plain_lines = progress and not bar.console.is_terminal
         last_line = time.monotonic()
         while state.step < config.total_steps:
-            metrics = train_step(state, next(data))
+            metrics = train_step(state, *next(data))
             means.add(metrics)
             shown |= metrics
             if on_step is not None:

@@ -1,4 +1,9 @@
-"""One training step: the D update, the G update and the EMA of G."""
+"""One training step: the D update, the G update and the EMA of G.
+
+Every real image comes with its mask of measured pixels, and D sees every image,
+real or fake, through the mask of the real of its batch index
+(worker/training/generator/measurement.py).
+"""
 
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ from worker.training.generator.losses import (
     path_lengths,
     r1_penalty,
 )
+from worker.training.generator.measurement import measure
 from worker.training.generator.state import TrainState, amp_dtype
 from worker.training.generator.vae import (
     decode,
@@ -56,13 +62,16 @@ def _step(loss: Tensor, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler
         scaler.update()
 
 
-def d_step(state: TrainState, real: Tensor) -> dict[str, float]:
+def d_step(state: TrainState, real: Tensor, mask: Tensor) -> dict[str, float]:
+    """D's update on reals and as many fakes, all measured by ``mask``; lazy R1."""
     c, G, D = state.config, state.G, state.D
     G.requires_grad_(False)
     D.requires_grad_(True)
+    real = measure(real, mask)
     with _autocast(state):
         with torch.no_grad():
             fake = G.synthesis(sample_w_plus(G, real.shape[0], c.mixing, state.device))
+            fake = measure(fake, mask)
         fake_pred = D(diff_augment(fake, state.augment))
         real_pred = D(diff_augment(real, state.augment))
         loss = d_logistic_loss(real_pred.float(), fake_pred.float())
@@ -85,12 +94,14 @@ def d_step(state: TrainState, real: Tensor) -> dict[str, float]:
     return out
 
 
-def g_step(state: TrainState, batch: int) -> dict[str, float]:
+def g_step(state: TrainState, mask: Tensor) -> dict[str, float]:
+    """G's adversarial update on a batch of fakes as large as ``mask``'s, measured by it."""
     c, G, D = state.config, state.G, state.D
     G.requires_grad_(True)
     D.requires_grad_(False)
+    batch = mask.shape[0]
     with _autocast(state):
-        fake = G.synthesis(sample_w_plus(G, batch, c.mixing, state.device))
+        fake = measure(G.synthesis(sample_w_plus(G, batch, c.mixing, state.device)), mask)
         loss = state.adv_weight_now * g_nonsaturating_loss(
             D(diff_augment(fake, state.augment)).float()
         )
@@ -127,17 +138,18 @@ def update_ema(state: TrainState) -> None:
         b_ema.copy_(b)
 
 
-def train_step(state: TrainState, real: Tensor) -> dict[str, float]:
-    """The objective's updates (D, the autoencoder, G), the EMA; advances ``state.step``."""
+def train_step(state: TrainState, real: Tensor, mask: Tensor) -> dict[str, float]:
+    """The objective's updates (D, the autoencoder, G) on a batch of reals and their
+    masks of measured pixels, the EMA; advances ``state.step``."""
     objective = state.config.objective
     adversarial = state.adversarial_now
     metrics: dict[str, float] = {}
     if adversarial:
-        metrics |= d_step(state, real)
+        metrics |= d_step(state, real, mask)
     if objective != "gan":
-        metrics |= vae_step(state, real)
+        metrics |= vae_step(state, real, mask)
     if adversarial:
-        metrics |= g_step(state, real.shape[0])
+        metrics |= g_step(state, mask)
     update_ema(state)
     state.step += 1
     bad = {k: v for k, v in metrics.items() if k.startswith("loss_") and not math.isfinite(v)}
@@ -150,7 +162,7 @@ def train_step(state: TrainState, real: Tensor) -> dict[str, float]:
     return metrics
 
 
-def vae_step(state: TrainState, real: Tensor) -> dict[str, float]:
+def vae_step(state: TrainState, real: Tensor, mask: Tensor) -> dict[str, float]:
     """One joint update of the encoder and G on a batch of reals (plus, for
     vae-gan, the adversarial loss of the reconstructions)."""
     c, G, E = state.config, state.G, state.E
@@ -162,7 +174,7 @@ def vae_step(state: TrainState, real: Tensor) -> dict[str, float]:
     fake, w = decode(G, z)
     if state.codes is not None:
         state.codes.update(w)
-    terms = reconstruction_terms(fake, real, state.face, perceptual=c.perceptual_weight > 0)
+    terms = reconstruction_terms(fake, real, mask, state.face, c.perceptual_weight > 0)
     kl = kl_divergence(mu, logvar).mean()
     loss = terms["l1"] + c.lowres_weight * terms["lowres"] + c.kl_weight * kl
     if "identity" in terms:
@@ -173,7 +185,7 @@ def vae_step(state: TrainState, real: Tensor) -> dict[str, float]:
     adv_weight = state.adv_weight_now
     if c.objective == "vae-gan" and adv_weight > 0:
         state.D.requires_grad_(False)
-        adv = g_nonsaturating_loss(state.D(diff_augment(fake, state.augment)))
+        adv = g_nonsaturating_loss(state.D(diff_augment(measure(fake, mask), state.augment)))
         loss = loss + adv_weight * adv
         out["rec_adv"] = adv.item()
     state.opt_G.zero_grad(set_to_none=True)

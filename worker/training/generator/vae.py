@@ -37,6 +37,7 @@ from worker.engine.face.extractor import FaceExtractor
 from worker.engine.generator import ACT_GAIN, EqualLinear, Generator, GeneratorConfig
 from worker.engine.mapping_fit import undo_activation
 from worker.training.generator.discriminator import Discriminator
+from worker.training.generator.measurement import measured_mean
 from worker.training.generator.perceptual import perceptual_distance
 
 # Downscaled sizes whose MSE the reconstruction loss includes: the thumbnails
@@ -175,16 +176,28 @@ def face_embedding(face: FaceExtractor, images: Tensor) -> Tensor:
 
 
 def reconstruction_terms(
-    fake: Tensor, real: Tensor, face: FaceExtractor | None, perceptual: bool = False
+    fake: Tensor,
+    real: Tensor,
+    mask: Tensor,
+    face: FaceExtractor | None,
+    perceptual: bool = False,
 ) -> dict[str, Tensor]:
-    """Unweighted per-batch terms: pixel L1 (in [-1, 1]), MSE of the downscales
-    (in [0, 1], as the search measures), 1 - cos of the face embeddings and, with
-    ``perceptual``, the distance of the face network's feature maps."""
-    terms = {"l1": (fake - real).abs().mean()}
-    fake01, real01 = (fake + 1) / 2, (real + 1) / 2
+    """Unweighted per-batch terms over the pixels ``mask`` marks as measured: pixel L1
+    (in [-1, 1]), MSE of the downscales (in [0, 1], as the search measures, weighted by
+    the downscaled mask), 1 - cos of the face embeddings and, with ``perceptual``, the
+    distance of the face network's feature maps."""
+    # The fake pasted into the real where the real was measured: elsewhere both images
+    # are the real's own pixels, so no term (and no gradient) reaches the fake there,
+    # at any resolution, and the feature maps need no mask of their own.
+    seen = mask * fake + (1 - mask) * real
+    terms = {"l1": measured_mean((seen - real).abs(), mask)}
+    seen01, real01 = (seen + 1) / 2, (real + 1) / 2
     # (a smoke run smaller than a thumbnail has no downscale term: zero)
     terms["lowres"] = sum(
-        (downscale(fake01, (s, s)) - downscale(real01, (s, s))).pow(2).mean()
+        measured_mean(
+            (downscale(seen01, (s, s)) - downscale(real01, (s, s))).pow(2),
+            downscale(mask, (s, s)),
+        )
         for s in LOWRES_SIZES
         if s < real.shape[-1]
     ) + real.new_zeros(())
@@ -193,5 +206,5 @@ def reconstruction_terms(
             target = face_embedding(face, real)
         terms["identity"] = 1.0 - (face_embedding(face, fake) * target).sum(1).mean()
         if perceptual:
-            terms["perceptual"] = perceptual_distance(face, fake, real).mean()
+            terms["perceptual"] = perceptual_distance(face, seen, real).mean()
     return terms
