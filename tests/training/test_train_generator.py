@@ -622,7 +622,7 @@ def test_reconstruction_terms_see_the_measured_pixels_only() -> None:
     terms = reconstruction_terms(fake, real, mask, face, perceptual=True)
     other = fake.detach() + (1 - mask) * torch.randn_like(fake)
     changed = reconstruction_terms(other, real, mask, face, perceptual=True)
-    for name in ("l1", "lowres", "perceptual"):
+    for name in ("l1", "lowres", "identity", "perceptual"):
         assert torch.equal(terms[name], changed[name]), name
         (grad,) = torch.autograd.grad(terms[name], fake, retain_graph=True)
         assert torch.equal(grad[..., 32:], torch.zeros_like(grad[..., 32:])), name

@@ -204,7 +204,7 @@ def reconstruction_terms(
     if face is not None:
         with torch.no_grad():
             target = face_embedding(face, real)
-        terms["identity"] = 1.0 - (face_embedding(face, fake) * target).sum(1).mean()
+        terms["identity"] = 1.0 - (face_embedding(face, seen) * target).sum(1).mean()
         if perceptual:
             terms["perceptual"] = perceptual_distance(face, seen, real).mean()
     return terms
