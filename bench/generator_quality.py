@@ -49,7 +49,7 @@ from likeness.errors import LikenessError
 from likeness.labels import UTKFACE_RACES
 from worker.engine.face.extractor import FaceExtractor
 from worker.evaluation.config import THUMBNAIL, EvalConfig
-from worker.evaluation.figures import to_pixels
+from worker.evaluation.figures import to_pixel_array
 from worker.evaluation.measures import judge_features, race_predictions
 from worker.evaluation.models import Models, load_models
 from worker.evaluation.plots import GridRow, qualitative_grid
@@ -460,7 +460,9 @@ def grid_rows(
                 else f"CelebA-HQ #{i + 1}"
             )
             rows.append(
-                GridRow(label, samples.thumbnails[i], {k: to_pixels(v) for k, v in images.items()})
+                GridRow(
+                    label, samples.thumbnails[i], {k: to_pixel_array(v) for k, v in images.items()}
+                )
             )
     return rows
 

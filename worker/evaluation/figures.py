@@ -50,6 +50,7 @@ from worker.evaluation.searches import (
     plan_strategy,
     race_swap_jobs,
 )
+from worker.pipeline import to_pixels
 
 GRID_ROWS = 3  # per data set
 # The grid's columns: strategy name → column title.
@@ -76,8 +77,9 @@ FIGURE_LABELS = {
 OutputsByName = Mapping[tuple[str, str], Outputs]
 
 
-def to_pixels(image: Tensor) -> np.ndarray:
-    return image.mul(255).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
+def to_pixel_array(image: Tensor) -> np.ndarray:
+    """One (3, H, W) image in [0, 1] as an (H, W, 3) uint8 array."""
+    return to_pixels(image[None])[0]
 
 
 def row_image(out: Outputs, row: int) -> Tensor | None:
@@ -133,7 +135,7 @@ def captioned_row(
     return GridRow(
         label,
         thumbnail,
-        {c: to_pixels(image) for c, image in images.items()},
+        {c: to_pixel_array(image) for c, image in images.items()},
         dict(zip(images, read, strict=True)),
     )
 
@@ -149,7 +151,7 @@ def grid_rows(celeba: Samples, utk: Samples, outputs: OutputsByName) -> list[Gri
             for (dataset, strategy), out in outputs.items():
                 image = row_image(out, i) if strategy in GRID_COLUMNS else None
                 if dataset == samples.dataset and image is not None:
-                    cells[GRID_COLUMNS[strategy]] = to_pixels(image)
+                    cells[GRID_COLUMNS[strategy]] = to_pixel_array(image)
             rows.append(GridRow(f"{label} #{n + 1}", samples.thumbnails[i], cells))
     return rows
 
@@ -263,6 +265,8 @@ def write_figures(
         shown: Sequence[int] = (),
         searches: str | None = None,
     ) -> None:
+        if not rows:  # e.g. no held-out person with a second photo: nothing to draw
+            return
         qualitative_grid(rows, columns, out / name)
         written[name] = {
             "rows": [r.label for r in rows],

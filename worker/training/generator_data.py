@@ -112,7 +112,7 @@ def encode(image: torch.Tensor, size: int, mask: torch.Tensor | None = None) -> 
         image = downscale(image[None], size)[0]
     pixels = image.clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).numpy()
     buf = io.BytesIO()
-    # exact: keep the colours where alpha is 0 (the trainer shows them to D as they are)
+    # exact: keep the colours where alpha is 0 (the encoder's input and the prior fit see them)
     Image.fromarray(pixels).save(buf, format="WEBP", lossless=True, exact=True)
     return buf.getvalue()
 
