@@ -28,6 +28,7 @@ from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image
@@ -200,13 +201,20 @@ def write_mix(
     return summary
 
 
+def read_provenance(path: Path) -> dict[str, Any] | None:
+    """The provenance.json of a prepare-generator-data zip; None for any other file."""
+    if not path.is_file() or not zipfile.is_zipfile(path):
+        return None
+    with zipfile.ZipFile(path) as zf:
+        if PROVENANCE_MEMBER not in zf.namelist():
+            return None
+        return json.loads(zf.read(PROVENANCE_MEMBER))
+
+
 def built_without_masks(path: Path) -> bool:
     """Whether ``path`` is a prepare-generator-data zip from before validity masks that
     holds framed chips: it trains, but with the chips' invented margins taken as real."""
-    if not zipfile.is_zipfile(path):
+    made = read_provenance(path)
+    if made is None:
         return False
-    with zipfile.ZipFile(path) as zf:
-        if PROVENANCE_MEMBER not in zf.namelist():
-            return False
-        made = json.loads(zf.read(PROVENANCE_MEMBER))
     return made.get("format", 1) < MIX_FORMAT and sum(made["utkface_per_race"].values()) > 0

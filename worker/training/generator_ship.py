@@ -4,7 +4,6 @@ mapping fit, and a manifest entry saying what it is and where it came from."""
 from __future__ import annotations
 
 import json
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,7 @@ from worker.engine.search import SearchConfig
 from worker.training.generator.config import CHECKPOINT_NAME, GENERATOR_NAME
 from worker.training.generator.export import mean_w
 from worker.training.generator.state import read_checkpoint
-from worker.training.generator_data import PROVENANCE_MEMBER
+from worker.training.generator_data import read_provenance
 
 # The search reads only this fit's mean and std; 100k samples pin them well.
 FIT_SAMPLES = 100_000
@@ -195,14 +194,12 @@ def _data_provenance(data: str | None) -> str | dict[str, Any]:
     if data is None:
         return "synthetic images (smoke run)"
     path = Path(str(data))
-    if path.is_file() and zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as zf:
-            if PROVENANCE_MEMBER in zf.namelist():
-                made = json.loads(zf.read(PROVENANCE_MEMBER))
-                # where and how fast it was built say nothing about the weights
-                return {"built_by": "likeness prepare-generator-data"} | {
-                    k: v for k, v in made.items() if k not in ("out", "seconds")
-                }
+    made = read_provenance(path)
+    if made is not None:
+        # where and how fast it was built say nothing about the weights
+        return {"built_by": "likeness prepare-generator-data"} | {
+            k: v for k, v in made.items() if k not in ("out", "seconds")
+        }
     return f"{path.parent.name} train split (likeness/splits.py, salt likeness-v1)"
 
 
