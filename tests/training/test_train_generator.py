@@ -588,6 +588,20 @@ def test_d_lr_ratio_sets_d_lr_and_a_resume_may_change_it(tmp_path: Path) -> None
     assert saved["opt_G"]["param_groups"][0]["lr"] == pytest.approx(0.002)
 
 
+def test_a_resume_may_turn_augmentation_off(tmp_path: Path) -> None:
+    from worker.training.generator.config import merge_resume_config
+    from worker.training.generator.state import build_state
+
+    ckpt_path = tmp_path / "checkpoint.pt"
+    run(tiny(tmp_path, steps=2, augment="color,translation"))
+    run(tiny(tmp_path, steps=3, augment="none"), resume=ckpt_path)
+    assert read_checkpoint(ckpt_path)["train_config"]["augment"] == "none"
+    config = merge_resume_config(
+        TrainConfig(**read_checkpoint(ckpt_path)["train_config"]), {"augment": "cutout"}
+    )
+    assert build_state(config, torch.device("cpu")).augment == ["cutout"]
+
+
 # ---------------------------------------------------------------- measured pixels only
 
 

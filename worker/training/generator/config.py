@@ -169,7 +169,9 @@ class TrainConfig(BaseModel):
 # Fields a resumed run may change; every other field must match the checkpoint.
 # The vae objectives' loss weights are among them: raising the KL weight
 # after a warm-up at a low one is the usual way to train a VAE (the checkpoint
-# records the weights in force when it was written).
+# records the weights in force when it was written). So is D's augmentation:
+# DiffAugment keeps D from memorising a small set, but it can also hold a D
+# that is losing to G at chance, and the way to find out is to turn it off.
 RUN_FIELDS = frozenset(
     {
         "data",
@@ -192,6 +194,7 @@ RUN_FIELDS = frozenset(
         "adv_ramp_kimg",
         "prior_members",
         "d_lr_ratio",
+        "augment",
     }
 )
 
