@@ -120,6 +120,14 @@ def train_generator(
             "change it; default: 1)",
         ),
     ] = None,
+    d_fakes: Annotated[
+        str | None,
+        typer.Option(
+            help="vae-gan: what D judges as fake: samples (G's random samples) or "
+            "reconstructions (the autoencoder's, VQGAN-style; a resume may change it; "
+            "default: samples)",
+        ),
+    ] = None,
     batch: Annotated[int | None, typer.Option(min=1, help="batch size (default: 8)")] = None,
     kimg: Annotated[
         float | None,
@@ -228,6 +236,7 @@ def train_generator(
         adv_start_kimg=adv_start_kimg,
         adv_ramp_kimg=adv_ramp_kimg,
         d_lr_ratio=d_lr_ratio,
+        d_fakes=d_fakes,
         init_generator=init_generator,
         prior_members=prior_members,
     )

@@ -683,3 +683,64 @@ def test_vae_gan_on_masked_images_trains_finite_and_resumes_exactly(tmp_path: Pa
         tiny(tmp_path / "split", steps=4, **extra), resume=tmp_path / "split" / "checkpoint.pt"
     )
     assert {**first, **rest} == full
+
+
+# ---------------------------------------------------------------- D on reconstructions
+
+
+def test_adaptive_adv_weight_is_the_ratio_of_gradient_norms_at_the_last_layer() -> None:
+    from worker.training.generator.steps import adaptive_adv_weight
+
+    w = torch.randn(3, 5, requires_grad=True)
+    other = torch.randn(3, 5, requires_grad=True)
+    reconstruction = (3 * w).sum() + other.pow(2).sum()  # only w's gradient counts
+    adversarial = (w * torch.full_like(w, 0.5)).sum()
+    assert adaptive_adv_weight(reconstruction, adversarial, w).item() == pytest.approx(6.0, 1e-3)
+    # a term that does not reach the layer cannot be balanced: the weight is capped
+    flat = (w * 0).sum()
+    assert adaptive_adv_weight(reconstruction, flat, w).item() == pytest.approx(1e4)
+
+
+def test_d_on_reconstructions_judges_the_autoencoders_output(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from worker.training.generator import steps
+
+    face = random_mobilefacenet(tmp_path / "mfn.ckpt")
+    extra = dict(objective="vae-gan", face_weights=face, d_fakes="reconstructions")
+    shown: list[Tensor | None] = []
+    made: list[Tensor] = []
+    d_step, vae_step = steps.d_step, steps.vae_step
+
+    def spy_d(state, real, mask, fake=None):  # type: ignore[no-untyped-def]
+        shown.append(fake)
+        return d_step(state, real, mask, fake)
+
+    def spy_vae(state, real, mask):  # type: ignore[no-untyped-def]
+        out = vae_step(state, real, mask)
+        made.append(out[1])
+        return out
+
+    monkeypatch.setattr(steps, "d_step", spy_d)
+    monkeypatch.setattr(steps, "vae_step", spy_vae)
+    full = run(tiny(tmp_path / "full", steps=4, **extra))
+    assert len(shown) == len(made) == 4
+    assert all(s is m for s, m in zip(shown, made, strict=True))  # no random samples
+    assert all("loss_G" not in m and m["adv_balance"] > 0 for m in full.values())
+    assert all(math.isfinite(v) for m in full.values() for v in m.values())
+    # a samples run may switch on a resume: D keeps its weights, only its fakes change
+    run(tiny(tmp_path / "split", steps=2, objective="vae-gan", face_weights=face))
+    rest = run(
+        tiny(tmp_path / "split", steps=4, **extra), resume=tmp_path / "split" / "checkpoint.pt"
+    )
+    assert set(rest) == {3, 4} and "adv_balance" in rest[3]
+    saved = read_checkpoint(tmp_path / "split" / "checkpoint.pt")["train_config"]
+    assert saved["d_fakes"] == "reconstructions"
+
+
+def test_d_fakes_is_for_the_vae_gan_objective(tmp_path: Path) -> None:
+    from pydantic import ValidationError
+
+    for objective in ("gan", "vae"):
+        with pytest.raises(ValidationError, match="d_fakes is for the vae-gan"):
+            tiny(tmp_path, steps=1, objective=objective, d_fakes="reconstructions")

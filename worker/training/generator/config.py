@@ -80,6 +80,14 @@ class TrainConfig(BaseModel):
         "by both its autoencoder and its adversarial update, and a D that cannot keep up "
         "sits at chance and sharpens nothing",
     )
+    d_fakes: Literal["samples", "reconstructions"] = Field(
+        "samples",
+        description="vae-gan: what D is shown as fake. samples: G's random samples, and G "
+        "takes its own adversarial step on them; reconstructions: the autoencoder's "
+        "reconstructions of the batch (VQGAN and SD-VAE's way), G's adversarial term only "
+        "in the autoencoder's update, weighted against the reconstruction terms by their "
+        "gradients at G's last layer, so that D's verdict sharpens what the search returns",
+    )
     r1_gamma: float = Field(0.5, ge=0, description="R1 weight; ~0.0002·res²/batch suits small data")
     r1_every: int = Field(16, ge=1, description="D steps between R1 penalties (lazy R1)")
     pl_weight: float = Field(0.0, ge=0, description="path-length weight; 0 turns it off (port: 2)")
@@ -125,6 +133,8 @@ class TrainConfig(BaseModel):
             raise ValueError("perceptual_weight needs face_weights and a vae objective")
         if (self.adv_start_kimg > 0 or self.adv_ramp_kimg > 0) and self.objective != "vae-gan":
             raise ValueError("adv_start_kimg and adv_ramp_kimg are for the vae-gan objective")
+        if self.d_fakes != "samples" and self.objective != "vae-gan":
+            raise ValueError("d_fakes is for the vae-gan objective")
         if self.prior_members is not None and (self.objective == "gan" or self.data is None):
             raise ValueError("prior_members needs data and a vae objective")
         return self
@@ -171,7 +181,8 @@ class TrainConfig(BaseModel):
 # after a warm-up at a low one is the usual way to train a VAE (the checkpoint
 # records the weights in force when it was written). So is D's augmentation:
 # DiffAugment keeps D from memorising a small set, but it can also hold a D
-# that is losing to G at chance, and the way to find out is to turn it off.
+# that is losing to G at chance, and the way to find out is to turn it off;
+# and what D judges, which changes no shape.
 RUN_FIELDS = frozenset(
     {
         "data",
@@ -195,6 +206,7 @@ RUN_FIELDS = frozenset(
         "prior_members",
         "d_lr_ratio",
         "augment",
+        "d_fakes",
     }
 )
 

@@ -130,6 +130,10 @@ PLAIN_LINE_SECONDS = 60.0
 STATUS_METRICS = (
     ("loss_G", "G", 3),
     ("loss_D", "D", 3),
+    ("real_score", "real", 2),
+    ("fake_score", "fake", 2),
+    ("rec_adv", "adv", 3),
+    ("adv_balance", "balance", 1),
     ("r1", "R1", 4),
     ("rec_l1", "L1", 4),
     ("rec_lowres", "lowres", 5),

@@ -62,16 +62,20 @@ def _step(loss: Tensor, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler
         scaler.update()
 
 
-def d_step(state: TrainState, real: Tensor, mask: Tensor) -> dict[str, float]:
-    """D's update on reals and as many fakes, all measured by ``mask``; lazy R1."""
+def d_step(
+    state: TrainState, real: Tensor, mask: Tensor, fake: Tensor | None = None
+) -> dict[str, float]:
+    """D's update on reals and as many fakes (G's random samples unless given), all
+    measured by ``mask``; lazy R1."""
     c, G, D = state.config, state.G, state.D
     G.requires_grad_(False)
     D.requires_grad_(True)
     real = measure(real, mask)
     with _autocast(state):
         with torch.no_grad():
-            fake = G.synthesis(sample_w_plus(G, real.shape[0], c.mixing, state.device))
-            fake = measure(fake, mask)
+            if fake is None:
+                fake = G.synthesis(sample_w_plus(G, real.shape[0], c.mixing, state.device))
+            fake = measure(fake.detach(), mask)
         fake_pred = D(diff_augment(fake, state.augment))
         real_pred = D(diff_augment(real, state.augment))
         loss = d_logistic_loss(real_pred.float(), fake_pred.float())
@@ -144,12 +148,17 @@ def train_step(state: TrainState, real: Tensor, mask: Tensor) -> dict[str, float
     objective = state.config.objective
     adversarial = state.adversarial_now
     metrics: dict[str, float] = {}
-    if adversarial:
-        metrics |= d_step(state, real, mask)
-    if objective != "gan":
-        metrics |= vae_step(state, real, mask)
-    if adversarial:
-        metrics |= g_step(state, mask)
+    if adversarial and state.config.d_fakes == "reconstructions":
+        # VQGAN's order: G answers the D of this step, then D judges the same reconstructions
+        vae_metrics, reconstructions = vae_step(state, real, mask)
+        metrics |= d_step(state, real, mask, reconstructions) | vae_metrics
+    else:
+        if adversarial:
+            metrics |= d_step(state, real, mask)
+        if objective != "gan":
+            metrics |= vae_step(state, real, mask)[0]
+        if adversarial:
+            metrics |= g_step(state, mask)
     update_ema(state)
     state.step += 1
     bad = {k: v for k, v in metrics.items() if k.startswith("loss_") and not math.isfinite(v)}
@@ -162,9 +171,10 @@ def train_step(state: TrainState, real: Tensor, mask: Tensor) -> dict[str, float
     return metrics
 
 
-def vae_step(state: TrainState, real: Tensor, mask: Tensor) -> dict[str, float]:
+def vae_step(state: TrainState, real: Tensor, mask: Tensor) -> tuple[dict[str, float], Tensor]:
     """One joint update of the encoder and G on a batch of reals (plus, for
-    vae-gan, the adversarial loss of the reconstructions)."""
+    vae-gan, the adversarial loss of the reconstructions); the metrics and the
+    reconstructions (detached)."""
     c, G, E = state.config, state.G, state.E
     assert E is not None and state.opt_E is not None
     G.requires_grad_(True)
@@ -186,6 +196,10 @@ def vae_step(state: TrainState, real: Tensor, mask: Tensor) -> dict[str, float]:
     if c.objective == "vae-gan" and adv_weight > 0:
         state.D.requires_grad_(False)
         adv = g_nonsaturating_loss(state.D(diff_augment(measure(fake, mask), state.augment)))
+        if c.d_fakes == "reconstructions":
+            balance = adaptive_adv_weight(loss, adv, G.to_rgbs[-1].conv.weight)
+            out["adv_balance"] = balance.item()
+            adv_weight = adv_weight * balance
         loss = loss + adv_weight * adv
         out["rec_adv"] = adv.item()
     state.opt_G.zero_grad(set_to_none=True)
@@ -194,4 +208,14 @@ def vae_step(state: TrainState, real: Tensor, mask: Tensor) -> dict[str, float]:
     state.opt_G.step()
     state.opt_E.step()
     out["loss_VAE"] = loss.item()
-    return out
+    return out, fake.detach()
+
+
+def adaptive_adv_weight(reconstruction: Tensor, adversarial: Tensor, last_layer: Tensor) -> Tensor:
+    """VQGAN's balance (Esser et al. 2021, eq. 7): the ratio of the two losses' gradient
+    norms at the decoder's last layer: the adversarial term pulls as hard as the
+    reconstruction terms (times ``adv_weight``) as both change in scale over a run,
+    where a fixed weight is soon either lost beside them or swamps them."""
+    (g_rec,) = torch.autograd.grad(reconstruction, last_layer, retain_graph=True)
+    (g_adv,) = torch.autograd.grad(adversarial, last_layer, retain_graph=True)
+    return (g_rec.norm() / (g_adv.norm() + 1e-4)).clamp(0.0, 1e4).detach()
