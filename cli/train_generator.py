@@ -99,7 +99,11 @@ def train_generator(
         ),
     ] = None,
     adv_weight: Annotated[
-        float | None, typer.Option(help="weight of G's adversarial loss (default: 1)")
+        float | None,
+        typer.Option(
+            help="weight of G's adversarial loss (with --d-fakes reconstructions: times the "
+            "gradient balance; default: 1)"
+        ),
     ] = None,
     adv_start_kimg: Annotated[
         float | None,
@@ -123,9 +127,11 @@ def train_generator(
     d_fakes: Annotated[
         str | None,
         typer.Option(
-            help="vae-gan: what D judges as fake: samples (G's random samples) or "
-            "reconstructions (the autoencoder's, VQGAN-style; a resume may change it; "
-            "default: samples)",
+            help="vae-gan: what D judges as fake: samples (G's random samples, with G's own "
+            "adversarial step on them) or reconstructions (the autoencoder's, VQGAN-style: no "
+            "separate G step; the adversarial term is balanced against the reconstruction "
+            "terms by their gradient norms at G's last layer, times --adv-weight). A resume "
+            "may change it (default: samples)",
         ),
     ] = None,
     batch: Annotated[int | None, typer.Option(min=1, help="batch size (default: 8)")] = None,
@@ -177,7 +183,8 @@ def train_generator(
     augment: Annotated[
         str | None,
         typer.Option(
-            help="DiffAugment policy: comma list of color, translation, cutout; or 'none'"
+            help="DiffAugment policy: comma list of color, translation, cutout; or 'none' "
+            "(a resume may change it)"
         ),
     ] = None,
     members: Annotated[

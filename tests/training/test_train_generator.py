@@ -696,7 +696,7 @@ def test_adaptive_adv_weight_is_the_ratio_of_gradient_norms_at_the_last_layer() 
     reconstruction = (3 * w).sum() + other.pow(2).sum()  # only w's gradient counts
     adversarial = (w * torch.full_like(w, 0.5)).sum()
     assert adaptive_adv_weight(reconstruction, adversarial, w).item() == pytest.approx(6.0, 1e-3)
-    # a term that does not reach the layer cannot be balanced: the weight is capped
+    # an adversarial term with no gradient at the layer: the weight is capped
     flat = (w * 0).sum()
     assert adaptive_adv_weight(reconstruction, flat, w).item() == pytest.approx(1e4)
 
@@ -728,13 +728,19 @@ def test_d_on_reconstructions_judges_the_autoencoders_output(
     assert all(s is m for s, m in zip(shown, made, strict=True))  # no random samples
     assert all("loss_G" not in m and m["adv_balance"] > 0 for m in full.values())
     assert all(math.isfinite(v) for m in full.values() for v in m.values())
-    # a samples run may switch on a resume: D keeps its weights, only its fakes change
-    run(tiny(tmp_path / "split", steps=2, objective="vae-gan", face_weights=face))
+    # it resumes exactly (it draws no samples, so its random streams differ from samples')
+    first = run(tiny(tmp_path / "split", steps=2, **extra))
     rest = run(
         tiny(tmp_path / "split", steps=4, **extra), resume=tmp_path / "split" / "checkpoint.pt"
     )
-    assert set(rest) == {3, 4} and "adv_balance" in rest[3]
-    saved = read_checkpoint(tmp_path / "split" / "checkpoint.pt")["train_config"]
+    assert {**first, **rest} == full
+    # and a samples run may switch to it on a resume
+    run(tiny(tmp_path / "switch", steps=2, objective="vae-gan", face_weights=face))
+    rest = run(
+        tiny(tmp_path / "switch", steps=4, **extra), resume=tmp_path / "switch" / "checkpoint.pt"
+    )
+    assert set(rest) == {3, 4} and "adv_balance" in rest[3] and "loss_G" not in rest[3]
+    saved = read_checkpoint(tmp_path / "switch" / "checkpoint.pt")["train_config"]
     assert saved["d_fakes"] == "reconstructions"
 
 
@@ -744,3 +750,9 @@ def test_d_fakes_is_for_the_vae_gan_objective(tmp_path: Path) -> None:
     for objective in ("gan", "vae"):
         with pytest.raises(ValidationError, match="d_fakes is for the vae-gan"):
             tiny(tmp_path, steps=1, objective=objective, d_fakes="reconstructions")
+    # path lengths are regularised in G's adversarial step on samples, which these lack
+    with pytest.raises(ValidationError, match="pl_weight needs"):
+        tiny(tmp_path, steps=1, objective="vae-gan", d_fakes="reconstructions", pl_weight=2.0)
+    with pytest.raises(ValidationError, match="pl_weight needs"):
+        tiny(tmp_path, steps=1, objective="vae", pl_weight=2.0)
+    tiny(tmp_path, steps=1, objective="vae-gan", pl_weight=2.0)

@@ -58,7 +58,12 @@ class TrainConfig(BaseModel):
         description="vae: weight of the distance of MobileFaceNet's feature maps "
         "(worker/training/perceptual.py; needs face_weights); 0: off",
     )
-    adv_weight: float = Field(1.0, ge=0, description="weight of G's adversarial loss")
+    adv_weight: float = Field(
+        1.0,
+        ge=0,
+        description="weight of G's adversarial loss (with d_fakes=reconstructions: times "
+        "the gradient balance)",
+    )
     adv_start_kimg: float = Field(
         0.0,
         ge=0,
@@ -76,9 +81,9 @@ class TrainConfig(BaseModel):
     d_lr_ratio: float = Field(
         1.0,
         gt=0,
-        description="D's lr as a multiple of lr (two time-scale updates): G moves every step "
-        "by both its autoencoder and its adversarial update, and a D that cannot keep up "
-        "sits at chance and sharpens nothing",
+        description="D's lr as a multiple of lr (two time-scale updates): with "
+        "d_fakes=samples G moves every step by both its autoencoder and its adversarial "
+        "update, and a D that cannot keep up sits at chance and sharpens nothing",
     )
     d_fakes: Literal["samples", "reconstructions"] = Field(
         "samples",
@@ -135,6 +140,12 @@ class TrainConfig(BaseModel):
             raise ValueError("adv_start_kimg and adv_ramp_kimg are for the vae-gan objective")
         if self.d_fakes != "samples" and self.objective != "vae-gan":
             raise ValueError("d_fakes is for the vae-gan objective")
+        if self.pl_weight > 0 and (self.objective == "vae" or self.d_fakes != "samples"):
+            # path lengths are regularised in G's own adversarial step on samples
+            raise ValueError(
+                "pl_weight needs G's adversarial step on samples (objective gan or vae-gan, "
+                "d_fakes samples)"
+            )
         if self.prior_members is not None and (self.objective == "gan" or self.data is None):
             raise ValueError("prior_members needs data and a vae objective")
         return self
@@ -179,10 +190,10 @@ class TrainConfig(BaseModel):
 # Fields a resumed run may change; every other field must match the checkpoint.
 # The vae objectives' loss weights are among them: raising the KL weight
 # after a warm-up at a low one is the usual way to train a VAE (the checkpoint
-# records the weights in force when it was written). So is D's augmentation:
-# DiffAugment keeps D from memorising a small set, but it can also hold a D
-# that is losing to G at chance, and the way to find out is to turn it off;
-# and what D judges, which changes no shape.
+# records the weights in force when it was written). So are D's augmentation
+# (DiffAugment keeps D from memorising a small set, but it can also hold a D
+# that is losing to G at chance, and the way to find out is to turn it off)
+# and what D is shown as fake; neither changes a shape.
 RUN_FIELDS = frozenset(
     {
         "data",

@@ -133,7 +133,7 @@ STATUS_METRICS = (
     ("real_score", "real", 2),
     ("fake_score", "fake", 2),
     ("rec_adv", "adv", 3),
-    ("adv_balance", "balance", 1),
+    ("adv_balance", "balance", 3),
     ("r1", "R1", 4),
     ("rec_l1", "L1", 4),
     ("rec_lowres", "lowres", 5),

@@ -143,13 +143,15 @@ def update_ema(state: TrainState) -> None:
 
 
 def train_step(state: TrainState, real: Tensor, mask: Tensor) -> dict[str, float]:
-    """The objective's updates (D, the autoencoder, G) on a batch of reals and their
-    masks of measured pixels, the EMA; advances ``state.step``."""
+    """The objective's updates (D, the autoencoder, G; with d_fakes=reconstructions the
+    autoencoder, then D) on a batch of reals and their masks of measured pixels, the
+    EMA; advances ``state.step``."""
     objective = state.config.objective
     adversarial = state.adversarial_now
     metrics: dict[str, float] = {}
     if adversarial and state.config.d_fakes == "reconstructions":
-        # VQGAN's order: G answers the D of this step, then D judges the same reconstructions
+        # G's update first, as in VQGAN; D then judges those reconstructions, made
+        # before G's update (one forward pass fewer than remaking them)
         vae_metrics, reconstructions = vae_step(state, real, mask)
         metrics |= d_step(state, real, mask, reconstructions) | vae_metrics
     else:
