@@ -362,12 +362,12 @@ def search_scores(out: Outputs) -> dict[str, Any]:
         "mse_mean": float(np.mean(out.mse)),
         "seconds_per_thumbnail": out.search_seconds / n,
         "batches": out.batches,
-        "cached_batches": out.cached_batches,
+        "cached_jobs": out.cached_jobs,
     }
-    if out.cached_batches:
-        # a cached batch keeps the seconds of the run that searched it, wherever that ran
+    if out.cached_jobs:
+        # a cached job keeps the seconds of the run that searched it, wherever that ran
         scores["note"] = (
-            f"{out.cached_batches} of {out.batches} batches came from the cache: "
+            f"{out.cached_jobs} of {n} thumbnails came from the cache: "
             "their seconds are those of the run that searched them"
         )
     return scores
