@@ -397,10 +397,11 @@ def identity_scores(
     """Cosine distance (1 - cos) to the person's other photo I' in an embedding the search
     never saw (neither F nor F0): does an upscale carry more of the person than a blur?"""
     judge = models.attribute_judge
-    reference = judge_features(judge, celeba.references)
+    rows = celeba.with_reference  # people with a second photo I' only
+    reference = judge_features(judge, celeba.reference_photos(rows))
 
     def distance(images: Tensor) -> Tensor:
-        return 1 - F.cosine_similarity(judge_features(judge, images), reference, dim=1)
+        return 1 - F.cosine_similarity(judge_features(judge, images[rows]), reference, dim=1)
 
     ours, blurred, photos = distance(plain.images), distance(bicubic), distance(celeba.photos)
     return {
@@ -409,7 +410,7 @@ def identity_scores(
         "bicubic_mean": float(blurred.mean()),
         "photo_mean": float(photos.mean()),  # the floor: the person's own photo I
         "output_closer_than_bicubic": float((ours < blurred).float().mean()),
-        "n": len(celeba),
+        "n": len(rows),
     }
 
 
