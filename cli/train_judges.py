@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shlex
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -39,6 +41,14 @@ def train_judges(
             help="race: weigh each race by its inverse frequency, so the rarest is still predicted",
         ),
     ] = True,
+    stem_stride: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            max=2,
+            help="2: halve the 64-px crop before the first block (fast); 1: keep it (~5× slower)",
+        ),
+    ] = 2,
     threads: Annotated[int | None, typer.Option(min=1, help="CPU threads for torch")] = None,
 ) -> None:
     """Train the race and attribute judges: small ResNets from scratch on
@@ -67,6 +77,7 @@ def train_judges(
             JudgeData(train_x, train_y, test_x, test_y),  # type: ignore[arg-type]
             epochs=epochs,
             max_minutes=max_minutes,
+            stem_stride=stem_stride,
             balanced=balanced,
             log=lambda line: err.print(line, highlight=False),
         )
@@ -89,7 +100,7 @@ def train_judges(
                     "data": f"{root.name} train split (likeness/splits.py, "
                     f"salt likeness-v1), {metrics['train_images']} images",
                     "init": "random (no pretrained weights: independent of F)",
-                    "command": "likeness train-judges",
+                    "command": shlex.join(["likeness", *sys.argv[1:]]),
                     "device": "cpu",
                 },
                 metrics=metrics,

@@ -65,14 +65,21 @@ def test_attribute_judge_reports_map_and_accuracy() -> None:
     assert 0 <= metrics["attribute_map"] <= 1 and len(metrics["accuracy"]) == 40
 
 
-def test_save_load_round_trip(tmp_path: Path) -> None:
+@pytest.mark.parametrize("stem_stride", [2, 1])
+def test_save_load_round_trip(tmp_path: Path, stem_stride: int) -> None:
     tx, ty = tinted(64, 5, 3)
     net, metrics = train_judge(
-        "race", JudgeData(tx, ty, tx, ty), epochs=1, batch=32, log=lambda _: None, widths=SMALL
+        "race",
+        JudgeData(tx, ty, tx, ty),
+        epochs=1,
+        batch=32,
+        log=lambda _: None,
+        widths=SMALL,
+        stem_stride=stem_stride,
     )
     save_judge(net, "race", tmp_path / "j.pt", metrics)
     back = load_judge(tmp_path / "j.pt")
-    assert back.labels == net.labels and back.stem_stride == net.stem_stride == 2
+    assert back.labels == net.labels and back.stem_stride == net.stem_stride == stem_stride
     # fp16 storage: logits agree to half precision
     torch.testing.assert_close(predict(back, tx), predict(net, tx), atol=0.05, rtol=0.01)
     with pytest.raises(ValueError):
@@ -106,3 +113,32 @@ def test_files_from_before_the_stem_stride_load_as_stride_one(tmp_path: Path) ->
     x = torch.rand(2, 3, 64, 64)
     assert back.stem_stride == 1
     torch.testing.assert_close(back(x), net.eval()(x))
+
+
+def test_cli_trains_into_another_manifest_with_the_stem_stride_asked(tmp_path: Path) -> None:
+    import json
+    import sys
+
+    from typer.testing import CliRunner
+
+    from cli.main import app
+    from tests.evaluation.synthetic import write_data_root
+
+    write_data_root(tmp_path / "data", people=2, utk_per_race=4)
+    into = tmp_path / "w"  # a folder of its own: the bundled judges stay as they are
+    args = ["train-judges", "--data-root", str(tmp_path / "data"), "--task", "race"]
+    args += ["--epochs", "1", "--stem-stride", "1", "--into", str(into)]
+    args += ["--cache", str(tmp_path / "cache"), "--threads", "1"]
+    argv = sys.argv
+    sys.argv = ["likeness", *args]  # the manifest records the command as typed
+    try:
+        result = CliRunner().invoke(app, args)
+    finally:
+        sys.argv = argv
+    assert result.exit_code == 0, result.output
+    (entry,) = json.loads((into / "manifest.json").read_text())["models"]
+    assert entry["name"] == "judge-race" and entry["config"]["stem_stride"] == 1
+    assert entry["provenance"]["command"] == "likeness " + " ".join(args)
+    assert load_judge(into / entry["file"]).stem_stride == 1
+    result = CliRunner().invoke(app, [*args[:-4], "--stem-stride", "3"])
+    assert result.exit_code == 2
