@@ -1,7 +1,10 @@
-"""What every command shares: the error console, failing with an exit code, progress bars."""
+"""What every command shares: the error console, failing with an exit code, progress bars,
+the command line as typed (for provenance)."""
 
 from __future__ import annotations
 
+import shlex
+import sys
 from typing import NoReturn
 
 import typer
@@ -17,6 +20,11 @@ EXIT_NOT_ACCEPTED = 3
 def fail(message: str, code: int = EXIT_ERROR) -> NoReturn:
     err.print(f"[bold red]error:[/] {message}", highlight=False)
     raise typer.Exit(code)
+
+
+def typed_command() -> str:
+    """This process's command line as a user would retype it, for a manifest's provenance."""
+    return shlex.join(["likeness", *sys.argv[1:]])
 
 
 def progress_bar() -> Progress:

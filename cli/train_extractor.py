@@ -5,14 +5,12 @@ Torch loads inside the command, so registering it keeps ``likeness --help`` fast
 
 from __future__ import annotations
 
-import shlex
-import sys
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from cli.output import err
+from cli.output import err, typed_command
 from likeness.errors import LikenessError
 
 
@@ -382,9 +380,7 @@ def ship_export(export: Path, into: Path | None) -> None:
     from worker.training.extractor_ship import ship_extractor
 
     manifest = manifest_in(into)
-    entry = ship_extractor(
-        export, manifest_path=manifest, command=shlex.join(["likeness", *sys.argv[1:]])
-    )
+    entry = ship_extractor(export, manifest_path=manifest, command=typed_command())
     err.print(
         f"shipped as the default extractor '{entry.name}' → "
         f"{manifest.parent / entry.file} (sha256 {entry.sha256[:12]}…)",

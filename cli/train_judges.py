@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import shlex
-import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from cli.output import err, fail
+from cli.output import err, fail, typed_command
 
 
 def train_judges(
@@ -100,7 +98,7 @@ def train_judges(
                     "data": f"{root.name} train split (likeness/splits.py, "
                     f"salt likeness-v1), {metrics['train_images']} images",
                     "init": "random (no pretrained weights: independent of F)",
-                    "command": shlex.join(["likeness", *sys.argv[1:]]),
+                    "command": typed_command(),
                     "device": "cpu",
                 },
                 metrics=metrics,

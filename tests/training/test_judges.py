@@ -115,7 +115,9 @@ def test_files_from_before_the_stem_stride_load_as_stride_one(tmp_path: Path) ->
     torch.testing.assert_close(back(x), net.eval()(x))
 
 
-def test_cli_trains_into_another_manifest_with_the_stem_stride_asked(tmp_path: Path) -> None:
+def test_cli_trains_into_another_manifest_with_the_stem_stride_asked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import json
     import sys
 
@@ -129,12 +131,8 @@ def test_cli_trains_into_another_manifest_with_the_stem_stride_asked(tmp_path: P
     args = ["train-judges", "--data-root", str(tmp_path / "data"), "--task", "race"]
     args += ["--epochs", "1", "--stem-stride", "1", "--into", str(into)]
     args += ["--cache", str(tmp_path / "cache"), "--threads", "1"]
-    argv = sys.argv
-    sys.argv = ["likeness", *args]  # the manifest records the command as typed
-    try:
-        result = CliRunner().invoke(app, args)
-    finally:
-        sys.argv = argv
+    monkeypatch.setattr(sys, "argv", ["likeness", *args])  # recorded as typed
+    result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     (entry,) = json.loads((into / "manifest.json").read_text())["models"]
     assert entry["name"] == "judge-race" and entry["config"]["stem_stride"] == 1
