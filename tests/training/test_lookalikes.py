@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from likeness.errors import LikenessError
+from likeness.manifest import sha256_file
 from worker.engine.checkpoints import load_generator, save_generator
 from worker.engine.face.alignment import SPHEREFACE_112x96
 from worker.engine.face.export import export, load_export
@@ -434,6 +435,11 @@ def test_the_stage_starts_from_an_export(generator_path: Path, tmp_path: Path) -
     assert not torch.equal(model["arcface.weight"], fresh["arcface.weight"])
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert log[0]["head_fit"]["faces"] == {"identity": 8}  # centres only
+    # The start is named by its content: a ship may overwrite the file at that path later.
+    started_from = sha256_file(tmp_path / "f.pt")
+    assert ckpt["init_sha256"] == started_from
+    exported = torch.load(result.export, weights_only=True)
+    assert exported["train"]["init_sha256"] == started_from
     with pytest.raises(LikenessError, match="cannot read"):
         bad = config.model_copy(update={"init_export": str(tmp_path / "run" / "log.jsonl")})
         train(bad.model_copy(update={"out": str(tmp_path / "bad")}), progress=False)

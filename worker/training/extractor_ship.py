@@ -52,6 +52,7 @@ def ship_extractor(
                 "faces": train.get("faces"),
                 "split": train.get("split"),
                 "init": train.get("init"),
+                "init_sha256": train.get("init_sha256"),
                 "head_epochs": train.get("head_epochs"),
                 "steps": train.get("step"),
                 "minutes": round(seconds / 60, 1),

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from likeness.errors import LikenessError
+from likeness.manifest import sha256_file
 from likeness.splits import DEFAULT_SALT
 from worker.engine.checkpoints import LoadedGenerator
 from worker.engine.downscale import downscale_factor
@@ -60,6 +61,7 @@ def train_info(state: TrainState, data: Data) -> dict[str, Any]:
         "data": c.data_root or "synthetic",
         "use_lfw": c.use_lfw,
         "init": c.init_export or c.weights,
+        "init_sha256": state.init_sha256,
         "architecture": c.architecture,
         "head_epochs": c.head_epochs,
         "meta_epochs": state.meta_epoch,
@@ -124,6 +126,7 @@ def restore(state: TrainState, ckpt: dict[str, Any], data: Data) -> None:
     state.threshold_deg = ckpt.get("threshold_deg")
     state.meta_history = list(ckpt.get("meta_history", []))
     state.meta_losses = list(ckpt.get("meta_losses", []))
+    state.init_sha256 = ckpt.get("init_sha256")
     # Older checkpoints also carry "lookalikes" (the lookalikes' latents): left unread.
     set_rng_state(ckpt["rng"])
 
@@ -149,6 +152,7 @@ def start_from_export(state: TrainState, path: Path) -> None:
     ext.race_head.load_state_dict(exported.race_head.state_dict())
     ext.attribute_head.load_state_dict(exported.attribute_head.state_dict())
     state.threshold_deg = exported.threshold_deg
+    state.init_sha256 = sha256_file(path)
 
 
 def stage_generator(state: TrainState) -> LoadedGenerator | None:

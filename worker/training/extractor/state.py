@@ -35,6 +35,9 @@ class TrainState:
     threshold_deg: float | None = None  # θ_t of the last measurement: L_siamese's and the search's
     meta_history: list[dict[str, Any]] = field(default_factory=list)  # one entry per measurement
     meta_losses: list[float] = field(default_factory=list)  # L_siamese per step, this meta-epoch
+    # The init export's hash when the run started: the path may hold another file by the
+    # time this run is shipped (a ship overwrites the F it started from).
+    init_sha256: str | None = None
 
 
 def new_state(config: ExtractorConfig, data: Data, device: torch.device) -> TrainState:
@@ -68,6 +71,7 @@ def save_checkpoint(state: TrainState, path: Path) -> None:
             "threshold_deg": state.threshold_deg,
             "meta_history": state.meta_history,
             "meta_losses": state.meta_losses,
+            "init_sha256": state.init_sha256,
             "classes": state.model.arcface.weight.shape[0],
             "train_seconds": state.train_seconds,
             "rng": rng_state(),
