@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -47,6 +47,13 @@ def train_judges(
             help="2: halve the 64-px crop before the first block (fast); 1: keep it (~5× slower)",
         ),
     ] = 2,
+    calibrate_only: Annotated[
+        bool,
+        typer.Option(
+            help="attributes: keep the registered judge's weights and only give it the "
+            "training split's priors, which its decisions on balanced sets subtract",
+        ),
+    ] = False,
     threads: Annotated[int | None, typer.Option(min=1, help="CPU threads for torch")] = None,
 ) -> None:
     """Train the race and attribute judges: small ResNets from scratch on
@@ -55,6 +62,12 @@ def train_judges(
 
     from likeness.manifest import WeightsEntry, manifest_in, register, sha256_file
     from worker.training.judges import JudgeData, prepare, save_judge, train_judge
+
+    if calibrate_only:
+        if task not in (None, ["attributes"]):
+            fail("--calibrate-only applies to the attribute judge (--task attributes)")
+        calibrate_attribute_judge(data_root, manifest_in(into), cache, threads)
+        return
 
     if threads is not None:
         torch.set_num_threads(threads)
@@ -108,9 +121,59 @@ def train_judges(
         headline = (
             f"top-1 {metrics['top1']:.3f}, mean per race {metrics['mean_per_class']:.3f}"
             if t == "race"
-            else f"mAP {metrics['attribute_map']:.3f}"
+            else f"mAP {metrics['attribute_map']:.3f}, mean balanced accuracy "
+            f"{mean_balanced(metrics):.3f}"
         )
         err.print(
             f"{t} judge: held-out {headline} ({metrics['test_images']} images); wrote {path}",
             highlight=False,
         )
+
+
+def calibrate_attribute_judge(
+    data_root: Path, manifest_path: Path, cache: Path, threads: int | None
+) -> None:
+    """Priors for the registered attribute judge: its file and manifest entry rewritten,
+    weights, data and training provenance kept."""
+    import torch
+
+    from likeness.manifest import load_manifest, register, sha256_file
+    from worker.training.judges import calibrate_judge, prepare, split_labels
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    entry = next(
+        (e for e in load_manifest(manifest_path).models if e.name == "judge-attributes"), None
+    )
+    if entry is None:
+        fail(f"no judge-attributes in {manifest_path}: train it first (--task attributes)")
+    path = manifest_path.parent / entry.file
+    if sha256_file(path) != entry.sha256:
+        fail(f"{path} does not match its manifest sha256")
+    root = data_root / "celebahq"
+    if not (root / "labels.csv").is_file():
+        fail(f"no {root / 'labels.csv'}")
+    _, train_y = split_labels(root, "attributes", "train", None)
+    err.print(f"attribute judge: aligning the held-out crops from {root}", highlight=False)
+    test_x, test_y = prepare(root, "attributes", "test", None, cache)
+    metrics = calibrate_judge(path, train_y, test_x, test_y)
+    provenance = entry.provenance | {
+        "decision": f"prior log odds of {len(train_y)} train-split labels, subtracted on "
+        f"balanced sets (set by: {typed_command()})"
+    }
+    register(
+        entry.model_copy(
+            update={"sha256": sha256_file(path), "metrics": metrics, "provenance": provenance}
+        ),
+        manifest_path,
+    )
+    err.print(
+        f"attribute judge: held-out mean balanced accuracy {mean_balanced(metrics):.3f} "
+        f"({metrics['test_images']} images); wrote {path}",
+        highlight=False,
+    )
+
+
+def mean_balanced(metrics: dict[str, Any]) -> float:
+    balanced = metrics["balanced_accuracy"]
+    return float(sum(balanced.values()) / len(balanced))

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
 import torch
 
+from likeness.labels import CELEBA_ATTRIBUTES
 from worker.training.judges import (
     INPUT_SIZE,
     JudgeData,
@@ -63,6 +65,61 @@ def test_attribute_judge_reports_map_and_accuracy() -> None:
         "attributes", data, epochs=1, batch=32, log=lambda _: None, widths=SMALL
     )
     assert 0 <= metrics["attribute_map"] <= 1 and len(metrics["accuracy"]) == 40
+
+
+def rare_attribute(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tinted images with 'Narrow_Eyes' true on 10% of them (a red tint says which)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 3, SIDE, SIDE, generator=g) * 0.5
+    y = torch.zeros(n, 40, dtype=torch.long)
+    y[: n // 10, 23] = 1
+    x[: n // 10, 0] += 0.25
+    return (x.clamp(0, 1) * 255).byte(), y
+
+
+def test_a_rare_attribute_is_judged_against_its_prior() -> None:
+    from worker.training.judges import attribute_decisions, prior_log_odds
+
+    tx, ty = rare_attribute(800, 4)
+    vx, vy = rare_attribute(200, 5)
+    net, metrics = train_judge(
+        "attributes",
+        JudgeData(tx, ty, vx, vy),
+        epochs=12,
+        batch=32,
+        log=lambda _: None,
+        widths=SMALL,
+    )
+    torch.testing.assert_close(net.prior_logit, prior_log_odds(ty))
+    assert float(net.prior_logit[23]) == pytest.approx(math.log(0.1 / 0.9), abs=1e-5)
+    assert set(metrics["balanced_accuracy"]) == {"Narrow_Eyes"}  # the rest single-valued
+    # at 0 a 10% attribute is called absent on nearly every face: chance on a balanced set
+    logits = predict(net, vx)[:, 23]
+    positives = vy[:, 23] == 1
+    at_zero = (
+        float((logits[positives] > 0).float().mean())
+        + float((logits[~positives] <= 0).float().mean())
+    ) / 2
+    said = attribute_decisions(net, predict(net, vx))[:, 23]
+    assert metrics["balanced_accuracy"]["Narrow_Eyes"] == pytest.approx(
+        (float(said[positives].float().mean()) + float((~said[~positives]).float().mean())) / 2
+    )
+    assert metrics["balanced_accuracy"]["Narrow_Eyes"] >= 0.75 > at_zero + 0.1, at_zero
+
+
+def test_calibrating_a_judge_file_keeps_its_weights(tmp_path: Path) -> None:
+    from worker.training.judges import JudgeNet, calibrate_judge, prior_log_odds
+
+    tx, ty = rare_attribute(64, 6)
+    net = JudgeNet(CELEBA_ATTRIBUTES, SMALL)  # a file from before the priors: decides at 0
+    save_judge(net.eval(), "attributes", tmp_path / "j.pt", {"attribute_map": 0.5, "epochs": 3})
+    assert torch.equal(load_judge(tmp_path / "j.pt").prior_logit, torch.zeros(40))
+    metrics = calibrate_judge(tmp_path / "j.pt", ty, tx, ty)
+    back = load_judge(tmp_path / "j.pt")
+    torch.testing.assert_close(back.prior_logit, prior_log_odds(ty))
+    for name, tensor in load_judge(tmp_path / "j.pt").state_dict().items():
+        torch.testing.assert_close(tensor, net.state_dict()[name].half().to(tensor.dtype))
+    assert metrics["epochs"] == 3 and set(metrics["balanced_accuracy"]) == {"Narrow_Eyes"}
 
 
 @pytest.mark.parametrize("stem_stride", [2, 1])
@@ -140,3 +197,47 @@ def test_cli_trains_into_another_manifest_with_the_stem_stride_asked(
     assert load_judge(into / entry["file"]).stem_stride == 1
     result = CliRunner().invoke(app, [*args[:-4], "--stem-stride", "3"])
     assert result.exit_code == 2
+
+
+def test_cli_calibrates_the_registered_attribute_judge(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+    import sys
+
+    from typer.testing import CliRunner
+
+    from cli.main import app
+    from likeness.manifest import WeightsEntry, register, sha256_file
+    from tests.evaluation.synthetic import write_data_root
+
+    write_data_root(tmp_path / "data", people=4, utk_per_race=1)
+    into = tmp_path / "w"
+    args = ["train-judges", "--data-root", str(tmp_path / "data"), "--task", "attributes"]
+    args += ["--into", str(into), "--cache", str(tmp_path / "cache"), "--threads", "1"]
+    missing = CliRunner().invoke(app, [*args, "--calibrate-only"])
+    assert missing.exit_code != 0 and "train it first" in missing.output
+    result = CliRunner().invoke(app, [*args, "--epochs", "1"])
+    assert result.exit_code == 0, result.output
+    (trained,) = json.loads((into / "manifest.json").read_text())["models"]
+    net = load_judge(into / trained["file"])
+    assert bool(net.prior_logit.ne(0).any())  # training sets them
+    net.prior_logit = torch.zeros(40)  # as a judge from before the priors: decides at 0
+    save_judge(net, "attributes", into / trained["file"], trained["metrics"])
+    trained["sha256"] = sha256_file(into / trained["file"])
+    register(WeightsEntry(**trained), into / "manifest.json")
+    before = load_judge(into / trained["file"]).state_dict()
+    monkeypatch.setattr(sys, "argv", ["likeness", *args, "--calibrate-only"])
+    result = CliRunner().invoke(app, [*args, "--calibrate-only"])
+    assert result.exit_code == 0, result.output
+    (entry,) = json.loads((into / "manifest.json").read_text())["models"]
+    calibrated = load_judge(into / entry["file"])
+    assert entry["sha256"] == sha256_file(into / entry["file"]) != trained["sha256"]
+    assert "--calibrate-only" in entry["provenance"]["decision"]
+    assert entry["provenance"]["data"] == trained["provenance"]["data"]
+    assert "balanced_accuracy" in entry["metrics"]
+    assert bool(calibrated.prior_logit.ne(0).any())
+    for name, tensor in calibrated.state_dict().items():
+        assert torch.equal(tensor, before[name]), name
+    race = CliRunner().invoke(app, [*args[:4], "race", *args[5:], "--calibrate-only"])
+    assert race.exit_code != 0 and "attribute judge" in race.output

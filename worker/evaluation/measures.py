@@ -14,7 +14,7 @@ from torch import Tensor
 
 from worker.engine.face.alignment import fallback_landmarks
 from worker.engine.face.extractor import FaceExtractor, angle
-from worker.training.judges import JudgeNet, aligned_crops, predict
+from worker.training.judges import JudgeNet, aligned_crops, attribute_decisions, predict
 
 BATCH = 64
 
@@ -86,7 +86,7 @@ def race_predictions(judge: JudgeNet, images: Tensor) -> np.ndarray:
 
 
 def attribute_predictions(judge: JudgeNet, images: Tensor, names: tuple[str, ...]) -> np.ndarray:
-    """0/1 per image and attribute of ``names``: (N, len(names))."""
-    logits = judge_logits(judge, images)
+    """0/1 per image and attribute of ``names``, as judged on a balanced set: (N, len(names))."""
+    said = attribute_decisions(judge, judge_logits(judge, images))
     columns = [judge.labels.index(n) for n in names]
-    return (logits[:, columns] > 0).long().numpy()
+    return said[:, columns].long().numpy()

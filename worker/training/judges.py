@@ -54,6 +54,8 @@ class JudgeNet(nn.Module):
 
     ``stem_stride`` 2 halves the resolution before the first block: a quarter of
     the arithmetic, which is what lets a judge train in minutes on a CPU.
+    ``prior_logit``: each attribute's log odds in the training split (zeros for race,
+    whose loss is balanced instead); see ``attribute_decisions``.
     """
 
     def __init__(
@@ -77,9 +79,29 @@ class JudgeNet(nn.Module):
             cin = w
         self.features = nn.Sequential(*layers)
         self.head = nn.Sequential(nn.Dropout(0.2), nn.Linear(cin, len(self.labels)))
+        self.register_buffer("prior_logit", torch.zeros(len(self.labels)), persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.features((x - 0.5) / 0.25).mean((2, 3)))
+
+
+def prior_log_odds(y: Tensor) -> Tensor:
+    """Each attribute's log odds of being present in labels ``y`` (N, attributes); an
+    attribute never (or always) present gets a large finite value."""
+    p = y.float().mean(0).clamp(1e-4, 1 - 1e-4)
+    return torch.log(p / (1 - p))
+
+
+def attribute_decisions(net: JudgeNet, logits: Tensor) -> Tensor:
+    """Present or not, per image and attribute, as judged on a balanced set of people.
+
+    Trained on CelebA's frequencies, a logit says "present" above 0 only for the
+    attribute's frequency: a rare one (Narrow_Eyes, 12%) would be called absent on
+    almost every face, which scores 50% on a balanced set whatever the face shows.
+    Subtracting the training split's log prior odds is the Bayes decision for equal
+    priors, the sets the evaluation scores on; the logits and features are unchanged.
+    """
+    return logits - net.prior_logit.to(logits.device) > 0
 
 
 def aligned_crops(images: Tensor, landmarks: Tensor | None) -> Tensor:
@@ -131,6 +153,8 @@ def train_judge(
     torch.manual_seed(seed)
     labels = UTKFACE_RACES if task == "race" else CELEBA_ATTRIBUTES
     net = JudgeNet(labels, widths, stem_stride)
+    if task == "attributes":
+        net.prior_logit = prior_log_odds(data.train_y)
     weight = class_weights(data.train_y, len(labels)) if task == "race" and balanced else None
     steps_per_epoch = math.ceil(len(data.train_x) / batch)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=5e-4)
@@ -206,7 +230,23 @@ def evaluate_judge(net: JudgeNet, task: Task, x: Tensor, y: Tensor) -> dict[str,
     return {
         "attribute_map": sum(valid) / len(valid),
         "accuracy": {name: float(a) for name, a in zip(net.labels, acc, strict=True)},
+        "balanced_accuracy": balanced_accuracy(net, logits, y),
         "test_images": len(y),
+    }
+
+
+def balanced_accuracy(net: JudgeNet, logits: Tensor, y: Tensor) -> dict[str, float]:
+    """Per attribute with both values in ``y``: the mean of the rates on its positives and
+    negatives under ``attribute_decisions``, i.e. the accuracy on a balanced set."""
+    said = attribute_decisions(net, logits)
+    return {
+        name: (
+            float(said[y[:, j] == 1, j].float().mean())
+            + float((~said[y[:, j] == 0, j]).float().mean())
+        )
+        / 2
+        for j, name in enumerate(net.labels)
+        if bool((y[:, j] == 1).any()) and bool((y[:, j] == 0).any())
     }
 
 
@@ -219,6 +259,7 @@ def save_judge(net: JudgeNet, task: Task, path: Path, metrics: dict[str, Any]) -
             "labels": list(net.labels),
             "widths": list(net.widths),
             "stem_stride": net.stem_stride,
+            "prior_logit": net.prior_logit.tolist(),
             "state_dict": {
                 k: v.half() if v.is_floating_point() else v for k, v in net.state_dict().items()
             },
@@ -238,7 +279,30 @@ def load_judge(path: str | Path, map_location: str | torch.device = "cpu") -> Ju
         {k: v.float() if v.is_floating_point() else v for k, v in ckpt["state_dict"].items()},
         strict=True,
     )
+    # files from before the prior was kept decide at 0 (the training split's frequencies)
+    if "prior_logit" in ckpt:
+        net.prior_logit = torch.tensor(ckpt["prior_logit"], dtype=torch.float32)
     return net.eval()
+
+
+def split_labels(root: Path, task: Task, split: str, limit: int | None) -> tuple[list[str], Tensor]:
+    """The image names of one split and their labels: race indices, or 0/1 attributes."""
+    rows = {r["file"]: r for r in read_rows(root / "labels.csv")}
+    names = subset(members(root / "labels.csv", split), limit)  # type: ignore[arg-type]
+    if task == "race":
+        return names, torch.tensor([int(rows[n]["race"]) for n in names])
+    return names, torch.tensor([[int(rows[n][a]) for a in CELEBA_ATTRIBUTES] for n in names])
+
+
+def calibrate_judge(path: Path, train_y: Tensor, test_x: Tensor, test_y: Tensor) -> dict[str, Any]:
+    """Give a trained attribute judge's file the decision priors of its training labels,
+    its weights untouched; returns its metrics, re-measured on ``test_x``."""
+    net = load_judge(path)
+    net.prior_logit = prior_log_odds(train_y)
+    metrics = torch.load(path, weights_only=True)["metrics"]
+    metrics |= evaluate_judge(net, "attributes", test_x, test_y)
+    save_judge(net, "attributes", path, metrics)
+    return dict(metrics)
 
 
 def prepare(
@@ -248,16 +312,12 @@ def prepare(
     or CelebA-HQ (attributes); at most ``limit`` images, a fixed hash-ordered choice."""
     import zipfile
 
-    rows = {r["file"]: r for r in read_rows(root / "labels.csv")}
-    names = subset(members(root / "labels.csv", split), limit)  # type: ignore[arg-type]
+    names, y = split_labels(root, task, split, limit)
+    landmarks = None
     if task == "race":
-        y = torch.tensor([int(rows[n]["race"]) for n in names])
         landmarks, _ = cached_landmarks(
             root / "images.zip", names, cache / f"landmarks_{root.name}.pt"
         )
-    else:
-        y = torch.tensor([[int(rows[n][a]) for a in CELEBA_ATTRIBUTES] for n in names])
-        landmarks = None
     crops = []
     with zipfile.ZipFile(root / "images.zip") as zf:
         for i in range(0, len(names), batch):
