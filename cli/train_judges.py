@@ -66,7 +66,12 @@ def train_judges(
     if calibrate_only:
         if task not in (None, ["attributes"]):
             fail("--calibrate-only applies to the attribute judge (--task attributes)")
-        calibrate_attribute_judge(data_root, manifest_in(into), cache, threads)
+        if (epochs, max_minutes, stem_stride, balanced) != (8, None, 2, True):
+            fail(
+                "--calibrate-only trains nothing: drop --epochs, --max-minutes, "
+                "--stem-stride and --no-balanced"
+            )
+        calibrate_attribute_judge(data_root, manifest_in(into), cache, limit, threads)
         return
 
     if threads is not None:
@@ -131,13 +136,13 @@ def train_judges(
 
 
 def calibrate_attribute_judge(
-    data_root: Path, manifest_path: Path, cache: Path, threads: int | None
+    data_root: Path, manifest_path: Path, cache: Path, limit: int | None, threads: int | None
 ) -> None:
     """Priors for the registered attribute judge: its file and manifest entry rewritten,
-    weights, data and training provenance kept."""
+    weights, data and training provenance kept. ``limit``: the one it was trained with."""
     import torch
 
-    from likeness.manifest import load_manifest, register, sha256_file
+    from likeness.manifest import entry_path, load_manifest, register, sha256_file
     from worker.training.judges import calibrate_judge, prepare, split_labels
 
     if threads is not None:
@@ -147,13 +152,16 @@ def calibrate_attribute_judge(
     )
     if entry is None:
         fail(f"no judge-attributes in {manifest_path}: train it first (--task attributes)")
-    path = manifest_path.parent / entry.file
+    path = entry_path(entry, manifest_path)
+    if not path.is_file():
+        fail(f"no {path}, which {manifest_path} lists as judge-attributes")
     if sha256_file(path) != entry.sha256:
         fail(f"{path} does not match its manifest sha256")
     root = data_root / "celebahq"
-    if not (root / "labels.csv").is_file():
-        fail(f"no {root / 'labels.csv'}")
-    _, train_y = split_labels(root, "attributes", "train", None)
+    for needed in (root / "labels.csv", root / "images.zip"):
+        if not needed.is_file():
+            fail(f"no {needed}")
+    _, train_y = split_labels(root, "attributes", "train", limit)
     err.print(f"attribute judge: aligning the held-out crops from {root}", highlight=False)
     test_x, test_y = prepare(root, "attributes", "test", None, cache)
     metrics = calibrate_judge(path, train_y, test_x, test_y)

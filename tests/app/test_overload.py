@@ -52,6 +52,7 @@ class RedisRelay:
         self.target = target
         self.frozen = False
         self.held = 0  # chunks that met the freeze: each is a request stuck on its way
+        self._lock = threading.Lock()  # the pumps of every connection count into ``held``
         self.port = 0
         self._conns: list[socket.socket] = []
         self._listener: socket.socket | None = None
@@ -92,7 +93,8 @@ class RedisRelay:
         try:
             while data := src.recv(65536):
                 if self.frozen:
-                    self.held += 1
+                    with self._lock:
+                        self.held += 1
                 while self.frozen:
                     time.sleep(0.01)
                 dst.sendall(data)
@@ -205,9 +207,11 @@ class HangingStore(SQLiteJobStore):
         super().__init__(path)
         self.release = threading.Event()
         self.stuck = 0
+        self._lock = threading.Lock()  # the store's threads all count into ``stuck``
 
     def get(self, job_id: str) -> Any:
-        self.stuck += 1
+        with self._lock:
+            self.stuck += 1
         self.release.wait(60)
         return super().get(job_id)
 
@@ -224,7 +228,7 @@ def test_healthz_answers_while_every_store_thread_hangs(tmp_path: Path) -> None:
             polls = [pool.submit(client.get, f"/jobs/{'0' * 32}") for _ in range(10)]
             wait_until(lambda: store.stuck >= DEFAULT_THREADS, "every store thread stuck")
             assert client.get("/healthz").status_code == 200
-            assert not store.release.is_set() and store.stuck == DEFAULT_THREADS
+            assert store.stuck == DEFAULT_THREADS  # no thread came free to take the rest
             for poll in polls:
                 assert_unavailable(poll.result())
             store.release.set()

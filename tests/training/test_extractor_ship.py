@@ -100,6 +100,16 @@ def test_ship_writes_a_loadable_fp16_file_whose_sha256_the_manifest_holds(
     assert load_labels(manifest).races == UTKFACE_RACES
 
 
+def test_ship_names_the_file_the_run_started_from(run: Path, tmp_path: Path) -> None:
+    raw = torch.load(run, weights_only=True)
+    raw["train"] |= {"init": "weights/extractor.pt", "init_sha256": "ab" * 32}
+    torch.save(raw, tmp_path / "from_an_export.pt")
+    manifest = _manifest_with_older_entries(tmp_path / "weights")
+    entry = ship_extractor(tmp_path / "from_an_export.pt", command=COMMAND, manifest_path=manifest)
+    assert entry.provenance["init"] == "weights/extractor.pt"
+    assert entry.provenance["init_sha256"] == "ab" * 32  # the path now holds this new file
+
+
 def test_ship_refuses_an_export_without_its_evaluation(run: Path, tmp_path: Path) -> None:
     ext = load_export(run)
     ext.threshold_deg = None

@@ -403,7 +403,7 @@ def test_committed_parts_carry_no_lookalikes_and_a_new_machine_trains_on(
     assert set(committed) == {
         *("model", "opt", "pos_weight", "step", "heads_fitted", "meta_epoch", "meta_step"),
         *("threshold_deg", "meta_history", "meta_losses", "classes", "train_seconds", "rng"),
-        "train_config",
+        *("init_sha256", "train_config"),
     }
     assert (committed["meta_epoch"], committed["step"]) == (1, 4)
     shutil.rmtree(first)  # the machine is gone: only the committed parts survive

@@ -79,6 +79,7 @@ class JudgeNet(nn.Module):
             cin = w
         self.features = nn.Sequential(*layers)
         self.head = nn.Sequential(nn.Dropout(0.2), nn.Linear(cin, len(self.labels)))
+        self.prior_logit: Tensor
         self.register_buffer("prior_logit", torch.zeros(len(self.labels)), persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -281,6 +282,10 @@ def load_judge(path: str | Path, map_location: str | torch.device = "cpu") -> Ju
     )
     # files from before the prior was kept decide at 0 (the training split's frequencies)
     if "prior_logit" in ckpt:
+        if len(ckpt["prior_logit"]) != len(net.labels):
+            raise ValueError(
+                f"{path}: {len(ckpt['prior_logit'])} priors for {len(net.labels)} labels"
+            )
         net.prior_logit = torch.tensor(ckpt["prior_logit"], dtype=torch.float32)
     return net.eval()
 

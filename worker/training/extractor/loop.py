@@ -513,6 +513,8 @@ def train(
         restore(state, ckpt, data)
     elif config.init_export is not None:
         start_from_export(state, Path(config.init_export))
+    elif config.weights is not None:
+        state.init_sha256 = sha256_file(config.weights)
     generator = stage_generator(state)
     Path(config.out).mkdir(parents=True, exist_ok=True)
     with StopSignal() as stop, progress_bar(progress) as bar:
