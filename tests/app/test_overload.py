@@ -12,7 +12,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -167,14 +167,22 @@ def wait_until(condition: Callable[[], bool], what: str, seconds: float = 10.0) 
         time.sleep(0.01)
 
 
+@contextlib.contextmanager
+def polls_on_a_frozen_redis(
+    client: TestClient, relay: RedisRelay, count: int = 3
+) -> Iterator[tuple[str, list[Future[Any]]]]:
+    """A stored job, then Redis frozen and ``count`` polls of that job sent at once."""
+    job_id = submit(client).json()["id"]
+    relay.frozen = True
+    with ThreadPoolExecutor(count) as pool:
+        yield job_id, [pool.submit(client.get, f"/jobs/{job_id}") for _ in range(count)]
+
+
 @needs_redis
 def test_a_frozen_redis_answers_503_and_the_api_recovers(
     redis_client: TestClient, relay: RedisRelay
 ) -> None:
-    job_id = submit(redis_client).json()["id"]
-    relay.frozen = True
-    with ThreadPoolExecutor(3) as pool:
-        polls = [pool.submit(redis_client.get, f"/jobs/{job_id}") for _ in range(3)]
+    with polls_on_a_frozen_redis(redis_client, relay) as (job_id, polls):
         # Redis never answers while frozen: only the store timeout can end these polls.
         for poll in polls:
             assert_unavailable(poll.result())
@@ -187,10 +195,7 @@ def test_a_frozen_redis_answers_503_and_the_api_recovers(
 def test_healthz_answers_while_polls_wait_on_a_frozen_redis(
     redis_client: TestClient, relay: RedisRelay
 ) -> None:
-    job_id = submit(redis_client).json()["id"]
-    relay.frozen = True
-    with ThreadPoolExecutor(3) as pool:
-        polls = [pool.submit(redis_client.get, f"/jobs/{job_id}") for _ in range(3)]
+    with polls_on_a_frozen_redis(redis_client, relay) as (_, polls):
         wait_until(lambda: relay.held >= 3, "three polls reaching the frozen Redis")
         assert redis_client.get("/healthz").status_code == 200
         # Ordering, not timing: /healthz answered while every poll still waits on Redis.
