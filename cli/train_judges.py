@@ -9,6 +9,13 @@ import typer
 
 from cli.output import err, fail, typed_command
 
+TRAINING_FLAGS = {
+    "epochs": "--epochs",
+    "max_minutes": "--max-minutes",
+    "stem_stride": "--stem-stride",
+    "balanced": "--balanced/--no-balanced",
+}
+
 
 def train_judges(
     data_root: Annotated[Path, typer.Option(help="folder holding celebahq/ and utkface/")] = Path(
@@ -17,7 +24,9 @@ def train_judges(
     task: Annotated[
         list[str] | None, typer.Option(help="race and/or attributes (default: both)")
     ] = None,
-    epochs: Annotated[int, typer.Option(min=1, help="passes over the training split")] = 8,
+    epochs: Annotated[
+        int | None, typer.Option(min=1, help="passes over the training split (default 8)")
+    ] = None,
     max_minutes: Annotated[
         float | None, typer.Option(help="stop a judge's training after this long (per judge)")
     ] = None,
@@ -33,20 +42,22 @@ def train_judges(
         ),
     ] = None,
     balanced: Annotated[
-        bool,
+        bool | None,
         typer.Option(
             "--balanced/--no-balanced",
-            help="race: weigh each race by its inverse frequency, so the rarest is still predicted",
+            help="race: weigh each race by its inverse frequency, so the rarest is still "
+            "predicted (default: balanced)",
         ),
-    ] = True,
+    ] = None,
     stem_stride: Annotated[
-        int,
+        int | None,
         typer.Option(
             min=1,
             max=2,
-            help="2: halve the 64-px crop before the first block (fast); 1: keep it (~5× slower)",
+            help="2: halve the 64-px crop before the first block (fast, the default); "
+            "1: keep it (~5× slower)",
         ),
-    ] = 2,
+    ] = None,
     calibrate_only: Annotated[
         bool,
         typer.Option(
@@ -63,13 +74,22 @@ def train_judges(
     from likeness.manifest import WeightsEntry, manifest_in, register, sha256_file
     from worker.training.judges import JudgeData, prepare, save_judge, train_judge
 
+    # None means "not given": train_judge's own defaults then apply, and --calibrate-only can
+    # tell an explicit option (even one equal to the default) from an absent one.
+    training = {
+        "epochs": epochs,
+        "max_minutes": max_minutes,
+        "stem_stride": stem_stride,
+        "balanced": balanced,
+    }
+    training = {name: value for name, value in training.items() if value is not None}
     if calibrate_only:
         if task not in (None, ["attributes"]):
             fail("--calibrate-only applies to the attribute judge (--task attributes)")
-        if (epochs, max_minutes, stem_stride, balanced) != (8, None, 2, True):
+        if training:
             fail(
-                "--calibrate-only trains nothing: drop --epochs, --max-minutes, "
-                "--stem-stride and --no-balanced"
+                "--calibrate-only trains nothing: drop "
+                + ", ".join(TRAINING_FLAGS[name] for name in training)
             )
         calibrate_attribute_judge(data_root, manifest_in(into), cache, limit, threads)
         return
@@ -91,11 +111,8 @@ def train_judges(
         net, metrics = train_judge(
             t,
             JudgeData(train_x, train_y, test_x, test_y),  # type: ignore[arg-type]
-            epochs=epochs,
-            max_minutes=max_minutes,
-            stem_stride=stem_stride,
-            balanced=balanced,
             log=lambda line: err.print(line, highlight=False),
+            **training,
         )
         path = manifest_path.parent / f"judge_{t}.pt"
         save_judge(net, t, path, metrics)  # type: ignore[arg-type]

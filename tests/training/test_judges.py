@@ -210,8 +210,10 @@ def test_cli_calibrates_the_registered_attribute_judge(
     args += ["--into", str(into), "--cache", str(tmp_path / "cache"), "--threads", "1"]
     missing = CliRunner().invoke(app, [*args, "--calibrate-only"])
     assert missing.exit_code != 0 and "train it first" in missing.output
-    training_option = CliRunner().invoke(app, [*args, "--calibrate-only", "--epochs", "3"])
-    assert training_option.exit_code != 0 and "trains nothing" in training_option.output
+    for option in (["--epochs", "3"], ["--epochs", "8"], ["--balanced"], ["--stem-stride", "2"]):
+        # an option equal to its default is still a request to train
+        training_option = CliRunner().invoke(app, [*args, "--calibrate-only", *option])
+        assert training_option.exit_code != 0 and "trains nothing" in training_option.output
     result = CliRunner().invoke(app, [*args, "--epochs", "1"])
     assert result.exit_code == 0, result.output
     (trained,) = json.loads((into / "manifest.json").read_text())["models"]

@@ -134,7 +134,7 @@ def train_judge(
     task: Task,
     data: JudgeData,
     *,
-    epochs: int,
+    epochs: int = 8,
     batch: int = 128,
     lr: float = 2e-3,
     seed: int = 0,
