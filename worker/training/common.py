@@ -1,15 +1,20 @@
-"""What every training loop shares: resumable RNG state, stopping on a signal, and
-running means of step metrics."""
+"""What every training loop shares: resumable RNG state, reading a checkpoint back,
+stopping on a signal, and running means of step metrics."""
 
 from __future__ import annotations
 
+import io
 import random
 import signal
 import threading
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from likeness.errors import LikenessError
+from worker.training.parts import has_parts, join_parts
 
 
 def rng_state() -> dict[str, Any]:
@@ -39,6 +44,25 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def read_checkpoint_file(path: Path, command: str, keys: tuple[str, ...]) -> dict[str, Any]:
+    """A checkpoint file, or the committed parts of one (parts.py), joined; one that lacks
+    any of ``keys`` is not ``command``'s checkpoint."""
+    source: Path | io.BytesIO = path
+    if not path.is_file() and has_parts(path):
+        source = io.BytesIO(join_parts(path))
+    try:
+        ckpt = torch.load(source, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise LikenessError(
+            "checkpoint_not_found", f"no such checkpoint: {path}", status=404
+        ) from None
+    except Exception as e:  # torch raises many types for a bad file
+        raise LikenessError("bad_checkpoint", f"cannot read {path}: {e}") from None
+    if not isinstance(ckpt, dict) or any(key not in ckpt for key in keys):
+        raise LikenessError("bad_checkpoint", f"{path} is not a {command} checkpoint")
+    return ckpt
 
 
 class StopSignal:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -10,14 +9,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from likeness.errors import LikenessError
 from worker.engine.checkpoints import atomic_torch_save
-from worker.training.common import rng_state
+from worker.training.common import read_checkpoint_file, rng_state
 from worker.training.extractor.config import CHECKPOINT_NAME, ExtractorConfig
 from worker.training.extractor.data import Data, dataset_targets
 from worker.training.extractor.losses import attribute_pos_weight
 from worker.training.extractor.model import ExtractorModel, build_model, build_optimizer
-from worker.training.parts import has_parts, join_parts
 
 
 @dataclass
@@ -89,18 +86,6 @@ def checkpoint_source(path: Path) -> Path:
 def read_checkpoint(path: Path) -> dict[str, Any]:
     """A checkpoint file, a folder holding one, or the committed parts of one
     (worker/training/parts.py), joined."""
-    path = checkpoint_source(path)
-    source: Path | io.BytesIO = path
-    if not path.is_file() and has_parts(path):
-        source = io.BytesIO(join_parts(path))
-    try:
-        ckpt = torch.load(source, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise LikenessError(
-            "checkpoint_not_found", f"no such checkpoint: {path}", status=404
-        ) from None
-    except Exception as e:  # torch raises many types for a bad file
-        raise LikenessError("bad_checkpoint", f"cannot read {path}: {e}") from None
-    if not isinstance(ckpt, dict) or "train_config" not in ckpt or "pos_weight" not in ckpt:
-        raise LikenessError("bad_checkpoint", f"{path} is not a train-extractor checkpoint")
-    return ckpt
+    return read_checkpoint_file(
+        checkpoint_source(path), "train-extractor", ("train_config", "pos_weight")
+    )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +14,7 @@ from likeness.errors import LikenessError
 from worker.engine.checkpoints import atomic_torch_save, load_generator
 from worker.engine.face.extractor import FaceExtractor
 from worker.engine.generator import Generator, GeneratorConfig
-from worker.training.common import rng_state, set_rng_state
+from worker.training.common import read_checkpoint_file, rng_state, set_rng_state
 from worker.training.generator.config import TrainConfig
 from worker.training.generator.diffaugment import parse_policy
 from worker.training.generator.discriminator import Discriminator
@@ -24,7 +23,6 @@ from worker.training.generator.vae import (
     build_encoder,
     load_face_model,
 )
-from worker.training.parts import has_parts, join_parts
 
 
 @dataclass
@@ -161,20 +159,7 @@ def save_checkpoint(state: TrainState, path: Path) -> None:
 
 def read_checkpoint(path: Path) -> dict[str, Any]:
     """A checkpoint file, or the committed parts of one (worker/training/parts.py)."""
-    source: Path | io.BytesIO = path
-    if not path.is_file() and has_parts(path):
-        source = io.BytesIO(join_parts(path))
-    try:
-        ckpt = torch.load(source, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise LikenessError(
-            "checkpoint_not_found", f"no such checkpoint: {path}", status=404
-        ) from None
-    except Exception as e:  # torch raises many types for a bad file
-        raise LikenessError("bad_checkpoint", f"cannot read {path}: {e}") from None
-    if not isinstance(ckpt, dict) or "train_config" not in ckpt:
-        raise LikenessError("bad_checkpoint", f"{path} is not a train-generator checkpoint")
-    return ckpt
+    return read_checkpoint_file(path, "train-generator", ("train_config",))
 
 
 def load_checkpoint(state: TrainState, ckpt: dict[str, Any]) -> None:
