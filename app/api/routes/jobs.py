@@ -41,6 +41,27 @@ async def load_own_job(
     return job, position
 
 
+async def finished_png(
+    store: AsyncJobStore, job: JobRecord, blob: str, *, ready: str, missing: str, filename: str
+) -> Response:
+    """A PNG blob of a job: 404 result_not_ready until the job is final, 404 no_result when
+    it did not succeed or has no such blob."""
+    if not job.status.is_final:
+        raise LikenessError(
+            "result_not_ready",
+            f"The job is {job.status.value}; {ready} once it has succeeded.",
+            status=404,
+        )
+    data = await store.get_blob(job.id, blob) if job.status is JobStatus.SUCCEEDED else None
+    if data is None:
+        raise LikenessError("no_result", missing, status=404)
+    return Response(
+        data,
+        media_type="image/png",
+        headers={"Content-Disposition": f'inline; filename="{filename}"'},
+    )
+
+
 def view(request: Request, store: AsyncJobStore, job: JobRecord, position: int | None) -> JobView:
     return JobView.of(request, job, position, utc_from_timestamp(store.clock()))
 
@@ -97,22 +118,13 @@ async def get_job(request: Request, job_id: str, store: StoreDep, owner: OwnerDe
 )
 async def get_job_result(job_id: str, store: StoreDep, owner: OwnerDep) -> Response:
     job, _ = await load_own_job(store, owner, job_id)
-    if not job.status.is_final:
-        raise LikenessError(
-            "result_not_ready",
-            f"The job is {job.status.value}; the result exists once it has succeeded.",
-            status=404,
-        )
-    succeeded = job.status is JobStatus.SUCCEEDED
-    data = await store.get_blob(job.id, RESULT_BLOB) if succeeded else None
-    if data is None:
-        raise LikenessError(
-            "no_result", f"The job ended {job.status.value} and has no result image.", status=404
-        )
-    return Response(
-        data,
-        media_type="image/png",
-        headers={"Content-Disposition": f'inline; filename="{job.id}.png"'},
+    return await finished_png(
+        store,
+        job,
+        RESULT_BLOB,
+        ready="the result exists",
+        missing=f"The job ended {job.status.value} and has no result image.",
+        filename=f"{job.id}.png",
     )
 
 
@@ -145,24 +157,13 @@ async def get_job_face(
     ] = "upscaled",
 ) -> Response:
     job, _ = await load_own_job(store, owner, job_id)
-    if not job.status.is_final:
-        raise LikenessError(
-            "result_not_ready",
-            f"The job is {job.status.value}; its faces exist once it has succeeded.",
-            status=404,
-        )
-    name = face_blob(index, "" if kind == "upscaled" else kind)
-    data = await store.get_blob(job.id, name) if job.status is JobStatus.SUCCEEDED else None
-    if data is None:
-        raise LikenessError(
-            "no_result",
-            f"The job has no face {index} (only photo jobs have faces; the report lists them).",
-            status=404,
-        )
-    return Response(
-        data,
-        media_type="image/png",
-        headers={"Content-Disposition": f'inline; filename="{job.id}-face{index}.png"'},
+    return await finished_png(
+        store,
+        job,
+        face_blob(index, "" if kind == "upscaled" else kind),
+        ready="its faces exist",
+        missing=f"The job has no face {index} (only photo jobs have faces; the report lists them).",
+        filename=f"{job.id}-face{index}.png",
     )
 
 
