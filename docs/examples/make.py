@@ -4,25 +4,89 @@ by the search's own operator to 16 and 32 px. Run from the repository root:
 
     python docs/examples/make.py
 
+With ``--compare`` it also draws README's picture, astronaut_compare.png: the 16-px
+thumbnail, its bicubic enlargement, ``likeness upscale`` of it (seed 1) with the
+bundled generator and, with ``--previous DIR``, with the generator of an earlier
+weights folder (a copy of weights/ from before, with its manifest's search settings),
+and the photo:
+
+    python docs/examples/make.py --compare --previous old_weights/
+
 A thumbnail framed tighter or looser than that frame asks the generator for a
 face of another size, which it can only draw by leaving its faces behind (pale
 streaks across the eyes, smeared mouths): frame inputs like these.
 """
 
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 from skimage import data
 
 from worker.engine.downscale import downscale
 from worker.engine.face.alignment import detect_landmarks
 from worker.engine.face.ffhq_frame import to_ffhq_frame
 
-pixels = np.ascontiguousarray(data.astronaut())
-photo = torch.from_numpy(pixels).permute(2, 0, 1).float().div(255)[None]
-landmarks, found, _ = detect_landmarks(photo)
-assert bool(found[0]), "MTCNN found no face"
-framed = to_ffhq_frame(photo, landmarks)
-for side in (16, 32):
-    small = downscale(framed, (side, side))[0].clamp(0, 1).mul(255).round().byte()
-    Image.fromarray(small.permute(1, 2, 0).numpy()).save(f"docs/examples/astronaut_{side}.png")
+HERE = Path(__file__).parent
+SIDE = 128  # the bundled generator's
+
+
+def to_image(batch: torch.Tensor) -> Image.Image:
+    pixels = batch[0].clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).numpy()
+    return Image.fromarray(pixels)
+
+
+def upscaled(thumbnail: Path, out: Path, weights_dir: str | None = None) -> Image.Image:
+    env = dict(os.environ) | ({"LIKENESS_WEIGHTS_DIR": weights_dir} if weights_dir else {})
+    command = ["likeness", "upscale", str(thumbnail), "--seed", "1", "-o", str(out)]
+    subprocess.run(command, check=True, env=env)
+    return Image.open(out).convert("RGB").resize((SIDE, SIDE), Image.Resampling.BICUBIC)
+
+
+def compare(framed: torch.Tensor, previous: str | None) -> None:
+    thumbnail = HERE / "astronaut_16.png"
+    small = Image.open(thumbnail).convert("RGB")
+    tiles = {
+        "16x16 thumbnail": small.resize((SIDE, SIDE), Image.Resampling.NEAREST),
+        "bicubic": small.resize((SIDE, SIDE), Image.Resampling.BICUBIC),
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        if previous is not None:
+            tiles["previous generator"] = upscaled(thumbnail, Path(tmp) / "prev.png", previous)
+        tiles["likeness (seed 1)"] = upscaled(thumbnail, Path(tmp) / "ours.png")
+    tiles["the photo"] = to_image(downscale(framed, (SIDE, SIDE)))
+    label, gap = 18, 4
+    sheet = Image.new("RGB", (len(tiles) * (SIDE + gap) - gap, SIDE + label), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, (name, tile) in enumerate(tiles.items()):
+        x = i * (SIDE + gap)
+        draw.text((x + 2, 2), name, fill="black")
+        sheet.paste(tile, (x, label))
+    sheet.save(HERE / "astronaut_compare.png")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--compare", action="store_true", help="also draw the comparison")
+    parser.add_argument("--previous", help="an earlier weights folder for the comparison")
+    args = parser.parse_args()
+    pixels = np.ascontiguousarray(data.astronaut())
+    photo = torch.from_numpy(pixels).permute(2, 0, 1).float().div(255)[None]
+    landmarks, found, _ = detect_landmarks(photo)
+    if not bool(found[0]):
+        sys.exit("MTCNN found no face")
+    framed = to_ffhq_frame(photo, landmarks)
+    for side in (16, 32):
+        to_image(downscale(framed, (side, side))).save(HERE / f"astronaut_{side}.png")
+    if args.compare:
+        compare(framed, args.previous)
+
+
+if __name__ == "__main__":
+    main()
