@@ -96,6 +96,7 @@ def test_ship_writes_fp16_generator_with_fit_and_manifest_entry(
             "sha256": entry.sha256,
             "fd": {"value": 1.5},
             "search_fit": {"value": 0.9, "per_photo": [0.1]},
+            "upscale": {"sharpness": {"outputs_over_photos": 0.8}, "models": {}, "searches": {}},
             "date": "2026-12-01",
         },
         manifest_path=manifest,
@@ -104,6 +105,7 @@ def test_ship_writes_fp16_generator_with_fit_and_manifest_entry(
         "face_rate": {"value": 0.5, "measured": "2026-11-30"},
         "fd": {"value": 1.5, "measured": "2026-12-01"},
         "search_fit": {"value": 0.9, "measured": "2026-12-01"},
+        "upscale": {"sharpness": {"outputs_over_photos": 0.8}, "measured": "2026-12-01"},
         "measured": "2026-12-01",
     }
     assert load_manifest(manifest).models[0].metrics == measured.metrics

@@ -27,7 +27,10 @@ from worker.training.generator_data import read_provenance
 # The search reads only this fit's mean and std; 100k samples pin them well.
 FIT_SAMPLES = 100_000
 # What bench/generator_quality.py measures and the manifest keeps.
-QUALITY_MEASURES = ("face_rate", "fd", "search_fit")
+QUALITY_MEASURES = ("face_rate", "fd", "search_fit", "upscale")
+# what the manifest keeps of each measure; the rest (per-photo values, the models and
+# search settings, per-search timings) stays in the report
+DETAIL_FIELDS = frozenset({"per_photo", "models", "search", "searches", "grid"})
 
 
 def ship_generator(
@@ -241,11 +244,11 @@ def _train_info(g_path: Path) -> dict[str, Any]:
 
 
 def _metrics(quality: dict[str, Any]) -> dict[str, Any]:
-    """The manifest keeps the headline numbers, the sizes and the day they were measured
-    (the per-photo values stay in the report)."""
+    """The manifest keeps the headline numbers (the upscale targets among them: sharpness,
+    identity and race against bicubic), the sizes and the day they were measured."""
     date = quality.get("date")
     return {
-        k: {f: v for f, v in quality[k].items() if f != "per_photo"} | {"measured": date}
+        k: {f: v for f, v in quality[k].items() if f not in DETAIL_FIELDS} | {"measured": date}
         for k in QUALITY_MEASURES
         if k in quality
     } | {"measured": date}
