@@ -6,9 +6,8 @@ by the search's own operator to 16 and 32 px. Run from the repository root:
 
 With ``--compare`` it also draws README's picture, astronaut_compare.png: the 16-px
 thumbnail, its bicubic enlargement, ``likeness upscale`` of it (seed 1) with the
-bundled generator and, with ``--previous DIR``, with the generator of an earlier
-weights folder (a copy of weights/ from before, with its manifest's search settings),
-and the photo:
+bundled generator and with the generator of an earlier weights folder (a copy of
+weights/ from before, with its manifest's search settings), and the photo:
 
     python docs/examples/make.py --compare --previous old_weights/
 
@@ -34,6 +33,7 @@ from worker.engine.face.alignment import detect_landmarks
 from worker.engine.face.ffhq_frame import to_ffhq_frame
 
 HERE = Path(__file__).parent
+BUNDLED = HERE.parent.parent / "weights"
 SIDE = 128  # the bundled generator's
 
 
@@ -42,14 +42,15 @@ def to_image(batch: torch.Tensor) -> Image.Image:
     return Image.fromarray(pixels)
 
 
-def upscaled(thumbnail: Path, out: Path, weights_dir: str | None = None) -> Image.Image:
-    env = dict(os.environ) | ({"LIKENESS_WEIGHTS_DIR": weights_dir} if weights_dir else {})
-    command = ["likeness", "upscale", str(thumbnail), "--seed", "1", "-o", str(out)]
+def upscaled(thumbnail: Path, out: Path, weights_dir: Path) -> Image.Image:
+    env = dict(os.environ) | {"LIKENESS_WEIGHTS_DIR": str(weights_dir)}
+    command = [sys.executable, "-m", "cli", "upscale", str(thumbnail), "--seed", "1"]
+    command += ["-o", str(out)]
     subprocess.run(command, check=True, env=env)
     return Image.open(out).convert("RGB").resize((SIDE, SIDE), Image.Resampling.BICUBIC)
 
 
-def compare(framed: torch.Tensor, previous: str | None) -> None:
+def compare(framed: torch.Tensor, previous: Path) -> None:
     thumbnail = HERE / "astronaut_16.png"
     small = Image.open(thumbnail).convert("RGB")
     tiles = {
@@ -57,11 +58,10 @@ def compare(framed: torch.Tensor, previous: str | None) -> None:
         "bicubic": small.resize((SIDE, SIDE), Image.Resampling.BICUBIC),
     }
     with tempfile.TemporaryDirectory() as tmp:
-        if previous is not None:
-            tiles["previous generator"] = upscaled(thumbnail, Path(tmp) / "prev.png", previous)
-        tiles["likeness (seed 1)"] = upscaled(thumbnail, Path(tmp) / "ours.png")
+        tiles["previous generator"] = upscaled(thumbnail, Path(tmp) / "prev.png", previous)
+        tiles["likeness (seed 1)"] = upscaled(thumbnail, Path(tmp) / "ours.png", BUNDLED)
     tiles["the photo"] = to_image(downscale(framed, (SIDE, SIDE)))
-    label, gap = 18, 4
+    label, gap = 18, 5
     sheet = Image.new("RGB", (len(tiles) * (SIDE + gap) - gap, SIDE + label), "white")
     draw = ImageDraw.Draw(sheet)
     for i, (name, tile) in enumerate(tiles.items()):
@@ -74,8 +74,10 @@ def compare(framed: torch.Tensor, previous: str | None) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--compare", action="store_true", help="also draw the comparison")
-    parser.add_argument("--previous", help="an earlier weights folder for the comparison")
+    parser.add_argument("--previous", type=Path, help="the comparison's earlier weights folder")
     args = parser.parse_args()
+    if args.compare != (args.previous is not None):
+        parser.error("--compare and --previous go together")
     pixels = np.ascontiguousarray(data.astronaut())
     photo = torch.from_numpy(pixels).permute(2, 0, 1).float().div(255)[None]
     landmarks, found, _ = detect_landmarks(photo)

@@ -439,8 +439,9 @@ def test_cancel_finished_job_is_a_conflict(client: TestClient) -> None:
 
 def test_result_until_done_then_png(client: TestClient) -> None:
     job_id = submit(client).json()["id"]
-    r = client.get(f"/jobs/{job_id}/result")
-    assert (r.status_code, r.json()["code"]) == (404, "result_not_ready")
+    for path in ("result", "faces/0"):
+        r = client.get(f"/jobs/{job_id}/{path}")
+        assert (r.status_code, r.json()["code"]) == (404, "result_not_ready")
     finish_with_result(store_of(client), job_id, b"\x89PNG-the-image")
     r = client.get(f"/jobs/{job_id}/result")
     assert r.status_code == 200

@@ -28,9 +28,9 @@ from worker.training.generator_data import read_provenance
 FIT_SAMPLES = 100_000
 # What bench/generator_quality.py measures and the manifest keeps.
 QUALITY_MEASURES = ("face_rate", "fd", "search_fit", "upscale")
-# what the manifest keeps of each measure; the rest (per-photo values, the models and
-# search settings, per-search timings) stays in the report
-DETAIL_FIELDS = frozenset({"per_photo", "models", "search", "searches", "grid"})
+# what the manifest leaves in the report: per-photo values, the models, the search
+# settings and batch, per-search timings, the grid's path
+DETAIL_FIELDS = frozenset({"per_photo", "models", "search", "batch", "searches", "grid"})
 
 
 def ship_generator(
