@@ -76,10 +76,13 @@ def train_judges(
 
     # None means "not given": train_judge's own defaults then apply, and --calibrate-only can
     # tell an explicit option (even one equal to the default) from an absent one.
-    given = (epochs, max_minutes, stem_stride, balanced)
-    training = {
-        name: value for name, value in zip(TRAINING_FLAGS, given, strict=True) if value is not None
+    given = {
+        "epochs": epochs,
+        "max_minutes": max_minutes,
+        "stem_stride": stem_stride,
+        "balanced": balanced,
     }
+    training = {name: value for name, value in given.items() if value is not None}
     if calibrate_only:
         if task not in (None, ["attributes"]):
             fail("--calibrate-only applies to the attribute judge (--task attributes)")

@@ -31,6 +31,7 @@ from skimage import data
 from worker.engine.downscale import downscale
 from worker.engine.face.alignment import detect_landmarks
 from worker.engine.face.ffhq_frame import to_ffhq_frame
+from worker.pipeline import to_pixels
 
 HERE = Path(__file__).parent
 BUNDLED = HERE.parent.parent / "weights"
@@ -38,8 +39,7 @@ SIDE = 128  # the bundled generator's
 
 
 def to_image(batch: torch.Tensor) -> Image.Image:
-    pixels = batch[0].clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).numpy()
-    return Image.fromarray(pixels)
+    return Image.fromarray(to_pixels(batch)[0])
 
 
 def upscaled(thumbnail: Path, out: Path, weights_dir: Path) -> Image.Image:
