@@ -276,6 +276,8 @@ def test_attribute_rows_are_balanced_and_single_valued_ones_left_out(
         # the attribute objective searched each of these rows once, for this attribute
         assert t3["rows"]["attributes"]["per_attribute"][a]["n"] == expected[a]
         assert t3["rows"]["none"]["per_attribute"][a]["n"] == expected[a]
+        # the bicubic control is read on every row of the balanced set, like plain PULSE
+        assert t3["rows"]["bicubic"]["per_attribute"][a]["n"] == expected[a]
     assert r["searches"]["celebahq/attributes"]["n"] == sum(expected.values())
 
 
@@ -304,9 +306,9 @@ def test_tables_have_sane_values_and_the_requested_n(runs: dict[str, Any]) -> No
             assert in_unit(o["same_diff_accuracy"]) and in_unit(o["lookalike_baseline_accuracy"])
 
     t2 = r["table2"]
-    assert set(t2["rows"]) == {"none", "identity-f", "race", "identity+race"}
+    assert set(t2["rows"]) == {"bicubic", "none", "identity-f", "race", "identity+race"}
     assert t2["n"] == UTK
-    for name in ("none", "race"):
+    for name in ("bicubic", "none", "race"):
         cell = t2["rows"][name]["overall"]
         assert cell["n"] == UTK and in_unit(cell["rate"]) and in_unit(cell["photo"])
         # the judge's rate on the real photos beside each rate, on the same rows
@@ -315,7 +317,7 @@ def test_tables_have_sane_values_and_the_requested_n(runs: dict[str, Any]) -> No
             assert cell["ratio"] == pytest.approx(cell["rate"] / cell["photo"])
 
     t3 = r["table3"]
-    assert set(t3["rows"]) == {"none", "identity-f0", "identity-f", "attributes"}
+    assert set(t3["rows"]) == {"bicubic", "none", "identity-f0", "identity-f", "attributes"}
     assert t3["n"] == CELEBA
     for row in [*t3["rows"].values(), t3["photo"]]:
         assert list(row["per_attribute"]) == t3["attributes"]

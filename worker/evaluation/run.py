@@ -39,8 +39,14 @@ from worker.evaluation.searches import (
 from worker.evaluation.tables import Readings, balanced_subsets, table1, table2, table3
 from worker.pipeline import pick_device
 from worker.training.extractor.measures import same_diff_pairs
+from worker.training.generator_quality import bicubic_upscale
 
 Log = Callable[[str], None]
+
+# The control that needs no search: what an image editor's enlargement carries for the
+# judges, the bar any upscale of the same thumbnail should clear.
+BICUBIC = "bicubic"
+BICUBIC_LABEL = "bicubic enlargement of the thumbnail (no search)"
 
 
 def progress_bar(enabled: bool) -> Any:
@@ -178,6 +184,24 @@ def attribute_readings(
     return result
 
 
+def bicubic_race_readings(models: Models, utk: Samples) -> Readings:
+    """The race judge on every row's bicubic enlargement (Table 2's control)."""
+    images = bicubic_upscale(utk.thumbnails, models.resolution)
+    return np.arange(len(utk)), race_predictions(models.race_judge, images)
+
+
+def bicubic_attribute_readings(
+    models: Models, celeba: Samples, subsets: dict[str, list[int]]
+) -> dict[str, Readings]:
+    """The attribute judge on the bicubic enlargements of each attribute's balanced rows."""
+    images = bicubic_upscale(celeba.thumbnails, models.resolution)
+    read = attribute_predictions(models.attribute_judge, images, TABLE3_ATTRIBUTES)
+    return {
+        a: (np.asarray(rows, dtype=int), read[rows, TABLE3_ATTRIBUTES.index(a)])
+        for a, rows in subsets.items()
+    }
+
+
 def notes(models: Models, celeba: Samples, utk: Samples) -> list[str]:
     g = models.generator.generator.config
     names = {w.role: w.name for w in models.weights}
@@ -243,15 +267,24 @@ def evaluate(config: EvalConfig, *, progress: bool = True, log: Log = print) -> 
     angles = table1_angles(models, celeba, outputs, config.seed)
     t1 = table1(angles)
     t2 = table2(
-        {s.name: race_readings(models, outputs["utkface", s.name]) for s in UTKFACE_STRATEGIES},
+        {
+            BICUBIC: bicubic_race_readings(models, utk),
+            **{
+                s.name: race_readings(models, outputs["utkface", s.name])
+                for s in UTKFACE_STRATEGIES
+            },
+        },
         race_predictions(models.race_judge, utk.photos),
         utk.labels,
         UTKFACE_RACES,
     )
     t3 = table3(
         {
-            s.name: attribute_readings(models, outputs["celebahq", s.name], subsets)
-            for s in CELEBA_STRATEGIES
+            BICUBIC: bicubic_attribute_readings(models, celeba, subsets),
+            **{
+                s.name: attribute_readings(models, outputs["celebahq", s.name], subsets)
+                for s in CELEBA_STRATEGIES
+            },
         },
         attribute_predictions(models.attribute_judge, celeba.photos, TABLE3_ATTRIBUTES),
         celeba.labels,
@@ -261,7 +294,7 @@ def evaluate(config: EvalConfig, *, progress: bool = True, log: Log = print) -> 
     )
 
     labels = {s.name: s.label for s in (*CELEBA_STRATEGIES, *UTKFACE_STRATEGIES)}
-    labels |= FIGURE_LABELS
+    labels |= FIGURE_LABELS | {BICUBIC: BICUBIC_LABEL}
     searches = {
         f"{d}/{s}": {
             "n": len(o.jobs),
