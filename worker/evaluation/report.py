@@ -341,13 +341,14 @@ def write_readme(results: dict[str, Any], path: Path) -> None:
         ["role", "name", "sha256 (prefix)"],
         [[w["role"], f"`{w['name']}`", f"`{w['sha256'][:12]}`"] for w in results["weights"]],
     )
+    threads = f"{results['threads']} thread{'s' if results['threads'] != 1 else ''}"
     lines = [
         "# Evaluation: the paper's Tables 1–3 at our scale",
         "",
         f"Written by `likeness evaluate` on {results['date']} ({results['device']}, torch "
-        f"{results['torch']}, {results['threads']} threads; this run took "
-        f"{results['seconds']:.0f} s, and its searches {results['search_seconds']:.0f} s when "
-        "they ran, cached ones included). The exact command:",
+        f"{results['torch']}, {threads}; this run took {results['seconds']:.0f} s, and its "
+        f"searches {results['search_seconds']:.0f} s when they ran, cached ones included). The "
+        "exact command:",
         "",
         "```bash",
         results["command"],
