@@ -180,6 +180,8 @@ def test_every_file_is_written(runs: dict[str, Any]) -> None:
     assert "(paper)" in readme and "96.0%" in readme  # the paper's numbers beside ours
     assert "one attribute-value pair per search" in readme
     assert "of the judge's rate on the real photos" in readme  # the targets as ratios
+    assert "cpu, torch" in readme and ", 1 thread;" in readme  # how it ran, in words
+    assert "bicubic enlargement of the thumbnail (no search)" in readme  # the control row
 
 
 def pair_searches(r: dict[str, Any], labels: dict[str, dict[str, str]]) -> int:

@@ -313,3 +313,51 @@ def test_figure_counts_reach_the_command_and_quick_keeps_them_small() -> None:
     assert (quick.swap_people, quick.pair_people) == (QUICK["swap_people"], QUICK["pair_people"])
     off = EvalConfig(swap_people=0, pair_people=0)
     assert "--swap-people 0 --pair-people 0" in off.command()
+
+
+def test_bicubic_control_reads_every_rows_enlargement(monkeypatch: pytest.MonkeyPatch) -> None:
+    import worker.evaluation.run as run
+    from worker.training.generator_quality import bicubic_upscale
+
+    rng = np.random.default_rng(0)
+    thumbnails = rng.integers(0, 256, (3, 4, 4, 3), dtype=np.uint8)
+    samples = Samples(
+        dataset="utkface",
+        names=["a", "b", "c"],
+        reference_names=[None] * 3,
+        identities=["a", "b", "c"],
+        photos=torch.zeros(3, 3, 16, 16),
+        references=[None] * 3,
+        thumbnails=thumbnails,
+        seeds=[0, 1, 2],
+        labels=np.zeros(3, dtype=int),
+    )
+    models = type("StubModels", (), {"resolution": 16, "race_judge": "race judge"})()
+    models.attribute_judge = "attribute judge"
+    seen: list[tuple[object, torch.Tensor]] = []
+
+    def race(judge: object, images: torch.Tensor) -> np.ndarray:
+        seen.append((judge, images))
+        return np.array([4, 0, 2])
+
+    def attributes(judge: object, images: torch.Tensor, names: tuple[str, ...]) -> np.ndarray:
+        seen.append((judge, images))
+        # row i, attribute j → 10·i + j, so a wrong row or column shows
+        return np.arange(len(images))[:, None] * 10 + np.arange(len(names))[None, :]
+
+    monkeypatch.setattr(run, "race_predictions", race)
+    monkeypatch.setattr(run, "attribute_predictions", attributes)
+    expected = bicubic_upscale(thumbnails, 16)
+
+    rows, read = run.bicubic_race_readings(models, samples)  # type: ignore[arg-type]
+    assert rows.tolist() == [0, 1, 2] and read.tolist() == [4, 0, 2]
+    assert seen[0][0] == "race judge" and torch.equal(seen[0][1], expected)
+
+    subsets = {"Male": [0, 2], "Smiling": [1]}
+    by_attribute = run.bicubic_attribute_readings(models, samples, subsets)  # type: ignore[arg-type]
+    assert seen[1][0] == "attribute judge" and torch.equal(seen[1][1], expected)
+    male, smiling = TABLE3_ATTRIBUTES.index("Male"), TABLE3_ATTRIBUTES.index("Smiling")
+    assert by_attribute["Male"][0].tolist() == [0, 2]
+    assert by_attribute["Male"][1].tolist() == [male, 20 + male]
+    assert by_attribute["Smiling"][0].tolist() == [1]
+    assert by_attribute["Smiling"][1].tolist() == [10 + smiling]
