@@ -32,7 +32,14 @@ from worker.engine.objectives import (
     describe,
     objective_loss,
 )
-from worker.engine.search import ExtraLoss, SearchConfig, SearchResult, SearchStep, run_search
+from worker.engine.search import (
+    ExtraLoss,
+    SearchConfig,
+    SearchResult,
+    SearchStep,
+    pull_eps,
+    run_search,
+)
 
 
 def pick_device(spec: str = "auto") -> torch.device:
@@ -274,6 +281,7 @@ def element_report(result: SearchResult, i: int, config: SearchConfig) -> dict[s
         "accepted": accepted,
         "downscale_mse": mse,
         "eps": config.eps,
+        "fit_eps": pull_eps(config),  # the MSE the search pulled to, at most eps
         "loss": float(result.loss[i]),
         "restart": int(result.restart[i]),
         "candidates": [

@@ -143,6 +143,20 @@ def test_accepts_when_within_eps(tiny) -> None:
     assert not strict.accepted.any()
 
 
+def test_fit_eps_pulls_below_the_acceptance_eps(tiny) -> None:
+    """With eps loose enough to accept anything, the downscale loss is flat and only
+    fit_eps keeps the search fitting the thumbnail; acceptance still follows eps."""
+    g, fit = tiny
+    thumbs = _target(g, 4)
+    flat = SearchConfig(steps=30, restarts=2, seed=0, eps=1.0)
+    loose = run_search(g, fit, thumbs, flat)
+    pulled = run_search(g, fit, thumbs, flat.model_copy(update={"fit_eps": 1e-6}))
+    assert loose.accepted.all() and pulled.accepted.all()
+    assert (pulled.mse < 0.5 * loose.mse).all()
+    assert search.pull_eps(SearchConfig(eps=1e-3, fit_eps=5e-3)) == 1e-3
+    assert search.pull_eps(SearchConfig(eps=1e-3)) == 1e-3
+
+
 def test_can_be_stopped_between_steps(tiny) -> None:
     g, fit = tiny
     seen = []

@@ -67,6 +67,13 @@ class SearchConfig(BaseModel):
     lr: float = Field(0.4, gt=0, description="Adam's peak learning rate")
     schedule: Schedule = Field("linear1cycledrop", description="learning-rate schedule")
     eps: float = Field(2e-3, gt=0, description="accept a face if its downscale MSE <= eps")
+    fit_eps: float | None = Field(
+        None,
+        gt=0,
+        description="the downscale MSE the search pulls down to (at most eps; None: eps). "
+        "Below eps a tighter fit keeps more of what the thumbnail shows (skin tone, the "
+        "eyes' and mouth's placement) while a face still counts as matching at eps",
+    )
     ds_weight: float = Field(100.0, ge=0, description="weight of the downscale loss")
     geocross_weight: float = Field(0.05, ge=0, description="weight of GEOCROSS")
     trainable_noise: int = Field(5, ge=0, description="coarsest noise maps optimised")
@@ -140,6 +147,11 @@ def lr_factor(step: int, steps: int, schedule: Schedule) -> float:
     if step < cycle:
         return (9 * (1 - abs(step / cycle - 0.5) * 2) + 1) / 10
     return 0.1 + (step - cycle) / (0.1 * steps) * (1 / 1000 - 0.1)
+
+
+def pull_eps(config: SearchConfig) -> float:
+    """The MSE below which the downscale loss stops pulling: fit_eps, never above eps."""
+    return config.eps if config.fit_eps is None else min(config.fit_eps, config.eps)
 
 
 def geocross(w_plus: Tensor) -> Tensor:
@@ -311,7 +323,7 @@ def latent_search(
             img = (synthesis(w, noise).float() + 1) / 2
         mse = downscale_mse(img, targets)
         terms = {
-            "downscale": config.ds_weight * mse.clamp_min(config.eps),
+            "downscale": config.ds_weight * mse.clamp_min(pull_eps(config)),
             "geocross": config.geocross_weight * geocross(w),
         }
         constraints: dict[str, Tensor] = {}
@@ -455,6 +467,7 @@ __all__: Sequence[str] = [
     "latent_search",
     "lr_factor",
     "project_to_sphere",
+    "pull_eps",
     "run_search",
     "downscale_mse",
     "synthesis_fn",
