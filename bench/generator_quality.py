@@ -48,6 +48,7 @@ from torch import Tensor
 from likeness.errors import LikenessError
 from likeness.labels import UTKFACE_RACES
 from worker.engine.face.extractor import FaceExtractor
+from worker.engine.search import pull_eps
 from worker.evaluation.config import THUMBNAIL, EvalConfig
 from worker.evaluation.figures import to_pixel_array
 from worker.evaluation.measures import judge_features, race_predictions
@@ -243,6 +244,7 @@ def main() -> None:
                 "steps": args.steps,
                 "restarts": args.restarts,
                 "eps": args.eps,
+                "fit_eps": pull_eps(config),
                 "geocross_weight": config.geocross_weight,
                 "mse_median": float(mse.median()),
                 "mse_p90": float(mse.quantile(0.9)),

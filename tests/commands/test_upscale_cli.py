@@ -167,4 +167,5 @@ def test_a_generators_search_settings_reach_upscale_and_explicit_options_win(
     report = upscale()
     assert report["weights"] == {"name": "mine", "sha256": sha256_file(folder / "mine.pt")}
     assert report["eps"] == 0.5 and "notes" in report and "input_notes" not in report
+    assert report["fit_eps"] == 0.5  # nothing tighter set: the search pulled to eps
     assert upscale("--eps", "0.25")["eps"] == 0.25

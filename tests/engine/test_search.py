@@ -154,7 +154,15 @@ def test_fit_eps_pulls_below_the_acceptance_eps(tiny) -> None:
     assert loose.accepted.all() and pulled.accepted.all()
     assert (pulled.mse < 0.5 * loose.mse).all()
     assert search.pull_eps(SearchConfig(eps=1e-3, fit_eps=5e-3)) == 1e-3
+    assert search.pull_eps(SearchConfig(eps=1e-3, fit_eps=5e-4)) == 5e-4
     assert search.pull_eps(SearchConfig(eps=1e-3)) == 1e-3
+
+
+def test_an_unset_fit_eps_leaves_the_stored_keys_as_they_were() -> None:
+    before = SearchConfig().model_dump(mode="json")
+    del before["fit_eps"]
+    assert search.config_key(SearchConfig()) == before
+    assert search.config_key(SearchConfig(fit_eps=1e-4))["fit_eps"] == 1e-4
 
 
 def test_can_be_stopped_between_steps(tiny) -> None:

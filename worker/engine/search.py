@@ -20,7 +20,7 @@ import math
 from collections.abc import Callable, Sequence
 from collections.abc import Generator as Gen
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 from weakref import WeakKeyDictionary
 
 import torch
@@ -70,9 +70,9 @@ class SearchConfig(BaseModel):
     fit_eps: float | None = Field(
         None,
         gt=0,
-        description="the downscale MSE the search pulls down to (at most eps; None: eps). "
-        "Below eps a tighter fit keeps more of what the thumbnail shows (skin tone, the "
-        "eyes' and mouth's placement) while a face still counts as matching at eps",
+        description="the downscale MSE the search pulls down to (at most eps; None: eps): "
+        "below eps the search fits the thumbnail tighter, while a face still counts as "
+        "matching at eps",
     )
     ds_weight: float = Field(100.0, ge=0, description="weight of the downscale loss")
     geocross_weight: float = Field(0.05, ge=0, description="weight of GEOCROSS")
@@ -152,6 +152,15 @@ def lr_factor(step: int, steps: int, schedule: Schedule) -> float:
 def pull_eps(config: SearchConfig) -> float:
     """The MSE below which the downscale loss stops pulling: fit_eps, never above eps."""
     return config.eps if config.fit_eps is None else min(config.fit_eps, config.eps)
+
+
+def config_key(config: SearchConfig) -> dict[str, Any]:
+    """The settings as stored in cache and resume keys: fit_eps left out while unset, so
+    the keys written before it existed still match the searches they describe."""
+    key = config.model_dump(mode="json")
+    if key["fit_eps"] is None:
+        del key["fit_eps"]
+    return key
 
 
 def geocross(w_plus: Tensor) -> Tensor:
@@ -345,8 +354,9 @@ def latent_search(
             # one does, the lowest-loss one overall. Ranking by loss alone lets
             # GEOCROSS (and the steering terms) trade a face that downscales
             # correctly for a slightly smoother one that does not: with the
-            # downscale term flat below eps, the search hovers at eps and the
-            # lowest total is as often just outside it as inside.
+            # downscale term flat below its pull target (eps unless fit_eps is
+            # tighter), the search hovers there and, at eps, the lowest total is
+            # as often just outside it as inside.
             feasible = mse <= config.eps
             for name, t in constraints.items():
                 feasible = feasible & (t <= limits[name])
@@ -463,6 +473,7 @@ __all__: Sequence[str] = [
     "SearchStep",
     "SearchStopped",
     "autocast",
+    "config_key",
     "geocross",
     "latent_search",
     "lr_factor",

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from likeness.labels import UTKFACE_RACES
 from worker.engine.objectives import ObjectiveWeights
-from worker.engine.search import SearchConfig, SearchStep
+from worker.engine.search import SearchConfig, SearchStep, config_key
 from worker.evaluation.config import TABLE3_ATTRIBUTES
 from worker.evaluation.measures import embed
 from worker.evaluation.models import Models
@@ -189,7 +189,7 @@ def job_key(
         "strategy": strategy.name,
         "dataset": samples.dataset,
         "generator": models.generator.sha256,
-        "search": config.model_dump(mode="json"),
+        "search": config_key(config),
         "seed": samples.seeds[job.row],
         "race": races[0],
         "attributes": attrs[0],

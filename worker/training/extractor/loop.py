@@ -21,6 +21,7 @@ from worker.engine.checkpoints import LoadedGenerator
 from worker.engine.downscale import downscale_factor
 from worker.engine.face.export import export, load_export
 from worker.engine.objectives import DEFAULT_THRESHOLD_DEG, ObjectiveWeights
+from worker.engine.search import config_key
 from worker.engine.speed import fastest_layout, fastest_precision
 from worker.pipeline import load_search_model, pick_device
 from worker.training import lfw
@@ -412,7 +413,7 @@ class Session:
             "seed": config.seed,
             "pairs": pairs.tolist(),
             "generator": self.generator.sha256,
-            "search": settings.search.model_dump(mode="json"),
+            "search": config_key(settings.search),
             "objective": settings.objective.model_dump(mode="json"),
             "thumbnail": config.lookalike_thumbnail,
         }
