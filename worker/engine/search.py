@@ -314,6 +314,7 @@ def latent_search(
     best_constraints: dict[str, Tensor] = {}
     limits: dict[str, float] = {}
     synthesis = synthesis_fn(generator, config, device)
+    pull = pull_eps(config)  # below this MSE the downscale term is flat
     graphs = config.compile == "reduce-overhead" and device.type == "cuda"
 
     # The loop never makes the host wait for the device (no .item(), no
@@ -332,7 +333,7 @@ def latent_search(
             img = (synthesis(w, noise).float() + 1) / 2
         mse = downscale_mse(img, targets)
         terms = {
-            "downscale": config.ds_weight * mse.clamp_min(pull_eps(config)),
+            "downscale": config.ds_weight * mse.clamp_min(pull),
             "geocross": config.geocross_weight * geocross(w),
         }
         constraints: dict[str, Tensor] = {}
