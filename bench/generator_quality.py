@@ -14,8 +14,9 @@
   16x16 thumbnails, on held-out people (``likeness evaluate``'s samples, searches
   and cache, at --steps/--restarts and the generator's manifest search settings;
   --eps and --geocross-weight apply to the fit only):
-  sharpness (mean Sobel gradient of the luminance at 128 px) of photos, outputs
-  and enlargements of --celeba people; identity carried: cosine distance, in the
+  sharpness (mean Sobel gradient of the luminance at 128 px) and grain (what a
+  5x5 blur takes from the middle of the face) of photos, outputs and
+  enlargements of --celeba people; identity carried: cosine distance, in the
   attribute judge's pooled features, from output and from enlargement to the
   person's other photo (and from the photo itself: the floor); race carried: the
   race judge's accuracy on --utkface photos, enlargements, plain outputs and
@@ -62,6 +63,7 @@ from worker.training.generator_quality import (
     FACE_PROBABILITY,
     bicubic_upscale,
     face_probabilities,
+    grain,
     held_out_photos,
     photo_embeddings,
     sample_fd,
@@ -376,19 +378,20 @@ def search_scores(out: Outputs) -> dict[str, Any]:
 
 
 def sharpness_scores(celeba: Samples, plain: Outputs, bicubic: Tensor) -> dict[str, Any]:
-    """Mean sharpness of photos, outputs and enlargements; ratios of the means."""
-    means = {
-        name: float(sharpness(images).mean())
-        for name, images in (
-            ("photos", celeba.photos),
-            ("outputs", plain.images),
-            ("bicubic", bicubic),
-        )
-    }
+    """Mean sharpness of photos, outputs and enlargements, ratios of the means; and the
+    same for grain, since speckle raises sharpness as much as crisp features do."""
+    images = {"photos": celeba.photos, "outputs": plain.images, "bicubic": bicubic}
+    means = {name: float(sharpness(x).mean()) for name, x in images.items()}
+    grains = {name: float(grain(x).mean()) for name, x in images.items()}
     return {
         **means,
         "outputs_over_photos": ratio(means["outputs"], means["photos"]),
         "bicubic_over_photos": ratio(means["bicubic"], means["photos"]),
+        "grain": {
+            **grains,
+            "outputs_over_photos": ratio(grains["outputs"], grains["photos"]),
+            "bicubic_over_photos": ratio(grains["bicubic"], grains["photos"]),
+        },
         "n": len(celeba),
     }
 

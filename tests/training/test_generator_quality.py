@@ -1,4 +1,4 @@
-"""Generator quality's measures: sharpness, the bicubic baseline, the judge's embedding."""
+"""Generator quality's measures: sharpness, grain, the bicubic baseline, the judge's embedding."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from likeness.labels import UTKFACE_RACES
 from worker.evaluation.measures import judge_features, judge_logits
-from worker.training.generator_quality import SHARPNESS_SIZE, bicubic_upscale, sharpness
+from worker.training.generator_quality import SHARPNESS_SIZE, bicubic_upscale, grain, sharpness
 from worker.training.judges import JudgeNet
 
 SMALL = (8, 8, 16, 16)  # judge widths: quick, and the pooled features have 16 channels
@@ -46,6 +46,37 @@ def test_images_are_measured_at_128_px() -> None:
     assert float(sharpness(checkerboard(64, 4))) == pytest.approx(
         float(sharpness(checkerboard(128, 8))), rel=0.2
     )
+
+
+def test_smooth_shading_has_no_grain_and_speckle_has() -> None:
+    # a ramp (the blur keeps linear shading exactly) and flat grey: no grain
+    ramp = (
+        torch.linspace(0.2, 0.8, SHARPNESS_SIZE).view(1, 1, 1, -1).expand(1, 3, SHARPNESS_SIZE, -1)
+    )
+    flat = torch.full_like(ramp, 0.5)
+    torch.testing.assert_close(grain(torch.cat([ramp, flat])), torch.zeros(2), atol=1e-6, rtol=0)
+    # speckle on the ramp: grain grows with its amplitude
+    noise = torch.randn(
+        1, 1, SHARPNESS_SIZE, SHARPNESS_SIZE, generator=torch.Generator().manual_seed(0)
+    )
+    weak, strong = grain(torch.cat([ramp + 0.02 * noise, ramp + 0.08 * noise]))
+    assert float(strong) == pytest.approx(4 * float(weak), rel=1e-3) and float(weak) > 0.01
+
+
+def test_grain_reads_only_the_middle_of_the_face() -> None:
+    # speckle in the outer quarter (hair, background) is left out; in the middle it counts
+    noise = torch.rand(
+        1, 3, SHARPNESS_SIZE, SHARPNESS_SIZE, generator=torch.Generator().manual_seed(1)
+    )
+    q = SHARPNESS_SIZE // 4
+    border, middle = noise.clone(), noise.clone()
+    border[..., q - 2 : -q + 2, q - 2 : -q + 2] = 0.5
+    middle[..., : q - 2, :] = middle[..., -q + 2 :, :] = 0.5
+    middle[..., : q - 2] = middle[..., -q + 2 :] = 0.5
+    assert float(grain(border)) == pytest.approx(0, abs=1e-6)
+    torch.testing.assert_close(grain(middle), grain(noise))
+    # measured on the 128-px grid, like sharpness: a 2× copy of the image reads the same
+    torch.testing.assert_close(grain(F.interpolate(noise, scale_factor=2.0)), grain(noise))
 
 
 def test_bicubic_upscale_is_in_range_at_the_asked_size() -> None:

@@ -9,7 +9,9 @@
   it will be asked for;
 - sharpness: the mean Sobel gradient of the luminance, to compare upscales with
   photos and with the plain bicubic enlargement (``bicubic_upscale``) that an
-  upscaler has to beat.
+  upscaler has to beat;
+- grain: the finest-scale texture of the middle of the face (what a small blur
+  removes), so that speckle, which raises sharpness too, shows on its own.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ FACE_PROBABILITY = 0.95
 SHARPNESS_SIZE = 128  # one pixel grid for every image compared: gradients scale with it
 LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601, as PIL's convert("L")
 SOBEL_X = ((-1.0, 0.0, 1.0), (-2.0, 0.0, 2.0), (-1.0, 0.0, 1.0))
+BINOMIAL_5 = (1.0, 4.0, 6.0, 4.0, 1.0)
 
 Progress = Callable[[int], None]
 
@@ -170,22 +173,44 @@ def luminance(images: Tensor) -> Tensor:
     return (images * torch.tensor(LUMA, device=images.device).view(1, 3, 1, 1)).sum(1, keepdim=True)
 
 
+def on_grid(images: Tensor, size: int = SHARPNESS_SIZE) -> Tensor:
+    """(N, 3, H, W) in [0, 1] → (N, 3, size, size): area when shrinking (it averages,
+    adding no edges of its own), bicubic when enlarging."""
+    x = images.float()
+    if x.shape[-2:] == (size, size):
+        return x
+    if x.shape[-1] > size:
+        return F.interpolate(x, size=(size, size), mode="area")
+    return F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False).clamp(0, 1)
+
+
 def sharpness(images: Tensor, size: int = SHARPNESS_SIZE) -> Tensor:
     """Mean Sobel gradient magnitude of the luminance of (N, 3, H, W) images in [0, 1]: (N,).
 
-    Images are first brought to ``size`` px, so photos, outputs and enlargements of
-    any size are measured on one grid: area when shrinking (it averages, adding no
-    edges of its own), bicubic when enlarging. Only interior pixels count (no
-    padding), so the border adds no false edge.
+    Images are first brought to ``size`` px (``on_grid``), so photos, outputs and
+    enlargements of any size are measured on one grid. Only interior pixels count
+    (no padding), so the border adds no false edge.
     """
-    x = images.float()
-    if x.shape[-2:] != (size, size):
-        if x.shape[-1] > size:
-            x = F.interpolate(x, size=(size, size), mode="area")
-        else:
-            x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False)
-        x = x.clamp(0, 1)
+    x = on_grid(images, size)
     luma = luminance(x)
     kx = torch.tensor(SOBEL_X, device=x.device).view(1, 1, 3, 3)
     gx, gy = F.conv2d(luma, kx), F.conv2d(luma, kx.transpose(2, 3))
     return (gx.square() + gy.square()).sqrt().mean((1, 2, 3))
+
+
+def grain(images: Tensor, size: int = SHARPNESS_SIZE) -> Tensor:
+    """Mean |luminance − its 5×5 binomial blur| over the middle half of (N, 3, H, W)
+    images in [0, 1], on the ``size`` px grid: (N,).
+
+    The middle (eyes, nose, mouth, cheeks) because hair and backgrounds carry
+    fine texture of their own; a 5×5 blur because it removes only the finest
+    scale: pore-sized speckle and single-pixel noise, not the edges of features.
+    Compared with photos' grain it tells a crisp face from a noisy one, which the
+    Sobel sharpness alone cannot.
+    """
+    luma = luminance(on_grid(images, size))
+    k = torch.tensor(BINOMIAL_5, device=luma.device)
+    k = (k.view(-1, 1) * k.view(1, -1) / k.sum() ** 2).view(1, 1, 5, 5)
+    q = size // 4
+    middle = luma[..., q - 2 : size - q + 2, q - 2 : size - q + 2]  # 2 px margin: valid conv
+    return (middle[..., 2:-2, 2:-2] - F.conv2d(middle, k)).abs().mean((1, 2, 3))
