@@ -19,7 +19,7 @@ from likeness.manifest import (
 from worker.engine.checkpoints import load_generator, save_generator
 from worker.engine.mapping_fit import fit_mapping
 from worker.engine.search import SearchConfig
-from worker.training.generator.config import CHECKPOINT_NAME, GENERATOR_NAME, RUN_FIELDS
+from worker.training.generator.config import CHECKPOINT_NAME, GENERATOR_NAME
 from worker.training.generator.export import mean_w
 from worker.training.generator.state import read_checkpoint
 from worker.training.generator_data import read_provenance
@@ -226,23 +226,13 @@ def _warm_start_provenance(
         if manifest_path.is_file()
         else []
     )
-    if before and _same_run(before[0].provenance.get("train_config"), train_config):
-        # the start was overwritten by an earlier ship of this very run (ship, measure,
-        # ship again; or the run resumed and shipped later): what that ship recorded of
-        # the start still holds
+    if before and before[0].provenance.get("train_config") == train_config:
+        # the start was overwritten by this very run's first ship (ship, measure, ship
+        # again): what that ship recorded of the start still holds
         return {k: v for k, v in before[0].provenance.items() if k == "init_generator"}
     return {
         "init_generator": {"file": path.name, "sha256": sha}
         | ({"provenance": before[0].provenance} if before else {})
-    }
-
-
-def _same_run(a: dict[str, Any] | None, b: dict[str, Any]) -> bool:
-    """Two train configs of one run: equal but for what a resume may change."""
-    if a is None:
-        return False
-    return {k: v for k, v in a.items() if k not in RUN_FIELDS} == {
-        k: v for k, v in b.items() if k not in RUN_FIELDS
     }
 
 
