@@ -199,8 +199,8 @@ def sharpness(images: Tensor, size: int = SHARPNESS_SIZE) -> Tensor:
 
 
 def grain(images: Tensor, size: int = SHARPNESS_SIZE) -> Tensor:
-    """Mean |luminance − its 5×5 binomial blur| over the middle half of (N, 3, H, W)
-    images in [0, 1], on the ``size`` px grid: (N,).
+    """Mean |luminance − its 5×5 binomial blur| over the middle half of each side (a
+    quarter of the area) of (N, 3, H, W) images in [0, 1], on the ``size`` px grid: (N,).
 
     The middle (eyes, nose, mouth, cheeks) because hair and backgrounds carry
     fine texture of their own; a 5×5 blur because it removes only the finest
