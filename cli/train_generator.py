@@ -98,6 +98,22 @@ def train_generator(
             "--face-weights; default: 0, off)"
         ),
     ] = None,
+    race_weight: Annotated[
+        float | None,
+        typer.Option(
+            min=0,
+            help="vae: weight of the race term, the divergence of F's race readings of the "
+            "photo and of its reconstruction, so that the decoder keeps what tells races "
+            "apart (default: 0, off)",
+        ),
+    ] = None,
+    race_extractor: Annotated[
+        str | None,
+        typer.Option(
+            help="F for --race-weight: a manifest name or an export file (default: the "
+            "manifest's extractor)"
+        ),
+    ] = None,
     adv_weight: Annotated[
         float | None,
         typer.Option(
@@ -240,6 +256,7 @@ def train_generator(
         identity_weight=identity_weight,
         adv_weight=adv_weight,
         perceptual_weight=perceptual_weight,
+        race_weight=race_weight,
         adv_start_kimg=adv_start_kimg,
         adv_ramp_kimg=adv_ramp_kimg,
         d_lr_ratio=d_lr_ratio,
@@ -249,6 +266,19 @@ def train_generator(
     )
     overrides = {k: v for k, v in options.items() if v is not None}
     overrides["device"] = device
+    try:
+        if race_extractor is not None or (race_weight or 0) > 0:
+            from likeness.manifest import resolve_weights
+
+            path = resolve_weights(race_extractor, "extractor")[0].resolve()
+            # relative where it can be: the path is saved in the run's config and provenance
+            cwd = Path.cwd().resolve()
+            overrides["race_extractor"] = (
+                path.relative_to(cwd) if path.is_relative_to(cwd) else path
+            )
+    except LikenessError as e:
+        err.print(f"[bold red]error:[/] {e.message}", highlight=False)
+        raise typer.Exit(2) from None
     out = out or Path("runs/smoke" if smoke else "runs/generator")
     overrides["out"] = out
     try:

@@ -186,6 +186,17 @@ def test_cli_smoke_and_resume_guard(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, [*args[:4], "0.016", "--resume", "auto"])
     assert result.exit_code == 0, result.output
     assert read_checkpoint(out / "checkpoint.pt")["step"] == 4
+    # the race term: F defaults to the manifest's; an unknown F is one line, no run
+    race = [*args[:2], str(tmp_path / "race"), *args[3:], "--objective", "vae"]
+    race[race.index("16")] = "32"
+    race[race.index("128")] = "512"
+    result = CliRunner().invoke(app, [*race, "--race-weight", "1", "--race-extractor", "no-f"])
+    assert result.exit_code == 2 and "no-f" in result.output
+    assert not (tmp_path / "race").exists()
+    result = CliRunner().invoke(app, [*race, "--race-weight", "1"])
+    assert result.exit_code == 0, result.output
+    saved = read_checkpoint(tmp_path / "race" / "checkpoint.pt")["train_config"]
+    assert Path(saved["race_extractor"]).resolve() == bundled_extractor().resolve()
 
 
 # ---------------------------------------------------------------- discriminator
@@ -462,6 +473,60 @@ def test_perceptual_distance_is_zero_on_itself_grows_with_blur_and_has_gradients
     assert d.shape == (2,) and bool((d > 0.01).all())
     d.sum().backward()
     assert fake.grad is not None and float(fake.grad.abs().sum()) > 0
+
+
+def bundled_extractor() -> Path:
+    from likeness.manifest import resolve_weights
+
+    return resolve_weights(None, "extractor")[0]
+
+
+def test_race_divergence_is_zero_on_the_photo_and_its_gradient_brings_f_back_to_it() -> None:
+    from worker.engine.face.export import load_export
+    from worker.training.generator.vae import race_divergence, race_logits
+
+    f = load_export(bundled_extractor()).eval().requires_grad_(False)
+    torch.manual_seed(0)
+    real = torch.rand(2, 3, 64, 64) * 2 - 1
+    assert torch.allclose(race_divergence(f, real, real), torch.zeros(2), atol=1e-6)
+    fake = torch.nn.functional.avg_pool2d(real.flip(0), 5, 1, 2).requires_grad_(True)
+    before = race_divergence(f, fake, real)
+    assert before.shape == (2,) and bool((before > 0).all())
+    before.sum().backward()
+    assert fake.grad is not None
+    # a small step against the gradient moves F's reading of the fake toward the photo's
+    with torch.no_grad():
+        stepped = fake - 0.05 * fake.grad.sign()
+        assert float(race_divergence(f, stepped, real).sum()) < float(before.sum())
+        assert race_logits(f, real).shape == (2, len(f.race_head.labels))
+
+
+def test_a_vae_run_with_the_race_term_logs_it_and_refuses_it_without_f(tmp_path: Path) -> None:
+    from pydantic import ValidationError
+
+    config = tiny(
+        tmp_path,
+        steps=2,
+        objective="vae",
+        resolution=32,
+        channel_base=512,
+        race_weight=0.5,
+        race_extractor=bundled_extractor(),
+    )
+    losses = run(config)
+    assert all(math.isfinite(losses[s]["rec_race"]) for s in (1, 2))
+    # the term is in the loss at its weight: the same first step at twice the weight
+    doubled = run(config.model_copy(update={"out": tmp_path / "x2", "race_weight": 1.0}))
+    first = losses[1]
+    assert doubled[1]["rec_race"] == pytest.approx(first["rec_race"])
+    assert doubled[1]["loss_VAE"] - first["loss_VAE"] == pytest.approx(
+        0.5 * first["rec_race"], rel=1e-4
+    )
+    assert "rec_race" not in run(tiny(tmp_path / "off", steps=1, objective="vae"))[1]
+    with pytest.raises(ValidationError, match="race_weight needs race_extractor"):
+        tiny(tmp_path, steps=1, objective="vae", race_weight=0.5)
+    with pytest.raises(ValidationError, match="race_weight needs race_extractor"):
+        tiny(tmp_path, steps=1, race_weight=0.5, race_extractor=bundled_extractor())
 
 
 def test_adversarial_updates_wait_for_adv_start_then_ramp_in(tmp_path: Path) -> None:

@@ -58,6 +58,15 @@ class TrainConfig(BaseModel):
         description="vae: weight of the distance of MobileFaceNet's feature maps "
         "(worker/training/perceptual.py; needs face_weights); 0: off",
     )
+    race_weight: float = Field(
+        0.0,
+        ge=0,
+        description="vae: weight of the divergence between F's race readings of the photo "
+        "and of its reconstruction (needs race_extractor); 0: off",
+    )
+    race_extractor: Path | None = Field(
+        None, description="F export with a race head, for race_weight (e.g. weights/extractor.pt)"
+    )
     adv_weight: float = Field(
         1.0,
         ge=0,
@@ -136,6 +145,8 @@ class TrainConfig(BaseModel):
         # a setting that silently does nothing would cost hours of training
         if self.perceptual_weight > 0 and (self.face_weights is None or self.objective == "gan"):
             raise ValueError("perceptual_weight needs face_weights and a vae objective")
+        if self.race_weight > 0 and (self.race_extractor is None or self.objective == "gan"):
+            raise ValueError("race_weight needs race_extractor and a vae objective")
         if (self.adv_start_kimg > 0 or self.adv_ramp_kimg > 0) and self.objective != "vae-gan":
             raise ValueError("adv_start_kimg and adv_ramp_kimg are for the vae-gan objective")
         if self.d_fakes != "samples" and self.objective != "vae-gan":
@@ -212,6 +223,8 @@ RUN_FIELDS = frozenset(
         "adv_weight",
         "fd_samples",
         "perceptual_weight",
+        "race_weight",
+        "race_extractor",
         "adv_start_kimg",
         "adv_ramp_kimg",
         "prior_members",

@@ -139,6 +139,7 @@ STATUS_METRICS = (
     ("rec_lowres", "lowres", 5),
     ("rec_identity", "id", 3),
     ("rec_perceptual", "perc", 3),
+    ("rec_race", "race", 3),
     ("kl", "KL", 0),
 )
 

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from likeness.errors import LikenessError
 from worker.engine.checkpoints import atomic_torch_save, load_generator
+from worker.engine.face.export import load_export
 from worker.engine.face.extractor import FaceExtractor
 from worker.engine.generator import Generator, GeneratorConfig
 from worker.training.common import read_checkpoint_file, rng_state, set_rng_state
@@ -39,6 +40,7 @@ class TrainState:
     E: Discriminator | None = None  # the vae objectives' encoder
     opt_E: torch.optim.Adam | None = None
     face: FaceExtractor | None = None  # frozen, for the identity term; not checkpointed
+    race_extractor: FaceExtractor | None = None  # frozen F, for the race term; not checkpointed
     codes: CodeMoments | None = None  # the encoded faces' w, for the exported prior
     step: int = 0
     mean_path_length: float = 0.0
@@ -111,6 +113,9 @@ def build_state(config: TrainConfig, device: torch.device) -> TrainState:
         state.codes = CodeMoments(gconf.style_dim)
         if config.face_weights is not None:
             state.face = load_face_model(config.face_weights, device)
+        if config.race_weight > 0 and config.race_extractor is not None:
+            state.race_extractor = load_export(config.race_extractor).to(device).eval()
+            state.race_extractor.requires_grad_(False)
     return state
 
 

@@ -186,13 +186,17 @@ def vae_step(state: TrainState, real: Tensor, mask: Tensor) -> tuple[dict[str, f
     fake, w = decode(G, z)
     if state.codes is not None:
         state.codes.update(w)
-    terms = reconstruction_terms(fake, real, mask, state.face, c.perceptual_weight > 0)
+    terms = reconstruction_terms(
+        fake, real, mask, state.face, c.perceptual_weight > 0, state.race_extractor
+    )
     kl = kl_divergence(mu, logvar).mean()
     loss = terms["l1"] + c.lowres_weight * terms["lowres"] + c.kl_weight * kl
     if "identity" in terms:
         loss = loss + c.identity_weight * terms["identity"]
     if "perceptual" in terms:
         loss = loss + c.perceptual_weight * terms["perceptual"]
+    if "race" in terms:
+        loss = loss + c.race_weight * terms["race"]
     out = {f"rec_{name}": float(t.item()) for name, t in terms.items()} | {"kl": kl.item()}
     adv_weight = state.adv_weight_now
     if c.objective == "vae-gan" and adv_weight > 0:

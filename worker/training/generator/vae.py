@@ -7,8 +7,11 @@ already make faces (blurry ones). The encoder maps a real face to a Gaussian
 over z; z goes through the mapping network and the synthesis exactly as a
 sampled z does, and the KL term pulls the codes toward N(0, I) so that
 z ~ N(0, I) decodes to faces too. The losses weigh what the search needs: the
-16- and 32-px downscales (the search's own operator) and the identity seen by
-MobileFaceNet, besides the pixels. ``objective="vae-gan"`` adds StyleGAN2's
+16- and 32-px downscales (the search's own operator), the identity seen by
+MobileFaceNet and, optionally, the race that F's race head reads in the photo,
+besides the pixels: a reconstruction loss alone lets the decoder drop the
+small differences of eye, nose and lip shape that tell races apart, because
+they cost few pixels. ``objective="vae-gan"`` adds StyleGAN2's
 adversarial terms to sharpen the result.
 
 The KL term alone does not make z ~ N(0, I) decode to faces here: the mapping
@@ -181,11 +184,13 @@ def reconstruction_terms(
     mask: Tensor,
     face: FaceExtractor | None,
     perceptual: bool = False,
+    race: FaceExtractor | None = None,
 ) -> dict[str, Tensor]:
     """Unweighted per-batch terms over the pixels ``mask`` marks as measured: pixel L1
     (in [-1, 1]), MSE of the downscales (in [0, 1], as the search measures, weighted by
-    the downscaled mask), 1 - cos of the face embeddings and, with ``perceptual``, the
-    distance of the face network's feature maps."""
+    the downscaled mask), 1 - cos of the face embeddings, with ``perceptual`` the
+    distance of the face network's feature maps and, with ``race`` (an F with a race
+    head), ``race_divergence``."""
     # The fake pasted into the real where the real was measured: elsewhere both images
     # are the real's own pixels, so no term (and no gradient) reaches the fake there,
     # at any resolution, and the feature maps need no mask of their own.
@@ -207,4 +212,26 @@ def reconstruction_terms(
         terms["identity"] = 1.0 - (face_embedding(face, seen) * target).sum(1).mean()
         if perceptual:
             terms["perceptual"] = perceptual_distance(face, seen, real).mean()
+    if race is not None:
+        terms["race"] = race_divergence(race, seen, real).mean()
     return terms
+
+
+def race_logits(extractor: FaceExtractor, images: Tensor) -> Tensor:
+    """F's race logits of FFHQ-framed faces in [-1, 1], aligned at the frame's fixed
+    landmarks (differentiable, as ``face_embedding``)."""
+    b, _, h, w = images.shape
+    logits = extractor((images + 1) / 2, fallback_landmarks(b, h, w, images.device)).race_logits
+    if logits is None:
+        raise ValueError("the race term needs an extractor with a race head")
+    return logits.float()
+
+
+def race_divergence(extractor: FaceExtractor, fake: Tensor, real: Tensor) -> Tensor:
+    """KL(p_real ‖ p_fake) of F's race readings, per image (B,): distillation toward what
+    F reads in the photo, not toward a label, so it needs none, asks no more certainty
+    than the photo gives, and applies to every face in the data."""
+    with torch.no_grad():
+        target = race_logits(extractor, real).log_softmax(1)
+    log_p = race_logits(extractor, fake).log_softmax(1)
+    return (target.exp() * (target - log_p)).sum(1)
