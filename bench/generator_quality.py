@@ -27,6 +27,16 @@
     python bench/generator_quality.py --weights weights/generator.pt \
         --skip face fd fit --celeba 64 --utkface 64 --grid docs/upscale_grid.png
 
+- reconstruction (with --checkpoint, a vae training checkpoint): the race
+  judge's accuracy on the autoencoder's reconstructions of the --utkface
+  held-out photos (the encoder's mean code, decoded) against the photos', and
+  their sharpness: how much race the decoder renders when it is handed the
+  code, no search in between:
+
+    python bench/generator_quality.py --weights weights/generator.pt \
+        --skip face fd fit upscale --utkface 128 \
+        --checkpoint training_state/generator/checkpoint.pt
+
 Needs ../shared (the photos and the MobileFaceNet); nothing here is a test.
 """
 
@@ -59,6 +69,8 @@ from worker.evaluation.run import landmark_cache
 from worker.evaluation.samples import Samples, celeba_samples, utkface_samples
 from worker.evaluation.searches import NONE, RACE, Outputs, Strategy, run_strategy, search_config
 from worker.pipeline import load_search_model
+from worker.training.generator.state import load_autoencoder
+from worker.training.generator.vae import reconstruct
 from worker.training.generator_quality import (
     FACE_PROBABILITY,
     bicubic_upscale,
@@ -142,6 +154,13 @@ def parse() -> argparse.Namespace:
         action="store_true",
         help="upscale: add the held-out photo to the grid, for looking at here; "
         "such a grid stays out of the repository (it shows the data sets)",
+    )
+    p.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=None,
+        help="reconstruction: a vae training checkpoint (or its committed parts); the race "
+        "judge on its reconstructions of the --utkface held-out photos",
     )
     p.add_argument("--out", type=Path, help="also write the JSON here")
     return p.parse_args()
@@ -256,6 +275,8 @@ def main() -> None:
             }
         if "upscale" not in args.skip:
             report["upscale"] = upscale_section(args, bar)
+        if args.checkpoint is not None:
+            report["reconstruction"] = reconstruction_section(args)
     report["seconds"] = round(time.monotonic() - started, 1)
     text = json.dumps(report, indent=2)
     print(text)
@@ -269,9 +290,8 @@ def search_settings(base: dict[str, Any], given: list[str]) -> dict[str, Any]:
     return checked_search(base, search_pairs(given))
 
 
-def upscale_section(args: argparse.Namespace, bar: Progress) -> dict[str, Any]:
-    """Upscales against a plain bicubic enlargement of the same thumbnails (see above)."""
-    config = EvalConfig(
+def eval_config(args: argparse.Namespace) -> EvalConfig:
+    return EvalConfig(
         data_root=args.data_root,
         f0=args.face_weights,
         cache=args.cache,
@@ -285,6 +305,11 @@ def upscale_section(args: argparse.Namespace, bar: Progress) -> dict[str, Any]:
         device="cpu",
         threads=args.threads or None,
     )
+
+
+def upscale_section(args: argparse.Namespace, bar: Progress) -> dict[str, Any]:
+    """Upscales against a plain bicubic enlargement of the same thumbnails (see above)."""
+    config = eval_config(args)
     models = load_models(config, torch.device("cpu"))
     models.generator.search_defaults = search_settings(
         models.generator.search_defaults, args.search
@@ -327,6 +352,41 @@ def upscale_section(args: argparse.Namespace, bar: Progress) -> dict[str, Any]:
         qualitative_grid(grid_rows(sets, bicubic, outputs, args.grid_photos), columns, args.grid)
         report["grid"] = str(args.grid)
     return report
+
+
+def reconstruction_section(args: argparse.Namespace) -> dict[str, Any]:
+    """The race judge on a training checkpoint's reconstructions of held-out UTKFace photos:
+    how much race the decoder renders when it is handed the code, no search in between."""
+    config = eval_config(args)
+    models = load_models(config, torch.device("cpu"))
+    utk = utkface_samples(
+        args.data_root / "utkface",
+        max(args.utkface, 1),
+        THUMBNAIL,
+        args.seed,
+        landmark_cache(config),
+    )
+    try:
+        E, G, kimg = load_autoencoder(args.checkpoint, torch.device("cpu"))
+    except LikenessError as e:
+        raise SystemExit(e.message) from None
+    rebuilt = reconstruct(E, G, utk.photos)
+
+    def accuracy(images: Tensor) -> float:
+        return float(np.mean(race_predictions(models.race_judge, images) == utk.labels))
+
+    photos_sharp, rebuilt_sharp = (float(sharpness(x).mean()) for x in (utk.photos, rebuilt))
+    return {
+        "checkpoint": str(args.checkpoint),
+        "kimg": round(kimg, 3),
+        "people": len(utk),
+        "race": {"photos": accuracy(utk.photos), "reconstructions": accuracy(rebuilt)},
+        "sharpness": {
+            "photos": photos_sharp,
+            "reconstructions": rebuilt_sharp,
+            "over_photos": ratio(rebuilt_sharp, photos_sharp),
+        },
+    }
 
 
 def search_all(

@@ -529,6 +529,27 @@ def test_a_vae_run_with_the_race_term_logs_it_and_refuses_it_without_f(tmp_path:
         tiny(tmp_path, steps=1, race_weight=0.5, race_extractor=bundled_extractor())
 
 
+def test_a_vae_checkpoint_reconstructs_faces_and_a_gan_one_says_it_cannot(
+    tmp_path: Path,
+) -> None:
+    from worker.training.generator.state import load_autoencoder
+    from worker.training.generator.vae import encode, reconstruct
+
+    run(tiny(tmp_path / "vae", steps=3, objective="vae"))
+    E, G, kimg = load_autoencoder(tmp_path / "vae" / "checkpoint.pt", torch.device("cpu"))
+    assert kimg == pytest.approx(0.012)
+    faces = torch.rand(5, 3, 16, 16)
+    rebuilt = reconstruct(E, G, faces, batch=2)
+    assert rebuilt.shape == faces.shape and 0 <= float(rebuilt.min()) <= float(rebuilt.max()) <= 1
+    with torch.no_grad():  # the mean code through G_ema with its stored noise, batched or not
+        w = G.mapping(encode(E, faces * 2 - 1)[0]).unsqueeze(1).expand(-1, G.n_latent, -1)
+        whole = ((G.synthesis(w, noise=G.stored_noise()) + 1) / 2).clamp(0, 1)
+    assert torch.allclose(rebuilt, whole, atol=1e-5)
+    run(tiny(tmp_path / "gan", steps=1))
+    with pytest.raises(LikenessError, match="has no encoder"):
+        load_autoencoder(tmp_path / "gan" / "checkpoint.pt", torch.device("cpu"))
+
+
 def test_adversarial_updates_wait_for_adv_start_then_ramp_in(tmp_path: Path) -> None:
     from worker.training.generator.state import build_state
 

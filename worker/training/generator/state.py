@@ -167,6 +167,21 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     return read_checkpoint_file(path, "train-generator", ("train_config",))
 
 
+def load_autoencoder(path: Path, device: torch.device) -> tuple[Discriminator, Generator, float]:
+    """A vae run's encoder and G_ema (eval mode) and its kimg, from a checkpoint file or
+    its committed parts: what the decoder renders of a face whose code is given."""
+    ckpt = read_checkpoint(path)
+    config = TrainConfig(**ckpt["train_config"])
+    if "E" not in ckpt:
+        raise LikenessError("no_encoder", f"{path} is a {config.objective} run: it has no encoder")
+    gconf = config.generator_config()
+    E, G = build_encoder(gconf), Generator(gconf)
+    E.load_state_dict(ckpt["E"])
+    G.load_state_dict(ckpt["G_ema"])
+    kimg = int(ckpt["step"]) * config.batch / 1000
+    return E.to(device).eval(), G.to(device).eval(), kimg
+
+
 def load_checkpoint(state: TrainState, ckpt: dict[str, Any]) -> None:
     """Restore everything ``save_checkpoint`` wrote into a freshly built state."""
     state.G.load_state_dict(ckpt["G"])

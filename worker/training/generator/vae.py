@@ -137,6 +137,21 @@ def encoded_codes(E: Discriminator, G: Generator, images: Iterable[Tensor], seed
 
 
 @torch.no_grad()
+def reconstruct(E: Discriminator, G: Generator, images: Tensor, batch: int = 16) -> Tensor:
+    """The autoencoder's reconstructions of faces in [0, 1] (the encoder's mean code, no
+    posterior draw), in [0, 1]: what the decoder can render of a face when the code is
+    given, so no search stands between the measure and the generator. The generator's
+    stored noise maps, not fresh draws: the same faces give the same pictures."""
+    device = next(G.parameters()).device
+    out = []
+    for i in range(0, len(images), batch):
+        mu, _ = encode(E, images[i : i + batch].to(device) * 2 - 1)
+        w = G.mapping(mu).unsqueeze(1).expand(-1, G.n_latent, -1)
+        out.append(((G.synthesis(w, noise=G.stored_noise()) + 1) / 2).clamp(0, 1).cpu())
+    return torch.cat(out)
+
+
+@torch.no_grad()
 def set_mapping_to_gaussian(G: Generator, mean: Tensor, cov: Tensor) -> None:
     """Make ``G.mapping(z)``, z ~ N(0, I), equal ``gain·leaky_relu(x)`` with
     x ~ N(mean, cov): the layout and the layers stay, only their values change.
