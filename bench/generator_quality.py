@@ -135,7 +135,7 @@ def parse() -> argparse.Namespace:
         "--utkface",
         type=int,
         default=64,
-        help="upscale: race-balanced held-out UTKFace thumbnails (0: none)",
+        help="upscale and reconstruction: race-balanced held-out UTKFace people (0: none)",
     )
     p.add_argument(
         "--cache",
@@ -357,19 +357,22 @@ def upscale_section(args: argparse.Namespace, bar: Progress) -> dict[str, Any]:
 def reconstruction_section(args: argparse.Namespace) -> dict[str, Any]:
     """The race judge on a training checkpoint's reconstructions of held-out UTKFace photos:
     how much race the decoder renders when it is handed the code, no search in between."""
-    config = eval_config(args)
-    models = load_models(config, torch.device("cpu"))
-    utk = utkface_samples(
-        args.data_root / "utkface",
-        max(args.utkface, 1),
-        THUMBNAIL,
-        args.seed,
-        landmark_cache(config),
-    )
-    try:
+    if args.utkface < 1:
+        raise SystemExit("--checkpoint reconstructs --utkface photos: give --utkface N > 0")
+    try:  # a bad checkpoint fails before the judges load and the photos are framed
         E, G, kimg = load_autoencoder(args.checkpoint, torch.device("cpu"))
     except LikenessError as e:
         raise SystemExit(e.message) from None
+    config = eval_config(args)
+    models = load_models(config, torch.device("cpu"))
+    utk = utkface_samples(
+        args.data_root / "utkface", args.utkface, THUMBNAIL, args.seed, landmark_cache(config)
+    )
+    if G.config.resolution != utk.photos.shape[-1]:
+        raise SystemExit(
+            f"{args.checkpoint} draws {G.config.resolution} px faces; the photos are "
+            f"{utk.photos.shape[-1]} px"
+        )
     rebuilt = reconstruct(E, G, utk.photos)
 
     def accuracy(images: Tensor) -> float:

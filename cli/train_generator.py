@@ -32,12 +32,30 @@ def resolve_resume(resume: str | None, out: Path) -> Path | None:
     return path
 
 
+def extractor_path(spec: str | None) -> Path:
+    """F for the race term: a manifest name, a file, or None for the manifest's default;
+    relative to the working folder where it can be, as it is saved in the run's config
+    and the shipped generator's provenance."""
+    from likeness.manifest import resolve_weights
+
+    path = resolve_weights(spec, "extractor")[0].resolve()
+    cwd = Path.cwd().resolve()
+    return path.relative_to(cwd) if path.is_relative_to(cwd) else path
+
+
 def build_config(smoke: bool, overrides: dict[str, Any], resume: Path | None) -> Any:
     from worker.training.generator.config import TrainConfig, merge_resume_config
     from worker.training.generator.state import read_checkpoint
 
-    if resume is not None:
-        saved = TrainConfig(**read_checkpoint(resume)["train_config"])
+    saved = TrainConfig(**read_checkpoint(resume)["train_config"]) if resume else None
+    race_weight = overrides.get("race_weight", saved.race_weight if saved else 0.0)
+    if "race_extractor" in overrides and race_weight == 0:
+        raise LikenessError("bad_option", "--race-extractor is for a --race-weight above 0")
+    if race_weight > 0 and "race_extractor" not in overrides:
+        # a resumed run keeps the F it was started with; a new one takes the manifest's
+        known = saved.race_extractor if saved else None
+        overrides["race_extractor"] = known if known is not None else extractor_path(None)
+    if saved is not None:
         return merge_resume_config(saved, overrides)
     if not smoke and overrides.get("data") is None:
         raise LikenessError("no_data", "give --data ZIP (or --smoke for a synthetic-data run)")
@@ -102,16 +120,16 @@ def train_generator(
         float | None,
         typer.Option(
             min=0,
-            help="vae: weight of the race term, the divergence of F's race readings of the "
+            help="vae training term: weight of the divergence of F's race readings of the "
             "photo and of its reconstruction, so that the decoder keeps what tells races "
-            "apart (default: 0, off)",
+            "apart (default: 0, off; a resume may change it)",
         ),
     ] = None,
     race_extractor: Annotated[
         str | None,
         typer.Option(
-            help="F for --race-weight: a manifest name or an export file (default: the "
-            "manifest's extractor)"
+            help="F for --race-weight: a manifest name or an export file (default: the run's "
+            "own when resuming, else the manifest's extractor)"
         ),
     ] = None,
     adv_weight: Annotated[
@@ -267,15 +285,8 @@ def train_generator(
     overrides = {k: v for k, v in options.items() if v is not None}
     overrides["device"] = device
     try:
-        if race_extractor is not None or (race_weight or 0) > 0:
-            from likeness.manifest import resolve_weights
-
-            path = resolve_weights(race_extractor, "extractor")[0].resolve()
-            # relative where it can be: the path is saved in the run's config and provenance
-            cwd = Path.cwd().resolve()
-            overrides["race_extractor"] = (
-                path.relative_to(cwd) if path.is_relative_to(cwd) else path
-            )
+        if race_extractor is not None:
+            overrides["race_extractor"] = extractor_path(race_extractor)
     except LikenessError as e:
         err.print(f"[bold red]error:[/] {e.message}", highlight=False)
         raise typer.Exit(2) from None

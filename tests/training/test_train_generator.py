@@ -1,6 +1,7 @@
 """train-generator: the loop on synthetic images, exact resume, D layout,
-DiffAugment, the zip data set (on a zip the test writes itself) and learning
-from the measured pixels of masked images only."""
+DiffAugment, the zip data set (on a zip the test writes itself), learning
+from the measured pixels of masked images only, the race term and the
+reconstructions of a checkpoint."""
 
 from __future__ import annotations
 
@@ -186,17 +187,31 @@ def test_cli_smoke_and_resume_guard(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, [*args[:4], "0.016", "--resume", "auto"])
     assert result.exit_code == 0, result.output
     assert read_checkpoint(out / "checkpoint.pt")["step"] == 4
-    # the race term: F defaults to the manifest's; an unknown F is one line, no run
+    # the race term: F defaults to the manifest's; an unknown F, or an F without a race
+    # weight, is one line and no run
     race = [*args[:2], str(tmp_path / "race"), *args[3:], "--objective", "vae"]
     race[race.index("16")] = "32"
     race[race.index("128")] = "512"
     result = CliRunner().invoke(app, [*race, "--race-weight", "1", "--race-extractor", "no-f"])
     assert result.exit_code == 2 and "no-f" in result.output
+    result = CliRunner().invoke(app, [*race, "--race-extractor", "extractor"])
+    assert result.exit_code == 2 and "--race-weight above 0" in result.output
     assert not (tmp_path / "race").exists()
     result = CliRunner().invoke(app, [*race, "--race-weight", "1"])
     assert result.exit_code == 0, result.output
     saved = read_checkpoint(tmp_path / "race" / "checkpoint.pt")["train_config"]
     assert Path(saved["race_extractor"]).resolve() == bundled_extractor().resolve()
+    # a run started with its own F keeps it when a resume changes the weight
+    own = tmp_path / "own_f.pt"
+    own.write_bytes(bundled_extractor().read_bytes())
+    race[race.index(str(tmp_path / "race"))] = str(tmp_path / "own")
+    result = CliRunner().invoke(app, [*race, "--race-weight", "1", "--race-extractor", str(own)])
+    assert result.exit_code == 0, result.output
+    race[race.index("0.008")] = "0.016"
+    result = CliRunner().invoke(app, [*race, "--resume", "auto", "--race-weight", "0.5"])
+    assert result.exit_code == 0, result.output
+    saved = read_checkpoint(tmp_path / "own" / "checkpoint.pt")["train_config"]
+    assert (saved["race_weight"], Path(saved["race_extractor"])) == (0.5, own)
 
 
 # ---------------------------------------------------------------- discriminator
@@ -490,15 +505,17 @@ def test_race_divergence_is_zero_on_the_photo_and_its_gradient_brings_f_back_to_
     real = torch.rand(2, 3, 64, 64) * 2 - 1
     assert torch.allclose(race_divergence(f, real, real), torch.zeros(2), atol=1e-6)
     fake = torch.nn.functional.avg_pool2d(real.flip(0), 5, 1, 2).requires_grad_(True)
+    real.requires_grad_(True)
     before = race_divergence(f, fake, real)
     assert before.shape == (2,) and bool((before > 0).all())
     before.sum().backward()
     assert fake.grad is not None
+    assert real.grad is None  # the photo's reading is the target, not something to move
     # a small step against the gradient moves F's reading of the fake toward the photo's
     with torch.no_grad():
         stepped = fake - 0.05 * fake.grad.sign()
         assert float(race_divergence(f, stepped, real).sum()) < float(before.sum())
-        assert race_logits(f, real).shape == (2, len(f.race_head.labels))
+        assert race_logits(f, real.detach()).shape == (2, len(f.race_head.labels))
 
 
 def test_a_vae_run_with_the_race_term_logs_it_and_refuses_it_without_f(tmp_path: Path) -> None:
@@ -522,6 +539,10 @@ def test_a_vae_run_with_the_race_term_logs_it_and_refuses_it_without_f(tmp_path:
     assert doubled[1]["loss_VAE"] - first["loss_VAE"] == pytest.approx(
         0.5 * first["rec_race"], rel=1e-4
     )
+    # and it trains G: a detached term would shift the loss alike but leave G as it was
+    g = read_checkpoint(tmp_path / "checkpoint.pt")["G"]
+    g2 = read_checkpoint(tmp_path / "x2" / "checkpoint.pt")["G"]
+    assert any(not torch.equal(g[k], g2[k]) for k in g)
     assert "rec_race" not in run(tiny(tmp_path / "off", steps=1, objective="vae"))[1]
     with pytest.raises(ValidationError, match="race_weight needs race_extractor"):
         tiny(tmp_path, steps=1, objective="vae", race_weight=0.5)
@@ -700,6 +721,7 @@ def half_mask(batch: int = 2, size: int = 16) -> Tensor:
 
 def test_reconstruction_terms_see_the_measured_pixels_only() -> None:
     from worker.engine.downscale import downscale
+    from worker.engine.face.export import load_export
     from worker.engine.face.extractor import FaceExtractor
     from worker.engine.face.mobilefacenet import MobileFaceNet
     from worker.training.generator.vae import reconstruction_terms
@@ -719,10 +741,11 @@ def test_reconstruction_terms_see_the_measured_pixels_only() -> None:
     # right half not measured: the fake there changes no term and gets no gradient
     mask = half_mask(2, 64)
     fake = fake.requires_grad_(True)
-    terms = reconstruction_terms(fake, real, mask, face, perceptual=True)
+    f = load_export(bundled_extractor()).eval().requires_grad_(False)
+    terms = reconstruction_terms(fake, real, mask, face, perceptual=True, race=f)
     other = fake.detach() + (1 - mask) * torch.randn_like(fake)
-    changed = reconstruction_terms(other, real, mask, face, perceptual=True)
-    for name in ("l1", "lowres", "identity", "perceptual"):
+    changed = reconstruction_terms(other, real, mask, face, perceptual=True, race=f)
+    for name in ("l1", "lowres", "identity", "perceptual", "race"):
         assert torch.equal(terms[name], changed[name]), name
         (grad,) = torch.autograd.grad(terms[name], fake, retain_graph=True)
         assert torch.equal(grad[..., 32:], torch.zeros_like(grad[..., 32:])), name

@@ -138,8 +138,8 @@ def encoded_codes(E: Discriminator, G: Generator, images: Iterable[Tensor], seed
 
 @torch.no_grad()
 def reconstruct(E: Discriminator, G: Generator, images: Tensor, batch: int = 16) -> Tensor:
-    """The autoencoder's reconstructions of faces in [0, 1] (the encoder's mean code, no
-    posterior draw), in [0, 1]: what the decoder can render of a face when the code is
+    """The autoencoder's reconstructions (in [0, 1]) of faces in [0, 1], from the encoder's
+    mean code (no posterior draw): what the decoder can render of a face when the code is
     given, so no search stands between the measure and the generator. The generator's
     stored noise maps, not fresh draws: the same faces give the same pictures."""
     device = next(G.parameters()).device
