@@ -19,10 +19,13 @@
   enlargements of --celeba people; identity carried: cosine distance, in the
   attribute judge's pooled features, from output and from enlargement to the
   person's other photo (and from the photo itself: the floor); race carried: the
-  race judge's accuracy on --utkface photos, enlargements, plain outputs and
-  race-objective outputs; per search, acceptance, downscale MSE and seconds per
-  thumbnail. --grid draws thumbnail, bicubic, ours, ours with the race objective
-  and the photo for the first people of each set:
+  race judge's accuracy on --utkface photos, enlargements and the outputs of
+  each --utkface-searches: none (plain PULSE), kept (the default: the race the
+  race reader sees in the thumbnail kept) and race (the race objective with the
+  true race); per search, acceptance, downscale MSE and seconds per thumbnail.
+  CelebA-HQ people get plain searches. --grid draws thumbnail, bicubic, ours,
+  ours with the kept race and with the race objective, and the photo for the
+  first people of each set:
 
     python bench/generator_quality.py --weights weights/generator.pt \
         --skip face fd fit --celeba 64 --utkface 64 --grid docs/upscale_grid.png
@@ -67,7 +70,15 @@ from worker.evaluation.models import Models, load_models
 from worker.evaluation.plots import GridRow, qualitative_grid
 from worker.evaluation.run import landmark_cache
 from worker.evaluation.samples import Samples, celeba_samples, utkface_samples
-from worker.evaluation.searches import NONE, RACE, Outputs, Strategy, run_strategy, search_config
+from worker.evaluation.searches import (
+    KEPT,
+    NONE,
+    RACE,
+    Outputs,
+    Strategy,
+    run_strategy,
+    search_config,
+)
 from worker.pipeline import load_search_model
 from worker.training.generator.state import load_autoencoder
 from worker.training.generator.vae import reconstruct
@@ -86,7 +97,8 @@ from worker.training.generator_quality import (
 from worker.training.generator_ship import checked_search, search_pairs
 
 GRID_ROWS = 8  # people per set in --grid
-GRID_COLUMNS = ("bicubic", "ours", "ours, race objective", "photo")
+GRID_COLUMNS = ("bicubic", "ours", "ours, race kept", "ours, race objective", "photo")
+UTKFACE_SEARCHES = {s.name: s for s in (NONE, KEPT, RACE)}
 
 
 def parse() -> argparse.Namespace:
@@ -136,6 +148,13 @@ def parse() -> argparse.Namespace:
         type=int,
         default=64,
         help="upscale and reconstruction: race-balanced held-out UTKFace people (0: none)",
+    )
+    p.add_argument(
+        "--utkface-searches",
+        nargs="+",
+        default=list(UTKFACE_SEARCHES),
+        choices=list(UTKFACE_SEARCHES),
+        help="upscale: the searches the --utkface people get (default: all three)",
     )
     p.add_argument(
         "--cache",
@@ -323,13 +342,20 @@ def upscale_section(args: argparse.Namespace, bar: Progress) -> dict[str, Any]:
         sets["utkface"] = utkface_samples(
             args.data_root / "utkface", args.utkface, THUMBNAIL, args.seed, landmark_cache(config)
         )
-    plan = [(s, NONE) for s in sets.values()] + [
-        (s, RACE) for s in sets.values() if s.dataset == "utkface"
+    plan = [(s, NONE) for s in sets.values() if s.dataset == "celebahq"] + [
+        (s, UTKFACE_SEARCHES[name])
+        for s in sets.values()
+        if s.dataset == "utkface"
+        for name in args.utkface_searches
     ]
     outputs = search_all(models, plan, args, bar)
     bicubic = {k: bicubic_upscale(s.thumbnails, models.resolution) for k, s in sets.items()}
     report: dict[str, Any] = {
-        "models": {w.role: {"name": w.name, "sha256": w.sha256} for w in models.weights},
+        "models": {
+            w.role: {"name": w.name, "sha256": w.sha256}
+            for w in [*models.weights, models.race_reader_weights]
+            if w is not None and (w.role != "race reader" or KEPT.name in args.utkface_searches)
+        },
         "search": search_config(models, args.steps, args.restarts).model_dump(mode="json"),
         "batch": args.batch,
         "searches": {f"{d}/{s}": search_scores(out) for (d, s), out in outputs.items()},
@@ -339,13 +365,8 @@ def upscale_section(args: argparse.Namespace, bar: Progress) -> dict[str, Any]:
         report["sharpness"] = sharpness_scores(celeba, plain, bicubic["celebahq"])
         report["identity"] = identity_scores(models, celeba, plain, bicubic["celebahq"])
     if "utkface" in sets:
-        report["race"] = race_scores(
-            models,
-            sets["utkface"],
-            bicubic["utkface"],
-            outputs["utkface", NONE.name],
-            outputs["utkface", RACE.name],
-        )
+        searched = {name: outputs["utkface", name] for name in args.utkface_searches}
+        report["race"] = race_scores(models, sets["utkface"], bicubic["utkface"], searched)
     if args.grid is not None:
         args.grid.parent.mkdir(parents=True, exist_ok=True)
         columns = GRID_COLUMNS if args.grid_photos else GRID_COLUMNS[:-1]
@@ -376,7 +397,7 @@ def reconstruction_section(args: argparse.Namespace) -> dict[str, Any]:
     rebuilt = reconstruct(E, G, utk.photos)
 
     def accuracy(images: Tensor) -> float:
-        return float(np.mean(race_predictions(models.race_judge, images) == utk.labels))
+        return race_accuracy(models, utk, images)
 
     photos_sharp, rebuilt_sharp = (float(sharpness(x).mean()) for x in (utk.photos, rebuilt))
     return {
@@ -482,20 +503,19 @@ def identity_scores(
     }
 
 
+def race_accuracy(models: Models, utk: Samples, images: Tensor) -> float:
+    """The share of ``images`` (one per --utkface person) the race judge reads right."""
+    return float(np.mean(race_predictions(models.race_judge, images) == utk.labels))
+
+
 def race_scores(
-    models: Models, utk: Samples, bicubic: Tensor, plain: Outputs, race: Outputs
+    models: Models, utk: Samples, bicubic: Tensor, searched: dict[str, Outputs]
 ) -> dict[str, Any]:
-    """The race judge's accuracy on photos, enlargements and both searches' outputs."""
-
-    def accuracy(images: Tensor) -> float:
-        return float(np.mean(race_predictions(models.race_judge, images) == utk.labels))
-
+    """The race judge's accuracy on photos, enlargements and each search's outputs."""
     acc = {
-        "photos": accuracy(utk.photos),
-        "bicubic": accuracy(bicubic),
-        "none": accuracy(plain.images),
-        "race": accuracy(race.images),
-    }
+        "photos": race_accuracy(models, utk, utk.photos),
+        "bicubic": race_accuracy(models, utk, bicubic),
+    } | {name: race_accuracy(models, utk, out.images) for name, out in searched.items()}
     return {
         "judge_accuracy": acc,
         "over_photos": {k: ratio(v, acc["photos"]) for k, v in acc.items() if k != "photos"},
@@ -510,19 +530,24 @@ def grid_rows(
     outputs: dict[tuple[str, str], Outputs],
     photos: bool,
 ) -> list[GridRow]:
-    """The first GRID_ROWS people of each set, UTKFace first; the race objective ran on
-    UTKFace only, so CelebA-HQ rows leave its column blank."""
+    """The first GRID_ROWS people of each set, UTKFace first; the kept race and the race
+    objective ran on UTKFace only, so CelebA-HQ rows leave their columns blank."""
     rows = []
     for dataset in ("utkface", "celebahq"):
         if dataset not in sets:
             continue
         samples = sets[dataset]
         for i in range(min(GRID_ROWS, len(samples))):
-            images = {"bicubic": bicubic[dataset][i], "ours": outputs[dataset, NONE.name].images[i]}
+            images = {"bicubic": bicubic[dataset][i]}
             if photos:
                 images["photo"] = samples.photos[i]
-            if (dataset, RACE.name) in outputs:
-                images["ours, race objective"] = outputs[dataset, RACE.name].images[i]
+            for strategy, column in (
+                (NONE, "ours"),
+                (KEPT, "ours, race kept"),
+                (RACE, "ours, race objective"),
+            ):
+                if (dataset, strategy.name) in outputs:
+                    images[column] = outputs[dataset, strategy.name].images[i]
             label = (
                 f"UTKFace #{i + 1} {UTKFACE_RACES[int(samples.labels[i])]}"
                 if dataset == "utkface"

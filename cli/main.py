@@ -17,6 +17,7 @@ from cli.service import serve_command, worker_command
 from cli.train_extractor import train_extractor
 from cli.train_generator import prepare_generator_data, train_generator
 from cli.train_judges import train_judges
+from cli.train_race_reader import train_race_reader
 from cli.upscale import upscale
 from cli.weights import weights_app
 from likeness.errors import LikenessError
@@ -39,6 +40,7 @@ app.command(
     "train-extractor", help="Train the face extractor F with ArcFace, race and attribute heads."
 )(train_extractor)
 app.command("train-judges")(train_judges)
+app.command("train-race-reader")(train_race_reader)
 app.command("evaluate")(evaluate_command)
 app.command("worker")(worker_command)
 app.command("serve")(serve_command)

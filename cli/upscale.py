@@ -94,6 +94,16 @@ def upscale(
     race: Annotated[
         str | None, typer.Option(help="target race, a name of F's race head (e.g. Black)")
     ] = None,
+    keep_race: Annotated[
+        bool,
+        request_option(
+            "keep_race",
+            "--keep-race/--no-keep-race",
+            help="with no --race: keep the race the thumbnail shows, as the race reader "
+            "reads it (a soft target, never a reason to reject a face); --no-keep-race "
+            "lets the generator choose, as plain PULSE does (default: keep)",
+        ),
+    ] = True,
     attr: Annotated[
         list[str] | None,
         typer.Option(
@@ -126,6 +136,7 @@ def upscale(
     photo, written as OUTPUT, with each face as OUTPUT-stem.face<N>.png. With --race,
     --attr or --reference the search also steers toward those targets through the face
     extractor F, and rejects candidates whose final race or attribute loss exceeds 0.1.
+    Without --race it keeps the race the thumbnail shows (--no-keep-race: it does not).
     """
     from likeness.images import decode_image, prepare_thumbnail
     from likeness.labels import parse_attribute_pairs
@@ -145,6 +156,7 @@ def upscale(
                     "restarts": restarts,
                     "seed": seed,
                     "race": race,
+                    "keep_race": keep_race,
                     "attributes": parse_attribute_pairs(attr or []),
                     "identity_weight": identity_weight,
                     "race_weight": race_weight,
@@ -186,6 +198,7 @@ def upscale(
             build_objective,
             freeze_extractor,
             load_extractor,
+            load_race_reader,
             load_search_model,
             objective_weights,
             pick_device,
@@ -213,8 +226,22 @@ def upscale(
             channels_last=layout,
         )
         make_objective: Callable[[int], Objective | None] = lambda n: None  # noqa: E731
-        if request.has_targets or reference_bytes is not None:
-            ext, threshold, _ = load_extractor(extractor, dev)
+        named = bool(request.race or request.attributes) or reference_bytes is not None
+        keeps = request.keep_race and not request.race
+        reader = load_race_reader(dev) if keeps else None
+        notes: list[str] = []
+        if keeps and reader is None:
+            notes.append("the thumbnail's race is not kept: the weights list no race reader")
+        ext = None
+        if named or reader is not None:
+            try:
+                ext, threshold, _ = load_extractor(extractor, dev)
+            except LikenessError as e:
+                if named:
+                    raise
+                # the kept race is a default, not something asked for: upscale without it
+                notes.append(f"the thumbnail's race is not kept: {e.message}")
+        if ext is not None:
             freeze_extractor(ext, channels_last=layout)
             embedding = None
             if reference_bytes is not None:
@@ -226,9 +253,17 @@ def upscale(
 
             def make_objective(n: int) -> Objective | None:
                 return build_objective(
-                    ext, weights_of, [request.race] * n, [request.attributes] * n, [embedding] * n
+                    ext,
+                    weights_of,
+                    [request.race] * n,
+                    [request.attributes] * n,
+                    [embedding] * n,
+                    keep_races=[request.keep_race] * n,
+                    race_reader=reader,
                 )
 
+        for note in notes:
+            err.print(f"note: {note}", highlight=False)
         if request.mode == "photo":
             _upscale_photo(
                 data, thumbnail, output, model, name, config, settings, faces, make_objective
@@ -265,7 +300,7 @@ def upscale(
     report = {
         **result.report,
         "input": str(thumbnail),
-        "notes": thumb.notes,
+        "notes": [*notes, *thumb.notes],
         "thumbnail_size": thumb.size,
         "resolution": res,
         "output": str(output),

@@ -33,7 +33,7 @@ def manifest_in(folder: Path | None = None) -> Path:
 
 class WeightsEntry(BaseModel):
     name: str = Field(description="short name used with --weights")
-    kind: str = Field(description="generator | extractor | detector | judge")
+    kind: str = Field(description="generator | extractor | detector | judge | race-reader")
     file: str = Field(description="path relative to the manifest's folder (or absolute)")
     sha256: str
     default: bool = Field(False, description="the default of its kind")

@@ -49,6 +49,12 @@ class UpscaleRequest(BaseModel):
         description="Race label to steer towards (a name of the face "
         "extractor's race head, case-insensitive).",
     )
+    keep_race: bool = Field(
+        default=True,
+        description="With no race named: keep the race the thumbnail shows, as the race "
+        "reader reads it, a soft target the search steers toward but never rejects a face "
+        "for. Off: the search takes the race from the generator, as plain PULSE does.",
+    )
     attributes: dict[str, Literal[0, 1]] = Field(
         default_factory=dict,
         description="Attribute targets, name -> wanted value (0 absent, 1 present); written "
@@ -106,10 +112,6 @@ class UpscaleRequest(BaseModel):
         description="Photo mode: which detected faces to upscale: all, largest, or face "
         "indices (largest face first, from 0) such as 0,2. Targets apply to each of them.",
     )
-
-    @property
-    def has_targets(self) -> bool:
-        return bool(self.race or self.attributes)
 
 
 def bounds(name: str) -> tuple[float | None, float | None, bool]:

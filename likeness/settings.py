@@ -56,7 +56,7 @@ class Settings(BaseSettings):
         default=BUNDLED_WEIGHTS_DIR,
         description="Directory holding manifest.json and the weights it lists; every process "
         "reads it: the API for race and attribute label names, the worker and the CLI for "
-        "the generator and face extractor to load.",
+        "the generator, face extractor and race reader to load.",
     )
     max_upload_bytes: int = Field(
         default=10 * 1024 * 1024,

@@ -49,6 +49,7 @@ from likeness.settings import Settings
 from likeness.worker_stats import WorkerStats
 from worker.engine.checkpoints import LoadedGenerator
 from worker.engine.face.extractor import FaceExtractor
+from worker.engine.face.race_reader import RaceReader
 from worker.engine.objectives import DEFAULT_THRESHOLD_DEG
 from worker.engine.search import Precision, SearchConfig, SearchStep, SearchStopped
 from worker.engine.speed import fastest_layout, fastest_precision
@@ -72,6 +73,9 @@ NOT_APPLIED_NOTE = (
     "race, attributes and the reference identity are accepted but not applied yet: this "
     "worker has no face extractor, so the search matched the thumbnail only"
 )
+RACE_NOT_KEPT_NOTE = (
+    "the thumbnail's race is not kept: this worker has no race reader or no face extractor"
+)
 
 
 @dataclass
@@ -88,6 +92,7 @@ class WorkerContext:
     abort: Callable[[], bool] = lambda: False  # True: drop the batch now, leases run out
     extractor: FaceExtractor | None = None  # None: targets are accepted but not applied
     threshold_deg: float = DEFAULT_THRESHOLD_DEG
+    race_reader: RaceReader | None = None  # None: a job keeps no race it does not name
     detector: SharedDetector | None = None  # photo jobs' face detector, loaded on first use
 
     def face_detector(self) -> SharedDetector:
@@ -365,8 +370,16 @@ class StepWatch:
 
 
 def has_targets(job: Job) -> bool:
+    """The job names a target (a race, attributes, a reference) F must steer toward."""
     o = job.record.options
     return bool(o.race or o.attributes or REFERENCE_BLOB in job.record.inputs)
+
+
+def steers(ctx: WorkerContext, job: Job) -> bool:
+    """The search goes through F: a target named, or a race to keep and a reader to
+    read it."""
+    keeps = job.record.options.keep_race and ctx.race_reader is not None
+    return ctx.extractor is not None and (has_targets(job) or keeps)
 
 
 def job_targets(batch: Batch, job: Job) -> tuple[str | None, dict[str, int], Tensor | None] | None:
@@ -399,7 +412,7 @@ def job_targets(batch: Batch, job: Job) -> tuple[str | None, dict[str, int], Ten
 def group_objective(batch: Batch, group: list[Job]) -> tuple[list[Job], Objective | None]:
     """The group's targets through F; a job whose targets F cannot use fails alone."""
     ext = batch.ctx.extractor
-    if ext is None or not any(has_targets(job) for job in group):
+    if ext is None or not any(steers(batch.ctx, job) for job in group):
         return group, None
     kept, targets = [], []
     for job in group:
@@ -411,7 +424,13 @@ def group_objective(batch: Batch, group: list[Job]) -> tuple[list[Job], Objectiv
         return kept, None
     weights = objective_weights(kept[0].record.options, batch.ctx.threshold_deg)
     return kept, build_objective(
-        ext, weights, [t[0] for t in targets], [t[1] for t in targets], [t[2] for t in targets]
+        ext,
+        weights,
+        [t[0] for t in targets],
+        [t[1] for t in targets],
+        [t[2] for t in targets],
+        keep_races=[job.record.options.keep_race for job in kept],
+        race_reader=batch.ctx.race_reader,
     )
 
 
@@ -504,6 +523,8 @@ def job_report(
     notes = list(job.notes)
     if ctx.extractor is None and has_targets(job):
         notes.append(NOT_APPLIED_NOTE)
+    if o.keep_race and not o.race and (ctx.extractor is None or ctx.race_reader is None):
+        notes.append(RACE_NOT_KEPT_NOTE)
     steps = max(1, int(result.get("steps") or o.steps))
     return {
         **result,
@@ -532,15 +553,24 @@ def run_photo_job(batch: Batch, job: Job) -> None:
     plan = job.photo
     assert plan is not None
     objective_for = None
-    if ctx.extractor is not None and has_targets(job):
+    if steers(ctx, job):
         wanted = job_targets(batch, job)
         if wanted is None:
             return
         ext, (race, attributes, embedding) = ctx.extractor, wanted
-        weights = objective_weights(job.record.options, ctx.threshold_deg)
+        options = job.record.options
+        weights = objective_weights(options, ctx.threshold_deg)
 
         def objective_for(n: int) -> Objective | None:
-            return build_objective(ext, weights, [race] * n, [attributes] * n, [embedding] * n)
+            return build_objective(
+                ext,
+                weights,
+                [race] * n,
+                [attributes] * n,
+                [embedding] * n,
+                keep_races=[options.keep_race] * n,
+                race_reader=ctx.race_reader,
+            )
 
     config = search_config(job, ctx.settings, ctx.model, ctx.device)
     watch = StepWatch(batch, [job])

@@ -7,7 +7,7 @@ line give the same result for the same inputs, seed, weights and device.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from worker.engine.checkpoints import LoadedGenerator, load_generator
 from worker.engine.face.export import load_export
 from worker.engine.face.extractor import FaceExtractor
 from worker.engine.face.mobilefacenet import MobileFaceNet, fold_batch_norms
+from worker.engine.face.race_reader import RaceReader, load_reader, race_targets
 from worker.engine.objectives import (
     DEFAULT_THRESHOLD_DEG,
     ObjectiveWeights,
@@ -31,6 +32,7 @@ from worker.engine.objectives import (
     build_targets,
     describe,
     objective_loss,
+    with_read_races,
 )
 from worker.engine.search import (
     ExtraLoss,
@@ -100,11 +102,23 @@ class Upscaled:
 
 @dataclass
 class Objective:
-    """The conditioned search's targets for a batch: F, what each thumbnail asks, weights."""
+    """The conditioned search's targets for a batch: F, what each thumbnail asks, weights;
+    and, where a thumbnail asks to keep its race, the reader that reads it (``upscale``
+    reads the thumbnails before the search)."""
 
     extractor: FaceExtractor
     targets: Targets
     weights: ObjectiveWeights
+    race_reader: RaceReader | None = None
+    keep: Tensor | None = None  # (B,) bool: keep the race read from the thumbnail
+
+    def reading(self, thumbnails: Tensor) -> Objective:
+        """The objective with each kept race read from ``thumbnails`` (B, 3, h, w)."""
+        if self.race_reader is None or self.keep is None or not bool(self.keep.any()):
+            return self
+        races, _ = extractor_labels(self.extractor)
+        read = race_targets(self.race_reader.read(thumbnails), self.race_reader.labels, races)
+        return replace(self, targets=with_read_races(self.targets, read, self.keep))
 
 
 def resolve_search(request: UpscaleRequest, model: LoadedGenerator, **run: Any) -> SearchConfig:
@@ -164,17 +178,44 @@ def build_objective(
     races: Sequence[str | None],
     attributes: Sequence[Mapping[str, int]],
     references: Sequence[Tensor | None],
+    keep_races: Sequence[bool] | None = None,
+    race_reader: RaceReader | None = None,
 ) -> Objective:
     """The steering objective of B thumbnails, the one way the CLI, the worker, the
     evaluation and the lookalike stage assemble it: each thumbnail's race, attributes and
     reference embedding (or None), names checked against F's heads, and the weights
-    (``objective_weights``) with F's θ_t."""
+    (``objective_weights``) with F's θ_t. ``keep_races`` (with a ``race_reader``) marks
+    the thumbnails that name no race but keep the one the reader sees in them."""
     device = next(extractor.parameters()).device
     checked = [canonical_targets(extractor, r, a) for r, a in zip(races, attributes, strict=True)]
     targets = build_targets(
         extractor, [r for r, _ in checked], [a for _, a in checked], list(references), device
     )
-    return Objective(extractor, targets, weights)
+    keep = None
+    if race_reader is not None and keep_races is not None and extractor.race_head is not None:
+        keep = torch.tensor(list(keep_races), dtype=torch.bool, device=device)
+        if keep.shape[0] != len(races):
+            raise ValueError("keep_races must have one entry per thumbnail")
+    return Objective(extractor, targets, weights, race_reader if keep is not None else None, keep)
+
+
+def load_race_reader(device: torch.device, manifest_path: Path | None = None) -> RaceReader | None:
+    """The manifest's race reader, or None where the weights folder has none (searches
+    then keep no race but the one a request names)."""
+    try:
+        path, entry = resolve_weights(None, "race-reader", manifest_path)
+    except LikenessError as exc:
+        if exc.code == "no_default_weights":
+            return None
+        raise
+    if entry is not None and sha256_file(path) != entry.sha256:
+        raise LikenessError(
+            "weights_corrupt", f"{path} does not match its manifest sha256 (re-checkout weights/)"
+        )
+    reader = load_reader(path).to(device).eval()
+    for p in reader.parameters():
+        p.requires_grad_(False)
+    return reader
 
 
 def load_extractor(
@@ -246,6 +287,9 @@ def upscale(
     assert model.mapping_fit is not None
     if objective is not None and extra_loss is not None:
         raise ValueError("pass an objective or an extra_loss, not both")
+    pixels = to_tensor(thumbnails, device)
+    if objective is not None:
+        objective = objective.reading(pixels)
     if objective is not None and objective.targets.any:
         extra_loss = objective_loss(
             objective.extractor, objective.targets, objective.weights, config.restarts
@@ -253,7 +297,7 @@ def upscale(
     result = run_search(
         model.generator,
         model.mapping_fit,
-        to_tensor(thumbnails, device),
+        pixels,
         config,
         extra_loss,
         on_step,

@@ -35,9 +35,16 @@ from likeness.worker_stats import REFRESH_SECONDS, WorkerStats, remove_stale, st
 from worker.batch import WorkerContext, number_format, run_batch
 from worker.engine.checkpoints import LoadedGenerator
 from worker.engine.face.extractor import FaceExtractor
+from worker.engine.face.race_reader import RaceReader
 from worker.engine.objectives import DEFAULT_THRESHOLD_DEG
 from worker.engine.speed import best_batch_size, fastest_precision
-from worker.pipeline import freeze_extractor, load_extractor, load_search_model, pick_device
+from worker.pipeline import (
+    freeze_extractor,
+    load_extractor,
+    load_race_reader,
+    load_search_model,
+    pick_device,
+)
 
 log = logging.getLogger("likeness.worker")
 
@@ -97,6 +104,7 @@ class Worker:
         stop: StopFlag | None = None,
         extractor: FaceExtractor | None = None,
         threshold_deg: float = DEFAULT_THRESHOLD_DEG,
+        race_reader: RaceReader | None = None,
     ) -> None:
         self.settings = settings
         self.batch_size = (
@@ -117,6 +125,7 @@ class Worker:
             abort=lambda: self.stop.abort,
             extractor=extractor,
             threshold_deg=threshold_deg,
+            race_reader=race_reader,
         )
         self.stats_dir = stats_dir(settings.data_dir)
         self._stats_written = -float("inf")
@@ -198,6 +207,12 @@ def main(
     device = pick_device(settings.device)
     model, name = load_worker_generator(settings, device)
     extractor, threshold = load_worker_extractor(settings, device)
+    race_reader = load_race_reader(device, settings.manifest_path) if extractor else None
+    log.info(
+        "race reader %s: jobs without a race %s",
+        "loaded" if race_reader is not None else "not found",
+        "keep the thumbnail's" if race_reader is not None else "keep none",
+    )
     store = open_store_from_settings(settings)
     try:
         return Worker(
@@ -210,6 +225,7 @@ def main(
             stop=stop,
             extractor=extractor,
             threshold_deg=threshold,
+            race_reader=race_reader,
         ).run(once=once)
     finally:
         store.close()

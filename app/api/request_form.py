@@ -19,7 +19,7 @@ _API_NOTES = {
     "omitted: LIKENESS_RESTARTS_DEFAULT (4).",
     "race": "Default label set: White, Black, Asian, Indian, Others.",
 }
-_WIRE_TYPES = {"integer": int, "number": float, "string": str}
+_WIRE_TYPES = {"integer": int, "number": float, "string": str, "boolean": bool}
 
 
 def _wire_type(name: str) -> type:

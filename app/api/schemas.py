@@ -57,6 +57,9 @@ class PublicOptions(BaseModel):
         default=None, description="Random seed; resubmit with it to reproduce."
     )
     race: str | None = Field(default=None, description="Race label steered towards.")
+    keep_race: bool = Field(
+        default=True, description="With no race: the race the thumbnail shows is kept."
+    )
     attributes: dict[str, int] = Field(..., description="Attribute name -> wanted value (0/1).")
     identity_weight: float | None = Field(default=None, description="None: the engine's default.")
     race_weight: float | None = Field(default=None, description="None: the engine's default.")

@@ -160,7 +160,9 @@ function buildForm() {
   form.append("thumbnail", thumbFile, thumbFile.name || "thumbnail.png");
   const ref = $("reference").files[0];
   if (ref) form.append("reference", ref, ref.name);
-  if ($("race").value) form.append("race", $("race").value);
+  const race = $("race").value;
+  if (race === ":any") form.append("keep_race", "false");
+  else if (race) form.append("race", race);
   for (const select of document.querySelectorAll("#attributes select")) {
     if (select.value) form.append("attribute", `${select.dataset.attribute}=${select.value}`);
   }
@@ -327,7 +329,7 @@ $("form").addEventListener("submit", submit);
 $("cancel").addEventListener("click", cancel);
 // With API keys, /labels answers 401 until a key is typed: load the names again then.
 $("api-key").addEventListener("change", () => {
-  if ($("race").options.length <= 1) { clearError(); loadLabels(); }
+  if ($("race").options.length <= 2) { clearError(); loadLabels(); }
 });
 wireDrop();
 loadLabels();

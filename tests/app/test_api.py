@@ -234,6 +234,15 @@ def test_defaults_come_from_settings(api: Api) -> None:
     assert (options["steps"], options["restarts"], options["race"]) == (7, 3, None)
 
 
+def test_the_kept_race_is_on_unless_the_form_turns_it_off(client: TestClient) -> None:
+    kept = client.get(f"/jobs/{submit(client).json()['id']}").json()["options"]
+    assert kept["keep_race"] is True
+    off = submit(client, data={"keep_race": "false"}).json()["id"]
+    assert client.get(f"/jobs/{off}").json()["options"]["keep_race"] is False
+    r = submit(client, data={"keep_race": "maybe"})
+    assert r.status_code == 422 and "keep_race" in r.text
+
+
 def test_reference_photo_is_stored(client: TestClient) -> None:
     ref = face_photo()
     r = submit(client, reference=ref)

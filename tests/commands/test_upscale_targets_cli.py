@@ -136,4 +136,26 @@ def test_no_targets_needs_no_extractor(workdir: Path) -> None:
         "cpu",
     )
     assert r.returncode == 0, r.stderr
-    assert "race_probabilities" not in json.loads((workdir / "plain.json").read_text())
+    report = json.loads((workdir / "plain.json").read_text())
+    assert "race_probabilities" not in report
+    # the kept race is a default: without F it is left out, and the user is told
+    assert "race is not kept" in r.stderr and "missing.pt" in r.stderr
+    assert any("race is not kept" in n for n in report["notes"])
+
+
+def test_the_thumbnails_race_is_kept_unless_turned_off(workdir: Path) -> None:
+    r = run(workdir)
+    assert r.returncode == 0, r.stderr
+    report = json.loads((workdir / "out.json").read_text())
+    read = report["race_read_from_thumbnail"]
+    assert set(read) == {"White", "Black", "Asian", "Indian", "Others"}
+    assert sum(read.values()) == pytest.approx(1.0, abs=1e-3)
+    assert report["terms"]["race"] >= 0 and "race" not in report.get("constraints", {})
+    r = run(workdir, "--no-keep-race")
+    assert r.returncode == 0, r.stderr
+    report = json.loads((workdir / "out.json").read_text())
+    assert "race_read_from_thumbnail" not in report and "race" not in report["terms"]
+    r = run(workdir, "--race", "Asian")
+    report = json.loads((workdir / "out.json").read_text())
+    assert "race_read_from_thumbnail" not in report, "a named race is not read"
+    assert "race" in report["constraints"]

@@ -16,6 +16,8 @@ from typing import Any
 
 import pytest
 
+from likeness.labels import UTKFACE_RACES
+from likeness.manifest import WeightsEntry, register, sha256_file
 from tests.service.conftest import STORE_KINDS
 from tests.service.helpers import (
     Service,
@@ -26,6 +28,7 @@ from tests.service.helpers import (
     wait_final,
     wait_until,
 )
+from worker.engine.face.race_reader import RaceReader, save_reader
 
 STEPS, RESTARTS = 3, 2
 SEEDS = [101, 202, 303, 404]
@@ -48,19 +51,34 @@ def run(
     request: pytest.FixtureRequest, tiny_weights: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Run]:
     service = Service(request.param, tmp_path_factory.mktemp(f"flow-{request.param}"), tiny_weights)
+    reader = service.dir / "reader"  # a weights folder with a race reader only
     try:
-        client = service.client()
+        reader.mkdir()
+        save_reader(RaceReader(UTKFACE_RACES, width=4), reader / "race_reader.pt", {})
+        register(
+            WeightsEntry(
+                name="race-reader",
+                kind="race-reader",
+                file="race_reader.pt",
+                sha256=sha256_file(reader / "race_reader.pt"),
+                default=True,
+            ),
+            reader / "manifest.json",
+        )
+        client = service.client(weights_dir=reader)
         fields = [("steps", str(STEPS)), ("restarts", str(RESTARTS))]
         ids = [
-            submit(client, png(8, i), [*fields, ("seed", str(seed))])
-            for i, seed in enumerate(SEEDS[:3])
+            submit(client, png(8, i), [*fields, ("seed", str(seed)), *keep])
+            for i, (seed, keep) in enumerate(
+                zip(SEEDS[:3], ([], [], [("keep_race", "false")]), strict=True)
+            )
         ]
         ids.append(
             submit(
                 client, png(8, 3), [*fields, ("seed", str(SEEDS[3])), ("attribute", "Smiling:1")]
             )
         )
-        worker = service.start_worker()  # after the submissions: all four are queued
+        worker = service.start_worker(weights_dir=reader)  # after the submissions: all queued
         worker_id = worker.worker_id()
         ready = wait_until(
             lambda: client.get("/readyz").status_code == 200 or None,
@@ -101,6 +119,16 @@ def test_jobs_succeed_with_a_png_and_a_full_report(run: Run, tiny_weights: Path)
     assert set(steered["constraints"]) == {"attributes"}
     assert not any("not applied" in n for n in steered.get("notes", []))
     assert all("attribute_probabilities" not in run.final[i]["result"] for i in run.ids[:3])
+    # By default a job keeps the race the reader sees in its thumbnail, a target that never
+    # rejects; a job that turns it off is a plain search.
+    for job_id in (run.ids[0], run.ids[1], run.ids[3]):
+        read = run.final[job_id]["result"]["race_read_from_thumbnail"]
+        assert set(read) == {"White", "Black", "Asian", "Indian", "Others"}
+        assert "race" not in run.final[job_id]["result"].get("constraints", {})
+    assert run.final[run.ids[2]]["options"]["keep_race"] is False
+    assert "race_read_from_thumbnail" not in run.final[run.ids[2]]["result"]
+    assert run.final[run.ids[2]]["result"]["terms"].get("race", 0.0) == 0.0
+    assert run.final[run.ids[0]]["result"]["terms"]["race"] > 0
     assert len(set(run.results.values())) == len(run.ids)  # different seeds and thumbnails
 
 

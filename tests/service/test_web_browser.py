@@ -75,7 +75,8 @@ def test_the_page_upscales_a_thumbnail_in_headless_chromium(
             page.on("pageerror", lambda exc: errors.append(str(exc)))
             page.goto(served_url + "/")
             # The controls are filled from GET /labels.
-            expect(page.locator("#race option")).to_have_count(6, timeout=10_000)
+            # Two choices (keep the thumbnail's race, any) and the five races.
+            expect(page.locator("#race option")).to_have_count(7, timeout=10_000)
             # No result placeholders (empty images, an empty report) before there is a job.
             for placeholder in ("#results", "#res-result", "#report", "#progress-box"):
                 expect(page.locator(placeholder)).to_be_hidden()

@@ -321,7 +321,7 @@ def test_targets_go_through_the_extractor_per_job(store, model, tmp_path) -> Non
     from PIL import Image as _Image
     from skimage import data as _data
 
-    from worker.batch import NOT_APPLIED_NOTE
+    from worker.batch import NOT_APPLIED_NOTE, RACE_NOT_KEPT_NOTE
     from worker.engine.face.alignment import SPHEREFACE_112x96
     from worker.engine.face.extractor import FaceExtractor
     from worker.engine.face.heads import AttributeHead, RaceHead
@@ -377,6 +377,9 @@ def test_targets_go_through_the_extractor_per_job(store, model, tmp_path) -> Non
     other = store.get(plain).result
     assert done["batch_size"] == other["batch_size"] == 2, "one search for both"
     assert "constraints" in other and other["constraints"]["race"]["value"] == 0.0
+    # no race reader: the plain job keeps no race and says so; the one naming a race does not
+    assert RACE_NOT_KEPT_NOTE in other["notes"] and RACE_NOT_KEPT_NOTE not in done["notes"]
+    assert "race_read_from_thumbnail" not in other
 
     # more views are a batch of their own (they change every step), and the job gets them
     viewed = add_job(store, png(8, 6), race="Black", views=3)

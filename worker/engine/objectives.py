@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -62,8 +62,10 @@ class Targets:
 
     reference: Tensor  # (B, D) unit embeddings of the reference photos (zeros where unset)
     has_reference: Tensor  # (B,) bool
-    race: Tensor  # (B,) class index (0 where unset)
+    race: Tensor  # (B, R) wanted race distribution: one-hot where named (zeros where unset)
     has_race: Tensor  # (B,) bool
+    race_kept: Tensor  # (B,) bool: the race read from the thumbnail, steered toward, never
+    # a reason to reject a candidate (a reading can be wrong; a user's target is not)
     attributes: Tensor  # (B, A) wanted values 0/1
     has_attribute: Tensor  # (B, A) bool
 
@@ -77,6 +79,7 @@ class Targets:
             self.has_reference,
             self.race,
             self.has_race,
+            self.race_kept,
             self.attributes,
             self.has_attribute,
         )
@@ -107,7 +110,7 @@ def build_targets(
     d = extractor.embedding_dim
     reference = torch.zeros(b, d, device=device)
     has_reference = torch.zeros(b, dtype=torch.bool, device=device)
-    race = torch.zeros(b, dtype=torch.long, device=device)
+    race = torch.zeros(b, max(len(race_labels), 1), device=device)
     has_race = torch.zeros(b, dtype=torch.bool, device=device)
     wanted = torch.zeros(b, max(len(attr_labels), 1), device=device)
     has_attr = torch.zeros(b, max(len(attr_labels), 1), dtype=torch.bool, device=device)
@@ -118,13 +121,26 @@ def build_targets(
         if races[i] is not None:
             if races[i] not in race_labels:
                 raise KeyError(f"race {races[i]!r} is not one of {race_labels}")
-            race[i], has_race[i] = race_labels.index(races[i]), True
+            race[i, race_labels.index(races[i])], has_race[i] = 1.0, True
         for name, value in attributes[i].items():
             if name not in attr_labels:
                 raise KeyError(f"attribute {name!r} is not one of {attr_labels}")
             j = attr_labels.index(name)
             wanted[i, j], has_attr[i, j] = float(value), True
-    return Targets(reference, has_reference, race, has_race, wanted, has_attr)
+    kept = torch.zeros_like(has_race)
+    return Targets(reference, has_reference, race, has_race, kept, wanted, has_attr)
+
+
+def with_read_races(targets: Targets, read: Tensor, keep: Tensor) -> Targets:
+    """``targets`` with the race distributions ``read`` (B, R) from the thumbnails as the
+    target of each row that ``keep`` marks and that names no race itself."""
+    fill = keep.to(targets.has_race.device) & ~targets.has_race
+    return replace(
+        targets,
+        race=torch.where(fill[:, None], read.to(targets.race), targets.race),
+        has_race=targets.has_race | fill,
+        race_kept=targets.race_kept | fill,
+    )
 
 
 def similarity_loss(
@@ -196,10 +212,15 @@ def objective_values(
     if out.race_logits is not None:
         race_probs = out.race_logits.float().softmax(1).detach()
         if targets.has_race.any():
-            l_r = F.cross_entropy(out.race_logits.float(), targets.race, reduction="none")
+            # KL(target ‖ F's reading): the cross-entropy less the target's entropy, so a
+            # one-hot target's loss is the usual cross-entropy and a read distribution's
+            # reaches 0 when F reads just that
+            logq = F.log_softmax(out.race_logits.float(), 1)
+            p = targets.race
+            l_r = (p * (p.clamp_min(1e-12).log() - logq)).sum(1)
             l_r = torch.where(targets.has_race, l_r, zero)
             weighted["race"] = weights.race * l_r
-            raw["race"] = l_r
+            raw["race"] = torch.where(targets.race_kept, zero, l_r)
     if out.attribute_logits is not None:
         attr_probs = out.attribute_logits.float().sigmoid().detach()
         if targets.has_attribute.any():
@@ -222,6 +243,7 @@ def objective_loss(
     a candidate whose final value exceeds ``weights.max_class_loss`` is rejected.
     """
     repeated = targets.repeat(restarts)
+    named_race = bool((targets.has_race & ~targets.race_kept).any())
     sampler = ViewSampler(weights.views, restarts) if weights.views > 1 else None
 
     def loss(images: Tensor) -> ExtraTerms:
@@ -239,6 +261,8 @@ def objective_loss(
                 for d in (values.weighted, values.raw)
             )
         constraints = {k: raw[k] for k in ("race", "attributes") if k in raw}
+        if not named_race:  # kept races only: nothing a candidate can be rejected for
+            constraints.pop("race", None)
         return ExtraTerms(weighted, constraints, dict.fromkeys(constraints, weights.max_class_loss))
 
     return loss
@@ -264,6 +288,11 @@ def describe(
             report["angle_to_reference_deg"] = round(float(values.angle_deg[i]), 2)
             report["same_person"] = bool(values.angle_deg[i] <= weights.threshold_deg)
             report["threshold_deg"] = weights.threshold_deg
+        if bool(targets.race_kept[i]):
+            report["race_read_from_thumbnail"] = {
+                name: round(float(p), 4)
+                for name, p in zip(race_labels, targets.race[i], strict=True)
+            }
         if values.race_probs is not None:
             report["race_probabilities"] = {
                 name: round(float(p), 4)

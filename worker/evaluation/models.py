@@ -18,9 +18,15 @@ from likeness.labels import UTKFACE_RACES
 from likeness.manifest import resolve_weights, sha256_file
 from worker.engine.checkpoints import LoadedGenerator
 from worker.engine.face.extractor import FaceExtractor
+from worker.engine.face.race_reader import RaceReader
 from worker.engine.objectives import DEFAULT_THRESHOLD_DEG
 from worker.evaluation.config import TABLE3_ATTRIBUTES, THUMBNAIL, EvalConfig
-from worker.pipeline import freeze_extractor, load_extractor, load_search_model
+from worker.pipeline import (
+    freeze_extractor,
+    load_extractor,
+    load_race_reader,
+    load_search_model,
+)
 from worker.training.judges import JudgeNet, load_judge
 
 
@@ -28,7 +34,7 @@ from worker.training.judges import JudgeNet, load_judge
 class Weights:
     """Where a network came from, for the report."""
 
-    role: str  # generator, F, F0, race judge, attribute judge
+    role: str  # generator, F, F0, race judge, attribute judge, race reader
     name: str  # manifest name, or the file
     path: str
     sha256: str
@@ -45,6 +51,10 @@ class Models:
     attribute_judge: JudgeNet
     weights: list[Weights]
     device: torch.device
+    # keeps the thumbnail's race in the bench's "kept" searches; evaluate's tables never
+    # use it, so it stays out of ``weights`` (the networks a report lists)
+    race_reader: RaceReader | None = None
+    race_reader_weights: Weights | None = None
 
     def extractor(self, which: str) -> tuple[FaceExtractor, float, str]:
         """F or F0 with its θ_t and sha256 (which: "f" or "f0")."""
@@ -53,6 +63,16 @@ class Models:
         if which == "f":
             return self.f, self.f_threshold, sha
         return self.f0, self.f0_threshold, sha
+
+    def kept_race_reader(self) -> tuple[RaceReader, str]:
+        """The race reader and its sha256, for the searches that keep the thumbnail's race."""
+        if self.race_reader is None or self.race_reader_weights is None:
+            raise LikenessError(
+                "weights_not_found",
+                "no race reader in the weights manifest: train one (likeness train-race-reader)",
+                status=404,
+            )
+        return self.race_reader, self.race_reader_weights.sha256
 
     @property
     def resolution(self) -> int:
@@ -178,6 +198,12 @@ def load_models(config: EvalConfig, device: torch.device) -> Models:
     f, f_threshold, f_w = load_f(config, device)
     generator, g_name = load_generator_for(config, device)
     g_w = Weights("generator", g_name, str(generator.path), generator.sha256)
+    reader = load_race_reader(device)
+    reader_w = None
+    if reader is not None:
+        path, entry = resolve_weights(None, "race-reader")
+        name = entry.name if entry is not None else str(path)
+        reader_w = Weights("race reader", name, str(path), sha256_file(path))
     return Models(
         generator=generator,
         f=f,
@@ -188,4 +214,6 @@ def load_models(config: EvalConfig, device: torch.device) -> Models:
         attribute_judge=attr_judge,
         weights=[g_w, f_w, f0_w, race_w, attr_w],
         device=device,
+        race_reader=reader,
+        race_reader_weights=reader_w,
     )

@@ -52,6 +52,7 @@ class Strategy:
     identity: bool = False  # reference: another photo I' of the person (rows without one skip)
     race: bool = False  # target: the photo's true race
     attributes: bool = False  # one job per (row, attribute): the photo's true value of it
+    keep_race: bool = False  # the race reader's reading of the thumbnail (the product's default)
 
 
 NONE = Strategy("none", "no control (PULSE)")
@@ -61,6 +62,7 @@ ATTRIBUTES = Strategy(
     "attributes", "attribute objective (one pair per search)", "f", attributes=True
 )
 RACE = Strategy("race", "race objective", "f", race=True)
+KEPT = Strategy("kept", "race kept from the thumbnail", "f", keep_race=True)
 IDENTITY_RACE = Strategy(
     "identity+race", "identity and race objectives", "f", identity=True, race=True
 )
@@ -199,6 +201,8 @@ def job_key(
         _, theta, sha = models.extractor(strategy.extractor)
         spec["extractor"] = sha
         spec["objective"] = with_threshold(weights, theta).model_dump(mode="json")
+    if strategy.keep_race:
+        spec["race_reader"] = models.kept_race_reader()[1]
     h = hashlib.sha256(json.dumps(spec, sort_keys=True).encode())
     h.update(np.ascontiguousarray(samples.thumbnails[job.row]).tobytes())
     if strategy.identity:
@@ -228,7 +232,15 @@ def strategy_objective(
     if strategy.identity:
         references = list(embed(extractor, samples.reference_photos([j.row for j in jobs])))
     races, attrs = job_targets(strategy, samples, jobs)
-    return build_objective(extractor, with_threshold(weights, theta), races, attrs, references)
+    return build_objective(
+        extractor,
+        with_threshold(weights, theta),
+        races,
+        attrs,
+        references,
+        keep_races=[strategy.keep_race] * len(jobs),
+        race_reader=models.kept_race_reader()[0] if strategy.keep_race else None,
+    )
 
 
 def _save(path: Path, payload: dict[str, Any]) -> None:
