@@ -228,19 +228,20 @@ def upscale(
         make_objective: Callable[[int], Objective | None] = lambda n: None  # noqa: E731
         named = bool(request.race or request.attributes) or reference_bytes is not None
         keeps = request.keep_race and not request.race
-        reader = load_race_reader(dev) if keeps else None
         notes: list[str] = []
-        if keeps and reader is None:
-            notes.append("the thumbnail's race is not kept: the weights list no race reader")
-        ext = None
-        if named or reader is not None:
-            try:
+        reader, ext = None, None
+        try:
+            reader = load_race_reader(dev) if keeps else None
+            if keeps and reader is None:
+                notes.append("the thumbnail's race is not kept: the weights list no race reader")
+            if named or reader is not None:
                 ext, threshold, _ = load_extractor(extractor, dev)
-            except LikenessError as e:
-                if named:
-                    raise
-                # the kept race is a default, not something asked for: upscale without it
-                notes.append(f"the thumbnail's race is not kept: {e.message}")
+        except LikenessError as e:
+            if named:
+                raise
+            # the kept race is a default, not something asked for: upscale without it
+            reader = None
+            notes.append(f"the thumbnail's race is not kept: {e.message}")
         if ext is not None:
             freeze_extractor(ext, channels_last=layout)
             embedding = None
@@ -266,7 +267,7 @@ def upscale(
             err.print(f"note: {note}", highlight=False)
         if request.mode == "photo":
             _upscale_photo(
-                data, thumbnail, output, model, name, config, settings, faces, make_objective
+                data, thumbnail, output, model, name, config, settings, faces, make_objective, notes
             )
             return
         thumb = prepare_thumbnail(data, res)
@@ -329,6 +330,7 @@ def _upscale_photo(
     settings: Settings,
     faces: str,
     make_objective: Callable[[int], Objective | None],
+    notes: list[str],
 ) -> None:
     """Photo mode: detect, align, upscale each chosen face, paste back; write the
     composite, each face, and the report."""
@@ -403,7 +405,7 @@ def _upscale_photo(
         entry["output"], entry["thumbnail"] = str(face_path), str(crop_path)
     report |= {
         "input": str(source),
-        "notes": photo.notes,
+        "notes": [*notes, *photo.notes],
         "resolution": model.generator.config.resolution,
         "output_path": str(output),
         "weights": {"name": name, "sha256": model.sha256},

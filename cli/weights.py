@@ -103,7 +103,7 @@ def weights_list() -> None:
         typer.echo(f"no weights in {default_manifest()}")
     for e in manifest.models:
         flag = " (default)" if e.default else ""
-        typer.echo(f"{e.kind:10s} {e.name}{flag}  {e.file}  sha256 {e.sha256[:12]}…")
+        typer.echo(f"{e.kind:11s} {e.name}{flag}  {e.file}  sha256 {e.sha256[:12]}…")
 
 
 @weights_app.command("import")

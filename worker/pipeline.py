@@ -199,6 +199,18 @@ def build_objective(
     return Objective(extractor, targets, weights, race_reader if keep is not None else None, keep)
 
 
+def checked_sha256(path: Path) -> str:
+    """A listed weights file's sha256; a file the manifest lists but the disk lacks is a
+    clear error, not a traceback."""
+    if not path.is_file():
+        raise LikenessError(
+            "weights_not_found",
+            f"{path} is listed in the weights manifest but missing (re-checkout weights/)",
+            status=404,
+        )
+    return sha256_file(path)
+
+
 def load_race_reader(device: torch.device, manifest_path: Path | None = None) -> RaceReader | None:
     """The manifest's race reader, or None where the weights folder has none (searches
     then keep no race but the one a request names)."""
@@ -208,7 +220,7 @@ def load_race_reader(device: torch.device, manifest_path: Path | None = None) ->
         if exc.code == "no_default_weights":
             return None
         raise
-    if entry is not None and sha256_file(path) != entry.sha256:
+    if entry is not None and checked_sha256(path) != entry.sha256:
         raise LikenessError(
             "weights_corrupt", f"{path} does not match its manifest sha256 (re-checkout weights/)"
         )
@@ -227,7 +239,7 @@ def load_extractor(
     (fitted when F was trained); older exports without one get ``DEFAULT_THRESHOLD_DEG``.
     """
     path, entry = resolve_weights(spec, "extractor", manifest_path)
-    if entry is not None and sha256_file(path) != entry.sha256:
+    if entry is not None and checked_sha256(path) != entry.sha256:
         raise LikenessError(
             "weights_corrupt", f"{path} does not match its manifest sha256 (re-checkout weights/)"
         )

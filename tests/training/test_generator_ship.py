@@ -109,6 +109,17 @@ def test_ship_writes_fp16_generator_with_fit_and_manifest_entry(
         "measured": "2026-12-01",
     }
     assert load_manifest(manifest).models[0].metrics == measured.metrics
+    race_only = add_quality(
+        "generator",
+        {"sha256": entry.sha256, "upscale": {"race": {"n": 64}}, "date": "2026-12-02"},
+        manifest_path=manifest,
+    )
+    assert race_only.metrics["upscale"] == {
+        "sharpness": {"outputs_over_photos": 0.8, "measured": "2026-12-01"},
+        "race": {"n": 64},
+        "measured": "2026-12-02",
+    }
+    assert race_only.metrics["fd"] == measured.metrics["fd"]
     with pytest.raises(LikenessError, match="measured a file"):
         add_quality("generator", {"sha256": "0" * 64}, manifest_path=manifest)
     with pytest.raises(LikenessError, match="no generator named"):

@@ -109,8 +109,8 @@ def add_quality(
 ) -> WeightsEntry:
     """Put the measures of a report on an already shipped generator into its manifest
     entry (the run folder need not exist any more), beside the measures it has: a report
-    of the search fit alone keeps the face rate and FD. The report must have measured
-    that file."""
+    of the search fit alone keeps the face rate and FD, one of the race alone keeps the
+    sharpness. The report must have measured that file."""
     manifest_path = default_manifest(manifest_path)
     entry = _generator_entry(name, manifest_path)
     _check_measured(quality, entry.sha256, entry_path(entry, manifest_path))
@@ -121,7 +121,17 @@ def add_quality(
         else v
         for k, v in entry.metrics.items()
     }
-    updated = entry.model_copy(update={"metrics": kept | _metrics(quality)})
+    fresh = _metrics(quality)
+    if "upscale" in fresh and isinstance(kept.get("upscale"), dict):
+        # a report on some of the sets (UTKFace alone, say) replaces those sections only;
+        # the others keep the day they were measured
+        old = kept["upscale"]
+        fresh["upscale"] = {
+            k: v | {"measured": v.get("measured", old.get("measured"))}
+            for k, v in old.items()
+            if isinstance(v, dict) and k not in fresh["upscale"]
+        } | fresh["upscale"]
+    updated = entry.model_copy(update={"metrics": kept | fresh})
     register(updated, manifest_path)
     return updated
 
