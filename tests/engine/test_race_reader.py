@@ -173,3 +173,6 @@ def test_a_weights_folder_without_a_reader_keeps_no_race_and_a_bad_file_is_refus
     (tmp_path / "race_reader.pt").write_bytes(b"damaged")
     with pytest.raises(LikenessError, match="does not match its manifest"):
         load_race_reader(torch.device("cpu"), tmp_path / "manifest.json")
+    (tmp_path / "race_reader.pt").unlink()
+    with pytest.raises(LikenessError, match="listed in the weights manifest but missing"):
+        load_race_reader(torch.device("cpu"), tmp_path / "manifest.json")
