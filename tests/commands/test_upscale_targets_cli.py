@@ -11,12 +11,9 @@ from PIL import Image
 from skimage import data
 
 from tests.commands.test_upscale_cli import likeness
+from tests.tiny_models import random_extractor
 from worker.engine.checkpoints import save_generator
-from worker.engine.face.alignment import SPHEREFACE_112x96
 from worker.engine.face.export import export
-from worker.engine.face.extractor import FaceExtractor
-from worker.engine.face.heads import AttributeHead, RaceHead
-from worker.engine.face.mobilefacenet import MobileFaceNet
 from worker.engine.generator import Generator, GeneratorConfig
 
 
@@ -27,15 +24,7 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     g = Generator(GeneratorConfig.slim(32, channel_max=32, channel_base=512, style_dim=32, n_mlp=2))
     save_generator(d / "tiny.pt", g)
     assert likeness("weights", "fit-mapping", d / "tiny.pt", "--samples", "5000").returncode == 0
-    ext = FaceExtractor(
-        MobileFaceNet(),
-        SPHEREFACE_112x96,
-        0.5,
-        0.5,
-        race_head=RaceHead(in_dim=128),
-        attribute_head=AttributeHead(in_dim=128),
-    )
-    export(ext.eval(), d / "f.pt", metrics={})
+    export(random_extractor(), d / "f.pt", metrics={})
     astronaut = Image.fromarray(data.astronaut())
     astronaut.resize((16, 16), Image.Resampling.BICUBIC).save(d / "thumb.png")
     astronaut.crop((110, 20, 350, 260)).save(d / "face.jpg")

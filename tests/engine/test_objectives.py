@@ -10,27 +10,12 @@ import torch.nn.functional as F
 
 from worker.engine.face.alignment import SPHEREFACE_112x96
 from worker.engine.face.extractor import FaceExtractor
-from worker.engine.face.heads import AttributeHead, RaceHead
-from worker.engine.face.mobilefacenet import MobileFaceNet
 from worker.engine.objectives import (
     ObjectiveWeights,
     build_targets,
     evaluate_objectives,
     similarity_loss,
 )
-
-
-@pytest.fixture(scope="module")
-def extractor() -> FaceExtractor:
-    torch.manual_seed(0)
-    return FaceExtractor(
-        MobileFaceNet(),
-        SPHEREFACE_112x96,
-        0.5,
-        0.5,
-        race_head=RaceHead(in_dim=128),
-        attribute_head=AttributeHead(in_dim=128),
-    ).eval()
 
 
 def template_landmarks(n: int) -> torch.Tensor:

@@ -13,10 +13,7 @@ from likeness.errors import LikenessError
 from likeness.labels import UTKFACE_RACES
 from likeness.manifest import WeightsEntry, register, sha256_file
 from worker.engine.downscale import downscale
-from worker.engine.face.alignment import SPHEREFACE_112x96
 from worker.engine.face.extractor import FaceExtractor, FaceOutput
-from worker.engine.face.heads import AttributeHead, RaceHead
-from worker.engine.face.mobilefacenet import MobileFaceNet
 from worker.engine.face.race_reader import RaceReader, load_reader, race_targets, save_reader
 from worker.engine.objectives import (
     ObjectiveWeights,
@@ -26,19 +23,6 @@ from worker.engine.objectives import (
     with_read_races,
 )
 from worker.pipeline import build_objective, load_race_reader
-
-
-@pytest.fixture(scope="module")
-def extractor() -> FaceExtractor:
-    torch.manual_seed(0)
-    return FaceExtractor(
-        MobileFaceNet(),
-        SPHEREFACE_112x96,
-        0.5,
-        0.5,
-        race_head=RaceHead(in_dim=128),
-        attribute_head=AttributeHead(in_dim=128),
-    ).eval()
 
 
 def test_the_reader_gives_probabilities_for_any_thumbnail_size_and_round_trips(

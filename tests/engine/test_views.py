@@ -6,9 +6,9 @@ import pytest
 import torch
 from skimage import data
 
-from worker.engine.face.alignment import SPHEREFACE_112x96, align_faces, fallback_landmarks
+from tests.tiny_models import random_extractor
+from worker.engine.face.alignment import align_faces, fallback_landmarks
 from worker.engine.face.extractor import FaceExtractor
-from worker.engine.face.heads import AttributeHead, RaceHead
 from worker.engine.face.views import ViewSampler, move_landmarks, resample, view_crops
 from worker.engine.objectives import ObjectiveWeights, build_targets, objective_loss
 
@@ -28,14 +28,7 @@ class TinyBackbone(torch.nn.Sequential):
 @pytest.fixture(scope="module")
 def extractor() -> FaceExtractor:
     torch.manual_seed(0)
-    return FaceExtractor(
-        TinyBackbone(),
-        SPHEREFACE_112x96,
-        0.5,
-        0.5,
-        race_head=RaceHead(in_dim=128),
-        attribute_head=AttributeHead(in_dim=128),
-    ).eval()
+    return random_extractor(TinyBackbone())
 
 
 def faces(n: int, size: int = 64) -> torch.Tensor:

@@ -19,11 +19,9 @@ from skimage import data
 
 from likeness.labels import CELEBA_ATTRIBUTES, UTKFACE_RACES
 from likeness.splits import split_of
+from tests.tiny_models import random_extractor
 from worker.engine.checkpoints import save_generator
-from worker.engine.face.alignment import SPHEREFACE_112x96
 from worker.engine.face.export import export
-from worker.engine.face.extractor import FaceExtractor
-from worker.engine.face.heads import AttributeHead, RaceHead
 from worker.engine.face.mobilefacenet import MobileFaceNet
 from worker.engine.generator import Generator, GeneratorConfig
 from worker.engine.mapping_fit import fit_mapping
@@ -124,15 +122,7 @@ def write_tiny_weights(d: Path) -> TinyWeights:
     torch.manual_seed(0)
     g = Generator(GeneratorConfig.slim(32, channel_max=32, channel_base=512, style_dim=32, n_mlp=2))
     save_generator(d / "g.pt", g, mapping_fit=fit_mapping(g, samples=2000, batch=1000))
-    f = FaceExtractor(
-        MobileFaceNet(),
-        SPHEREFACE_112x96,
-        0.5,
-        0.5,
-        race_head=RaceHead(in_dim=128),
-        attribute_head=AttributeHead(in_dim=128),
-    )
-    export(f.eval(), d / "f.pt", metrics={})
+    export(random_extractor(), d / "f.pt", metrics={})
     torch.save({"epoch": 0, "net_state_dict": MobileFaceNet().state_dict()}, d / "f0.ckpt")
     save_judge(JudgeNet(UTKFACE_RACES, SMALL_JUDGE), "race", d / "race.pt", {})
     save_judge(JudgeNet(CELEBA_ATTRIBUTES, SMALL_JUDGE), "attributes", d / "attrs.pt", {})

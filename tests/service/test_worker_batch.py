@@ -321,21 +321,11 @@ def test_targets_go_through_the_extractor_per_job(store, model, tmp_path) -> Non
     from PIL import Image as _Image
     from skimage import data as _data
 
+    from tests.tiny_models import random_extractor
     from worker.batch import NOT_APPLIED_NOTE, RACE_NOT_KEPT_NOTE
-    from worker.engine.face.alignment import SPHEREFACE_112x96
-    from worker.engine.face.extractor import FaceExtractor
-    from worker.engine.face.heads import AttributeHead, RaceHead
-    from worker.engine.face.mobilefacenet import MobileFaceNet
 
     torch.manual_seed(0)
-    ext = FaceExtractor(
-        MobileFaceNet(),
-        SPHEREFACE_112x96,
-        0.5,
-        0.5,
-        race_head=RaceHead(in_dim=128),
-        attribute_head=AttributeHead(in_dim=128),
-    ).eval()
+    ext = random_extractor()
     coffee = _io.BytesIO()
     _Image.fromarray(_data.coffee()).save(coffee, format="PNG")
 
