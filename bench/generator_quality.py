@@ -63,6 +63,7 @@ from torch import Tensor
 from likeness.errors import LikenessError
 from likeness.labels import UTKFACE_RACES
 from worker.engine.face.extractor import FaceExtractor
+from worker.engine.objectives import ObjectiveWeights
 from worker.engine.search import pull_eps
 from worker.evaluation.config import THUMBNAIL, EvalConfig
 from worker.evaluation.figures import to_pixel_array
@@ -163,6 +164,13 @@ def parse() -> argparse.Namespace:
         default=list(SEARCHES),
         choices=list(SEARCHES),
         help="upscale: the searches the --utkface people get (default: all three)",
+    )
+    p.add_argument(
+        "--kept-race-weight",
+        type=non_negative,
+        default=None,
+        help="upscale: weight of the kept race in the kept searches (default: the "
+        "objectives' default)",
     )
     p.add_argument(
         "--cache",
@@ -312,6 +320,13 @@ def main() -> None:
         args.out.write_text(text + "\n")
 
 
+def non_negative(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a weight >= 0, got {text}")
+    return value
+
+
 def search_settings(base: dict[str, Any], given: list[str]) -> dict[str, Any]:
     """``--search`` on top of the manifest's settings, checked as set-search checks them."""
     return checked_search(base, search_pairs(given))
@@ -332,6 +347,12 @@ def eval_config(args: argparse.Namespace) -> EvalConfig:
         device="cpu",
         threads=args.threads or None,
     )
+
+
+def bench_weights(args: argparse.Namespace) -> ObjectiveWeights:
+    """The objectives' defaults, but for --kept-race-weight."""
+    given = {} if args.kept_race_weight is None else {"kept_race": args.kept_race_weight}
+    return ObjectiveWeights(**given)
 
 
 def upscale_section(args: argparse.Namespace, bar: Progress) -> dict[str, Any]:
@@ -373,9 +394,14 @@ def upscale_section(args: argparse.Namespace, bar: Progress) -> dict[str, Any]:
         report["sharpness"] = sharpness_scores(celeba, ours, bicubic["celebahq"])
         report["identity"] = identity_scores(models, celeba, ours, bicubic["celebahq"])
         report["sharpness"]["search"] = report["identity"]["search"] = args.celeba_search
+        if args.celeba_search == KEPT.name:  # the manifest keeps sections, not the report
+            kept = bench_weights(args).kept_race
+            report["sharpness"]["kept_race_weight"] = report["identity"]["kept_race_weight"] = kept
     if "utkface" in sets:
         searched = {name: outputs["utkface", name] for name in args.utkface_searches}
         report["race"] = race_scores(models, sets["utkface"], bicubic["utkface"], searched)
+        if KEPT.name in args.utkface_searches:
+            report["race"]["kept_race_weight"] = bench_weights(args).kept_race
     if args.grid is not None:
         args.grid.parent.mkdir(parents=True, exist_ok=True)
         columns = GRID_COLUMNS if args.grid_photos else GRID_COLUMNS[:-1]
@@ -442,6 +468,7 @@ def search_all(
             args.batch,
             args.cache,
             on_progress=on_progress,
+            weights=bench_weights(args),
         )
         for s, strategy in plan
     }

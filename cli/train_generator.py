@@ -24,11 +24,11 @@ def resolve_resume(resume: str | None, out: Path) -> Path | None:
     if resume == "auto":
         path = out / CHECKPOINT_NAME
         return path if path.is_file() else None
-    from worker.training.parts import has_parts
+    from worker.training.parts import checkpoint_named, has_parts
 
     path = Path(resume)
-    if not path.is_file() and not has_parts(path):
-        raise LikenessError("checkpoint_not_found", f"no such checkpoint: {path}", status=404)
+    if not path.is_file() and not has_parts(checkpoint_named(path)):
+        raise LikenessError("checkpoint_not_found", f"no such checkpoint: {resume}", status=404)
     return path
 
 

@@ -72,7 +72,8 @@ class UpscaleRequest(BaseModel):
         ge=0,
         le=MAX_WEIGHT,
         allow_inf_nan=False,
-        description="Weight of the race objective. Omitted: the engine's.",
+        description="Weight of the race objective toward a named race (a race kept from the "
+        "thumbnail has its own, lower weight). Omitted: the engine's.",
     )
     attr_weight: float | None = Field(
         default=None,

@@ -36,8 +36,8 @@ def test_bundled_weights_stay_small() -> None:
     ids=lambda p: str(p.relative_to(ROOT)),
 )
 def test_committed_training_state_is_whole(index: Path) -> None:
-    from worker.training.parts import join_parts
+    from worker.training.parts import checkpoint_named, join_parts
 
-    checkpoint = index.with_name(index.name.removesuffix(".parts.json"))
+    checkpoint = checkpoint_named(index)
     described = json.loads(index.read_text())
     assert len(join_parts(checkpoint)) == described["bytes"]  # every sha256 checked inside

@@ -77,13 +77,16 @@ def test_a_kept_race_steers_but_never_rejects_and_a_named_race_is_untouched(
     assert torch.allclose(kept.race[1], read[1])
 
     logits = torch.randn(3, 5, requires_grad=True)
-    values = objective_values(_output(logits), kept, ObjectiveWeights(race=2.0))
+    values = objective_values(_output(logits), kept, ObjectiveWeights(race=2.0, kept_race=0.5))
     ce = F.cross_entropy(logits[:1], torch.tensor([1]))
     assert float(values.raw["race"][0].detach()) == pytest.approx(float(ce), rel=1e-5), (
         "a named race's loss is the cross-entropy, as before"
     )
+    assert float(values.weighted["race"][0]) == pytest.approx(2.0 * float(ce), rel=1e-5)
     kl = (read[1] * (read[1].log() - logits[1].log_softmax(0))).sum()
-    assert float(values.weighted["race"][1]) == pytest.approx(2.0 * float(kl), rel=1e-5)
+    assert float(values.weighted["race"][1]) == pytest.approx(0.5 * float(kl), rel=1e-5), (
+        "a kept race has its own weight"
+    )
     assert float(values.raw["race"][1]) == 0.0, "a kept race is no reason to reject"
     assert float(values.weighted["race"][2]) == 0.0, "not kept, not named: no race term"
     values.weighted["race"].sum().backward()

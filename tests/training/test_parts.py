@@ -8,7 +8,13 @@ from pathlib import Path
 import pytest
 
 from worker.training import parts as parts_module
-from worker.training.parts import join_parts, split_into_parts
+from worker.training.parts import checkpoint_named, index_path, join_parts, split_into_parts
+
+
+def test_a_checkpoint_is_named_by_itself_or_by_its_parts_index() -> None:
+    checkpoint = Path("state") / "checkpoint.pt"
+    assert checkpoint_named(checkpoint) == checkpoint
+    assert checkpoint_named(index_path(checkpoint)) == checkpoint
 
 
 def test_a_failed_rewrite_leaves_the_previous_parts_whole(

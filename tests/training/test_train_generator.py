@@ -97,7 +97,7 @@ def test_resume_gives_identical_next_step_losses(tmp_path: Path) -> None:
 
 
 def test_resume_from_committed_parts_is_exact_and_checks_them(tmp_path: Path) -> None:
-    from likeness.errors import LikenessError
+    from cli.train_generator import resolve_resume
     from worker.training.parts import index_path, split_into_parts
 
     full = run(tiny(tmp_path / "full", steps=4))
@@ -108,6 +108,13 @@ def test_resume_from_committed_parts_is_exact_and_checks_them(tmp_path: Path) ->
     assert not committed.exists() and index_path(committed).is_file()
     rest = run(tiny(tmp_path / "resumed", steps=4), resume=committed)
     assert rest == {k: v for k, v in full.items() if k > 2}
+    # the index names the same checkpoint, to the loader and to --resume
+    by_index = read_checkpoint(index_path(committed))["G_ema"]
+    saved = read_checkpoint(tmp_path / "split" / "checkpoint.pt")["G_ema"]
+    assert all(torch.equal(by_index[k], saved[k]) for k in saved)
+    assert resolve_resume(str(index_path(committed)), tmp_path) == index_path(committed)
+    with pytest.raises(LikenessError, match="no such checkpoint: nowhere.pt.parts.json"):
+        resolve_resume("nowhere.pt.parts.json", tmp_path)
 
     # A fresh split replaces every old part; a damaged part is named, not loaded.
     split_into_parts(tmp_path / "split" / "checkpoint.pt", committed, part_bytes=10**9)

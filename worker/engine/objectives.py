@@ -28,10 +28,18 @@ DEFAULT_THRESHOLD_DEG = 73.2
 
 
 class ObjectiveWeights(BaseModel):
-    """``L = L_pulse + identity·L_s + race·L_r + attributes·L_a`` (0 turns a term off)."""
+    """``L = L_pulse + identity·L_s + race·L_r + attributes·L_a`` (0 turns a term off), with
+    ``kept_race`` in place of ``race`` where the race is the one read from the thumbnail."""
 
     identity: float = Field(5.0, ge=0, description="weight of L_s (the reference code's 5.0)")
     race: float = Field(2.0, ge=0, description="weight of L_r (the reference code's 2.0)")
+    kept_race: float = Field(
+        0.5,
+        ge=0,
+        description="weight of L_r toward the race read from the thumbnail (a soft target, "
+        "kept when no race is named); it pulls against the fit: at 2 and 1 it cost sharpness "
+        "and fit and carried no more race than at 0.5 (docs/experiments.md)",
+    )
     attributes: float = Field(2.0, ge=0, description="weight of L_a")
     threshold_deg: float = Field(
         DEFAULT_THRESHOLD_DEG,
@@ -219,7 +227,10 @@ def objective_values(
             p = targets.race
             l_r = (p * (p.clamp_min(1e-12).log() - logq)).sum(1)
             l_r = torch.where(targets.has_race, l_r, zero)
-            weighted["race"] = weights.race * l_r
+            scale = torch.where(
+                targets.race_kept, l_r.new_tensor(weights.kept_race), l_r.new_tensor(weights.race)
+            )
+            weighted["race"] = scale * l_r
             raw["race"] = torch.where(targets.race_kept, zero, l_r)
     if out.attribute_logits is not None:
         attr_probs = out.attribute_logits.float().sigmoid().detach()

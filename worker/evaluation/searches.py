@@ -200,7 +200,10 @@ def job_key(
     if strategy.extractor is not None:
         _, theta, sha = models.extractor(strategy.extractor)
         spec["extractor"] = sha
-        spec["objective"] = with_threshold(weights, theta).model_dump(mode="json")
+        # a search that keeps no race does not depend on the kept race's weight
+        spec["objective"] = with_threshold(weights, theta).model_dump(
+            mode="json", exclude=None if strategy.keep_race else {"kept_race"}
+        )
     if strategy.keep_race:
         spec["race_reader"] = models.kept_race_reader()[1]
     h = hashlib.sha256(json.dumps(spec, sort_keys=True).encode())

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from likeness.errors import LikenessError
-from worker.training.parts import has_parts, join_parts
+from worker.training.parts import checkpoint_named, has_parts, join_parts
 
 
 def rng_state() -> dict[str, Any]:
@@ -49,9 +49,11 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def read_checkpoint_file(path: Path, command: str, keys: tuple[str, ...]) -> dict[str, Any]:
     """A checkpoint file, or the committed parts of one (parts.py), joined; one that lacks
     any of ``keys`` is not ``command``'s checkpoint."""
+    named = checkpoint_named(path)
     source: Path | io.BytesIO = path
-    if not path.is_file() and has_parts(path):
-        source = io.BytesIO(join_parts(path))
+    # the parts when their index is named, or when no file of the checkpoint's name exists
+    if has_parts(named) and (named != path or not path.is_file()):
+        path, source = named, io.BytesIO(join_parts(named))
     try:
         ckpt = torch.load(source, map_location="cpu", weights_only=True)
     except FileNotFoundError:

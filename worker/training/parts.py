@@ -16,11 +16,17 @@ from pathlib import Path
 from likeness.errors import LikenessError
 
 PART_BYTES = 15 * 2**20
+INDEX_SUFFIX = ".parts.json"
 
 
 def index_path(checkpoint: Path) -> Path:
     """``<dir>/checkpoint.pt`` → ``<dir>/checkpoint.pt.parts.json``."""
-    return checkpoint.with_name(checkpoint.name + ".parts.json")
+    return checkpoint.with_name(checkpoint.name + INDEX_SUFFIX)
+
+
+def checkpoint_named(path: Path) -> Path:
+    """The checkpoint a path names, given as the checkpoint itself or as its parts' index."""
+    return path.with_name(path.name.removesuffix(INDEX_SUFFIX))
 
 
 def has_parts(checkpoint: Path) -> bool:

@@ -414,7 +414,8 @@ class Session:
             "pairs": pairs.tolist(),
             "generator": self.generator.sha256,
             "search": config_key(settings.search),
-            "objective": settings.objective.model_dump(mode="json"),
+            # lookalike searches name no race and keep none
+            "objective": settings.objective.model_dump(mode="json", exclude={"kept_race"}),
             "thumbnail": config.lookalike_thumbnail,
         }
         task = self.bar.add_task("lookalikes", total=2 * len(pairs), status="")
