@@ -377,7 +377,8 @@ def upscale_section(args: argparse.Namespace, bar: Progress) -> dict[str, Any]:
         if s.dataset == "utkface"
         for name in args.utkface_searches
     ]
-    outputs = search_all(models, plan, args, bar)
+    weights = bench_weights(args)
+    outputs = search_all(models, plan, weights, args, bar)
     bicubic = {k: bicubic_upscale(s.thumbnails, models.resolution) for k, s in sets.items()}
     report: dict[str, Any] = {
         "models": {
@@ -395,13 +396,13 @@ def upscale_section(args: argparse.Namespace, bar: Progress) -> dict[str, Any]:
         report["identity"] = identity_scores(models, celeba, ours, bicubic["celebahq"])
         report["sharpness"]["search"] = report["identity"]["search"] = args.celeba_search
         if args.celeba_search == KEPT.name:  # the manifest keeps sections, not the report
-            kept = bench_weights(args).kept_race
+            kept = weights.kept_race
             report["sharpness"]["kept_race_weight"] = report["identity"]["kept_race_weight"] = kept
     if "utkface" in sets:
         searched = {name: outputs["utkface", name] for name in args.utkface_searches}
         report["race"] = race_scores(models, sets["utkface"], bicubic["utkface"], searched)
         if KEPT.name in args.utkface_searches:
-            report["race"]["kept_race_weight"] = bench_weights(args).kept_race
+            report["race"]["kept_race_weight"] = weights.kept_race
     if args.grid is not None:
         args.grid.parent.mkdir(parents=True, exist_ok=True)
         columns = GRID_COLUMNS if args.grid_photos else GRID_COLUMNS[:-1]
@@ -449,7 +450,11 @@ def reconstruction_section(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def search_all(
-    models: Models, plan: list[tuple[Samples, Strategy]], args: argparse.Namespace, bar: Progress
+    models: Models,
+    plan: list[tuple[Samples, Strategy]],
+    weights: ObjectiveWeights,
+    args: argparse.Namespace,
+    bar: Progress,
 ) -> dict[tuple[str, str], Outputs]:
     """Each (set, strategy) through evaluate's cached batched searches."""
     total = sum(-(-len(s) // args.batch) * args.steps for s, _ in plan)
@@ -468,7 +473,7 @@ def search_all(
             args.batch,
             args.cache,
             on_progress=on_progress,
-            weights=bench_weights(args),
+            weights=weights,
         )
         for s, strategy in plan
     }

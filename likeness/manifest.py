@@ -113,6 +113,24 @@ def register(entry: WeightsEntry, manifest_path: Path | None = None) -> Manifest
     return manifest
 
 
+def verified_sha256(path: Path, entry: WeightsEntry | None) -> str:
+    """``path``'s sha256. A file the manifest lists (``entry``; None: a file named by path)
+    must be on disk and match it: either failure is a clear error, not a traceback or a
+    model loaded from the wrong bytes."""
+    if entry is not None and not path.is_file():
+        raise LikenessError(
+            "weights_not_found",
+            f"{path} is listed in the weights manifest but missing (re-checkout weights/)",
+            status=404,
+        )
+    sha = sha256_file(path)
+    if entry is not None and sha != entry.sha256:
+        raise LikenessError(
+            "weights_corrupt", f"{path} does not match its manifest sha256 (re-checkout weights/)"
+        )
+    return sha
+
+
 def entry_path(entry: WeightsEntry, manifest_path: Path | None = None) -> Path:
     p = Path(entry.file)
     return p if p.is_absolute() else default_manifest(manifest_path).parent / p

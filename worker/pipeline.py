@@ -17,7 +17,7 @@ from torch import Tensor
 
 from likeness.errors import LikenessError
 from likeness.labels import canonical_attributes, canonical_race
-from likeness.manifest import resolve_weights, sha256_file
+from likeness.manifest import resolve_weights, verified_sha256
 from likeness.photo import Composite, PhotoPlan, composite, crops_for, output_factor
 from likeness.request import UpscaleRequest
 from worker.engine.checkpoints import LoadedGenerator, load_generator
@@ -199,18 +199,6 @@ def build_objective(
     return Objective(extractor, targets, weights, race_reader if keep is not None else None, keep)
 
 
-def checked_sha256(path: Path) -> str:
-    """A listed weights file's sha256; a file the manifest lists but the disk lacks is a
-    clear error, not a traceback."""
-    if not path.is_file():
-        raise LikenessError(
-            "weights_not_found",
-            f"{path} is listed in the weights manifest but missing (re-checkout weights/)",
-            status=404,
-        )
-    return sha256_file(path)
-
-
 def load_race_reader(device: torch.device, manifest_path: Path | None = None) -> RaceReader | None:
     """The manifest's race reader, or None where the weights folder has none (searches
     then keep no race but the one a request names)."""
@@ -220,10 +208,7 @@ def load_race_reader(device: torch.device, manifest_path: Path | None = None) ->
         if exc.code == "no_default_weights":
             return None
         raise
-    if entry is not None and checked_sha256(path) != entry.sha256:
-        raise LikenessError(
-            "weights_corrupt", f"{path} does not match its manifest sha256 (re-checkout weights/)"
-        )
+    verified_sha256(path, entry)
     reader = load_reader(path).to(device).eval()
     for p in reader.parameters():
         p.requires_grad_(False)
@@ -239,10 +224,7 @@ def load_extractor(
     (fitted when F was trained); older exports without one get ``DEFAULT_THRESHOLD_DEG``.
     """
     path, entry = resolve_weights(spec, "extractor", manifest_path)
-    if entry is not None and checked_sha256(path) != entry.sha256:
-        raise LikenessError(
-            "weights_corrupt", f"{path} does not match its manifest sha256 (re-checkout weights/)"
-        )
+    verified_sha256(path, entry)
     extractor = load_export(path).to(device).eval()
     for p in extractor.parameters():
         p.requires_grad_(False)

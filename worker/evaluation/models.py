@@ -15,7 +15,7 @@ import torch
 
 from likeness.errors import LikenessError
 from likeness.labels import UTKFACE_RACES
-from likeness.manifest import resolve_weights, sha256_file
+from likeness.manifest import resolve_weights, sha256_file, verified_sha256
 from worker.engine.checkpoints import LoadedGenerator
 from worker.engine.face.extractor import FaceExtractor
 from worker.engine.face.race_reader import RaceReader
@@ -163,11 +163,7 @@ def load_judge_for(
             f"{option} PATH",
             status=404,
         ) from None
-    sha = sha256_file(path)
-    if entry is not None and entry.sha256 != sha:
-        raise LikenessError(
-            "weights_corrupt", f"{path} does not match its manifest sha256 (re-checkout weights/)"
-        )
+    sha = verified_sha256(path, entry)
     try:
         judge = load_judge(path)
     except Exception as e:
